@@ -1,0 +1,178 @@
+//! Command-line flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::dataplane::Mode;
+
+const LONG_ABOUT: &str = "\
+A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\",\"Ports\",\"Targets\"}]}), \
+listens on every port of every app, and forwards each accepted connection to one of that app's targets: \
+least-connections by default, skipping targets that active health probes or failed connects marked down, \
+failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
+it is available, otherwise by a userspace copy loop; half-close and resets are passed through. \
+SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
+One log line per connection is written to stderr when it closes.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version, about = "Layer-4 TCP proxy", long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// Config file in Fly's format.
+    #[arg(long, default_value = "config.json")]
+    pub config: PathBuf,
+
+    /// IP address to bind every listener on (`::` listens on IPv6 and IPv4).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_address: String,
+
+    /// Data plane: auto = kernel fastpath if it loads else copy; fastpath = fastpath or exit; copy = userspace only.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+
+    /// Timeout of one connect attempt to a target, DNS lookup included.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Connect attempts per client connection, each to a different target.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_attempts: u32,
+
+    /// Total time allowed for all connect attempts of one client connection.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_deadline: Duration,
+
+    /// Close a connection when no byte moved either way for this long (0 = never).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Interval between active TCP health probes of each target.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Consecutive successful probes before a down target is used again.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_rise: u32,
+
+    /// Consecutive failed probes before an up target is taken out.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_fall: u32,
+
+    /// Maximum concurrent client connections over all apps; beyond it new ones are reset.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Maximum concurrent client connections per app, so one app's flood cannot starve the others.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_app: u32,
+
+    /// On SIGTERM/SIGINT, how long live connections may finish before they are cut.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Copy-plane buffer per direction per connection (e.g. 16KiB, 64KiB, 256KiB).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub copy_buffer: usize,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `info,proxy_user::health=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`, or `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?} has no unit; write e.g. 500ms, 2s, 10m or 1h"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 2s, 10m or 1h"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "sec" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 65536, 64KiB or 1MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}; use KiB or MiB")),
+    };
+    let size = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !(1024..=64 * 1024 * 1024).contains(&size) {
+        return Err(format!("{s:?} must be between 1KiB and 64MiB"));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("0", Duration::ZERO),
+            ("500ms", Duration::from_millis(500)),
+            ("2s", Duration::from_secs(2)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("10m", Duration::from_secs(600)),
+            ("1h", Duration::from_secs(3600)),
+            (" 3 s", Duration::from_secs(3)),
+        ];
+        for (s, d) in ok {
+            assert_eq!(parse_duration(s), Ok(d), "{s}");
+        }
+        for bad in ["", "5", "s", "2x", "-1s", "1..5s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("16k"), Ok(16384));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        for bad in ["", "12", "1GiB", "x", "99999999999999999999k"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

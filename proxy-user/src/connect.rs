@@ -1,0 +1,190 @@
+//! Connecting to a target with failover.
+//!
+//! Each attempt resolves DNS afresh (targets can move) and is bounded by its
+//! own timeout; failed targets are marked down and the next best untried one
+//! is picked, all within one overall deadline so a client never waits longer
+//! than `deadline` for its first byte of service.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::balancer::{ActiveGuard, Balancer};
+use crate::config::Target;
+use crate::health;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectPolicy {
+    /// Per attempt, DNS included.
+    pub timeout: Duration,
+    /// Attempts per client connection; each target is tried at most once.
+    pub attempts: u32,
+    /// Over all attempts.
+    pub deadline: Duration,
+}
+
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Keeps the target's active count up for the connection's lifetime.
+    pub guard: ActiveGuard,
+    pub attempts: u32,
+}
+
+#[derive(Debug)]
+pub struct ConnectFailed {
+    pub attempts: u32,
+    pub last_error: anyhow::Error,
+}
+
+struct DialError {
+    err: anyhow::Error,
+    /// Our own resource shortage (fds, memory, ports): says nothing about
+    /// the target, so it must not mark the target down.
+    local: bool,
+}
+
+pub fn is_local_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+pub async fn connect(
+    balancer: &Balancer,
+    policy: &ConnectPolicy,
+) -> Result<Connected, ConnectFailed> {
+    let deadline = Instant::now() + policy.deadline;
+    let max_attempts = policy.attempts.max(1) as usize;
+    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let mut last_error = anyhow!("no targets configured");
+    while tried.len() < max_attempts {
+        let now = Instant::now();
+        if now >= deadline {
+            last_error =
+                last_error.context(format!("connect deadline of {:?} reached", policy.deadline));
+            break;
+        }
+        let Some(idx) = balancer.pick(&tried) else {
+            break; // every target tried once
+        };
+        tried.push(idx);
+        let backend = &balancer.backends[idx];
+        // Count the attempt as load, so concurrent picks spread out.
+        let guard = backend.acquire();
+        let budget = policy.timeout.min(deadline - now);
+        match dial(&backend.target, budget).await {
+            Ok((stream, peer)) => {
+                return Ok(Connected {
+                    stream,
+                    peer,
+                    guard,
+                    attempts: tried.len() as u32,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
+                if !e.local {
+                    if let Some(t) = backend.health.passive_failure() {
+                        health::log_transition(
+                            &balancer.app,
+                            backend,
+                            t,
+                            &format!("connect failed: {:#}", e.err),
+                        );
+                    }
+                }
+                last_error = e.err;
+            }
+        }
+    }
+    Err(ConnectFailed {
+        attempts: tried.len() as u32,
+        last_error,
+    })
+}
+
+/// One attempt: resolve, then try each address in turn within `budget`.
+async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAddr), DialError> {
+    let end = Instant::now() + budget;
+    let addrs = match tokio::time::timeout_at(
+        end,
+        tokio::net::lookup_host((target.host.as_str(), target.port)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(DialError {
+                err: anyhow!("resolving {target} timed out after {budget:?}"),
+                local: false,
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(DialError {
+                err: anyhow::Error::new(e).context(format!("resolving {target}")),
+                local: false,
+            })
+        }
+        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+    };
+    let mut last = DialError {
+        err: anyhow!("{target} resolved to no addresses"),
+        local: false,
+    };
+    for addr in addrs {
+        match tokio::time::timeout_at(end, connect_addr(addr)).await {
+            Err(_) => {
+                return Err(DialError {
+                    err: anyhow!("connecting to {target} ({addr}) timed out after {budget:?}"),
+                    local: false,
+                })
+            }
+            Ok(Ok(s)) => return Ok((s, addr)),
+            Ok(Err(e)) => {
+                let local = is_local_resource_error(&e);
+                last = DialError {
+                    err: anyhow::Error::new(e).context(format!("connecting to {target} ({addr})")),
+                    local,
+                };
+                if local {
+                    break; // another address won't fix our own shortage
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let stream = sock.connect(addr).await?;
+    // Interactive protocols through the proxy must not gain Nagle delays.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A health probe: a full TCP handshake, then close.
+pub async fn probe(target: &Target, timeout: Duration) -> anyhow::Result<()> {
+    let (stream, _) = dial(target, timeout).await.map_err(|e| e.err)?;
+    drop(stream);
+    Ok(())
+}
+
+/// Resolves a listen address like `0.0.0.0` or `::` with a port.
+pub fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let ip: std::net::IpAddr = address
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .with_context(|| format!("--listen-address {address:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}

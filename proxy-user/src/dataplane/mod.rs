@@ -1,0 +1,137 @@
+//! The data plane seam: how bytes move between a client and its upstream
+//! once both sockets are connected. The control plane decides *where*; a
+//! plane decides *how* (userspace copy, or the kernel sockmap fastpath).
+
+pub mod copy;
+pub mod sockmap;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// What a plane needs to know about the connection it carries.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Process-unique connection id, for correlating log lines.
+    pub id: u64,
+    pub app: Arc<str>,
+    pub listen_port: u16,
+    pub client: SocketAddr,
+    /// The target as configured (`host:port`).
+    pub target: String,
+    /// The address actually connected to.
+    pub upstream: SocketAddr,
+    /// Close when neither direction moved a byte for this long; None = never.
+    pub idle_timeout: Option<Duration>,
+    /// Flips to true when the drain timeout expired: end now.
+    pub hard_stop: watch::Receiver<bool>,
+}
+
+impl ConnInfo {
+    /// Resolves when the drain deadline passed. Never resolves if the
+    /// lifecycle owner went away without asking (that is not a stop request).
+    pub async fn hard_stopped(&self) {
+        let mut rx = self.hard_stop.clone();
+        if rx.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How a connection ended; the `end` field of the per-connection log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Both sides closed cleanly (FIN both ways).
+    Closed,
+    /// The client sent RST (or its socket failed); RST passed to the target.
+    ClientReset,
+    /// The target sent RST (or its socket failed); RST passed to the client.
+    TargetReset,
+    IdleTimeout,
+    /// Still open when the drain timeout expired at shutdown.
+    DrainTimeout,
+    /// Every connect attempt failed; the client was closed.
+    ConnectFailed,
+    /// Rejected at accept: connection limit reached.
+    Limit,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::ClientReset => "client_reset",
+            EndReason::TargetReset => "target_reset",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::DrainTimeout => "drain_timeout",
+            EndReason::ConnectFailed => "connect_failed",
+            EndReason::Limit => "limit",
+        }
+    }
+}
+
+/// Result of carrying one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Bytes read from the client and written to the target.
+    pub client_to_target: u64,
+    /// Bytes read from the target and written to the client.
+    pub target_to_client: u64,
+    pub end: EndReason,
+    /// "copy", "fastpath" or "copy-fallback".
+    pub plane: &'static str,
+}
+
+/// Which data plane to use, from `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Kernel fastpath if it loads, otherwise userspace copy (warns once).
+    Auto,
+    /// Kernel fastpath or exit with the reason.
+    Fastpath,
+    /// Userspace copy only; never touches BPF.
+    Copy,
+}
+
+pub enum DataPlane {
+    Copy(copy::CopyPlane),
+    Sockmap(std::sync::Arc<sockmap::SockmapPlane>),
+}
+
+impl DataPlane {
+    pub fn select(mode: Mode, copy: copy::CopyPlane) -> anyhow::Result<DataPlane> {
+        match mode {
+            Mode::Copy => Ok(DataPlane::Copy(copy)),
+            Mode::Fastpath => {
+                let plane = sockmap::SockmapPlane::load().map_err(|e| {
+                    e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
+                })?;
+                Ok(DataPlane::Sockmap(Arc::new(plane)))
+            }
+            Mode::Auto => match sockmap::SockmapPlane::load() {
+                Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
+                    Ok(DataPlane::Copy(copy))
+                }
+            },
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            DataPlane::Copy(_) => "copy",
+            DataPlane::Sockmap(_) => "fastpath",
+        }
+    }
+
+    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        match self {
+            DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
+            DataPlane::Sockmap(p) => p.carry(client, upstream, conn).await,
+        }
+    }
+}

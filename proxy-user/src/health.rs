@@ -1,0 +1,196 @@
+//! Target health: active TCP connect probes with rise/fall thresholds, plus
+//! passive marking from real connection failures.
+//!
+//! Passive failures mark a target down at once (the next client should not
+//! pay for a target that just refused); only probes bring it back, so one
+//! lucky connection cannot flap it up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::balancer::{Backend, Balancer};
+use crate::connect;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    /// Consecutive successful probes to mark a down target up.
+    pub rise: u32,
+    /// Consecutive failed probes to mark an up target down.
+    pub fall: u32,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Up,
+    Down,
+}
+
+#[derive(Debug)]
+struct Streaks {
+    up: bool,
+    ok: u32,
+    fail: u32,
+}
+
+/// Health of one target. `up` is an atomic so the balancer's hot path never
+/// takes the lock; the lock only guards the streak counters.
+#[derive(Debug)]
+pub struct Health {
+    up: AtomicBool,
+    streaks: Mutex<Streaks>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    /// Targets start up: assuming down would refuse all traffic for
+    /// `rise * interval` after every start; a dead target is found by the
+    /// first failed connect anyway.
+    pub fn new() -> Self {
+        Health {
+            up: AtomicBool::new(true),
+            streaks: Mutex::new(Streaks {
+                up: true,
+                ok: 0,
+                fail: 0,
+            }),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streaks> {
+        // A panic while holding this lock cannot leave the counters invalid.
+        self.streaks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one probe result; returns the state change, if any.
+    pub fn probe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        let mut s = self.lock();
+        if ok {
+            s.ok = s.ok.saturating_add(1);
+            s.fail = 0;
+            if !s.up && s.ok >= rise.max(1) {
+                s.up = true;
+                self.up.store(true, Ordering::Relaxed);
+                return Some(Transition::Up);
+            }
+        } else {
+            s.fail = s.fail.saturating_add(1);
+            s.ok = 0;
+            if s.up && s.fail >= fall.max(1) {
+                s.up = false;
+                self.up.store(false, Ordering::Relaxed);
+                return Some(Transition::Down);
+            }
+        }
+        None
+    }
+
+    /// A real connection attempt failed: down now, recovery via probes.
+    pub fn passive_failure(&self) -> Option<Transition> {
+        let mut s = self.lock();
+        s.ok = 0;
+        if s.up {
+            s.up = false;
+            self.up.store(false, Ordering::Relaxed);
+            return Some(Transition::Down);
+        }
+        None
+    }
+}
+
+pub fn log_transition(app: &str, backend: &Backend, t: Transition, why: &str) {
+    match t {
+        Transition::Up => {
+            tracing::info!(app, target = %backend.target, reason = why, "target is up")
+        }
+        Transition::Down => {
+            tracing::warn!(app, target = %backend.target, reason = why, "target is down")
+        }
+    }
+}
+
+/// Spawns one probe task per target. Tasks end when `stop` flips to true.
+pub fn spawn_probes(balancer: Arc<Balancer>, cfg: HealthConfig, stop: watch::Receiver<bool>) {
+    for backend in balancer.backends.iter().cloned() {
+        let app = balancer.app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            // Spread probes over the interval so many targets don't all
+            // connect in the same millisecond.
+            let jitter = cfg.interval.mul_f64(fastrand::f64());
+            let start = tokio::time::Instant::now() + jitter;
+            let mut tick = tokio::time::interval_at(start, cfg.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tick.tick() => {}
+                }
+                let result = connect::probe(&backend.target, cfg.timeout).await;
+                let ok = result.is_ok();
+                if let Some(t) = backend.health.probe(ok, cfg.rise, cfg.fall) {
+                    let why = match &result {
+                        Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
+                        Err(e) => format!("{} consecutive probes failed, last: {e:#}", cfg.fall),
+                    };
+                    log_transition(&app, &backend, t, &why);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_needs_consecutive_failures() {
+        let h = Health::new();
+        assert!(h.is_up());
+        assert_eq!(h.probe(false, 2, 3), None);
+        assert_eq!(h.probe(false, 2, 3), None);
+        assert_eq!(h.probe(true, 2, 3), None); // streak broken
+        assert_eq!(h.probe(false, 2, 3), None);
+        assert_eq!(h.probe(false, 2, 3), None);
+        assert_eq!(h.probe(false, 2, 3), Some(Transition::Down));
+        assert!(!h.is_up());
+        assert_eq!(h.probe(false, 2, 3), None); // logged once
+    }
+
+    #[test]
+    fn rise_needs_consecutive_successes() {
+        let h = Health::new();
+        assert_eq!(h.passive_failure(), Some(Transition::Down));
+        assert_eq!(h.passive_failure(), None);
+        assert_eq!(h.probe(true, 2, 3), None);
+        assert_eq!(h.probe(false, 2, 3), None);
+        assert_eq!(h.probe(true, 2, 3), None);
+        assert_eq!(h.probe(true, 2, 3), Some(Transition::Up));
+        assert!(h.is_up());
+        assert_eq!(h.probe(true, 2, 3), None);
+    }
+
+    #[test]
+    fn passive_failure_resets_rise_progress() {
+        let h = Health::new();
+        h.passive_failure();
+        assert_eq!(h.probe(true, 2, 3), None);
+        h.passive_failure();
+        assert_eq!(h.probe(true, 2, 3), None);
+        assert_eq!(h.probe(true, 2, 3), Some(Transition::Up));
+    }
+}

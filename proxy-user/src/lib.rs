@@ -1,0 +1,13 @@
+//! Layer-4 TCP proxy: control plane (config, balancing, health, failover,
+//! limits, lifecycle) and data planes (userspace copy, kernel fastpath).
+
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod dataplane;
+pub mod health;
+pub mod lifecycle;
+pub mod listener;
+pub mod logging;
+pub mod run;

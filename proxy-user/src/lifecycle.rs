@@ -1,0 +1,78 @@
+//! Signals, connection tracking and the drain sequence.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Notify;
+
+/// Counts live connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct Tracked(Arc<Tracker>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    pub fn track(self: &Arc<Self>) -> Tracked {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection is live, or `limit` passed; true if idle.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                let mut notified = std::pin::pin!(notified);
+                // Register before checking, or a drop in between is missed.
+                notified.as_mut().enable();
+                if self.live() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+/// SIGTERM and SIGINT, registered at startup so a signal that arrives before
+/// we wait on it is not fatal (the default action would kill us mid-drain).
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    pub fn register() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot register SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot register SIGINT handler")?,
+        })
+    }
+
+    /// Returns the name of the next signal received.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Listening sockets, accept loops, connection limits and the per-connection
+//! task (connect, carry, log).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::balancer::Balancer;
+use crate::connect::{self, ConnectPolicy};
+use crate::dataplane::{ConnInfo, DataPlane, EndReason, Transfer};
+use crate::lifecycle::Tracker;
+
+/// Backlog per listener: large enough to absorb bursts while we back off
+/// from fd exhaustion, small enough not to hide a dead proxy for long.
+const BACKLOG: u32 = 1024;
+
+/// State shared by every listener and connection.
+pub struct Shared {
+    pub plane: DataPlane,
+    pub policy: ConnectPolicy,
+    pub idle_timeout: Option<Duration>,
+    pub tracker: Arc<Tracker>,
+    /// Global connection cap.
+    pub global: Arc<Semaphore>,
+    pub hard_stop: watch::Receiver<bool>,
+    pub next_id: AtomicU64,
+    pub limit_log: RateLimit,
+}
+
+/// One app's runtime state, shared by all of its listeners.
+pub struct AppRuntime {
+    pub balancer: Arc<Balancer>,
+    /// Per-app cap: isolation between apps.
+    pub permits: Arc<Semaphore>,
+}
+
+/// Logs at most once per second, counting what it swallowed, so a flood
+/// cannot turn into a log flood.
+#[derive(Default)]
+pub struct RateLimit {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// Returns Some(suppressed count) when the caller should log now.
+    pub fn check(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("cannot create socket")?;
+    // Restarting must not fail on the previous process's TIME_WAIT sockets.
+    sock.set_reuseaddr(true)
+        .context("cannot set SO_REUSEADDR")?;
+    if addr.is_ipv6() {
+        // `::` should take IPv4 clients too, whatever the sysctl default.
+        socket2::SockRef::from(&sock)
+            .set_only_v6(false)
+            .context("cannot clear IPV6_V6ONLY")?;
+    }
+    sock.bind(addr)
+        .with_context(|| format!("cannot bind {addr}"))?;
+    sock.listen(BACKLOG)
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Errors that mean "out of fds/memory": retrying at once would spin.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    connect::is_local_resource_error(e)
+}
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    port: u16,
+    app: Arc<AppRuntime>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::ZERO;
+    let err_log = RateLimit::default();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                backoff = Duration::ZERO;
+                admit(sock, peer, port, &app, &shared);
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // The pending connection stays in the backlog; try again
+                // once some fds may have been freed.
+                backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+                if let Some(suppressed) = err_log.check() {
+                    tracing::warn!(app = %app.balancer.app, port, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
+                }
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            Err(e) => {
+                // ECONNABORTED and friends: that one client is gone, the
+                // listener is fine.
+                if let Some(suppressed) = err_log.check() {
+                    tracing::debug!(app = %app.balancer.app, port, error = %e, suppressed, "accept failed, continuing");
+                }
+                // Unknown persistent errors must not spin a core.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    // Dropping the listener closes the port: new clients get refused
+    // instead of queueing behind a proxy that is going away.
+    drop(listener);
+}
+
+fn admit(
+    sock: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    app: &Arc<AppRuntime>,
+    shared: &Arc<Shared>,
+) {
+    let permits = match (
+        app.permits.clone().try_acquire_owned(),
+        shared.global.clone().try_acquire_owned(),
+    ) {
+        (Ok(a), Ok(g)) => (a, g),
+        (a, _g) => {
+            let which = if a.is_err() { "per-app" } else { "global" };
+            if let Some(suppressed) = shared.limit_log.check() {
+                tracing::warn!(app = %app.balancer.app, port, client = %peer, limit = which, suppressed, end = EndReason::Limit.as_str(), "connection limit reached, rejecting new connections");
+            }
+            // RST, not FIN: the client must not read an empty stream as a
+            // complete response.
+            let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+            drop(sock);
+            return;
+        }
+    };
+    let tracked = shared.tracker.track();
+    let app = app.clone();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        handle(sock, peer, port, &app, &shared, permits).await;
+        drop(tracked);
+    });
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    app: &AppRuntime,
+    shared: &Shared,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) {
+    let started = Instant::now();
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let info_base = |target: String, upstream: SocketAddr| ConnInfo {
+        id,
+        app: app.balancer.app.clone(),
+        listen_port: port,
+        client: peer,
+        target,
+        upstream,
+        idle_timeout: shared.idle_timeout,
+        hard_stop: shared.hard_stop.clone(),
+    };
+    let mut hard_stop = shared.hard_stop.clone();
+    let connected = tokio::select! {
+        r = connect::connect(&app.balancer, &shared.policy) => r,
+        _ = hard_stop.wait_for(|s| *s) => {
+            log_close(id, &app.balancer.app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, end: EndReason::DrainTimeout, plane: "none" });
+            return;
+        }
+    };
+    match connected {
+        Err(failed) => {
+            tracing::warn!(conn = id, app = %app.balancer.app, port, client = %peer, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, closing client");
+            let t = Transfer {
+                client_to_target: 0,
+                target_to_client: 0,
+                end: EndReason::ConnectFailed,
+                plane: "none",
+            };
+            drop(client);
+            log_close(
+                id,
+                &app.balancer.app,
+                port,
+                peer,
+                "-",
+                failed.attempts,
+                started,
+                &t,
+            );
+        }
+        Ok(c) => {
+            let target = c.guard.backend().target.to_string();
+            let info = info_base(target.clone(), c.peer);
+            let t = shared.plane.carry(client, c.stream, &info).await;
+            drop(c.guard);
+            log_close(
+                id,
+                &app.balancer.app,
+                port,
+                peer,
+                &target,
+                c.attempts,
+                started,
+                &t,
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_close(
+    id: u64,
+    app: &str,
+    port: u16,
+    client: SocketAddr,
+    target: &str,
+    attempts: u32,
+    started: Instant,
+    t: &Transfer,
+) {
+    tracing::info!(
+        conn = id,
+        app,
+        port,
+        client = %client,
+        target,
+        attempts,
+        bytes_in = t.client_to_target,
+        bytes_out = t.target_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        plane = t.plane,
+        end = t.end.as_str(),
+        "connection closed"
+    );
+}
