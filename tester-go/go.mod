@@ -1,0 +1,3 @@
+module tester-go
+
+go 1.19

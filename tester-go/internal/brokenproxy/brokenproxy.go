@@ -1,0 +1,197 @@
+// Package brokenproxy is a small in-process TCP proxy with deliberate bugs,
+// used only by tests to prove that the checks catch them.
+package brokenproxy
+
+import (
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Variant selects the behaviour.
+type Variant string
+
+// Variants.
+const (
+	Correct   Variant = "correct"    // half-close aware, retries another target
+	DropTail  Variant = "drop-tail"  // closes everything when the client half-closes
+	Corrupt   Variant = "corrupt"    // flips one byte (offset 1000) client->backend
+	OneTarget Variant = "one-target" // always uses the app's first target
+	IgnoreFIN Variant = "ignore-fin" // never propagates the client's half-close
+)
+
+// CorruptOffset is the byte position the Corrupt variant flips.
+const CorruptOffset = 1000
+
+// Proxy listens on some ports per app and forwards to the app's targets.
+type Proxy struct {
+	// Ports[i] are the ports listening for app i.
+	Ports [][]int
+
+	v     Variant
+	lns   []net.Listener
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+	done  chan struct{}
+	once  sync.Once
+}
+
+// Start listens on portsPerApp ephemeral loopback ports for each app;
+// apps[i] lists app i's targets.
+func Start(v Variant, apps [][]string, portsPerApp int) (*Proxy, error) {
+	p := &Proxy{v: v, conns: map[net.Conn]struct{}{}, done: make(chan struct{})}
+	for _, targets := range apps {
+		var ports []int
+		rr := new(uint32)
+		for i := 0; i < portsPerApp; i++ {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				p.Close()
+				return nil, err
+			}
+			p.lns = append(p.lns, ln)
+			ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+			p.wg.Add(1)
+			go p.serve(ln, targets, rr)
+		}
+		p.Ports = append(p.Ports, ports)
+	}
+	return p, nil
+}
+
+// Close stops listening and closes all connections.
+func (p *Proxy) Close() {
+	p.once.Do(func() {
+		close(p.done)
+		for _, ln := range p.lns {
+			ln.Close()
+		}
+		p.mu.Lock()
+		for c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+	})
+	p.wg.Wait()
+}
+
+func (p *Proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.done:
+		return false
+	default:
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+func (p *Proxy) serve(ln net.Listener, targets []string, rr *uint32) {
+	defer p.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if !p.track(c) {
+			c.Close()
+			return
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer p.untrack(c)
+			b := p.dial(targets, rr)
+			if b == nil {
+				return
+			}
+			if !p.track(b) {
+				b.Close()
+				return
+			}
+			defer p.untrack(b)
+			p.pipe(c.(*net.TCPConn), b.(*net.TCPConn))
+		}()
+	}
+}
+
+func (p *Proxy) dial(targets []string, rr *uint32) net.Conn {
+	if p.v == OneTarget {
+		b, err := net.DialTimeout("tcp", targets[0], 2*time.Second)
+		if err != nil {
+			return nil
+		}
+		return b
+	}
+	start := atomic.AddUint32(rr, 1)
+	for i := 0; i < len(targets); i++ {
+		t := targets[(int(start)+i)%len(targets)]
+		b, err := net.DialTimeout("tcp", t, 2*time.Second)
+		if err == nil {
+			return b
+		}
+	}
+	return nil
+}
+
+func (p *Proxy) pipe(client, backend *net.TCPConn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	closeBoth := func() { client.Close(); backend.Close() }
+	go func() { // client -> backend
+		defer wg.Done()
+		var src io.Reader = client
+		if p.v == Corrupt {
+			src = &corrupter{r: client}
+		}
+		_, err := io.Copy(backend, src)
+		switch {
+		case err != nil:
+			closeBoth()
+		case p.v == DropTail:
+			closeBoth()
+		case p.v == IgnoreFIN:
+			// swallow the FIN
+		default:
+			backend.CloseWrite()
+		}
+	}()
+	go func() { // backend -> client
+		defer wg.Done()
+		_, err := io.Copy(client, backend)
+		if err != nil {
+			closeBoth()
+			return
+		}
+		client.CloseWrite()
+		if p.v == IgnoreFIN {
+			closeBoth()
+		}
+	}()
+	wg.Wait()
+}
+
+type corrupter struct {
+	r   io.Reader
+	off int64
+}
+
+func (c *corrupter) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	if c.off <= CorruptOffset && CorruptOffset < c.off+int64(n) {
+		b[CorruptOffset-c.off] ^= 0x55
+	}
+	c.off += int64(n)
+	return n, err
+}
