@@ -22,6 +22,9 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            // Our connection lines have a `target` field (the upstream);
+            // tracing's own `target` (module path) would clash with it.
+            .with_target(false)
             .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))

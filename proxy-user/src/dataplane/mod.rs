@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod sockmap;
+mod tcpinfo;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,18 +107,20 @@ impl DataPlane {
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
             Mode::Fastpath => {
-                let plane = sockmap::SockmapPlane::load().map_err(|e| {
+                let plane = sockmap::SockmapPlane::load(copy.clone(), sockmap::DEFAULT_INFLIGHT_BOUND).map_err(|e| {
                     e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
                 })?;
                 Ok(DataPlane::Sockmap(Arc::new(plane)))
             }
-            Mode::Auto => match sockmap::SockmapPlane::load() {
-                Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
-                    Ok(DataPlane::Copy(copy))
+            Mode::Auto => {
+                match sockmap::SockmapPlane::load(copy.clone(), sockmap::DEFAULT_INFLIGHT_BOUND) {
+                    Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
+                        Ok(DataPlane::Copy(copy))
+                    }
                 }
-            },
+            }
         }
     }
 

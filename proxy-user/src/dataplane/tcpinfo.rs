@@ -28,7 +28,12 @@ pub fn cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 pub struct Handed {
     pub total: u64,
     pub acked: u64,
+    /// The connection is gone (TCP_CLOSE): nothing queued will be sent.
+    pub closed: bool,
 }
+
+/// `tcpi_state` value for a closed socket (include/net/tcp_states.h).
+const TCP_CLOSE: u8 = 7;
 
 /// `tcpi_bytes_acked` sits at this offset of `struct tcp_info` (linux/tcp.h,
 /// stable since 4.1); the libc crate's struct stops before it.
@@ -65,6 +70,7 @@ pub fn handed(sock: &impl AsRawFd) -> io::Result<Handed> {
     Ok(Handed {
         total: acked + outq.max(0) as u64,
         acked,
+        closed: info[0] == TCP_CLOSE,
     })
 }
 
@@ -102,7 +108,10 @@ mod tests {
             if after.acked - before.acked == payload.len() as u64 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "acked never caught up: {after:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "acked never caught up: {after:?}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }

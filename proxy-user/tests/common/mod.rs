@@ -1,0 +1,556 @@
+//! Shared test harness: backends, the proxy as a subprocess, payload hashing.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+/// Instantiates a data-path test once per data plane. Each test is an
+/// `async fn name(mode: &str)`. To add a plane, add one `plane_mod!` line.
+macro_rules! planes {
+    ($($name:ident),* $(,)?) => {
+        plane_mod!(copy, "copy", $($name),*);
+    };
+}
+
+macro_rules! plane_mod {
+    ($plane:ident, $mode:literal, $($name:ident),*) => {
+        mod $plane {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($mode).await;
+                }
+            )*
+        }
+    };
+}
+
+pub const PROXY: &str = env!("CARGO_BIN_EXE_proxy");
+
+/// Runs `fut` or panics after `secs`: no test may hang the suite.
+pub async fn bounded<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {secs}s"),
+    }
+}
+
+// ---------------------------------------------------------------- backends
+
+/// An in-process TCP server. `kill()` closes the listener and every
+/// connection, so new connects are refused like a dead process.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub id: String,
+    /// Connections open right now (including health probes, briefly).
+    pub active: Arc<AtomicUsize>,
+    pub accepted: Arc<AtomicUsize>,
+    accept_task: AbortHandle,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Backend {
+    /// Runs `handler` for every accepted connection.
+    pub async fn with<F, Fut>(id: &str, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let active = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let handler = Arc::new(handler);
+        let task = {
+            let (active, accepted, conns) = (active.clone(), accepted.clone(), conns.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((sock, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    active.fetch_add(1, Ordering::SeqCst);
+                    let (active, handler) = (active.clone(), handler.clone());
+                    let h = tokio::spawn(async move {
+                        let _g = DecOnDrop(active);
+                        handler(sock).await;
+                    });
+                    conns.lock().unwrap().push(h.abort_handle());
+                }
+            })
+        };
+        Backend {
+            addr,
+            id: id.to_string(),
+            active,
+            accepted,
+            accept_task: task.abort_handle(),
+            conns,
+        }
+    }
+
+    /// Echoes every byte; on EOF from the client, finishes echoing and sends FIN.
+    pub async fn echo(id: &str) -> Backend {
+        Backend::with(id, |s| async move {
+            let _ = echo_conn(s).await;
+        })
+        .await
+    }
+
+    /// Writes `id\n` first, then echoes.
+    pub async fn identify(id: &str) -> Backend {
+        let line = format!("{id}\n");
+        Backend::with(id, move |mut s| {
+            let line = line.clone();
+            async move {
+                if s.write_all(line.as_bytes()).await.is_ok() {
+                    let _ = echo_conn(s).await;
+                }
+            }
+        })
+        .await
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn kill(&self) {
+        self.accept_task.abort();
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Kills and waits until connects are refused: task abort is
+    /// asynchronous, and a listener alive for a few more ms would accept
+    /// handshakes and then reset them.
+    pub async fn kill_and_wait(&self) {
+        self.kill();
+        for _ in 0..500 {
+            if TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("backend {} still accepting after kill", self.id);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct DecOnDrop(Arc<AtomicUsize>);
+impl Drop for DecOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub async fn echo_conn(s: TcpStream) -> std::io::Result<()> {
+    let (mut r, mut w) = s.into_split();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        w.write_all(&buf[..n]).await?;
+    }
+    w.shutdown().await
+}
+
+/// A port nobody listens on (bound then released).
+pub fn dead_target() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+// ------------------------------------------------------------------- proxy
+
+pub struct AppSpec {
+    pub name: String,
+    pub ports: usize,
+    pub targets: Vec<String>,
+    pub balance: Option<&'static str>,
+}
+
+impl AppSpec {
+    pub fn new(name: &str, ports: usize, targets: Vec<String>) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            ports,
+            targets,
+            balance: None,
+        }
+    }
+}
+
+pub struct Proxy {
+    pub child: Child,
+    /// ports[app][i]
+    pub ports: Vec<Vec<u16>>,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+fn scratch_path(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "proxy-test-{}-{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        fastrand::u32(..)
+    ))
+}
+
+/// Free ports: bound together (so they are distinct), released just before use.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+pub fn write_temp(what: &str, text: &str) -> PathBuf {
+    let p = scratch_path(what);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn config_json(apps: &[AppSpec], ports: &[Vec<u16>]) -> String {
+    let apps: Vec<serde_json::Value> = apps
+        .iter()
+        .zip(ports)
+        .map(|(a, p)| {
+            let mut v = serde_json::json!({"Name": a.name, "Ports": p, "Targets": a.targets});
+            if let Some(b) = a.balance {
+                v["Balance"] = b.into();
+            }
+            v
+        })
+        .collect();
+    serde_json::json!({ "Apps": apps }).to_string()
+}
+
+impl Proxy {
+    pub async fn start(mode: &str, apps: &[AppSpec], extra: &[&str]) -> Proxy {
+        Proxy::start_with(mode, apps, extra, None).await
+    }
+
+    /// `nofile`: RLIMIT_NOFILE for the proxy process.
+    pub async fn start_with(
+        mode: &str,
+        apps: &[AppSpec],
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Proxy {
+        let mut last_log = String::new();
+        // Retry: a freed port can be taken by someone else before we bind.
+        for _ in 0..5 {
+            let all = free_ports(apps.iter().map(|a| a.ports).sum());
+            let mut it = all.into_iter();
+            let ports: Vec<Vec<u16>> = apps
+                .iter()
+                .map(|a| it.by_ref().take(a.ports).collect())
+                .collect();
+            let config_path = write_temp("config.json", &config_json(apps, &ports));
+            let log_path = scratch_path("proxy.log");
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut cmd = Command::new(PROXY);
+            cmd.arg("--config")
+                .arg(&config_path)
+                .args([
+                    "--listen-address",
+                    "127.0.0.1",
+                    "--mode",
+                    mode,
+                    "--log-format",
+                    "json",
+                ])
+                .args(["--log-level", "info,proxy_user=debug"])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            if let Some(n) = nofile {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            let child = cmd.spawn().expect("spawn proxy");
+            let mut proxy = Proxy {
+                child,
+                ports,
+                log_path,
+                config_path,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let log = proxy.log();
+                if log.contains("proxy ready") {
+                    return proxy;
+                }
+                if let Ok(Some(_)) = proxy.child.try_wait() {
+                    last_log = log;
+                    break;
+                }
+                if Instant::now() > deadline {
+                    panic!("proxy not ready in 20s; log:\n{log}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !last_log.contains("Address already in use") {
+                break;
+            }
+        }
+        panic!("proxy failed to start; log:\n{last_log}");
+    }
+
+    pub fn addr(&self, app: usize, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[app][i]))
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Every JSON log line.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The per-connection "connection closed" lines.
+    pub fn conn_lines(&self) -> Vec<serde_json::Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|v| v["message"] == "connection closed")
+            .collect()
+    }
+
+    /// Waits until at least `n` connection lines were logged.
+    pub async fn wait_conn_lines(&self, n: usize, secs: u64) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let lines = self.conn_lines();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log_path);
+        } else {
+            eprintln!("proxy log kept at {}", self.log_path.display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- payloads
+
+/// Deterministic pseudo-random data, generated in chunks as it is sent.
+pub struct Payload {
+    rng: fastrand::Rng,
+    left: u64,
+}
+
+impl Payload {
+    pub fn new(seed: u64, len: u64) -> Payload {
+        Payload {
+            rng: fastrand::Rng::with_seed(seed),
+            left: len,
+        }
+    }
+
+    /// Fills up to `buf.len()` bytes; returns how many (0 at the end).
+    pub fn fill(&mut self, buf: &mut [u8]) -> usize {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        // 8 bytes per rng call: fast enough in debug builds.
+        for chunk in buf[..n].chunks_mut(8) {
+            let v = self.rng.u64(..).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        self.left -= n as u64;
+        n
+    }
+}
+
+pub type Sha = [u8; 32];
+
+pub fn sha_hex(s: &Sha) -> String {
+    s.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends `len` generated bytes, then shuts down the write side. Returns the
+/// SHA-256 of what was sent.
+pub async fn send_payload<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: u64,
+    chunk: usize,
+) -> std::io::Result<Sha> {
+    let mut p = Payload::new(seed, len);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = p.fill(&mut buf);
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n]).await?;
+    }
+    w.shutdown().await?;
+    Ok(h.finalize().into())
+}
+
+/// Reads to EOF; returns (bytes, SHA-256).
+pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u64, Sha)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((total, h.finalize().into()))
+}
+
+/// Sends `len` bytes through `addr` to an echo backend and checks the SHA
+/// of what came back against what was sent, both directions concurrently.
+pub async fn echo_check(addr: SocketAddr, seed: u64, len: u64) -> Result<(), String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    echo_check_stream(s, seed, len).await
+}
+
+pub async fn echo_check_stream(s: TcpStream, seed: u64, len: u64) -> Result<(), String> {
+    let (mut r, mut w) = s.into_split();
+    let sender = tokio::spawn(async move { send_payload(&mut w, seed, len, 64 * 1024).await });
+    let (got, got_sha) = recv_hash(&mut r).await.map_err(|e| format!("recv: {e}"))?;
+    let sent_sha = sender
+        .await
+        .map_err(|e| format!("sender task: {e}"))?
+        .map_err(|e| format!("send: {e}"))?;
+    if got != len || got_sha != sent_sha {
+        return Err(format!(
+            "echo mismatch: sent {len} bytes sha {}, got {got} bytes sha {}",
+            sha_hex(&sent_sha),
+            sha_hex(&got_sha)
+        ));
+    }
+    Ok(())
+}
+
+/// Seconds since midnight UTC of a JSON log line's timestamp, minus
+/// `minus_ms` (to get a connection's start from its close line).
+pub fn ts_secs(line: &serde_json::Value, minus_ms: u64) -> f64 {
+    let ts = line["timestamp"].as_str().expect("timestamp");
+    let time = ts
+        .split('T')
+        .nth(1)
+        .expect("RFC 3339")
+        .trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next().unwrap().parse().unwrap();
+    let m: f64 = parts.next().unwrap().parse().unwrap();
+    let s: f64 = parts.next().unwrap().parse().unwrap();
+    h * 3600.0 + m * 60.0 + s - minus_ms as f64 / 1000.0
+}
+
+/// Connects through the proxy to an identify backend and reads its id line.
+pub async fn read_id(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut id = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = s.read(&mut b).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before id",
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        id.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&id).into_owned())
+}

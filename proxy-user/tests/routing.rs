@@ -1,0 +1,263 @@
+//! Routing, balancing, health and failover through the real binary.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+planes!(
+    routes_by_port,
+    failover_past_dead_and_unresolvable,
+    least_conn_spreads_long_lived,
+    killed_target_loses_new_connections,
+    round_robin_rotates,
+);
+
+/// Each port reaches its own app's targets, on every port of the app.
+async fn routes_by_port(mode: &str) {
+    let a = Backend::identify("a").await;
+    let b = Backend::identify("b").await;
+    let proxy = Proxy::start(
+        mode,
+        &[
+            AppSpec::new("app-a", 3, vec![a.target()]),
+            AppSpec::new("app-b", 2, vec![b.target()]),
+        ],
+        &[],
+    )
+    .await;
+    bounded(30, "routing", async {
+        for (app, want, nports) in [(0, "a", 3), (1, "b", 2)] {
+            for i in 0..nports {
+                let mut s = TcpStream::connect(proxy.addr(app, i)).await.unwrap();
+                assert_eq!(read_id(&mut s).await.unwrap(), want, "app {app} port {i}");
+                echo_check_stream(s, i as u64, 100_000).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(5, 5).await;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["end"] == "closed" && l["plane"].is_string()),
+        "{lines:?}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l["app"] == "app-b" && l["bytes_in"] == 100_000 && l["bytes_out"] == 100_002));
+}
+
+/// 1,000 connections to an app whose other targets are dead and
+/// unresolvable: every one completes, and once health noticed, none are
+/// even attempted on the bad targets.
+async fn failover_past_dead_and_unresolvable(mode: &str) {
+    let good = Backend::echo("good").await;
+    let dead = dead_target();
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new(
+            "app",
+            2,
+            vec![
+                dead.clone(),
+                "bad.target.for.testing:6003".into(),
+                good.target(),
+            ],
+        )],
+        &["--health-interval", "200ms"],
+    )
+    .await;
+    let n = 1000;
+    let failures = bounded(120, "1000 connections", async {
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let addr = proxy.addr(0, i % 2);
+            tasks.push(tokio::spawn(async move {
+                let r = echo_check(addr, i as u64, 2000).await;
+                drop(permit);
+                r
+            }));
+        }
+        let mut failures = Vec::new();
+        for t in tasks {
+            if let Err(e) = t.await.unwrap() {
+                failures.push(e);
+            }
+        }
+        failures
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let lines = proxy.wait_conn_lines(n, 10).await;
+    assert_eq!(lines.len(), n);
+    assert!(lines
+        .iter()
+        .all(|l| l["target"] == good.target().as_str() && l["end"] == "closed"));
+    // Both bad targets were marked down (passively, then kept down by probes)...
+    let log = proxy.log_lines();
+    let down_at = |t: &str| {
+        log.iter()
+            .position(|l| l["message"] == "target is down" && l["target"] == t)
+            .unwrap_or_else(|| panic!("{t} never marked down"))
+    };
+    let noticed = down_at(&dead).max(down_at("bad.target.for.testing:6003"));
+    let noticed_at = ts_secs(&log[noticed], 0);
+    // ...and no connection that started after that needed a second attempt
+    // (those started before were already connecting when it was noticed).
+    let start = |l: &serde_json::Value| ts_secs(l, l["duration_ms"].as_u64().unwrap());
+    let after: Vec<_> = lines
+        .iter()
+        .filter(|l| start(l) > noticed_at + 0.002)
+        .collect();
+    assert!(
+        after.len() > n - 100,
+        "health noticed too late: only {} after",
+        after.len()
+    );
+    let retried: Vec<_> = after.iter().filter(|l| l["attempts"] != 1).collect();
+    assert!(
+        retried.is_empty(),
+        "connections still tried bad targets: {retried:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l["message"] == "target is up"),
+        "a bad target flapped up"
+    );
+}
+
+/// 300 long-lived connections over three healthy targets: each holds
+/// within 20% of a third.
+async fn least_conn_spreads_long_lived(mode: &str) {
+    let backends = [
+        Backend::identify("t0").await,
+        Backend::identify("t1").await,
+        Backend::identify("t2").await,
+    ];
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new(
+            "app",
+            1,
+            backends.iter().map(|b| b.target()).collect(),
+        )],
+        &[],
+    )
+    .await;
+    let mut held = Vec::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    bounded(60, "300 connections", async {
+        for _ in 0..300 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            *counts.entry(read_id(&mut s).await.unwrap()).or_default() += 1;
+            held.push(s);
+        }
+    })
+    .await;
+    for b in &backends {
+        let c = counts.get(&b.id).copied().unwrap_or(0);
+        assert!((80..=120).contains(&c), "uneven: {counts:?}");
+    }
+    // The connections are live and carry data (SHA both ways).
+    bounded(30, "echo on held", async {
+        for (i, s) in held.drain(..).enumerate().step_by(30) {
+            echo_check_stream(s, i as u64, 10_000).await.unwrap();
+        }
+    })
+    .await;
+}
+
+/// A target killed mid-test: new connections go to the others within one
+/// health interval (passive marking makes it immediate), none fail.
+async fn killed_target_loses_new_connections(mode: &str) {
+    let backends = [
+        Backend::identify("t0").await,
+        Backend::identify("t1").await,
+        Backend::identify("t2").await,
+    ];
+    let interval = Duration::from_millis(500);
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new(
+            "app",
+            1,
+            backends.iter().map(|b| b.target()).collect(),
+        )],
+        &["--health-interval", "500ms"],
+    )
+    .await;
+    bounded(60, "kill test", async {
+        // Warm up: all three serve.
+        let mut seen = HashMap::<String, usize>::new();
+        for _ in 0..30 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            *seen.entry(read_id(&mut s).await.unwrap()).or_default() += 1;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let before = proxy.conn_lines().len();
+
+        backends[1].kill_and_wait().await;
+        let killed = Instant::now();
+        let mut served_after_interval = 0;
+        while killed.elapsed() < interval * 3 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            let id = read_id(&mut s)
+                .await
+                .expect("every new connection is served");
+            assert_ne!(id, "t1", "connection reached the killed target");
+            s.write_all(b"x").await.unwrap();
+            if killed.elapsed() > interval {
+                served_after_interval += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(served_after_interval > 10);
+        let lines = proxy.wait_conn_lines(before + 10, 5).await;
+        // At most the first connection after the kill paid a retry.
+        let retried = lines[before..]
+            .iter()
+            .filter(|l| l["attempts"] != 1)
+            .count();
+        assert!(
+            retried <= 1,
+            "{retried} connections retried: health did not take t1 out"
+        );
+    })
+    .await;
+}
+
+async fn round_robin_rotates(mode: &str) {
+    let backends = [
+        Backend::identify("r0").await,
+        Backend::identify("r1").await,
+        Backend::identify("r2").await,
+    ];
+    let mut spec = AppSpec::new("app", 1, backends.iter().map(|b| b.target()).collect());
+    spec.balance = Some("round_robin");
+    let proxy = Proxy::start(mode, &[spec], &[]).await;
+    bounded(30, "round robin", async {
+        let mut ids = Vec::new();
+        for _ in 0..9 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            ids.push(read_id(&mut s).await.unwrap());
+        }
+        for w in ids.windows(3) {
+            let mut w = w.to_vec();
+            w.sort();
+            assert_eq!(w, ["r0", "r1", "r2"], "{ids:?}");
+        }
+    })
+    .await;
+}
