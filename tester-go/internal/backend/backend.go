@@ -96,17 +96,32 @@ func Listen(addrs, labels []string, o Options) (*Server, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
+	var lns []net.Listener
+	for _, a := range addrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("listen %s: %w", a, err)
+		}
+		lns = append(lns, ln)
+	}
+	return Serve(lns, labels, o)
+}
+
+// Serve serves on listeners the caller created (labels as for Listen). The
+// server owns them from now on.
+func Serve(lns []net.Listener, labels []string, o Options) (*Server, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
 	if o.Kind == "" {
 		o.Kind = Identify
 	}
 	s := &Server{conns: map[net.Conn]struct{}{}, accepted: map[string]*int64{}, done: make(chan struct{})}
 	s.opts.Store(o)
-	for i, a := range addrs {
-		ln, err := net.Listen("tcp", a)
-		if err != nil {
-			s.Close()
-			return nil, fmt.Errorf("listen %s: %w", a, err)
-		}
+	for i, ln := range lns {
 		label := ln.Addr().String()
 		if labels != nil {
 			label = labels[i]

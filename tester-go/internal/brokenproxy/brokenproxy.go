@@ -20,6 +20,7 @@ const (
 	Corrupt   Variant = "corrupt"    // flips one byte (offset 1000) client->backend
 	OneTarget Variant = "one-target" // always uses the app's first target
 	IgnoreFIN Variant = "ignore-fin" // never propagates the client's half-close
+	KeepOnRST Variant = "keep-on-rst" // backend reset leaves the client connection open
 )
 
 // CorruptOffset is the byte position the Corrupt variant flips.
@@ -157,6 +158,7 @@ func (p *Proxy) pipe(client, backend *net.TCPConn) {
 		}
 		_, err := io.Copy(backend, src)
 		switch {
+		case err != nil && p.v == KeepOnRST:
 		case err != nil:
 			closeBoth()
 		case p.v == DropTail:
@@ -170,6 +172,11 @@ func (p *Proxy) pipe(client, backend *net.TCPConn) {
 	go func() { // backend -> client
 		defer wg.Done()
 		_, err := io.Copy(client, backend)
+		if err != nil && p.v == KeepOnRST {
+			backend.Close() // forget the backend, leave the client hanging
+			<-p.done
+			return
+		}
 		if err != nil {
 			closeBoth()
 			return

@@ -1,3 +1,0 @@
-package main
-
-func runFaults(args []string) int { return usageErr("faults", "not implemented yet") }

@@ -1,0 +1,75 @@
+package faults
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"tester-go/internal/brokenproxy"
+	"tester-go/internal/check"
+	"tester-go/internal/config"
+)
+
+func TestFaultsAgainstProxyVariants(t *testing.T) {
+	tests := []struct {
+		v        brokenproxy.Variant
+		mustFail []string
+	}{
+		{brokenproxy.Correct, nil},
+		{brokenproxy.OneTarget, []string{CaseOneTargetDown}},
+		{brokenproxy.KeepOnRST, []string{CaseDieMidStream, CaseAcceptReset}},
+	}
+	for _, tt := range tests {
+		tt := tt
+		t.Run(string(tt.v), func(t *testing.T) {
+			t.Parallel()
+			lns := map[string]net.Listener{}
+			var targets []string
+			for i := 0; i < 2; i++ {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { ln.Close() })
+				lns[ln.Addr().String()] = ln
+				targets = append(targets, ln.Addr().String())
+			}
+			p, err := brokenproxy.Start(tt.v, [][]string{targets}, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(p.Close)
+			cfg, err := config.Parse([]byte(fmt.Sprintf(`{"Apps":[{"Name":"f","Ports":[%d],"Targets":[%q,%q,"bad.example:1"]}]}`,
+				p.Ports[0][0], targets[0], targets[1])))
+			if err != nil {
+				t.Fatal(err)
+			}
+			rep, err := Run(Options{Config: cfg, ProxyHost: "127.0.0.1", Timeout: 2 * time.Second, Listeners: lns})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var buf bytes.Buffer
+			rep.WriteText(&buf)
+			if len(tt.mustFail) == 0 {
+				if !rep.Pass {
+					t.Fatalf("correct proxy failed:\n%s", buf.String())
+				}
+				return
+			}
+			for _, name := range tt.mustFail {
+				if c := rep.Case(name); c == nil || c.Status != check.Fail {
+					t.Errorf("case %s did not fail:\n%s", name, buf.String())
+				}
+			}
+		})
+	}
+}
+
+func TestUnknownApp(t *testing.T) {
+	cfg, _ := config.Parse([]byte(`{"Apps":[{"Name":"f","Ports":[1],"Targets":["127.0.0.1:1"]}]}`))
+	if _, err := Run(Options{Config: cfg, App: "nope", ProxyHost: "127.0.0.1"}); err == nil {
+		t.Fatal("want error for unknown app")
+	}
+}
