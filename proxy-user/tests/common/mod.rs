@@ -420,7 +420,18 @@ impl Drop for Proxy {
 
 // ---------------------------------------------------------------- payloads
 
-/// Deterministic pseudo-random data, generated in chunks as it is sent.
+/// 4 MiB of random bytes, made once per test binary.
+fn random_block() -> &'static [u8] {
+    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        (0..(4usize << 20) / 8).flat_map(|_| rng.u64(..).to_le_bytes()).collect()
+    })
+}
+
+/// Deterministic pseudo-random data generated as it is sent: each chunk is
+/// a slice of a random block at a random offset (memcpy speed even in
+/// debug builds; never periodic, so reordering or duplication changes the SHA).
 pub struct Payload {
     rng: fastrand::Rng,
     left: u64,
@@ -436,18 +447,71 @@ impl Payload {
 
     /// Fills up to `buf.len()` bytes; returns how many (0 at the end).
     pub fn fill(&mut self, buf: &mut [u8]) -> usize {
-        let n = (buf.len() as u64).min(self.left) as usize;
-        // 8 bytes per rng call: fast enough in debug builds.
-        for chunk in buf[..n].chunks_mut(8) {
-            let v = self.rng.u64(..).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
+        let block = random_block();
+        let n = (buf.len() as u64).min(self.left).min(block.len() as u64 / 2) as usize;
+        let off = self.rng.usize(..block.len() - n);
+        buf[..n].copy_from_slice(&block[off..off + n]);
         self.left -= n as u64;
         n
     }
 }
 
 pub type Sha = [u8; 32];
+
+/// Above this, hash with `openssl dgst` in a child process: the sha2 crate
+/// in a debug test build runs at ~27 MiB/s, openssl at >1 GiB/s.
+const EXTERNAL_HASH_MIN: u64 = 8 << 20;
+
+/// SHA-256 over a stream, in-process for small payloads, via openssl for
+/// big ones (falls back to in-process if openssl is missing).
+pub enum StreamHasher {
+    Lib(Sha256),
+    Openssl(tokio::process::Child, tokio::process::ChildStdin),
+}
+
+impl StreamHasher {
+    pub fn new(expected_len: u64) -> StreamHasher {
+        if expected_len >= EXTERNAL_HASH_MIN {
+            let child = tokio::process::Command::new("openssl")
+                .args(["dgst", "-sha256", "-r"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            if let Ok(mut child) = child {
+                if let Some(stdin) = child.stdin.take() {
+                    return StreamHasher::Openssl(child, stdin);
+                }
+            }
+        }
+        StreamHasher::Lib(Sha256::new())
+    }
+
+    pub async fn update(&mut self, data: &[u8]) {
+        match self {
+            StreamHasher::Lib(h) => h.update(data),
+            StreamHasher::Openssl(_, stdin) => stdin.write_all(data).await.expect("write to openssl"),
+        }
+    }
+
+    pub async fn finish(self) -> Sha {
+        match self {
+            StreamHasher::Lib(h) => h.finalize().into(),
+            StreamHasher::Openssl(child, stdin) => {
+                drop(stdin);
+                let out = child.wait_with_output().await.expect("openssl dgst");
+                let text = String::from_utf8_lossy(&out.stdout);
+                let hex = text.split_whitespace().next().expect("openssl output");
+                let mut sha = [0u8; 32];
+                for (i, b) in sha.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex digest");
+                }
+                sha
+            }
+        }
+    }
+}
 
 pub fn sha_hex(s: &Sha) -> String {
     s.iter().map(|b| format!("{b:02x}")).collect()
@@ -462,23 +526,23 @@ pub async fn send_payload<W: AsyncWrite + Unpin>(
     chunk: usize,
 ) -> std::io::Result<Sha> {
     let mut p = Payload::new(seed, len);
-    let mut h = Sha256::new();
+    let mut h = StreamHasher::new(len);
     let mut buf = vec![0u8; chunk];
     loop {
         let n = p.fill(&mut buf);
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        h.update(&buf[..n]).await;
         w.write_all(&buf[..n]).await?;
     }
     w.shutdown().await?;
-    Ok(h.finalize().into())
+    Ok(h.finish().await)
 }
 
-/// Reads to EOF; returns (bytes, SHA-256).
-pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u64, Sha)> {
-    let mut h = Sha256::new();
+/// Reads to EOF; returns (bytes, SHA-256). `expect` picks the hasher.
+pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R, expect: u64) -> std::io::Result<(u64, Sha)> {
+    let mut h = StreamHasher::new(expect);
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
@@ -487,9 +551,9 @@ pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u64,
             break;
         }
         total += n as u64;
-        h.update(&buf[..n]);
+        h.update(&buf[..n]).await;
     }
-    Ok((total, h.finalize().into()))
+    Ok((total, h.finish().await))
 }
 
 /// Sends `len` bytes through `addr` to an echo backend and checks the SHA
@@ -504,7 +568,7 @@ pub async fn echo_check(addr: SocketAddr, seed: u64, len: u64) -> Result<(), Str
 pub async fn echo_check_stream(s: TcpStream, seed: u64, len: u64) -> Result<(), String> {
     let (mut r, mut w) = s.into_split();
     let sender = tokio::spawn(async move { send_payload(&mut w, seed, len, 64 * 1024).await });
-    let (got, got_sha) = recv_hash(&mut r).await.map_err(|e| format!("recv: {e}"))?;
+    let (got, got_sha) = recv_hash(&mut r, len).await.map_err(|e| format!("recv: {e}"))?;
     let sent_sha = sender
         .await
         .map_err(|e| format!("sender task: {e}"))?
