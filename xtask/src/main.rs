@@ -1,1 +1,112 @@
-fn main() {}
+//! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
+mod e2e;
+mod setup;
+mod sh;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::sh::cmd;
+
+#[derive(Parser)]
+#[command(about = "Build, run, demo and test the L4 proxy; installs what a fresh machine lacks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the nightly rust-src, bpf-linker (against the nightly's LLVM) and Go, if missing.
+    Setup,
+    /// Build the eBPF object, the proxy that embeds it (release) and the Go tester.
+    Build,
+    /// Build, then run the proxy with the given arguments (after `--`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The main job: serve config.json's targets, proxy them, drive and verify traffic, report.
+    Demo {
+        /// Data plane for the proxy: auto, fastpath or copy.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+    },
+    /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on both data planes.
+    Test,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let needs = setup::Needs { peers: false };
+    match cli.task {
+        Task::Setup => setup::setup(needs),
+        Task::Build => build(),
+        Task::Run { args } => {
+            setup::setup(needs)?;
+            build()?;
+            cmd(proxy_binary()).args(args).run()
+        }
+        Task::Demo { mode } => {
+            setup::setup(needs)?;
+            build()?;
+            e2e::demo(&mode)
+        }
+        Task::Test => {
+            setup::setup(needs)?;
+            build()?;
+            test()
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+pub fn proxy_binary() -> PathBuf {
+    root().join("target/release/proxy")
+}
+
+pub fn tester_binary() -> PathBuf {
+    root().join("target/tester-go")
+}
+
+fn build() -> Result<()> {
+    println!("xtask: building the eBPF object and the proxy (release)");
+    cmd("cargo")
+        .args(["build", "--release", "-p", "proxy-user"])
+        .dir(root())
+        .run()?;
+    println!("xtask: building the Go tester");
+    cmd("go")
+        .args(["build", "-o"])
+        .arg(tester_binary())
+        .arg(".")
+        .dir(root().join("tester-go"))
+        .run()
+}
+
+fn test() -> Result<()> {
+    let go = root().join("tester-go");
+    cmd("cargo")
+        .args(["test", "--release", "--workspace"])
+        .dir(root())
+        .run()?;
+    let unformatted = cmd("gofmt").args(["-l", "."]).dir(&go).output_string()?;
+    if !unformatted.trim().is_empty() {
+        anyhow::bail!("gofmt would change: {}", unformatted.trim());
+    }
+    cmd("go").args(["vet", "./..."]).dir(&go).run()?;
+    cmd("go").args(["test", "./..."]).dir(&go).run()?;
+    for mode in ["copy", "fastpath"] {
+        e2e::check_config(mode)?;
+    }
+    println!("xtask test: all passed");
+    Ok(())
+}

@@ -96,7 +96,7 @@ impl SockmapPlane {
         let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
 
         let waiters = Arc::new(Mutex::new(HashMap::new()));
-        let events = AsyncFd::new(events).context("polling the flow event ring")?;
+        let events = register(events).context("polling the flow event ring")?;
         tokio::spawn(dispatch_events(events, Arc::clone(&waiters)));
 
         let mut maps = Maps {
@@ -672,7 +672,7 @@ async fn dispatch_events(
 }
 
 fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
-    let mut logger = AsyncFd::new(logger).context("polling the BPF log ring")?;
+    let mut logger = register(logger).context("polling the BPF log ring")?;
     tokio::spawn(async move {
         loop {
             let Ok(mut guard) = logger.readable_mut().await else {
@@ -700,6 +700,12 @@ fn probe_insert(maps: &mut Maps) -> Result<()> {
         .context("probe: removing the probe socket")?;
     drop((probe, accepted));
     Ok(())
+}
+
+fn register<T: std::os::fd::AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd
+    // stays open for as long as it is registered.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>

@@ -1,0 +1,174 @@
+//! `cargo xtask setup`: install what a fresh machine lacks, and nothing else.
+//! Every step checks first, so a second run only checks and takes seconds.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::sh::{cmd, succeeds};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub struct Needs {
+    /// HAProxy and nginx, the peers `bench` measures against.
+    pub peers: bool,
+}
+
+pub fn setup(needs: Needs) -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_package("go", "golang-go")?;
+    if needs.peers {
+        debian_package("haproxy", "haproxy")?;
+        debian_package("nginx", "nginx-light")?;
+    }
+    Ok(())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    if !succeeds(cmd("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        step("installing the nightly toolchain (the eBPF crate needs it)");
+        cmd("rustup")
+            .args(["toolchain", "install", "nightly", "--profile", "minimal"])
+            .run()?;
+    }
+    let installed = cmd("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output_string()?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain (build-std for bpfel-unknown-none)");
+        cmd("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .run()?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc that emits the
+/// bitcode; Debian has no LLVM that new, but the nightly ships its own.
+fn bpf_linker() -> Result<()> {
+    let works = cmd("bpf-linker").arg("--version").output_string();
+    if matches!(&works, Ok(v) if v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    let sysroot = cmd("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output_string()?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = find_libllvm(&libdir)?;
+    let major = llvm_major(&libllvm)?;
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's {} (about a minute)",
+        libllvm.display()
+    ));
+    let prefix = cache_dir()?.join("llvm-nightly");
+    fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
+    cmd("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        // Found at run time without rustup's LD_LIBRARY_PATH.
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", libdir.display()),
+        )
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR")
+        .run()?;
+    let version = cmd("bpf-linker").arg("--version").output_string()?;
+    println!("xtask: {}", version.trim());
+    Ok(())
+}
+
+fn find_libllvm(libdir: &Path) -> Result<PathBuf> {
+    let entries = fs::read_dir(libdir).with_context(|| format!("reading {}", libdir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("libLLVM.so.") && name.ends_with("-nightly") {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "no libLLVM.so.*-nightly in {}: the nightly toolchain ships without LLVM?",
+        libdir.display()
+    )
+}
+
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` -> 22, which picks bpf-linker's `llvm-22` feature.
+fn llvm_major(libllvm: &Path) -> Result<u32> {
+    let name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    name.trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM major version from {name}"))
+}
+
+fn debian_package(binary: &str, package: &str) -> Result<()> {
+    if succeeds(cmd("sh").args(["-c", &format!("command -v {binary}")])) {
+        return Ok(());
+    }
+    step(&format!("installing Debian's {package} (for `{binary}`)"));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`{binary}` is missing and installing {package} needs root: run `apt-get install {package}`");
+    }
+    cmd("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+    cmd("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+    Ok(())
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/proxy-xtask"))
+}
+
+fn step(what: &str) {
+    println!("xtask setup: {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_llvm_major_from_the_nightly_library_name() {
+        let cases = [
+            ("libLLVM.so.22.1-rust-1.97.0-nightly", 22),
+            ("libLLVM.so.21-rust-1.93.0-nightly", 21),
+        ];
+        for (name, major) in cases {
+            assert_eq!(llvm_major(Path::new(name)).unwrap(), major, "{name}");
+        }
+        assert!(llvm_major(Path::new("libLLVM.so.x")).is_err());
+    }
+}
