@@ -62,8 +62,8 @@ func runBackends(args []string) int {
 	if *listen != "" {
 		fmt.Fprintf(os.Stderr, "backends: %s on %s\n", o.Kind, strings.Join(srv.Addrs(), " "))
 	}
-	fmt.Fprintf(os.Stdout, "ready %d backends\n", len(addrs))
-	os.Stdout.Sync()
+	fmt.Fprintf(stdout, "ready %d backends\n", len(addrs))
+	syncStdout()
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)

@@ -43,11 +43,11 @@ func runBench(args []string) int {
 		return fatal("bench", err)
 	}
 	if *asJSON {
-		if err := r.WriteJSON(os.Stdout); err != nil {
+		if err := r.WriteJSON(stdout); err != nil {
 			return fatal("bench", err)
 		}
 	} else {
-		r.WriteText(os.Stdout)
+		r.WriteText(stdout)
 	}
 	if !r.OK() {
 		return 1
@@ -133,7 +133,7 @@ func runCompare(args []string) int {
 		o.Progress = os.Stderr
 	}
 	rep := compare.Run(o)
-	rep.WriteText(os.Stdout)
+	rep.WriteText(stdout)
 	if *jsonPath != "" {
 		if err := writeFile(*jsonPath, func(f *os.File) error { return rep.WriteJSON(f) }); err != nil {
 			return fatal("compare", err)

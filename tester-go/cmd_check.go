@@ -67,11 +67,11 @@ func runCheck(args []string) int {
 	}
 	rep := check.Run(o)
 	if *asJSON {
-		if err := rep.WriteJSON(os.Stdout); err != nil {
+		if err := rep.WriteJSON(stdout); err != nil {
 			return fatal("check", err)
 		}
 	} else {
-		rep.WriteText(os.Stdout)
+		rep.WriteText(stdout)
 	}
 	if !rep.Pass {
 		return 1

@@ -36,13 +36,13 @@ func runFaults(args []string) int {
 		return fatal("faults", err)
 	}
 	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
+		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(rep); err != nil {
 			return fatal("faults", err)
 		}
 	} else {
-		rep.WriteText(os.Stdout)
+		rep.WriteText(stdout)
 	}
 	if !rep.Pass {
 		return 1

@@ -18,6 +18,15 @@ import (
 	"tester-go/internal/report"
 )
 
+// stdout receives results; tests replace it.
+var stdout io.Writer = os.Stdout
+
+func syncStdout() {
+	if f, ok := stdout.(*os.File); ok {
+		f.Sync()
+	}
+}
+
 // exitUsage is the exit status for bad command lines.
 const exitUsage = 2
 

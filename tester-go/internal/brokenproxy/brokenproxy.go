@@ -15,11 +15,11 @@ type Variant string
 
 // Variants.
 const (
-	Correct   Variant = "correct"    // half-close aware, retries another target
-	DropTail  Variant = "drop-tail"  // closes everything when the client half-closes
-	Corrupt   Variant = "corrupt"    // flips one byte (offset 1000) client->backend
-	OneTarget Variant = "one-target" // always uses the app's first target
-	IgnoreFIN Variant = "ignore-fin" // never propagates the client's half-close
+	Correct   Variant = "correct"     // half-close aware, retries another target
+	DropTail  Variant = "drop-tail"   // closes everything when the client half-closes
+	Corrupt   Variant = "corrupt"     // flips one byte (offset 1000) client->backend
+	OneTarget Variant = "one-target"  // always uses the app's first target
+	IgnoreFIN Variant = "ignore-fin"  // never propagates the client's half-close
 	KeepOnRST Variant = "keep-on-rst" // backend reset leaves the client connection open
 )
 
