@@ -23,7 +23,10 @@ async fn one_gib_both_ways(mode: &str) {
         .await
         .unwrap();
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("1 GiB each way in {secs:.1}s ({:.0} MiB/s per direction)", 1024.0 / secs);
+    eprintln!(
+        "1 GiB each way in {secs:.1}s ({:.0} MiB/s per direction)",
+        1024.0 / secs
+    );
     let lines = proxy.wait_conn_lines(1, 10).await;
     assert_eq!(lines[0]["bytes_in"], len);
     assert_eq!(lines[0]["bytes_out"], len);
@@ -47,7 +50,9 @@ async fn thousand_concurrent_connections(mode: &str) {
         let addr = proxy.addr(0, i % 2);
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
             // All 1,000 are connected before any sends: truly concurrent.
             barrier.wait().await;
             echo_check_stream(s, i as u64, 64 * 1024 + i as u64).await
@@ -63,7 +68,12 @@ async fn thousand_concurrent_connections(mode: &str) {
         f
     })
     .await;
-    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     let lines = proxy.wait_conn_lines(n, 20).await;
     assert_eq!(lines.len(), n);
     assert!(lines.iter().all(|l| l["end"] == "closed"));

@@ -425,7 +425,9 @@ fn random_block() -> &'static [u8] {
     static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BLOCK.get_or_init(|| {
         let mut rng = fastrand::Rng::with_seed(0x5eed);
-        (0..(4usize << 20) / 8).flat_map(|_| rng.u64(..).to_le_bytes()).collect()
+        (0..(4usize << 20) / 8)
+            .flat_map(|_| rng.u64(..).to_le_bytes())
+            .collect()
     })
 }
 
@@ -448,7 +450,9 @@ impl Payload {
     /// Fills up to `buf.len()` bytes; returns how many (0 at the end).
     pub fn fill(&mut self, buf: &mut [u8]) -> usize {
         let block = random_block();
-        let n = (buf.len() as u64).min(self.left).min(block.len() as u64 / 2) as usize;
+        let n = (buf.len() as u64)
+            .min(self.left)
+            .min(block.len() as u64 / 2) as usize;
         let off = self.rng.usize(..block.len() - n);
         buf[..n].copy_from_slice(&block[off..off + n]);
         self.left -= n as u64;
@@ -491,7 +495,9 @@ impl StreamHasher {
     pub async fn update(&mut self, data: &[u8]) {
         match self {
             StreamHasher::Lib(h) => h.update(data),
-            StreamHasher::Openssl(_, stdin) => stdin.write_all(data).await.expect("write to openssl"),
+            StreamHasher::Openssl(_, stdin) => {
+                stdin.write_all(data).await.expect("write to openssl")
+            }
         }
     }
 
@@ -541,7 +547,10 @@ pub async fn send_payload<W: AsyncWrite + Unpin>(
 }
 
 /// Reads to EOF; returns (bytes, SHA-256). `expect` picks the hasher.
-pub async fn recv_hash<R: AsyncRead + Unpin>(r: &mut R, expect: u64) -> std::io::Result<(u64, Sha)> {
+pub async fn recv_hash<R: AsyncRead + Unpin>(
+    r: &mut R,
+    expect: u64,
+) -> std::io::Result<(u64, Sha)> {
     let mut h = StreamHasher::new(expect);
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -568,7 +577,9 @@ pub async fn echo_check(addr: SocketAddr, seed: u64, len: u64) -> Result<(), Str
 pub async fn echo_check_stream(s: TcpStream, seed: u64, len: u64) -> Result<(), String> {
     let (mut r, mut w) = s.into_split();
     let sender = tokio::spawn(async move { send_payload(&mut w, seed, len, 64 * 1024).await });
-    let (got, got_sha) = recv_hash(&mut r, len).await.map_err(|e| format!("recv: {e}"))?;
+    let (got, got_sha) = recv_hash(&mut r, len)
+        .await
+        .map_err(|e| format!("recv: {e}"))?;
     let sent_sha = sender
         .await
         .map_err(|e| format!("sender task: {e}"))?

@@ -1,0 +1,269 @@
+//! Data-path semantics: half-close, resets, slow readers, idle timeout.
+
+#[macro_use]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+planes!(
+    half_close_client_first,
+    half_close_target_first,
+    reset_from_target_reaches_client,
+    reset_from_client_reaches_target,
+    slow_reader_gets_everything_with_bounded_memory,
+    idle_timeout_closes_quiet_connections,
+);
+
+/// Client sends everything and FINs, pauses, then reads: the target→client
+/// direction must stay open after the client's FIN and deliver all.
+async fn half_close_client_first(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    bounded(30, "half close client first", async {
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let len = 3 << 20;
+        // The echo buffers in the kernel while we don't read yet: send
+        // concurrently with reading, but read only after the FIN went out.
+        let sender = tokio::spawn(async move {
+            send_payload(&mut w, 7, len, 32 * 1024)
+                .await
+                .map(|sha| (sha, w))
+        });
+        let (sent_sha, _w) = {
+            // Start reading after a pause to show nothing is lost meanwhile.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (got, got_sha) = recv_hash(&mut r, len).await.unwrap();
+            let (sent_sha, w) = sender.await.unwrap().unwrap();
+            assert_eq!(got, len);
+            assert_eq!(sha_hex(&got_sha), sha_hex(&sent_sha));
+            (sent_sha, w)
+        };
+        let _ = sent_sha;
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "closed");
+}
+
+/// The target sends everything and FINs first, then keeps reading: the
+/// client sees EOF yet can still send, and the target gets it all.
+async fn half_close_target_first(mode: &str) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let down_len: u64 = 2 << 20;
+    let server = Backend::with("srv", move |s| {
+        let tx = tx.clone();
+        async move {
+            let (mut r, mut w) = s.into_split();
+            let sent = send_payload(&mut w, 11, down_len, 16 * 1024).await.unwrap();
+            // Our write side is shut; the proxy must keep carrying our reads.
+            let got = recv_hash(&mut r, 0).await.unwrap();
+            let _ = tx.send((sent, got));
+        }
+    })
+    .await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
+    bounded(30, "half close target first", async {
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let (got_len, got_sha) = recv_hash(&mut r, down_len).await.unwrap();
+        // EOF seen; the other direction is still open.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let up_len = 1 << 20;
+        let up_sha = send_payload(&mut w, 12, up_len, 16 * 1024).await.unwrap();
+        let (srv_sent, (srv_got_len, srv_got_sha)) = rx.recv().await.unwrap();
+        assert_eq!(got_len, down_len);
+        assert_eq!(
+            sha_hex(&got_sha),
+            sha_hex(&srv_sent),
+            "target→client bytes differ"
+        );
+        assert_eq!(srv_got_len, up_len);
+        assert_eq!(
+            sha_hex(&srv_got_sha),
+            sha_hex(&up_sha),
+            "client→target bytes differ"
+        );
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "closed");
+    assert_eq!(lines[0]["bytes_out"], down_len);
+    assert_eq!(lines[0]["bytes_in"], 1u64 << 20);
+}
+
+/// The target aborts with RST: the client must see a reset, not a clean EOF.
+async fn reset_from_target_reaches_client(mode: &str) {
+    let server = Backend::with("rst", |mut s| async move {
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf).await;
+        let _ = s.write_all(b"partial").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
+    bounded(30, "rst from target", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let mut got = Vec::new();
+        let err = loop {
+            let mut buf = [0u8; 1024];
+            match s.read(&mut buf).await {
+                Ok(0) => panic!("clean EOF after {got:?}: reset was not propagated"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        assert_eq!(got, b"partial");
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "target_reset");
+}
+
+/// The client aborts with RST: the target must see a reset.
+async fn reset_from_client_reaches_target(mode: &str) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let server = Backend::with("victim", move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 1024];
+            let mut total = 0;
+            let end = loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break Ok(total),
+                    Ok(n) => {
+                        total += n;
+                        let _ = tx.send(Ok(total));
+                    }
+                    Err(e) => break Err(e.kind()),
+                }
+            };
+            let _ = tx.send(end.map(|_| usize::MAX));
+        }
+    })
+    .await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
+    bounded(30, "rst from client", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.write_all(b"0123456789").await.unwrap();
+        while rx.recv().await.unwrap() != Ok(10) {}
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+        let end = rx.recv().await.unwrap();
+        assert_eq!(
+            end,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "target did not see a reset"
+        );
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "client_reset");
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A client that reads slowly still gets every byte; the proxy applies
+/// backpressure (its memory stays flat) and keeps serving others.
+async fn slow_reader_gets_everything_with_bounded_memory(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let rss_before = rss_kib(proxy.pid());
+    bounded(60, "slow reader", async {
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let len: u64 = 48 << 20;
+        let sender = tokio::spawn(async move { send_payload(&mut w, 3, len, 256 * 1024).await });
+        let mut h = StreamHasher::new(len);
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut max_rss = 0;
+        let mut other_checked = false;
+        let started = Instant::now();
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]).await;
+            got += n as u64;
+            // Slow: ~16 MiB/s at most, and stalls early on so buffers fill.
+            if got < (8 << 20) {
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            max_rss = max_rss.max(rss_kib(proxy.pid()));
+            if !other_checked && started.elapsed() > Duration::from_millis(300) {
+                // Meanwhile another client is served promptly.
+                let t = Instant::now();
+                echo_check(proxy.addr(0, 0), 99, 100_000).await.unwrap();
+                assert!(t.elapsed() < Duration::from_secs(2), "other client starved");
+                other_checked = true;
+            }
+        }
+        let sent_sha = sender.await.unwrap().unwrap();
+        assert_eq!(got, len);
+        assert_eq!(sha_hex(&h.finish().await), sha_hex(&sent_sha));
+        assert!(other_checked);
+        // 48 MiB went through; the proxy must not have buffered it.
+        assert!(
+            max_rss < rss_before + 16 * 1024,
+            "proxy RSS grew from {rss_before} KiB to {max_rss} KiB"
+        );
+    })
+    .await;
+}
+
+/// A connection with no traffic either way is closed after --idle-timeout.
+async fn idle_timeout_closes_quiet_connections(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new("a", 1, vec![echo.target()])],
+        &["--idle-timeout", "400ms"],
+    )
+    .await;
+    bounded(30, "idle timeout", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        // Activity keeps it alive past the timeout...
+        let mut quiet = Instant::now();
+        for _ in 0..6 {
+            s.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"ping");
+            quiet = Instant::now();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // ...silence closes it.
+        let mut b = [0u8; 1];
+        let n = s.read(&mut b).await.unwrap_or(0);
+        assert_eq!(n, 0);
+        let waited = quiet.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "idle_timeout");
+    assert_eq!(lines[0]["bytes_in"], 24);
+}

@@ -1,0 +1,145 @@
+//! Connection limits, app isolation and fd exhaustion.
+
+#[macro_use]
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+planes!(
+    flood_on_one_app_does_not_starve_another,
+    recovers_from_fd_exhaustion
+);
+
+/// App A is flooded far past its per-app limit; app B is served normally
+/// and A's backend never sees more than the limit.
+async fn flood_on_one_app_does_not_starve_another(mode: &str) {
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let proxy = Proxy::start(
+        mode,
+        &[
+            AppSpec::new("flooded", 1, vec![a.target()]),
+            AppSpec::new("quiet", 1, vec![b.target()]),
+        ],
+        &["--max-connections-per-app", "20", "--max-connections", "60"],
+    )
+    .await;
+    bounded(60, "flood", async {
+        let mut flood = Vec::new();
+        // The kernel completes every handshake; the proxy resets what is
+        // over the limit, sometimes before connect() even returns.
+        let mut reset_at_connect = 0;
+        for _ in 0..200 {
+            match TcpStream::connect(proxy.addr(0, 0)).await {
+                Ok(s) => flood.push(s),
+                Err(_) => reset_at_connect += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let live_a = a.active.load(Ordering::SeqCst);
+        assert!(
+            live_a <= 20 + 1,
+            "flooded app's backend holds {live_a} > limit"
+        );
+        assert!(live_a >= 18, "limit too eager: only {live_a}");
+        // The other app is unaffected.
+        for i in 0..30 {
+            echo_check(proxy.addr(1, 0), i, 50_000).await.unwrap();
+        }
+        // Rejected clients were told (RST/EOF), not left hanging.
+        let mut rejected = reset_at_connect;
+        let mut kinds = std::collections::HashMap::<String, usize>::new();
+        for s in flood.iter_mut() {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_millis(20), s.read(&mut b)).await;
+            *kinds.entry(format!("{r:?}")).or_default() += 1;
+            match r {
+                Ok(Ok(0)) | Ok(Err(_)) => rejected += 1,
+                _ => {}
+            }
+        }
+        assert!(
+            rejected >= 170,
+            "only {rejected} of 200 rejected: {kinds:?}"
+        );
+    })
+    .await;
+    let log = proxy.log();
+    assert!(log.contains("connection limit reached"));
+    // Rate-limited: not one warning per rejected connection.
+    assert!(log.matches("connection limit reached").count() < 10);
+}
+
+/// The proxy runs out of file descriptors (RLIMIT_NOFILE 64), backs off
+/// instead of spinning, and serves again once fds are free, without restart.
+async fn recovers_from_fd_exhaustion(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let mut proxy = Proxy::start_with(
+        mode,
+        &[AppSpec::new("a", 1, vec![echo.target()])],
+        &["--health-interval", "10s"],
+        Some(64),
+    )
+    .await;
+    let pid = proxy.pid();
+    bounded(60, "fd exhaustion", async {
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            held.push(TcpStream::connect(proxy.addr(0, 0)).await.unwrap());
+        }
+        // Give the proxy time to hit EMFILE.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !proxy.log().contains("out of resources") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            proxy.log().contains("out of resources"),
+            "never hit EMFILE: {}",
+            proxy.log()
+        );
+        // Backing off, not spinning: CPU time stays low while exhausted.
+        let cpu0 = cpu_ticks(pid);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let used = cpu_ticks(pid) - cpu0;
+        assert!(
+            used < 30,
+            "proxy burned {used} ticks in 1s while out of fds"
+        );
+        drop(held);
+        // Recovers: new connections are served again, same process.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match echo_check(proxy.addr(0, 0), 5, 100_000).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("not recovered after fds were freed: {e}"),
+            }
+        }
+        for i in 0..20 {
+            echo_check(proxy.addr(0, 0), i, 10_000).await.unwrap();
+        }
+    })
+    .await;
+    assert!(proxy.is_running());
+    assert_eq!(proxy.pid(), pid);
+    // Our fd shortage must not have marked the healthy target down.
+    assert!(!proxy.log().contains("target is down"), "{}", proxy.log());
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
