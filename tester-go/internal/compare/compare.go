@@ -265,6 +265,16 @@ func verdict(rep *Report) string {
 	best("parallel", "fastest parallel", func(c *Cell) float64 { return c.GBps }, false, "GB/s")
 	best("pingpong", "lowest p50", func(c *Cell) float64 { return c.P50US }, true, "µs")
 	best("connrate", "highest conn rate", func(c *Cell) float64 { return c.ConnsPerSec }, false, "conn/s")
+	best("idle", "least proxy memory", func(c *Cell) float64 { return c.KiBPerConn }, true, "KiB/conn")
+	cheapest, cheapV := "", 0.0
+	for _, row := range rep.Rows {
+		if row.ProxyCPUPerGB > 0 && (cheapest == "" || row.ProxyCPUPerGB < cheapV) {
+			cheapest, cheapV = row.Endpoint.Name, row.ProxyCPUPerGB
+		}
+	}
+	if cheapest != "" {
+		parts = append(parts, fmt.Sprintf("lowest proxy CPU: %s (%.3f s/GB)", cheapest, cheapV))
+	}
 	var bad []string
 	for _, row := range rep.Rows {
 		if row.Errors > 0 {
@@ -282,8 +292,8 @@ func fmtNum(v float64, unit string) string {
 	switch unit {
 	case "GB/s":
 		return fmt.Sprintf("%.2f GB/s", v)
-	case "µs":
-		return fmt.Sprintf("%.1f µs", v)
+	case "µs", "KiB/conn":
+		return fmt.Sprintf("%.1f %s", v, unit)
 	}
 	return fmt.Sprintf("%.0f %s", v, unit)
 }
@@ -345,7 +355,7 @@ func (rep *Report) table() (head []string, rows [][]string) {
 			cells = append(cells, s)
 		}
 		p := "-"
-		if row.ProxyCPUPerGB > 0 {
+		if row.Endpoint.PID > 0 && row.SysCPUPerGB > 0 {
 			p = fmt.Sprintf("%.3f", row.ProxyCPUPerGB)
 		}
 		sy := "-"
