@@ -8,7 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
@@ -51,6 +51,12 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // read-modify-write of the socket's own state does not race.
     let state = unsafe { &mut *state };
     let len = u64::from(ctx.len());
+    // A bare FIN reaches the verdict as an empty skb. Redirected after the
+    // peer's write side was shut, it would set EPIPE on the peer; the FIN
+    // itself is already recorded by TCP and reaches userspace as EOF.
+    if len == 0 {
+        return SK_DROP;
+    }
 
     if state.mode == MODE_PASS && control.arm != state.seen_arm {
         state.seen_arm = control.arm;

@@ -49,6 +49,9 @@ pub const DEFAULT_INFLIGHT_BOUND: u64 = 4 << 20;
 /// How often a direction waiting for its peer to drain looks again.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
 
+/// How long EOF may wait for passed bytes still in the kernel's backlog.
+const PASSED_WAIT: Duration = Duration::from_secs(10);
+
 pub struct SockmapPlane {
     maps: Mutex<Maps>,
     /// Wakes the direction whose source cookie the verdict reported.
@@ -192,6 +195,14 @@ impl SockmapPlane {
             Err(e) => tracing::info!(error = %e,
                 "upstream socket not accepted by the socket map; copying this pair in userspace"),
         }
+        // Bytes that arrived before the insert sit in the plain receive queue,
+        // unseen by the verdict. Setting SO_RCVLOWAT runs the socket's
+        // data_ready now, which sweeps them through the verdict (pass mode),
+        // so from here on every byte userspace reads was counted as passed.
+        tcpinfo::sweep_receive_queue(client).context("sweeping the client socket")?;
+        if pair.upstream_in_map {
+            tcpinfo::sweep_receive_queue(upstream).context("sweeping the upstream socket")?;
+        }
         pair.client.base = tcpinfo::handed(client)?.total;
         pair.upstream.base = tcpinfo::handed(upstream)?.total;
         Ok(pair)
@@ -239,6 +250,7 @@ impl SockmapPlane {
             &pair.client,
             &pair.upstream,
             redirect,
+            true,
         );
         let mut down = Direction::new(
             self,
@@ -247,6 +259,7 @@ impl SockmapPlane {
             &pair.upstream,
             &pair.client,
             redirect,
+            pair.upstream_in_map,
         );
         let start = Instant::now();
         let end = {
@@ -366,6 +379,8 @@ struct Direction<'a> {
     dst_side: &'a Side,
     /// False when the peer is not in the map: userspace forwards everything.
     may_redirect: bool,
+    /// The source is in the map, so its bytes pass through the verdict.
+    src_in_map: bool,
     /// Bytes userspace forwarded (pre-install bytes and pass-mode bytes).
     user_bytes: u64,
     /// The last arm request sent to the verdict.
@@ -383,6 +398,7 @@ impl<'a> Direction<'a> {
         src_side: &'a Side,
         dst_side: &'a Side,
         may_redirect: bool,
+        src_in_map: bool,
     ) -> Self {
         Direction {
             plane,
@@ -391,6 +407,7 @@ impl<'a> Direction<'a> {
             src_side,
             dst_side,
             may_redirect,
+            src_in_map,
             user_bytes: 0,
             control: FlowControl {
                 peer: dst_side.cookie,
@@ -440,23 +457,28 @@ impl<'a> Direction<'a> {
     /// Reads the source dry, forwarding what it holds; then arms redirect.
     /// `Ok(false)` means the source sent FIN.
     async fn forward_available(&mut self) -> Result<bool, DirEnd> {
+        let mut eof_deadline = None;
         loop {
-            // Read before the attempt: if the attempt finds nothing, every byte
-            // the verdict passed up to this point was already read.
-            let before = if self.may_redirect {
-                Some(
-                    self.plane
-                        .state(self.src_side.cookie)
-                        .map_err(DirEnd::ReadFailed)?,
-                )
-            } else {
-                None
-            };
             if self.buf.is_empty() {
                 self.buf = vec![0; self.plane.fallback.buffer_size.max(1)];
             }
             match self.src.try_read(&mut self.buf) {
-                Ok(0) => return Ok(false),
+                Ok(0) => {
+                    // EOF can overtake passed bytes the kernel still holds in
+                    // the psock's backlog (tcp_bpf only looks at ingress_msg).
+                    if self.src_in_map && self.passed_unread()? {
+                        let deadline =
+                            *eof_deadline.get_or_insert_with(|| Instant::now() + PASSED_WAIT);
+                        if Instant::now() >= deadline {
+                            return Err(DirEnd::ReadFailed(io::Error::other(
+                                "passed bytes never reached the socket after FIN",
+                            )));
+                        }
+                        tokio::time::sleep(DRAIN_POLL).await;
+                        continue;
+                    }
+                    return Ok(false);
+                }
                 Ok(n) => {
                     self.wait_drained().await?;
                     write_all(self.dst, &self.buf[..n])
@@ -465,7 +487,11 @@ impl<'a> Direction<'a> {
                     self.user_bytes += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Some(state) = before {
+                    if self.may_redirect {
+                        let state = self
+                            .plane
+                            .state(self.src_side.cookie)
+                            .map_err(DirEnd::ReadFailed)?;
                         if state.mode == MODE_PASS {
                             self.arm(&state);
                         }
@@ -476,6 +502,17 @@ impl<'a> Direction<'a> {
                 Err(e) => return Err(DirEnd::ReadFailed(e)),
             }
         }
+    }
+
+    /// Whether the verdict passed bytes up that userspace has not read yet.
+    /// Every byte read from a source in the map was passed by the verdict
+    /// (the install swept older bytes through it), so the counts compare.
+    fn passed_unread(&self) -> Result<bool, DirEnd> {
+        let state = self
+            .plane
+            .state(self.src_side.cookie)
+            .map_err(DirEnd::ReadFailed)?;
+        Ok(state.passed > self.user_bytes)
     }
 
     /// The source sent FIN: pass it on once every redirected byte is out.
@@ -518,7 +555,9 @@ impl<'a> Direction<'a> {
             return;
         }
         self.control.arm += 1;
-        self.control.expect_passed = state.passed;
+        // Everything userspace read was passed by the verdict; if the verdict
+        // passed more since, it refuses this arm and userspace reads again.
+        self.control.expect_passed = self.user_bytes;
         self.control.limit = limit;
         self.control.refill_at = refill_at;
         if let Err(e) = self.plane.set_control(self.src_side.cookie, self.control) {

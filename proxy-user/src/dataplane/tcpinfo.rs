@@ -22,6 +22,26 @@ pub fn cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     Ok(value)
 }
 
+/// Runs the socket's data_ready callback if it has unread bytes: the kernel
+/// does that whenever SO_RCVLOWAT is set (tcp_set_rcvlowat -> tcp_data_ready).
+pub fn sweep_receive_queue(sock: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a valid int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes ever handed to this socket's TCP (sent and acknowledged, plus still
 /// queued), and the acknowledged part alone. Their difference is SIOCOUTQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
