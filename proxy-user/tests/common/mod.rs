@@ -17,12 +17,14 @@ use tokio::task::AbortHandle;
 
 /// Instantiates a data-path test once per data plane. Each test is an
 /// `async fn name(mode: &str)`. To add a plane, add one `plane_mod!` line.
+#[allow(unused_macros)]
 macro_rules! planes {
     ($($name:ident),* $(,)?) => {
         plane_mod!(copy, "copy", $($name),*);
     };
 }
 
+#[allow(unused_macros)]
 macro_rules! plane_mod {
     ($plane:ident, $mode:literal, $($name:ident),*) => {
         mod $plane {
