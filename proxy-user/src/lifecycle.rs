@@ -76,3 +76,25 @@ impl Signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_idle_sees_last_drop() {
+        let t = Arc::new(Tracker::default());
+        assert!(t.wait_idle(Duration::from_millis(10)).await);
+        let a = t.track();
+        let b = t.track();
+        assert!(!t.wait_idle(Duration::from_millis(20)).await);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(a);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(b);
+        });
+        assert!(t.wait_idle(Duration::from_secs(5)).await);
+        assert_eq!(t.live(), 0);
+    }
+}

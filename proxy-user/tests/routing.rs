@@ -16,6 +16,7 @@ planes!(
     least_conn_spreads_long_lived,
     killed_target_loses_new_connections,
     round_robin_rotates,
+    listens_on_ipv6_any_address,
 );
 
 /// Each port reaches its own app's targets, on every port of the app.
@@ -260,4 +261,19 @@ async fn round_robin_rotates(mode: &str) {
         }
     })
     .await;
+}
+
+/// `--listen-address ::` is a dual-stack listener: IPv4 clients work.
+async fn listens_on_ipv6_any_address(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new("v6", 1, vec![echo.target()])],
+        &["--listen-address", "::"],
+    )
+    .await;
+    bounded(30, "dual stack", echo_check(proxy.addr(0, 0), 1, 200_000))
+        .await
+        .unwrap();
+    assert!(proxy.log().contains("v6=[::]:"), "{}", proxy.log());
 }

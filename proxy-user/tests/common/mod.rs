@@ -278,16 +278,11 @@ impl Proxy {
             let log_path = scratch_path("proxy.log");
             let log = std::fs::File::create(&log_path).unwrap();
             let mut cmd = Command::new(PROXY);
-            cmd.arg("--config")
-                .arg(&config_path)
-                .args([
-                    "--listen-address",
-                    "127.0.0.1",
-                    "--mode",
-                    mode,
-                    "--log-format",
-                    "json",
-                ])
+            cmd.arg("--config").arg(&config_path);
+            if !extra.contains(&"--listen-address") {
+                cmd.args(["--listen-address", "127.0.0.1"]);
+            }
+            cmd.args(["--mode", mode, "--log-format", "json"])
                 .args(["--log-level", "info,proxy_user=debug"])
                 .args(extra)
                 .stdin(Stdio::null())
