@@ -64,22 +64,29 @@ pub struct Backend {
 
 impl Backend {
     /// Runs `handler` for every accepted connection.
+    ///
+    /// Backends live on their own runtime (like a separate server process):
+    /// a test hashing 1,000 payloads on its own runtime must not starve the
+    /// backends' accept loops and overflow their accept queues.
     pub async fn with<F, Fut>(id: &str, handler: F) -> Backend
     where
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
-        let addr = listener.local_addr().expect("backend addr");
         let active = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let handler = Arc::new(handler);
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let task = {
             let (active, accepted, conns) = (active.clone(), accepted.clone(), conns.clone());
-            tokio::spawn(async move {
+            backend_runtime().spawn(async move {
+                // Deep backlog: bursts of 1,000 proxied connects.
+                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+                sock.bind("127.0.0.1:0".parse().unwrap())
+                    .expect("bind backend");
+                let listener: TcpListener = sock.listen(4096).expect("listen backend");
+                let _ = addr_tx.send(listener.local_addr().expect("backend addr"));
                 loop {
                     let Ok((sock, _)) = listener.accept().await else {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -96,6 +103,7 @@ impl Backend {
                 }
             })
         };
+        let addr = addr_rx.await.expect("backend started");
         Backend {
             addr,
             id: id.to_string(),
@@ -158,6 +166,18 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn backend_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("backend")
+            .enable_all()
+            .build()
+            .expect("backend runtime")
+    })
 }
 
 struct DecOnDrop(Arc<AtomicUsize>);
