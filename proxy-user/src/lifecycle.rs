@@ -53,6 +53,33 @@ impl Tracker {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit (as Go's runtime and
+/// nginx's worker_rlimit_nofile do): the default soft limit of 1024 would
+/// cap a proxy at ~500 connections. Returns the soft limit now in force.
+// rlim_t is u64 here but narrower on some 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_fd_limit() -> anyhow::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(raised.rlim_cur as u64);
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 /// SIGTERM and SIGINT, registered at startup so a signal that arrives before
 /// we wait on it is not fatal (the default action would kill us mid-drain).
 pub struct Signals {

@@ -243,6 +243,9 @@ async fn handle(
     }
 }
 
+/// The one line per connection. `bytes_in` is client→target and
+/// `bytes_out` target→client, as seen from the client's side of the proxy
+/// (HAProxy's and Envoy's convention for "received"/"sent" by the listener).
 #[allow(clippy::too_many_arguments)]
 fn log_close(
     id: u64,

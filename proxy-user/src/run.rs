@@ -14,7 +14,7 @@ use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::copy::CopyPlane;
 use crate::dataplane::DataPlane;
 use crate::health::{self, HealthConfig};
-use crate::lifecycle::{Signals, Tracker};
+use crate::lifecycle::{self, Signals, Tracker};
 use crate::listener::{self, AppRuntime, RateLimit, Shared};
 
 /// Time connections get to write their log line after a hard stop.
@@ -25,6 +25,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // hit the default action.
     let mut signals = Signals::register()?;
     let config = Config::load(&cli.config)?;
+    match lifecycle::raise_fd_limit() {
+        Ok(nofile) => {
+            // Each proxied connection holds two fds; leave room for
+            // listeners, probes and the runtime.
+            let needed =
+                2 * u64::from(cli.max_connections) + config.listeners().count() as u64 + 64;
+            if nofile < needed {
+                tracing::warn!(
+                    nofile,
+                    needed,
+                    max_connections = cli.max_connections,
+                    "RLIMIT_NOFILE is below what --max-connections needs; accepts will back off when fds run out"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the fd limit"),
+    }
     let plane = DataPlane::select(
         cli.mode,
         CopyPlane {

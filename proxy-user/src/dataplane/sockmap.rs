@@ -492,7 +492,9 @@ impl<'a> Direction<'a> {
                             .plane
                             .state(self.src_side.cookie)
                             .map_err(DirEnd::ReadFailed)?;
-                        if state.mode == MODE_PASS {
+                        if state.mode == MODE_PASS
+                            && (state.fallbacks == 0 || std::env::var_os("REARM").is_some())
+                        {
                             self.arm(&state);
                         }
                     }
