@@ -27,10 +27,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     match lifecycle::raise_fd_limit() {
         Ok(nofile) => {
-            // Each proxied connection holds two fds; leave room for
-            // listeners, probes and the runtime.
-            let needed =
-                2 * u64::from(cli.max_connections) + config.listeners().count() as u64 + 64;
+            // Each proxied connection holds two fds (client + upstream).
+            let needed = 2 * u64::from(cli.max_connections);
             if nofile < needed {
                 tracing::warn!(
                     nofile,
