@@ -63,13 +63,29 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(app: &str, policy: Balance, targets: &[Target]) -> Self {
+        Balancer::reusing(app, policy, targets, &[])
+    }
+
+    /// Like `new`, but targets also in `previous` keep their `Backend` (its
+    /// health and active count) across a reload.
+    pub fn reusing(
+        app: &str,
+        policy: Balance,
+        targets: &[Target],
+        previous: &[Arc<Backend>],
+    ) -> Self {
         Balancer {
             app: app.into(),
             policy,
             backends: targets
                 .iter()
-                .cloned()
-                .map(|t| Arc::new(Backend::new(t)))
+                .map(|t| {
+                    previous
+                        .iter()
+                        .find(|b| b.target == *t)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Backend::new(t.clone())))
+                })
                 .collect(),
             // Start round robin at a random offset so restarts don't always
             // hit the first target first.
@@ -189,6 +205,22 @@ mod tests {
             seen[b.pick(&[]).unwrap()] += 1;
         }
         assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+    }
+
+    #[test]
+    fn reload_keeps_state_of_kept_targets() {
+        let old = balancer(Balance::LeastConn, 2);
+        let _g = old.backends[1].acquire();
+        old.backends[1].health.passive_failure();
+        let targets = vec![
+            old.backends[1].target.clone(),
+            parse_target("10.0.0.1:1").unwrap(),
+        ];
+        let new = Balancer::reusing("t", Balance::LeastConn, &targets, &old.backends);
+        assert!(Arc::ptr_eq(&new.backends[0], &old.backends[1]));
+        assert_eq!(new.backends[0].active(), 1);
+        assert!(!new.backends[0].health.is_up());
+        assert_eq!(new.backends[1].active(), 0);
     }
 
     #[test]

@@ -13,7 +13,8 @@ listens on every port of every app, and forwards each accepted connection to one
 least-connections by default, skipping targets that active health probes or failed connects marked down, \
 failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
 it is available, otherwise by a userspace copy loop; half-close and resets are passed through. \
-SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
+SIGHUP reloads the config file (validated and bound first; on any error the running config stays), \
+without dropping live connections. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
 One log line per connection is written to stderr when it closes.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -80,11 +80,22 @@ pub fn raise_fd_limit() -> anyhow::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
-/// SIGTERM and SIGINT, registered at startup so a signal that arrives before
-/// we wait on it is not fatal (the default action would kill us mid-drain).
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGHUP: reload the config file.
+    Reload,
+    /// SIGTERM/SIGINT: drain and exit.
+    Shutdown(&'static str),
+}
+
+/// SIGTERM, SIGINT and SIGHUP, registered at startup so a signal that
+/// arrives before we wait on it is not fatal (the default action would kill
+/// us mid-drain).
 pub struct Signals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl Signals {
@@ -92,14 +103,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("cannot register SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot register SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("cannot register SIGHUP handler")?,
         })
     }
 
-    /// Returns the name of the next signal received.
-    pub async fn next(&mut self) -> &'static str {
+    pub async fn next(&mut self) -> Request {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Request::Shutdown("SIGTERM"),
+            _ = self.int.recv() => Request::Shutdown("SIGINT"),
+            _ = self.hup.recv() => Request::Reload,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,11 +34,21 @@ pub struct Shared {
     pub limit_log: RateLimit,
 }
 
-/// One app's runtime state, shared by all of its listeners.
+/// One app's runtime state, shared by all of its listeners. Immutable: a
+/// reload that changes the app installs a new one (same `permits`), and
+/// connections already running keep the one they started with.
 pub struct AppRuntime {
     pub balancer: Arc<Balancer>,
     /// Per-app cap: isolation between apps.
     pub permits: Arc<Semaphore>,
+}
+
+/// Which app a listening port serves; swapped by a reload without closing
+/// the socket, so moving a port between apps refuses no client.
+pub type AppSlot = Arc<RwLock<Arc<AppRuntime>>>;
+
+fn current(slot: &AppSlot) -> Arc<AppRuntime> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Logs at most once per second, counting what it swallowed, so a flood
@@ -97,7 +107,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 pub async fn accept_loop(
     listener: TcpListener,
     port: u16,
-    app: Arc<AppRuntime>,
+    slot: AppSlot,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -111,14 +121,14 @@ pub async fn accept_loop(
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::ZERO;
-                admit(sock, peer, port, &app, &shared);
+                admit(sock, peer, port, &current(&slot), &shared);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // The pending connection stays in the backlog; try again
                 // once some fds may have been freed.
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
                 if let Some(suppressed) = err_log.check() {
-                    tracing::warn!(app = %app.balancer.app, port, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
+                    tracing::warn!(app = %current(&slot).balancer.app, port, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
                 }
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => break,
@@ -129,7 +139,7 @@ pub async fn accept_loop(
                 // ECONNABORTED and friends: that one client is gone, the
                 // listener is fine.
                 if let Some(suppressed) = err_log.check() {
-                    tracing::debug!(app = %app.balancer.app, port, error = %e, suppressed, "accept failed, continuing");
+                    tracing::debug!(app = %current(&slot).balancer.app, port, error = %e, suppressed, "accept failed, continuing");
                 }
                 // Unknown persistent errors must not spin a core.
                 tokio::time::sleep(Duration::from_millis(1)).await;

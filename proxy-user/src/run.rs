@@ -1,24 +1,55 @@
-//! Wiring: config → listeners, balancers, probes → accept loops → drain.
+//! Wiring: config → listeners, balancers, probes → accept loops → drain,
+//! and SIGHUP reloads that change all of that without dropping connections.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::balancer::Balancer;
 use crate::cli::Cli;
-use crate::config::Config;
+use crate::config::{App, Config};
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::copy::CopyPlane;
 use crate::dataplane::DataPlane;
 use crate::health::{self, HealthConfig};
-use crate::lifecycle::{self, Signals, Tracker};
-use crate::listener::{self, AppRuntime, RateLimit, Shared};
+use crate::lifecycle::{self, Request, Signals, Tracker};
+use crate::listener::{self, AppRuntime, AppSlot, RateLimit, Shared};
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
+
+struct AppHandle {
+    spec: App,
+    runtime: Arc<AppRuntime>,
+    /// Stops this runtime's probe tasks.
+    probes: watch::Sender<bool>,
+}
+
+struct ListenerHandle {
+    app: String,
+    slot: AppSlot,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Everything a reload may change. Connections are not in here: they hold
+/// their own `Arc<AppRuntime>` and finish on the config they started with.
+struct State {
+    apps: HashMap<String, AppHandle>,
+    listeners: BTreeMap<u16, ListenerHandle>,
+}
+
+struct Settings {
+    listen_address: String,
+    health: HealthConfig,
+    max_per_app: usize,
+}
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Before anything can fail slowly: a SIGTERM during startup must not
@@ -46,18 +77,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             buffer_size: cli.copy_buffer,
         },
     )?;
+    let settings = Settings {
+        listen_address: cli.listen_address.clone(),
+        health: HealthConfig {
+            interval: cli.health_interval.max(Duration::from_millis(10)),
+            rise: cli.health_rise,
+            fall: cli.health_fall,
+            // A probe slower than the interval would overlap the next one.
+            timeout: cli.connect_timeout.min(cli.health_interval),
+        },
+        max_per_app: cli.max_connections_per_app as usize,
+    };
 
-    // Bind everything before serving anything: a port clash fails startup
-    // as a whole rather than leaving a half-working proxy.
-    let mut bound = Vec::new();
-    for (app_idx, port) in config.listeners() {
-        let addr = connect::listen_addr(&cli.listen_address, port)?;
-        let l = listener::bind(addr)
-            .with_context(|| format!("app {:?} port {port}", config.apps[app_idx].name))?;
-        bound.push((app_idx, port, l));
-    }
-
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
@@ -74,39 +105,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
     });
-    let health_cfg = HealthConfig {
-        interval: cli.health_interval.max(Duration::from_millis(10)),
-        rise: cli.health_rise,
-        fall: cli.health_fall,
-        // A probe slower than the interval would overlap the next one.
-        timeout: cli.connect_timeout.min(cli.health_interval),
+
+    let mut state = State {
+        apps: HashMap::new(),
+        listeners: BTreeMap::new(),
     };
-    let apps: Vec<Arc<AppRuntime>> = config
-        .apps
+    // Bind everything before serving anything: a port clash fails startup
+    // as a whole rather than leaving a half-working proxy.
+    let bound = bind_new(&state, &config, &settings)?;
+    apply(&mut state, &config, bound, &shared, &settings);
+    let names: Vec<String> = state
+        .listeners
         .iter()
-        .map(|a| {
-            let balancer = Arc::new(Balancer::new(&a.name, a.balance, &a.targets));
-            health::spawn_probes(balancer.clone(), health_cfg, stop_rx.clone());
-            Arc::new(AppRuntime {
-                balancer,
-                permits: Arc::new(Semaphore::new(cli.max_connections_per_app as usize)),
-            })
+        .map(|(port, l)| {
+            format!(
+                "{}={}",
+                l.app,
+                display_addr(&settings.listen_address, *port)
+            )
         })
         .collect();
-
-    let mut loops = Vec::new();
-    let mut names = Vec::new();
-    for (app_idx, port, l) in bound {
-        let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        names.push(format!("{}={}", config.apps[app_idx].name, local));
-        loops.push(tokio::spawn(listener::accept_loop(
-            l,
-            port,
-            apps[app_idx].clone(),
-            shared.clone(),
-            stop_rx.clone(),
-        )));
-    }
     tracing::info!(
         plane = shared.plane.name(),
         listeners = names.len(),
@@ -115,22 +133,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         "proxy ready"
     );
 
-    let sig = signals.next().await;
+    let sig = loop {
+        match signals.next().await {
+            Request::Shutdown(sig) => break sig,
+            Request::Reload => reload(&mut state, &cli, &shared, &settings),
+        }
+    };
     tracing::info!(
         signal = sig,
         live = tracker.live(),
         drain_timeout_ms = cli.drain_timeout.as_millis() as u64,
         "shutting down: closed listeners, draining live connections"
     );
-    let _ = stop_tx.send(true);
-    for l in loops {
-        let _ = l.await;
+    for l in state.listeners.values() {
+        let _ = l.stop.send(true);
+    }
+    for a in state.apps.values() {
+        let _ = a.probes.send(true);
+    }
+    for (_, l) in std::mem::take(&mut state.listeners) {
+        let _ = l.task.await;
     }
     // A second signal means "now": do not wait for the drain.
     tokio::spawn(async move {
-        let sig = signals.next().await;
-        tracing::warn!(signal = sig, "second signal, exiting immediately");
-        std::process::exit(1);
+        loop {
+            if let Request::Shutdown(sig) = signals.next().await {
+                tracing::warn!(signal = sig, "second signal, exiting immediately");
+                std::process::exit(1);
+            }
+        }
     });
 
     if tracker.wait_idle(cli.drain_timeout).await {
@@ -144,4 +175,161 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracker.wait_idle(HARD_STOP_GRACE).await;
     }
     Ok(())
+}
+
+fn display_addr(address: &str, port: u16) -> String {
+    connect::listen_addr(address, port)
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| format!("{address}:{port}"))
+}
+
+/// Binds every port of `config` that is not already listening. All or
+/// nothing: on any failure the sockets bound so far are closed again.
+fn bind_new(
+    state: &State,
+    config: &Config,
+    settings: &Settings,
+) -> anyhow::Result<Vec<(u16, TcpListener)>> {
+    let mut bound = Vec::new();
+    for (app_idx, port) in config.listeners() {
+        if state.listeners.contains_key(&port) {
+            continue;
+        }
+        let addr = connect::listen_addr(&settings.listen_address, port)?;
+        let l = listener::bind(addr)
+            .with_context(|| format!("app {:?} port {port}", config.apps[app_idx].name))?;
+        bound.push((port, l));
+    }
+    Ok(bound)
+}
+
+/// Makes `state` match `config`. Cannot fail: everything fallible (parsing,
+/// validation, binding) happened before.
+fn apply(
+    state: &mut State,
+    config: &Config,
+    bound: Vec<(u16, TcpListener)>,
+    shared: &Arc<Shared>,
+    settings: &Settings,
+) {
+    // Apps: keep unchanged ones as they are; rebuild changed ones, keeping
+    // the per-app limit and the state of targets that stayed.
+    let mut apps = HashMap::new();
+    for spec in &config.apps {
+        let old = state.apps.remove(&spec.name);
+        let handle = match old {
+            Some(h) if h.spec == *spec => h,
+            old => {
+                let (permits, previous) = match &old {
+                    Some(h) => (
+                        h.runtime.permits.clone(),
+                        h.runtime.balancer.backends.clone(),
+                    ),
+                    None => (Arc::new(Semaphore::new(settings.max_per_app)), Vec::new()),
+                };
+                if let Some(h) = old {
+                    let _ = h.probes.send(true);
+                    tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
+                }
+                let balancer = Arc::new(Balancer::reusing(
+                    &spec.name,
+                    spec.balance,
+                    &spec.targets,
+                    &previous,
+                ));
+                let (probes, probes_rx) = watch::channel(false);
+                health::spawn_probes(balancer.clone(), settings.health, probes_rx);
+                AppHandle {
+                    spec: spec.clone(),
+                    runtime: Arc::new(AppRuntime { balancer, permits }),
+                    probes,
+                }
+            }
+        };
+        apps.insert(spec.name.clone(), handle);
+    }
+    for (name, gone) in state.apps.drain() {
+        let _ = gone.probes.send(true);
+        tracing::info!(app = %name, "app removed");
+    }
+    state.apps = apps;
+
+    // Listeners: point kept ports at their (possibly new) app, start new
+    // ones, stop removed ones. Live connections on a removed port go on.
+    let mut bound: HashMap<u16, TcpListener> = bound.into_iter().collect();
+    let mut wanted = BTreeMap::new();
+    for (app_idx, port) in config.listeners() {
+        wanted.insert(port, &config.apps[app_idx].name);
+    }
+    for (port, handle) in std::mem::take(&mut state.listeners) {
+        if !wanted.contains_key(&port) {
+            let _ = handle.stop.send(true);
+            tracing::info!(app = %handle.app, port, "listener closed");
+        } else {
+            state.listeners.insert(port, handle);
+        }
+    }
+    for (port, name) in wanted {
+        let runtime = state.apps[name].runtime.clone();
+        if let Some(handle) = state.listeners.get_mut(&port) {
+            *handle.slot.write().unwrap_or_else(|p| p.into_inner()) = runtime;
+            handle.app = name.clone();
+            continue;
+        }
+        let Some(l) = bound.remove(&port) else {
+            // bind_new bound every port not already listening.
+            tracing::error!(port, "no socket for new port; skipped");
+            continue;
+        };
+        let slot: AppSlot = Arc::new(RwLock::new(runtime));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(listener::accept_loop(
+            l,
+            port,
+            slot.clone(),
+            shared.clone(),
+            stop_rx,
+        ));
+        state.listeners.insert(
+            port,
+            ListenerHandle {
+                app: name.clone(),
+                slot,
+                stop,
+                task,
+            },
+        );
+    }
+}
+
+fn targets_str(app: &App) -> String {
+    app.targets
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// SIGHUP: load and validate the file, bind new ports, then switch. Any
+/// failure leaves the running config untouched.
+fn reload(state: &mut State, cli: &Cli, shared: &Arc<Shared>, settings: &Settings) {
+    let result = Config::load(&cli.config).and_then(|config| {
+        let bound = bind_new(state, &config, settings)?;
+        Ok((config, bound))
+    });
+    match result {
+        Ok((config, bound)) => {
+            let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
+            apply(state, &config, bound, shared, settings);
+            tracing::info!(
+                apps = config.apps.len(),
+                listeners = state.listeners.len(),
+                added_ports = ?added,
+                "config reloaded"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "config reload rejected; still running the previous config");
+        }
+    }
 }
