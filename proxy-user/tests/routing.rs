@@ -17,6 +17,7 @@ planes!(
     killed_target_loses_new_connections,
     round_robin_rotates,
     listens_on_ipv6_any_address,
+    recovered_target_rejoins_after_rise_probes,
 );
 
 /// Each port reaches its own app's targets, on every port of the app.
@@ -276,4 +277,56 @@ async fn listens_on_ipv6_any_address(mode: &str) {
         .await
         .unwrap();
     assert!(proxy.log().contains("v6=[::]:"), "{}", proxy.log());
+}
+
+/// A target that died and comes back is used again once `rise` probes in a
+/// row succeeded, and its state changes are logged once each.
+async fn recovered_target_rejoins_after_rise_probes(mode: &str) {
+    let steady = Backend::identify("steady").await;
+    let flaky = Backend::identify("flaky").await;
+    let flaky_port = flaky.addr.port();
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new(
+            "app",
+            1,
+            vec![steady.target(), flaky.target()],
+        )],
+        &[
+            "--health-interval",
+            "200ms",
+            "--health-rise",
+            "2",
+            "--health-fall",
+            "2",
+        ],
+    )
+    .await;
+    bounded(60, "recovery", async {
+        flaky.kill_and_wait().await;
+        // Passive marking or probes take it out; every connection is served.
+        for _ in 0..20 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            assert_eq!(read_id(&mut s).await.unwrap(), "steady");
+        }
+        let back = Backend::identify_at("flaky", flaky_port).await;
+        let revived = Instant::now();
+        // Two good probes at 200 ms: back within ~0.4-0.6 s; allow slack.
+        loop {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            if read_id(&mut s).await.unwrap() == "flaky" {
+                break;
+            }
+            assert!(
+                revived.elapsed() < Duration::from_secs(3),
+                "revived target never used again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(back);
+    })
+    .await;
+    let log = proxy.log();
+    assert_eq!(log.matches("target is down").count(), 1, "{log}");
+    assert_eq!(log.matches("target is up").count(), 1, "{log}");
 }

@@ -73,6 +73,16 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        Backend::with_port(id, 0, handler).await
+    }
+
+    /// Like `with`, on a given port (0 = any): to bring a killed backend
+    /// back at the same address.
+    pub async fn with_port<F, Fut>(id: &str, port: u16, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let active = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
@@ -83,7 +93,8 @@ impl Backend {
             backend_runtime().spawn(async move {
                 // Deep backlog: bursts of 1,000 proxied connects.
                 let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-                sock.bind("127.0.0.1:0".parse().unwrap())
+                sock.set_reuseaddr(true).expect("SO_REUSEADDR");
+                sock.bind(SocketAddr::from(([127, 0, 0, 1], port)))
                     .expect("bind backend");
                 let listener: TcpListener = sock.listen(4096).expect("listen backend");
                 let _ = addr_tx.send(listener.local_addr().expect("backend addr"));
@@ -124,8 +135,12 @@ impl Backend {
 
     /// Writes `id\n` first, then echoes.
     pub async fn identify(id: &str) -> Backend {
+        Backend::identify_at(id, 0).await
+    }
+
+    pub async fn identify_at(id: &str, port: u16) -> Backend {
         let line = format!("{id}\n");
-        Backend::with(id, move |mut s| {
+        Backend::with_port(id, port, move |mut s| {
             let line = line.clone();
             async move {
                 if s.write_all(line.as_bytes()).await.is_ok() {
