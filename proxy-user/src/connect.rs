@@ -47,6 +47,7 @@ struct DialError {
     /// Our own resource shortage (fds, memory, ports): says nothing about
     /// the target, so it must not mark the target down.
     local: bool,
+    timed_out: bool,
 }
 
 pub fn is_local_resource_error(e: &io::Error) -> bool {
@@ -90,7 +91,10 @@ pub async fn connect(
             }
             Err(e) => {
                 tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
-                if !e.local {
+                // A timeout on a budget cut short by the overall deadline
+                // says little about the target; a full-length one does.
+                let unfair_timeout = e.timed_out && budget < policy.timeout;
+                if !e.local && !unfair_timeout {
                     if let Some(t) = backend.health.passive_failure() {
                         health::log_transition(
                             &balancer.app,
@@ -123,12 +127,14 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
             return Err(DialError {
                 err: anyhow!("resolving {target} timed out after {budget:?}"),
                 local: false,
+                timed_out: true,
             })
         }
         Ok(Err(e)) => {
             return Err(DialError {
                 err: anyhow::Error::new(e).context(format!("resolving {target}")),
                 local: false,
+                timed_out: false,
             })
         }
         Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
@@ -136,6 +142,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
     let mut last = DialError {
         err: anyhow!("{target} resolved to no addresses"),
         local: false,
+        timed_out: false,
     };
     for addr in addrs {
         match tokio::time::timeout_at(end, connect_addr(addr)).await {
@@ -143,6 +150,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
                 return Err(DialError {
                     err: anyhow!("connecting to {target} ({addr}) timed out after {budget:?}"),
                     local: false,
+                    timed_out: true,
                 })
             }
             Ok(Ok(s)) => return Ok((s, addr)),
@@ -151,6 +159,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
                 last = DialError {
                     err: anyhow::Error::new(e).context(format!("connecting to {target} ({addr})")),
                     local,
+                    timed_out: false,
                 };
                 if local {
                     break; // another address won't fix our own shortage
@@ -187,4 +196,64 @@ pub fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
         .parse()
         .with_context(|| format!("--listen-address {address:?} is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_target, Balance};
+
+    fn policy() -> ConnectPolicy {
+        ConnectPolicy {
+            timeout: Duration::from_secs(2),
+            attempts: 3,
+            deadline: Duration::from_secs(5),
+        }
+    }
+
+    fn dead_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn fails_over_and_marks_failed_targets_down() {
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let targets = [
+            parse_target(&format!("127.0.0.1:{}", dead_port())).unwrap(),
+            parse_target("bad.target.for.testing:6003").unwrap(),
+            parse_target(&good.local_addr().unwrap().to_string()).unwrap(),
+        ];
+        let b = Balancer::new("t", Balance::RoundRobin, &targets);
+        let c = connect(&b, &policy())
+            .await
+            .expect("the good target is reached");
+        assert_eq!(c.peer, good.local_addr().unwrap());
+        assert_eq!(c.guard.backend().active(), 1);
+        // Whichever bad targets were tried are down; the good one is not.
+        assert!(b.backends[2].health.is_up());
+        let tried_bad = (c.attempts - 1) as usize;
+        assert_eq!(
+            b.backends[..2].iter().filter(|x| !x.health.is_up()).count(),
+            tried_bad
+        );
+        drop(c);
+        assert!(b.backends.iter().all(|x| x.active() == 0));
+    }
+
+    #[tokio::test]
+    async fn bounded_by_attempts_and_reports_last_error() {
+        let targets: Vec<_> = (0..5)
+            .map(|_| parse_target(&format!("127.0.0.1:{}", dead_port())).unwrap())
+            .collect();
+        let b = Balancer::new("t", Balance::LeastConn, &targets);
+        let err = connect(&b, &policy()).await.unwrap_err();
+        assert_eq!(err.attempts, 3);
+        assert!(
+            format!("{:#}", err.last_error).contains("refused"),
+            "{:#}",
+            err.last_error
+        );
+        assert_eq!(b.backends.iter().filter(|x| !x.health.is_up()).count(), 3);
+    }
 }
