@@ -161,10 +161,24 @@ async fn least_conn_spreads_long_lived(mode: &str) {
     let mut held = Vec::new();
     let mut counts: HashMap<String, usize> = HashMap::new();
     bounded(60, "300 connections", async {
-        for _ in 0..300 {
-            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-            *counts.entry(read_id(&mut s).await.unwrap()).or_default() += 1;
-            held.push(s);
+        // Opened concurrently, in waves, so picks race each other as they
+        // would under real load.
+        for _ in 0..6 {
+            let wave: Vec<_> = (0..50)
+                .map(|_| {
+                    let addr = proxy.addr(0, 0);
+                    tokio::spawn(async move {
+                        let mut s = TcpStream::connect(addr).await.unwrap();
+                        let id = read_id(&mut s).await.unwrap();
+                        (id, s)
+                    })
+                })
+                .collect();
+            for t in wave {
+                let (id, s) = t.await.unwrap();
+                *counts.entry(id).or_default() += 1;
+                held.push(s);
+            }
         }
     })
     .await;
