@@ -1,9 +1,9 @@
 //! Kernel fastpath: an `sk_skb` stream verdict that splices a client socket and
-//! its upstream socket together. Userspace installs both sockets of a pair in
-//! `SOCKETS` and describes each direction in `CONTROL`; this program decides,
-//! per received skb, whether the kernel redirects it out of the peer or passes
-//! it up for userspace to forward (before the install completes, and whenever
-//! the peer is too far behind: that is how backpressure reaches the sender).
+//! its upstream socket together. Every byte a socket in `SOCKETS` receives is
+//! redirected out of its peer (found in `PEERS` by the cookie userspace wrote
+//! into `CONTROL`). The program counts what it redirects and wakes userspace
+//! every so many bytes, so userspace can hold the sender back when the peer's
+//! receiver falls behind.
 #![no_std]
 #![no_main]
 
@@ -15,14 +15,18 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use proxy_common::{
-    FlowControl, FlowEvent, FlowState, EVENTS_BYTES, EVENT_PASSING, EVENT_REFILL, MAX_SOCKETS,
-    MODE_PASS, MODE_REDIRECT,
-};
+use proxy_common::{FlowControl, FlowEvent, FlowState, EVENTS_BYTES, MAX_SOCKETS};
 
-/// Every spliced socket, keyed by its cookie.
+/// Sockets whose received bytes the verdict forwards; the verdict is attached
+/// here. Userspace takes a socket out to pause its sender, and puts it back.
 #[map]
 static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Every socket of every spliced pair, as a redirect target. Separate from
+/// `SOCKETS` so a peer can receive redirected bytes before, and while, its own
+/// received bytes are not (yet) forwarded by the verdict.
+#[map]
+static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 /// Per direction, keyed by source cookie: written by userspace.
 #[map]
@@ -32,15 +36,23 @@ static CONTROL: HashMap<u64, FlowControl> = HashMap::with_max_entries(MAX_SOCKET
 #[map]
 static STATE: HashMap<u64, FlowState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Refill requests and pass-mode switches, so userspace needs no polling.
+/// Byte-count checkpoints, so userspace needs no polling.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {
+    let len = u64::from(ctx.len());
+    // A bare FIN reaches the verdict as an empty skb. Redirected after the
+    // peer's write side was shut, it would set EPIPE on the peer; the FIN
+    // itself is already recorded by TCP and reaches userspace as EOF.
+    if len == 0 {
+        return SK_DROP;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
-    // A socket without both entries is being installed or torn down: passing
-    // keeps its bytes on the socket, where userspace reads them.
+    // Userspace writes both entries before it puts a socket in SOCKETS and
+    // removes them only after taking it out, so this is not expected; passing
+    // leaves the bytes readable on the socket rather than losing them.
     let Some(control) = (unsafe { CONTROL.get(&cookie) }) else {
         return SK_PASS;
     };
@@ -50,55 +62,21 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // Verdicts for one socket run one at a time under its lock, so this
     // read-modify-write of the socket's own state does not race.
     let state = unsafe { &mut *state };
-    let len = u64::from(ctx.len());
-    // A bare FIN reaches the verdict as an empty skb. Redirected after the
-    // peer's write side was shut, it would set EPIPE on the peer; the FIN
-    // itself is already recorded by TCP and reaches userspace as EOF.
-    if len == 0 {
+    let mut peer = control.peer;
+    if PEERS.redirect_skb(&ctx, &mut peer, 0) != i64::from(SK_PASS) {
+        // The peer was closed: the pair is being torn down and there is no
+        // one left to deliver to.
+        state.dropped += len;
+        debug!(&ctx, "peer of {} is gone; dropping {} bytes", cookie, len);
         return SK_DROP;
     }
-
-    if state.mode == MODE_PASS && control.arm != state.seen_arm {
-        state.seen_arm = control.arm;
-        if state.passed == control.expect_passed {
-            state.mode = MODE_REDIRECT;
-        }
+    state.redirected += len;
+    if state.redirected >= control.check_at && state.notified != control.check_at {
+        state.notified = control.check_at;
+        // A full ring only delays userspace: it also polls paused directions.
+        let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
-
-    if state.mode == MODE_REDIRECT {
-        if state.redirected + len <= control.limit {
-            let mut peer = control.peer;
-            if SOCKETS.redirect_skb(&ctx, &mut peer, 0) == i64::from(SK_PASS) {
-                state.redirected += len;
-                if state.redirected >= control.refill_at && state.notified != control.refill_at {
-                    state.notified = control.refill_at;
-                    notify(cookie, EVENT_REFILL);
-                }
-                return SK_PASS;
-            }
-            debug!(&ctx, "peer of {} left the socket map; passing", cookie);
-        }
-        // Over the in-flight bound, or the peer is gone: stop redirecting and
-        // let this socket's receive queue (and so its TCP window) fill up.
-        state.mode = MODE_PASS;
-        state.fallbacks += 1;
-        notify(cookie, EVENT_PASSING);
-    }
-
-    state.passed += len;
     SK_PASS
-}
-
-fn notify(cookie: u64, kind: u32) {
-    // A full ring only delays userspace: it also polls lagging directions.
-    let _ = EVENTS.output::<FlowEvent>(
-        &FlowEvent {
-            cookie,
-            kind,
-            _pad: 0,
-        },
-        0,
-    );
 }
 
 #[cfg(not(test))]

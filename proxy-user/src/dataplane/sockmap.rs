@@ -1,32 +1,43 @@
-//! Kernel fastpath: the client socket and its upstream socket go into a BPF
-//! socket map, and the `splice` stream verdict (proxy-ebpf) redirects each
-//! received skb out of the peer. Userspace reads no payload while the kernel
-//! keeps up; it steps in only where the kernel alone would be wrong:
+//! Kernel fastpath: the client socket and its upstream socket go into BPF
+//! socket maps, and the `splice` stream verdict (proxy-ebpf) redirects every
+//! skb either receives out of the other. Userspace reads no payload once a
+//! pair is installed; it steps in only where the kernel alone would be wrong:
 //!
-//! - **Install order.** Each direction starts in pass mode: bytes stay on the
-//!   source socket and userspace forwards them. Userspace *arms* redirect only
-//!   after reading the source dry, and the verdict accepts the arm only if no
-//!   byte was passed since (`FlowControl::expect_passed`), so a redirected
-//!   byte can never overtake one userspace still holds.
+//! - **Install order.** Userspace first forwards whatever both sockets already
+//!   hold, then puts both in `PEERS` (redirect targets), then each in
+//!   `SOCKETS` (where the verdict is attached) and sweeps its receive queue
+//!   through the verdict (SO_RCVLOWAT runs data_ready). Bytes that arrived in
+//!   between are the oldest in the queue, so the sweep forwards them first.
+//!   Userspace never reads a socket the verdict has seen bytes of: reading a
+//!   psock's queues next to the verdict (pass mode) replayed stale or zeroed
+//!   bytes on kernel 6.18, caught by a sequence-numbered stream.
 //! - **Backpressure.** Redirected skbs leave the source's receive accounting,
-//!   so TCP's window never closes by itself. The verdict redirects only up to
-//!   `limit` (bytes the peer's TCP has acknowledged plus the in-flight bound);
-//!   it asks for more credit through a ring buffer before it runs out, and
-//!   when none comes it falls back to pass mode, where the bytes wait in the
-//!   source's receive queue and its window closes, exactly as with the copy
-//!   plane. Userspace forwards those and re-arms when the peer has caught up.
+//!   so TCP's window never closes by itself: a fast sender into a slow
+//!   receiver would queue without bound inside the kernel (the prototype held
+//!   360 MB for one connection). The verdict wakes userspace every quarter of
+//!   the in-flight bound; when the bytes redirected but not yet acknowledged
+//!   by the receiver reach the bound, userspace takes the source out of
+//!   `SOCKETS`, waits until the kernel has handed every redirected byte to the
+//!   peer, and copies the rest of that direction itself, where the socket
+//!   buffers bound memory and the window closes as behind a copy proxy. The
+//!   direction is not put back: on kernel 6.18 re-adding a socket (and
+//!   reading a psock next to the verdict) replayed stale or zeroed bytes in a
+//!   sequence-numbered stream, so each direction changes plane at most once.
 //! - **Half-close.** A FIN still reaches userspace as EOF. The peer gets its
 //!   FIN only after every byte redirected before it was handed to the peer's
 //!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
-//! - **Failure to install** (socket already half-closed, map full): the pair
-//!   is carried in userspace; a byte is never dropped for it.
+//! - **Failure to install** (socket already half-closed, map full): that
+//!   direction, or the whole pair, is copied in userspace; no byte is dropped.
 use std::{
     collections::HashMap,
     io,
     net::Shutdown,
     os::fd::AsRawFd,
     pin::pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -36,7 +47,7 @@ use aya::{
     programs::SkSkb,
     Ebpf,
 };
-use proxy_common::{FlowControl, FlowEvent, FlowState, MODE_PASS, MODE_REDIRECT};
+use proxy_common::{FlowControl, FlowEvent, FlowState};
 use socket2::SockRef;
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify, time::Instant};
 
@@ -46,11 +57,8 @@ use super::{copy::CopyPlane, tcpinfo, ConnInfo, EndReason, Transfer};
 /// not yet acknowledged by the receiver).
 pub const DEFAULT_INFLIGHT_BOUND: u64 = 4 << 20;
 
-/// How often a direction waiting for its peer to drain looks again.
-const DRAIN_POLL: Duration = Duration::from_millis(1);
-
-/// How long EOF may wait for passed bytes still in the kernel's backlog.
-const PASSED_WAIT: Duration = Duration::from_secs(10);
+/// How often a direction waiting for the kernel to drain looks again.
+const POLL: Duration = Duration::from_millis(1);
 
 pub struct SockmapPlane {
     maps: Mutex<Maps>,
@@ -64,6 +72,7 @@ pub struct SockmapPlane {
 
 struct Maps {
     sockets: SockHash<MapData, u64>,
+    peers: SockHash<MapData, u64>,
     control: BpfHashMap<MapData, u64, FlowControl>,
     state: BpfHashMap<MapData, u64, FlowState>,
 }
@@ -94,20 +103,18 @@ impl SockmapPlane {
         program
             .attach(sockets.fd())
             .context("attaching the stream verdict to the socket map")?;
-        let control = take_map(&mut ebpf, "CONTROL")?;
-        let state = take_map(&mut ebpf, "STATE")?;
+        let mut maps = Maps {
+            sockets,
+            peers: take_map(&mut ebpf, "PEERS")?,
+            control: take_map(&mut ebpf, "CONTROL")?,
+            state: take_map(&mut ebpf, "STATE")?,
+        };
         let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
+        probe_insert(&mut maps)?;
 
         let waiters = Arc::new(Mutex::new(HashMap::new()));
         let events = register(events).context("polling the flow event ring")?;
         tokio::spawn(dispatch_events(events, Arc::clone(&waiters)));
-
-        let mut maps = Maps {
-            sockets,
-            control,
-            state,
-        };
-        probe_insert(&mut maps)?;
         Ok(SockmapPlane {
             maps: Mutex::new(maps),
             waiters,
@@ -123,89 +130,109 @@ impl SockmapPlane {
                 tracing::debug!(error = %e, "TCP_NODELAY failed");
             }
         }
-        match self.install(&client, &upstream) {
-            Ok(pair) => {
-                let transfer = self.splice(&pair, &client, &upstream, conn).await;
+        // Whatever arrived before the install goes first, by the copy path.
+        let early = match (
+            forward_ready(&client, &upstream).await,
+            forward_ready(&upstream, &client).await,
+        ) {
+            (Ok(Some(up)), Ok(Some(down))) => Some((up, down)),
+            _ => None,
+        };
+        let installed = match early {
+            Some(early) => self.install(&client, &upstream).map(|pair| (pair, early)),
+            None => Err(anyhow::anyhow!(
+                "a side closed or failed before the install"
+            )),
+        };
+        match installed {
+            Ok((pair, (early_up, early_down))) => {
+                let mut transfer = self.splice(&pair, &client, &upstream, conn).await;
                 self.uninstall(&pair);
+                transfer.client_to_target += early_up;
+                transfer.target_to_client += early_down;
                 transfer
             }
             Err(e) => {
-                tracing::warn!(conn = conn.id, error = %format!("{e:#}"),
-                    "fastpath install failed; this connection stays on the copy plane");
+                tracing::info!(conn = conn.id, error = %format!("{e:#}"),
+                    "fastpath not installed; this connection stays on the copy plane");
                 let mut transfer = self.fallback.carry(client, upstream, conn).await;
+                if let Some((up, down)) = early {
+                    transfer.client_to_target += up;
+                    transfer.target_to_client += down;
+                }
                 transfer.plane = "copy-fallback";
                 transfer
             }
         }
     }
 
-    /// Puts both sockets in the map, every direction in pass mode. The client
-    /// goes first: if it already sent FIN the insert fails and nothing is in
-    /// the map yet, so the plain copy plane takes the whole connection.
+    /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
+    /// socket refused by `SOCKETS` (it already received FIN) leaves its
+    /// direction to userspace; one refused by `PEERS` leaves the whole pair.
     fn install(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Pair> {
-        let client_cookie = tcpinfo::cookie(client).context("SO_COOKIE of the client socket")?;
-        let upstream_cookie =
-            tcpinfo::cookie(upstream).context("SO_COOKIE of the upstream socket")?;
-        let client_side = Side::new(client_cookie);
-        let upstream_side = Side::new(upstream_cookie);
+        let mut pair = Pair {
+            client: Side::new(tcpinfo::cookie(client).context("SO_COOKIE of the client")?),
+            upstream: Side::new(tcpinfo::cookie(upstream).context("SO_COOKIE of the upstream")?),
+        };
         {
             let mut waiters = lock(&self.waiters);
-            waiters.insert(client_cookie, Arc::clone(&client_side.notify));
-            waiters.insert(upstream_cookie, Arc::clone(&upstream_side.notify));
+            for side in [&pair.client, &pair.upstream] {
+                waiters.insert(side.cookie, Arc::clone(&side.notify));
+            }
         }
-        let mut pair = Pair {
-            client: client_side,
-            upstream: upstream_side,
-            upstream_in_map: false,
-        };
         let result = (|| -> Result<()> {
             let mut maps = lock(&self.maps);
-            for (src, peer) in [
-                (client_cookie, upstream_cookie),
-                (upstream_cookie, client_cookie),
+            for (src, dst) in [
+                (&pair.client, &pair.upstream),
+                (&pair.upstream, &pair.client),
             ] {
                 let control = FlowControl {
-                    peer,
-                    refill_at: u64::MAX,
-                    ..FlowControl::default()
+                    peer: dst.cookie,
+                    check_at: self.bound / 4,
                 };
                 maps.control
-                    .insert(src, control, 0)
+                    .insert(src.cookie, control, 0)
                     .context("CONTROL map insert")?;
                 maps.state
-                    .insert(src, FlowState::default(), 0)
+                    .insert(src.cookie, FlowState::default(), 0)
                     .context("STATE map insert")?;
             }
-            maps.sockets
-                .insert(client_cookie, client.as_raw_fd(), 0)
-                .context("inserting the client socket into the socket map")?;
+            maps.peers
+                .insert(pair.client.cookie, client.as_raw_fd(), 0)
+                .context("inserting the client socket into PEERS")?;
+            maps.peers
+                .insert(pair.upstream.cookie, upstream.as_raw_fd(), 0)
+                .context("inserting the upstream socket into PEERS")?;
             Ok(())
         })();
         if let Err(e) = result {
             self.uninstall(&pair);
             return Err(e);
         }
-        match lock(&self.maps)
-            .sockets
-            .insert(upstream_cookie, upstream.as_raw_fd(), 0)
-        {
-            Ok(()) => pair.upstream_in_map = true,
-            // The client is in the map in pass mode; both directions are
-            // then forwarded by userspace, which is correct, only slower.
-            Err(e) => tracing::info!(error = %e,
-                "upstream socket not accepted by the socket map; copying this pair in userspace"),
-        }
-        // Bytes that arrived before the insert sit in the plain receive queue,
-        // unseen by the verdict. Setting SO_RCVLOWAT runs the socket's
-        // data_ready now, which sweeps them through the verdict (pass mode),
-        // so from here on every byte userspace reads was counted as passed.
-        tcpinfo::sweep_receive_queue(client).context("sweeping the client socket")?;
-        if pair.upstream_in_map {
-            tcpinfo::sweep_receive_queue(upstream).context("sweeping the upstream socket")?;
-        }
+        // Baselines before the first redirect into either socket.
         pair.client.base = tcpinfo::handed(client)?.total;
         pair.upstream.base = tcpinfo::handed(upstream)?.total;
+        pair.client.linked = self.link(pair.client.cookie, client);
+        pair.upstream.linked = self.link(pair.upstream.cookie, upstream);
         Ok(pair)
+    }
+
+    /// Puts a socket where the verdict forwards its bytes, then sweeps what
+    /// arrived since userspace last read it through the verdict. False if
+    /// refused (the socket already received FIN).
+    fn link(&self, cookie: u64, sock: &TcpStream) -> bool {
+        if let Err(e) = lock(&self.maps).sockets.insert(cookie, sock.as_raw_fd(), 0) {
+            tracing::debug!(error = %e, "socket map refused a socket; its direction is copied");
+            return false;
+        }
+        if let Err(e) = tcpinfo::sweep_receive_queue(sock) {
+            tracing::warn!(error = %e, "SO_RCVLOWAT sweep failed; bytes wait for the next arrival");
+        }
+        true
+    }
+
+    fn unlink(&self, cookie: u64) -> bool {
+        lock(&self.maps).sockets.remove(&cookie).is_ok()
     }
 
     fn uninstall(&self, pair: &Pair) {
@@ -213,11 +240,13 @@ impl SockmapPlane {
         let mut maps = lock(&self.maps);
         for side in [&pair.client, &pair.upstream] {
             waiters.remove(&side.cookie);
-            // Closing the fd removes the socket from the socket map; the flow
-            // maps are ours to clean. A missing key is not an error here.
+            // The verdict must stop before its flow entries go. Closing the fd
+            // would also remove the socket maps' entries; the flow maps are
+            // ours to clean. A missing key is not an error here.
+            let _ = maps.sockets.remove(&side.cookie);
+            let _ = maps.peers.remove(&side.cookie);
             let _ = maps.control.remove(&side.cookie);
             let _ = maps.state.remove(&side.cookie);
-            let _ = maps.sockets.remove(&side.cookie);
         }
     }
 
@@ -228,10 +257,10 @@ impl SockmapPlane {
             .map_err(|e| io::Error::other(format!("STATE lookup: {e}")))
     }
 
-    fn set_control(&self, cookie: u64, control: FlowControl) -> io::Result<()> {
+    fn set_check_at(&self, cookie: u64, peer: u64, check_at: u64) -> io::Result<()> {
         lock(&self.maps)
             .control
-            .insert(cookie, control, 0)
+            .insert(cookie, FlowControl { peer, check_at }, 0)
             .map_err(|e| io::Error::other(format!("CONTROL update: {e}")))
     }
 
@@ -242,15 +271,14 @@ impl SockmapPlane {
         upstream: &TcpStream,
         conn: &ConnInfo,
     ) -> Transfer {
-        let redirect = pair.upstream_in_map;
+        let user = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut up = Direction::new(
             self,
             client,
             upstream,
             &pair.client,
             &pair.upstream,
-            redirect,
-            true,
+            &user[0],
         );
         let mut down = Direction::new(
             self,
@@ -258,8 +286,7 @@ impl SockmapPlane {
             client,
             &pair.upstream,
             &pair.client,
-            redirect,
-            pair.upstream_in_map,
+            &user[1],
         );
         let start = Instant::now();
         let end = {
@@ -272,7 +299,7 @@ impl SockmapPlane {
                     r = &mut up_run, if !up_done => { up_done = true; (r, true) }
                     r = &mut down_run, if !down_done => { down_done = true; (r, false) }
                     _ = idle.tick() => {
-                        let moved = self.moved(pair);
+                        let moved = self.moved(pair) + user[0].load(Ordering::Relaxed) + user[1].load(Ordering::Relaxed);
                         if idle.is_idle(moved) {
                             break EndReason::IdleTimeout;
                         }
@@ -304,24 +331,29 @@ impl SockmapPlane {
                 break EndReason::TargetReset;
             }
         };
-        let user = (up.user_bytes, down.user_bytes);
+        let user = [
+            user[0].load(Ordering::Relaxed),
+            user[1].load(Ordering::Relaxed),
+        ];
         let client_state = self.state(pair.client.cookie).unwrap_or_default();
         let upstream_state = self.state(pair.upstream.cookie).unwrap_or_default();
         tracing::debug!(
             conn = conn.id,
-            user_c2t = user.0,
-            user_t2c = user.1,
+            user_c2t = user[0],
+            user_t2c = user[1],
             kernel_c2t = client_state.redirected,
             kernel_t2c = upstream_state.redirected,
-            fallbacks = client_state.fallbacks + upstream_state.fallbacks,
+            dropped = client_state.dropped + upstream_state.dropped,
+            demoted_c2t = up.demoted,
+            demoted_t2c = down.demoted,
             elapsed_ms = start.elapsed().as_millis() as u64,
             "fastpath pair done"
         );
         Transfer {
-            client_to_target: client_state.redirected + user.0,
-            target_to_client: upstream_state.redirected + user.1,
+            client_to_target: client_state.redirected + user[0],
+            target_to_client: upstream_state.redirected + user[1],
             end,
-            plane: if redirect {
+            plane: if pair.client.linked || pair.upstream.linked {
                 "fastpath"
             } else {
                 "copy-fallback"
@@ -329,13 +361,32 @@ impl SockmapPlane {
         }
     }
 
-    /// Bytes moved both ways so far, kernel and userspace: the idle signal.
+    /// Bytes the kernel moved both ways so far: part of the idle signal.
     fn moved(&self, pair: &Pair) -> u64 {
         [pair.client.cookie, pair.upstream.cookie]
             .iter()
             .filter_map(|c| self.state(*c).ok())
-            .map(|s| s.redirected + s.passed)
+            .map(|s| s.redirected)
             .sum()
+    }
+}
+
+/// Forwards what `src` holds right now, before the install. `Ok(None)` if
+/// `src` already sent FIN (such a socket cannot enter the map anyway).
+async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<u64>> {
+    let mut buf = [0u8; 16 * 1024];
+    let mut moved = 0;
+    loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                write_all(dst, &buf[..n]).await?;
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(moved)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -344,6 +395,8 @@ struct Side {
     cookie: u64,
     /// Bytes handed to this socket's TCP before the install (SYN included).
     base: u64,
+    /// In `SOCKETS` at install: the verdict forwards what this socket receives.
+    linked: bool,
     notify: Arc<Notify>,
 }
 
@@ -352,6 +405,7 @@ impl Side {
         Side {
             cookie,
             base: 0,
+            linked: false,
             notify: Arc::new(Notify::new()),
         }
     }
@@ -360,7 +414,6 @@ impl Side {
 struct Pair {
     client: Side,
     upstream: Side,
-    upstream_in_map: bool,
 }
 
 #[derive(Debug)]
@@ -377,14 +430,12 @@ struct Direction<'a> {
     dst: &'a TcpStream,
     src_side: &'a Side,
     dst_side: &'a Side,
-    /// False when the peer is not in the map: userspace forwards everything.
-    may_redirect: bool,
-    /// The source is in the map, so its bytes pass through the verdict.
-    src_in_map: bool,
-    /// Bytes userspace forwarded (pre-install bytes and pass-mode bytes).
-    user_bytes: u64,
-    /// The last arm request sent to the verdict.
-    control: FlowControl,
+    /// The verdict forwards `src`'s bytes (false: demoted, or never linked).
+    linked: bool,
+    /// Taken out of `SOCKETS` because the receiver fell a bound behind.
+    demoted: bool,
+    /// Bytes userspace wrote into `dst` since the install.
+    user: &'a AtomicU64,
     /// Redirected bytes already known to be handed to `dst`'s TCP.
     drained: u64,
     buf: Vec<u8>,
@@ -397,8 +448,7 @@ impl<'a> Direction<'a> {
         dst: &'a TcpStream,
         src_side: &'a Side,
         dst_side: &'a Side,
-        may_redirect: bool,
-        src_in_map: bool,
+        user: &'a AtomicU64,
     ) -> Self {
         Direction {
             plane,
@@ -406,115 +456,67 @@ impl<'a> Direction<'a> {
             dst,
             src_side,
             dst_side,
-            may_redirect,
-            src_in_map,
-            user_bytes: 0,
-            control: FlowControl {
-                peer: dst_side.cookie,
-                refill_at: u64::MAX,
-                ..FlowControl::default()
-            },
+            linked: src_side.linked,
+            demoted: false,
+            user,
             drained: 0,
             buf: Vec::new(),
         }
     }
 
+    fn user_bytes(&self) -> u64 {
+        self.user.load(Ordering::Relaxed)
+    }
+
     async fn run(&mut self) -> DirEnd {
-        // No wait before the first pass: the source may hold pre-install bytes
-        // and the direction has to be armed even if nothing more arrives.
-        let mut refill_retry: Option<Instant> = None;
         loop {
-            match self.forward_available().await {
-                Ok(true) => {}
-                Ok(false) => return self.finish().await,
-                Err(end) => return end,
-            }
-            loop {
-                let retry = async {
-                    match refill_retry {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
+            tokio::select! {
+                r = self.src.readable() => {
+                    if let Err(e) = r {
+                        return DirEnd::ReadFailed(e);
                     }
-                };
-                tokio::select! {
-                    r = self.src.readable() => {
-                        if let Err(e) = r {
-                            return DirEnd::ReadFailed(e);
-                        }
-                        break;
+                    match self.read_available().await {
+                        Ok(true) => {}
+                        Ok(false) => return self.finish().await,
+                        Err(end) => return end,
                     }
-                    _ = self.src_side.notify.notified(), if self.may_redirect => {
-                        refill_retry = self.refill();
-                    }
-                    _ = retry => {
-                        refill_retry = self.refill();
+                }
+                _ = self.src_side.notify.notified(), if self.linked => {
+                    if let Err(end) = self.check_inflight() {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    /// Reads the source dry, forwarding what it holds; then arms redirect.
-    /// `Ok(false)` means the source sent FIN.
-    async fn forward_available(&mut self) -> Result<bool, DirEnd> {
-        let mut eof_deadline = None;
+    /// While linked the verdict takes every byte, so a read finds only EOF or
+    /// an error; unlinked, userspace forwards what it reads. `Ok(false)`: FIN.
+    async fn read_available(&mut self) -> Result<bool, DirEnd> {
         loop {
             if self.buf.is_empty() {
                 self.buf = vec![0; self.plane.fallback.buffer_size.max(1)];
             }
             match self.src.try_read(&mut self.buf) {
-                Ok(0) => {
-                    // EOF can overtake passed bytes the kernel still holds in
-                    // the psock's backlog (tcp_bpf only looks at ingress_msg).
-                    if self.src_in_map && self.passed_unread()? {
-                        let deadline =
-                            *eof_deadline.get_or_insert_with(|| Instant::now() + PASSED_WAIT);
-                        if Instant::now() >= deadline {
-                            return Err(DirEnd::ReadFailed(io::Error::other(
-                                "passed bytes never reached the socket after FIN",
-                            )));
-                        }
-                        tokio::time::sleep(DRAIN_POLL).await;
-                        continue;
-                    }
-                    return Ok(false);
-                }
+                Ok(0) => return Ok(false),
                 Ok(n) => {
+                    if self.linked {
+                        tracing::warn!(
+                            bytes = n,
+                            "read payload from a socket the verdict owns; forwarding it"
+                        );
+                    }
                     self.wait_drained().await?;
                     write_all(self.dst, &self.buf[..n])
                         .await
                         .map_err(DirEnd::WriteFailed)?;
-                    self.user_bytes += n as u64;
+                    self.user.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.may_redirect {
-                        let state = self
-                            .plane
-                            .state(self.src_side.cookie)
-                            .map_err(DirEnd::ReadFailed)?;
-                        if state.mode == MODE_PASS
-                            && (state.fallbacks == 0 || std::env::var_os("REARM").is_some())
-                        {
-                            self.arm(&state);
-                        }
-                    }
-                    return Ok(true);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(DirEnd::ReadFailed(e)),
             }
         }
-    }
-
-    /// Whether the verdict passed bytes up that userspace has not read yet.
-    /// Every byte read from a source in the map was passed by the verdict
-    /// (the install swept older bytes through it), so the counts compare.
-    fn passed_unread(&self) -> Result<bool, DirEnd> {
-        let state = self
-            .plane
-            .state(self.src_side.cookie)
-            .map_err(DirEnd::ReadFailed)?;
-        Ok(state.passed > self.user_bytes)
     }
 
     /// The source sent FIN: pass it on once every redirected byte is out.
@@ -529,78 +531,53 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// Bytes the kernel redirected into `dst` that its TCP has acknowledged.
+    /// Redirected bytes `dst`'s receiver has acknowledged.
     fn delivered(&self) -> io::Result<u64> {
         let handed = tcpinfo::handed(self.dst)?;
         Ok(handed
             .acked
             .saturating_sub(self.dst_side.base)
-            .saturating_sub(self.user_bytes))
+            .saturating_sub(self.user_bytes()))
     }
 
-    /// Credit for the verdict: redirect until `dst` holds `bound` unacknowledged.
-    fn credit(&self) -> io::Result<(u64, u64)> {
-        let limit = self.delivered()? + self.plane.bound;
-        Ok((limit, limit - self.plane.bound / 2))
-    }
-
-    fn arm(&mut self, state: &FlowState) {
-        if !self.may_redirect {
-            return;
+    /// Demotes the direction to userspace copy when the receiver is a bound
+    /// behind; otherwise asks the verdict for the next checkpoint.
+    fn check_inflight(&mut self) -> Result<(), DirEnd> {
+        if !self.linked {
+            return Ok(());
         }
-        let Ok((limit, refill_at)) = self.credit() else {
-            return;
-        };
-        // Too little credit to be worth it: stay in pass mode, where the
-        // source's own window holds the sender back; the next read retries.
-        if limit < state.redirected + self.plane.bound / 4 {
-            return;
+        let state = self
+            .plane
+            .state(self.src_side.cookie)
+            .map_err(DirEnd::ReadFailed)?;
+        let delivered = self.delivered().map_err(DirEnd::WriteFailed)?;
+        let inflight = state.redirected.saturating_sub(delivered);
+        if inflight >= self.plane.bound && self.plane.unlink(self.src_side.cookie) {
+            // From here the source's bytes wait in its own receive queue (the
+            // window closes); `read_available` drains the kernel's share
+            // first (`wait_drained`), then copies.
+            self.linked = false;
+            self.demoted = true;
+            tracing::debug!(
+                cookie = self.src_side.cookie,
+                inflight,
+                redirected = state.redirected,
+                "receiver fell a bound behind; direction continues in userspace"
+            );
+            return Ok(());
         }
-        self.control.arm += 1;
-        // Everything userspace read was passed by the verdict; if the verdict
-        // passed more since, it refuses this arm and userspace reads again.
-        self.control.expect_passed = self.user_bytes;
-        self.control.limit = limit;
-        self.control.refill_at = refill_at;
-        if let Err(e) = self.plane.set_control(self.src_side.cookie, self.control) {
-            tracing::warn!(error = %e, "arming the fastpath failed; direction stays in userspace");
-            self.may_redirect = false;
-        }
-    }
-
-    /// The verdict is running out of credit: raise the limit as far as the
-    /// receiver has caught up. Returns when to look again if it has not.
-    fn refill(&mut self) -> Option<Instant> {
-        let state = self.plane.state(self.src_side.cookie).ok()?;
-        if state.mode != MODE_REDIRECT {
-            return None;
-        }
-        let (limit, refill_at) = self.credit().ok()?;
-        if limit > self.control.limit {
-            self.control.limit = limit;
-            self.control.refill_at = refill_at;
-            if self
-                .plane
-                .set_control(self.src_side.cookie, self.control)
-                .is_err()
-            {
-                return None;
-            }
-        }
-        if state.redirected >= self.control.refill_at {
-            // The receiver is behind: look again soon; if it stays behind the
-            // verdict falls back to pass mode and the window closes.
-            return Some(Instant::now() + DRAIN_POLL);
-        }
-        None
+        self.plane
+            .set_check_at(
+                self.src_side.cookie,
+                self.dst_side.cookie,
+                state.redirected + self.plane.bound / 4,
+            )
+            .map_err(DirEnd::ReadFailed)
     }
 
     /// Waits until every byte the kernel redirected into `dst` so far has been
     /// handed to its TCP, so a userspace write or FIN cannot overtake it.
     async fn wait_drained(&mut self) -> Result<(), DirEnd> {
-        if !self.may_redirect && self.control.arm == 0 {
-            return Ok(());
-        }
         let redirected = self
             .plane
             .state(self.src_side.cookie)
@@ -611,7 +588,7 @@ impl<'a> Direction<'a> {
             self.drained = handed
                 .total
                 .saturating_sub(self.dst_side.base)
-                .saturating_sub(self.user_bytes);
+                .saturating_sub(self.user_bytes());
             if self.drained >= redirected {
                 break;
             }
@@ -621,7 +598,7 @@ impl<'a> Direction<'a> {
             if handed.closed {
                 return Err(DirEnd::WriteFailed(io::ErrorKind::ConnectionReset.into()));
             }
-            tokio::time::sleep(DRAIN_POLL).await;
+            tokio::time::sleep(POLL).await;
         }
         Ok(())
     }
