@@ -85,6 +85,10 @@ pub struct Cli {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
+    /// Serve Prometheus metrics on this address at /metrics, e.g. 127.0.0.1:9100 (default: off).
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,

@@ -10,4 +10,5 @@ pub mod health;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod run;

@@ -16,6 +16,7 @@ use crate::balancer::Balancer;
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::{ConnInfo, DataPlane, EndReason, Transfer};
 use crate::lifecycle::Tracker;
+use crate::metrics::{AppMetrics, Metrics};
 
 /// Backlog per listener: large enough to absorb bursts while we back off
 /// from fd exhaustion, small enough not to hide a dead proxy for long.
@@ -32,6 +33,7 @@ pub struct Shared {
     pub hard_stop: watch::Receiver<bool>,
     pub next_id: AtomicU64,
     pub limit_log: RateLimit,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One app's runtime state, shared by all of its listeners. Immutable: a
@@ -41,6 +43,7 @@ pub struct AppRuntime {
     pub balancer: Arc<Balancer>,
     /// Per-app cap: isolation between apps.
     pub permits: Arc<Semaphore>,
+    pub metrics: Arc<AppMetrics>,
 }
 
 /// Which app a listening port serves; swapped by a reload without closing
@@ -124,6 +127,10 @@ pub async fn accept_loop(
                 admit(sock, peer, port, &current(&slot), &shared);
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                shared
+                    .metrics
+                    .accept_resource_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 // The pending connection stays in the backlog; try again
                 // once some fds may have been freed.
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -165,6 +172,7 @@ fn admit(
         (Ok(a), Ok(g)) => (a, g),
         (a, _g) => {
             let which = if a.is_err() { "per-app" } else { "global" };
+            app.metrics.rejected();
             if let Some(suppressed) = shared.limit_log.check() {
                 tracing::warn!(app = %app.balancer.app, port, client = %peer, limit = which, suppressed, end = EndReason::Limit.as_str(), "connection limit reached, rejecting new connections");
             }
@@ -176,10 +184,12 @@ fn admit(
         }
     };
     let tracked = shared.tracker.track();
+    let active = app.metrics.open();
     let app = app.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
         handle(sock, peer, port, &app, &shared, permits).await;
+        drop(active);
         drop(tracked);
     });
 }
@@ -209,7 +219,7 @@ async fn handle(
     let connected = tokio::select! {
         r = connect::connect(&app.balancer, &shared.policy) => r,
         _ = hard_stop.wait_for(|s| *s) => {
-            log_close(id, &app.balancer.app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, end: EndReason::DrainTimeout, plane: "none" });
+            log_close(id, app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, end: EndReason::DrainTimeout, plane: "none" });
             return;
         }
     };
@@ -223,32 +233,14 @@ async fn handle(
                 plane: "none",
             };
             drop(client);
-            log_close(
-                id,
-                &app.balancer.app,
-                port,
-                peer,
-                "-",
-                failed.attempts,
-                started,
-                &t,
-            );
+            log_close(id, app, port, peer, "-", failed.attempts, started, &t);
         }
         Ok(c) => {
             let target = c.guard.backend().target.to_string();
             let info = info_base(target.clone(), c.peer);
             let t = shared.plane.carry(client, c.stream, &info).await;
             drop(c.guard);
-            log_close(
-                id,
-                &app.balancer.app,
-                port,
-                peer,
-                &target,
-                c.attempts,
-                started,
-                &t,
-            );
+            log_close(id, app, port, peer, &target, c.attempts, started, &t);
         }
     }
 }
@@ -259,7 +251,7 @@ async fn handle(
 #[allow(clippy::too_many_arguments)]
 fn log_close(
     id: u64,
-    app: &str,
+    app: &AppRuntime,
     port: u16,
     client: SocketAddr,
     target: &str,
@@ -267,9 +259,10 @@ fn log_close(
     started: Instant,
     t: &Transfer,
 ) {
+    app.metrics.finished(t, attempts);
     tracing::info!(
         conn = id,
-        app,
+        app = %app.balancer.app,
         port,
         client = %client,
         target,

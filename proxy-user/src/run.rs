@@ -2,7 +2,7 @@
 //! and SIGHUP reloads that change all of that without dropping connections.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use crate::dataplane::DataPlane;
 use crate::health::{self, HealthConfig};
 use crate::lifecycle::{self, Request, Signals, Tracker};
 use crate::listener::{self, AppRuntime, AppSlot, RateLimit, Shared};
+use crate::metrics::{self, Metrics};
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -89,6 +90,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         max_per_app: cli.max_connections_per_app as usize,
     };
 
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = cli.metrics_address {
+        let l = metrics::bind(addr).await?;
+        let local = l.local_addr().context("metrics listener address")?;
+        tracing::info!(address = %local, "metrics listening on /metrics");
+        tokio::spawn(metrics::serve(l, metrics.clone()));
+    }
     let (hard_tx, hard_rx) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
@@ -104,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         hard_stop: hard_rx,
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
+        metrics,
     });
 
     let mut state = State {
@@ -241,7 +250,11 @@ fn apply(
                 health::spawn_probes(balancer.clone(), settings.health, probes_rx);
                 AppHandle {
                     spec: spec.clone(),
-                    runtime: Arc::new(AppRuntime { balancer, permits }),
+                    runtime: Arc::new(AppRuntime {
+                        balancer,
+                        permits,
+                        metrics: shared.metrics.app(&spec.name),
+                    }),
                     probes,
                 }
             }
@@ -253,6 +266,13 @@ fn apply(
         tracing::info!(app = %name, "app removed");
     }
     state.apps = apps;
+    shared.metrics.set_balancers(
+        state
+            .apps
+            .values()
+            .map(|a| a.runtime.balancer.clone())
+            .collect(),
+    );
 
     // Listeners: point kept ports at their (possibly new) app, start new
     // ones, stop removed ones. Live connections on a removed port go on.
@@ -321,6 +341,7 @@ fn reload(state: &mut State, cli: &Cli, shared: &Arc<Shared>, settings: &Setting
         Ok((config, bound)) => {
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             apply(state, &config, bound, shared, settings);
+            shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 apps = config.apps.len(),
                 listeners = state.listeners.len(),
@@ -329,6 +350,10 @@ fn reload(state: &mut State, cli: &Cli, shared: &Arc<Shared>, settings: &Setting
             );
         }
         Err(e) => {
+            shared
+                .metrics
+                .reloads_failed
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %format!("{e:#}"), "config reload rejected; still running the previous config");
         }
     }

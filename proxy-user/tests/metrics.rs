@@ -1,0 +1,106 @@
+//! Prometheus metrics endpoint.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+planes!(metrics_count_connections_bytes_and_health);
+
+async fn scrape(proxy: &Proxy) -> String {
+    let addr = proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "metrics listening on /metrics")
+        .and_then(|l| l["address"].as_str().map(str::to_string))
+        .expect("metrics address in log");
+    let mut s = TcpStream::connect(addr.as_str()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.0 200 OK"), "{resp}");
+    resp
+}
+
+fn value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+async fn metrics_count_connections_bytes_and_health(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let dead = dead_target();
+    let proxy = Proxy::start(
+        mode,
+        &[
+            AppSpec::new("web", 1, vec![echo.target(), dead.clone()]),
+            AppSpec::new("gone", 1, vec![dead_target()]),
+        ],
+        &[
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--health-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    bounded(30, "metrics", async {
+        for i in 0..5 {
+            echo_check(proxy.addr(0, 0), i, 10_000).await.unwrap();
+        }
+        // An app whose only target is dead: the client just sees a close.
+        let mut s = TcpStream::connect(proxy.addr(1, 0)).await.unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
+        let held = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        // Let the connection lines land and probes run.
+        proxy.wait_conn_lines(6, 5).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let text = scrape(&proxy).await;
+        assert_eq!(
+            value(&text, r#"proxy_connections_total{app="web",end="closed"}"#),
+            5
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"proxy_connections_total{app="gone",end="connect_failed"}"#
+            ),
+            1
+        );
+        assert_eq!(value(&text, r#"proxy_connections_active{app="web"}"#), 1);
+        assert_eq!(
+            value(
+                &text,
+                r#"proxy_bytes_total{app="web",direction="client_to_target"}"#
+            ),
+            50_000
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"proxy_bytes_total{app="web",direction="target_to_client"}"#
+            ),
+            50_000
+        );
+        let up = format!(r#"proxy_target_up{{app="web",target="{}"}}"#, echo.target());
+        assert_eq!(value(&text, &up), 1);
+        let down = format!(r#"proxy_target_up{{app="web",target="{dead}"}}"#);
+        assert_eq!(value(&text, &down), 0);
+        let active = format!(
+            r#"proxy_target_active_connections{{app="web",target="{}"}}"#,
+            echo.target()
+        );
+        assert_eq!(value(&text, &active), 1);
+        drop(held);
+    })
+    .await;
+}
