@@ -89,6 +89,10 @@ pub struct Cli {
     #[arg(long)]
     pub metrics_address: Option<std::net::SocketAddr>,
 
+    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
+    #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]
+    pub fastpath_inflight: u64,
+
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -121,27 +125,54 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m`.
+/// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m` (1 KiB to 64 MiB).
 pub fn parse_size(s: &str) -> Result<usize, String> {
+    parse_size_within(s, 1 << 10, 64 << 20).map(|n| n as usize)
+}
+
+/// Like `parse_size`, for the fastpath's in-kernel bound (64 KiB to 4 GiB).
+pub fn parse_inflight(s: &str) -> Result<u64, String> {
+    parse_size_within(s, 64 << 10, 4 << 30)
+}
+
+fn parse_size_within(s: &str, min: u64, max: u64) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num
+    let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size; write e.g. 65536, 64KiB or 1MiB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}; use KiB or MiB")),
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?}; use KiB, MiB or GiB"
+            ))
+        }
     };
     let size = n
         .checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))?;
-    if !(1024..=64 * 1024 * 1024).contains(&size) {
-        return Err(format!("{s:?} must be between 1KiB and 64MiB"));
+    if !(min..=max).contains(&size) {
+        return Err(format!(
+            "{s:?} must be between {} and {}",
+            human_size(min),
+            human_size(max)
+        ));
     }
     Ok(size)
+}
+
+fn human_size(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => n.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +207,20 @@ mod tests {
         for bad in ["", "12", "1GiB", "x", "99999999999999999999k"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should fail");
         }
+        assert_eq!(parse_inflight("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_inflight("1GiB"), Ok(1 << 30));
+        assert!(parse_inflight("1KiB")
+            .unwrap_err()
+            .contains("between 64KiB and 4GiB"));
+    }
+
+    #[test]
+    fn inflight_default_matches_the_fastpath_default() {
+        let cli = Cli::parse_from(["proxy"]);
+        assert_eq!(
+            cli.fastpath_inflight,
+            crate::dataplane::sockmap::DEFAULT_INFLIGHT_BOUND
+        );
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         CopyPlane {
             buffer_size: cli.copy_buffer,
         },
+        cli.fastpath_inflight,
     )?;
     let settings = Settings {
         listen_address: cli.listen_address.clone(),

@@ -103,24 +103,23 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    pub fn select(mode: Mode, copy: copy::CopyPlane) -> anyhow::Result<DataPlane> {
+    /// `inflight`: the fastpath's bound on bytes inside the kernel per direction.
+    pub fn select(mode: Mode, copy: copy::CopyPlane, inflight: u64) -> anyhow::Result<DataPlane> {
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
             Mode::Fastpath => {
-                let plane = sockmap::SockmapPlane::load(copy.clone(), sockmap::DEFAULT_INFLIGHT_BOUND).map_err(|e| {
+                let plane = sockmap::SockmapPlane::load(copy.clone(), inflight).map_err(|e| {
                     e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
                 })?;
                 Ok(DataPlane::Sockmap(Arc::new(plane)))
             }
-            Mode::Auto => {
-                match sockmap::SockmapPlane::load(copy.clone(), sockmap::DEFAULT_INFLIGHT_BOUND) {
-                    Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
-                        Ok(DataPlane::Copy(copy))
-                    }
+            Mode::Auto => match sockmap::SockmapPlane::load(copy.clone(), inflight) {
+                Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
+                    Ok(DataPlane::Copy(copy))
                 }
-            }
+            },
         }
     }
 
