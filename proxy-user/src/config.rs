@@ -27,6 +27,14 @@ pub struct App {
     pub ports: Vec<u16>,
     pub targets: Vec<Target>,
     pub balance: Balance,
+    /// Send a PROXY protocol header to targets so they see the real client.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 /// An upstream as written in the config. Resolved at connect time, never at
@@ -66,7 +74,7 @@ impl Balance {
     }
 }
 
-const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance"];
+const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance", "ProxyProtocol"];
 
 impl Config {
     /// Reads and validates a config file. Pure: no sockets, no DNS.
@@ -214,6 +222,18 @@ fn validate(root: &Value, errors: &mut Vec<String>) -> Option<Config> {
             }
         };
 
+        let proxy_protocol = match app_obj.get("ProxyProtocol") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "v1" => Some(ProxyProtocol::V1),
+            Some(Value::String(s)) if s == "v2" => Some(ProxyProtocol::V2),
+            Some(v) => {
+                errors.push(format!(
+                    "{at}.ProxyProtocol: {v} is not a PROXY protocol version; use \"v1\" or \"v2\", or leave it out"
+                ));
+                None
+            }
+        };
+
         let mut ports = Vec::new();
         match app_obj.get("Ports") {
             None => errors.push(format!("{at}.Ports: missing field; add \"Ports\": [5000]")),
@@ -295,6 +315,7 @@ fn validate(root: &Value, errors: &mut Vec<String>) -> Option<Config> {
             ports,
             targets,
             balance,
+            proxy_protocol,
         });
     }
     Some(Config { apps })
@@ -433,6 +454,9 @@ mod tests {
         assert_eq!(c.apps[0].targets[0].host, "::1");
         assert_eq!(c.apps[0].targets[0].to_string(), "[::1]:80");
         assert_eq!(c.apps[0].balance, Balance::RoundRobin);
+        assert_eq!(c.apps[0].proxy_protocol, None);
+        let c = ok(r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"ProxyProtocol":"v2"}]}"#);
+        assert_eq!(c.apps[0].proxy_protocol, Some(ProxyProtocol::V2));
     }
 
     #[test]
@@ -546,6 +570,10 @@ mod tests {
             (
                 r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"],"Balance":"fastest"}]}"#,
                 &["Apps[0].Balance", "fastest"],
+            ),
+            (
+                r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"],"ProxyProtocol":"v3"}]}"#,
+                &["Apps[0].ProxyProtocol", "v3", "\"v1\" or \"v2\""],
             ),
             (
                 r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"]},{"Name":"a","Ports":[6],"Targets":["h:1"]}]}"#,

@@ -11,4 +11,5 @@ pub mod lifecycle;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod run;

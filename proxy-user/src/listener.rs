@@ -13,6 +13,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::balancer::Balancer;
+use crate::config::ProxyProtocol;
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::{ConnInfo, DataPlane, EndReason, Transfer};
 use crate::lifecycle::Tracker;
@@ -44,6 +45,7 @@ pub struct AppRuntime {
     /// Per-app cap: isolation between apps.
     pub permits: Arc<Semaphore>,
     pub metrics: Arc<AppMetrics>,
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// Which app a listening port serves; swapped by a reload without closing
@@ -219,7 +221,7 @@ async fn handle(
     let connected = tokio::select! {
         r = connect::connect(&app.balancer, &shared.policy) => r,
         _ = hard_stop.wait_for(|s| *s) => {
-            log_close(id, app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, end: EndReason::DrainTimeout, plane: "none" });
+            log_close(id, app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, userspace_bytes: 0, end: EndReason::DrainTimeout, plane: "none" });
             return;
         }
     };
@@ -228,6 +230,7 @@ async fn handle(
             tracing::warn!(conn = id, app = %app.balancer.app, port, client = %peer, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, closing client");
             let t = Transfer {
                 client_to_target: 0,
+                userspace_bytes: 0,
                 target_to_client: 0,
                 end: EndReason::ConnectFailed,
                 plane: "none",
@@ -235,14 +238,47 @@ async fn handle(
             drop(client);
             log_close(id, app, port, peer, "-", failed.attempts, started, &t);
         }
-        Ok(c) => {
+        Ok(mut c) => {
             let target = c.guard.backend().target.to_string();
+            if let Some(version) = app.proxy_protocol {
+                if let Err(e) = send_proxy_header(&client, &mut c.stream, peer, version).await {
+                    tracing::debug!(conn = id, error = %e, "sending PROXY header failed");
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    let t = Transfer {
+                        client_to_target: 0,
+                        userspace_bytes: 0,
+                        target_to_client: 0,
+                        end: EndReason::TargetReset,
+                        plane: "none",
+                    };
+                    log_close(id, app, port, peer, &target, c.attempts, started, &t);
+                    return;
+                }
+            }
             let info = info_base(target.clone(), c.peer);
             let t = shared.plane.carry(client, c.stream, &info).await;
             drop(c.guard);
             log_close(id, app, port, peer, &target, c.attempts, started, &t);
         }
     }
+}
+
+/// Writes the PROXY header before any client byte can reach the target
+/// (the data plane starts only after this returns).
+async fn send_proxy_header(
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+    peer: SocketAddr,
+    version: ProxyProtocol,
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let local = client.local_addr()?;
+    let header = crate::proxy_protocol::header(version, peer, local);
+    // A fresh socket's send buffer takes ~100 bytes at once; the timeout
+    // only guards against a target that accepted and then froze.
+    tokio::time::timeout(Duration::from_secs(5), upstream.write_all(&header))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "PROXY header write timed out"))?
 }
 
 /// The one line per connection. `bytes_in` is client→target and
@@ -269,6 +305,7 @@ fn log_close(
         attempts,
         bytes_in = t.client_to_target,
         bytes_out = t.target_to_client,
+        userspace_bytes = t.userspace_bytes,
         duration_ms = started.elapsed().as_millis() as u64,
         plane = t.plane,
         end = t.end.as_str(),

@@ -255,6 +255,7 @@ fn apply(
                         balancer,
                         permits,
                         metrics: shared.metrics.app(&spec.name),
+                        proxy_protocol: spec.proxy_protocol,
                     }),
                     probes,
                 }

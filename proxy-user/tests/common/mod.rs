@@ -230,6 +230,7 @@ pub struct AppSpec {
     pub ports: usize,
     pub targets: Vec<String>,
     pub balance: Option<&'static str>,
+    pub proxy_protocol: Option<&'static str>,
 }
 
 impl AppSpec {
@@ -239,6 +240,7 @@ impl AppSpec {
             ports,
             targets,
             balance: None,
+            proxy_protocol: None,
         }
     }
 }
@@ -283,6 +285,9 @@ pub fn config_json(apps: &[AppSpec], ports: &[Vec<u16>]) -> String {
             let mut v = serde_json::json!({"Name": a.name, "Ports": p, "Targets": a.targets});
             if let Some(b) = a.balance {
                 v["Balance"] = b.into();
+            }
+            if let Some(p) = a.proxy_protocol {
+                v["ProxyProtocol"] = p.into();
             }
             v
         })
