@@ -198,6 +198,7 @@ impl CopyPlane {
         drop(client);
         drop(upstream);
         Transfer {
+            userspace_bytes: c2t.load(Ordering::Relaxed) + t2c.load(Ordering::Relaxed),
             client_to_target: c2t.load(Ordering::Relaxed),
             target_to_client: t2c.load(Ordering::Relaxed),
             end,

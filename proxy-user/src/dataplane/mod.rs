@@ -82,6 +82,10 @@ pub struct Transfer {
     /// Bytes read from the target and written to the client.
     pub target_to_client: u64,
     pub end: EndReason,
+    /// Payload bytes (both ways) that userspace read and wrote itself; the
+    /// rest the kernel carried. Equal to the sum of both directions on the
+    /// copy plane, near zero on the fastpath.
+    pub userspace_bytes: u64,
     /// "copy", "fastpath" or "copy-fallback".
     pub plane: &'static str,
 }

@@ -150,6 +150,7 @@ impl SockmapPlane {
                 self.uninstall(&pair);
                 transfer.client_to_target += early_up;
                 transfer.target_to_client += early_down;
+                transfer.userspace_bytes += early_up + early_down;
                 transfer
             }
             Err(e) => {
@@ -159,6 +160,7 @@ impl SockmapPlane {
                 if let Some((up, down)) = early {
                     transfer.client_to_target += up;
                     transfer.target_to_client += down;
+                    transfer.userspace_bytes += up + down;
                 }
                 transfer.plane = "copy-fallback";
                 transfer
@@ -352,6 +354,7 @@ impl SockmapPlane {
         Transfer {
             client_to_target: client_state.redirected + user[0],
             target_to_client: upstream_state.redirected + user[1],
+            userspace_bytes: user[0] + user[1],
             end,
             plane: if pair.client.linked || pair.upstream.linked {
                 "fastpath"
@@ -368,6 +371,25 @@ impl SockmapPlane {
             .filter_map(|c| self.state(*c).ok())
             .map(|s| s.redirected)
             .sum()
+    }
+}
+
+impl Drop for SockmapPlane {
+    /// Every pair uninstalls itself; whatever is left here at exit leaked.
+    fn drop(&mut self) {
+        let maps = lock(&self.maps);
+        let left = maps.control.keys().count()
+            + maps.state.keys().count()
+            + maps.peers.keys().count()
+            + maps.sockets.keys().count();
+        if left == 0 {
+            tracing::info!("fastpath maps empty at exit");
+        } else {
+            tracing::warn!(
+                entries = left,
+                "fastpath maps not empty at exit: pairs leaked"
+            );
+        }
     }
 }
 
