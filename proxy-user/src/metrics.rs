@@ -339,6 +339,7 @@ mod tests {
             &Transfer {
                 client_to_target: 10,
                 target_to_client: 20,
+                userspace_bytes: 30,
                 end: EndReason::Closed,
                 plane: "copy",
             },
