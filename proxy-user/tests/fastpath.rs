@@ -80,9 +80,10 @@ async fn fastpath_userspace_reads_no_payload_for_1gib() {
     let line = &proxy.wait_conn_lines(1, 10).await[0];
     assert_eq!(line["plane"], "fastpath", "{line}");
     assert_eq!(line["bytes_in"], LEN, "{line}");
-    assert_eq!(
-        line["userspace_bytes"], 1,
-        "userspace must copy only the pre-install greeting, not the payload: {line}"
+    let userspace = line["userspace_bytes"].as_u64().expect("userspace_bytes");
+    assert!(
+        userspace <= 1,
+        "userspace may copy at most the pre-install greeting, not the payload: {line}"
     );
 }
 

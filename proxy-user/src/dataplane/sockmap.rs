@@ -131,41 +131,35 @@ impl SockmapPlane {
             }
         }
         // Whatever arrived before the install goes first, by the copy path.
-        let early = match (
-            forward_ready(&client, &upstream).await,
-            forward_ready(&upstream, &client).await,
-        ) {
-            (Ok(Some(up)), Ok(Some(down))) => Some((up, down)),
-            _ => None,
-        };
-        let installed = match early {
-            Some(early) => self.install(&client, &upstream).map(|pair| (pair, early)),
-            None => Err(anyhow::anyhow!(
+        let up = forward_ready(&client, &upstream).await;
+        let down = forward_ready(&upstream, &client).await;
+        let early = [up.moved, down.moved];
+        let installed = match (up.open, down.open) {
+            (true, true) => self.install(&client, &upstream),
+            _ => Err(anyhow::anyhow!(
                 "a side closed or failed before the install"
             )),
         };
-        match installed {
-            Ok((pair, (early_up, early_down))) => {
-                let mut transfer = self.splice(&pair, &client, &upstream, conn).await;
+        let mut transfer = match installed {
+            Ok(pair) => {
+                let transfer = self.splice(&pair, &client, &upstream, conn).await;
                 self.uninstall(&pair);
-                transfer.client_to_target += early_up;
-                transfer.target_to_client += early_down;
-                transfer.userspace_bytes += early_up + early_down;
                 transfer
             }
             Err(e) => {
                 tracing::info!(conn = conn.id, error = %format!("{e:#}"),
                     "fastpath not installed; this connection stays on the copy plane");
+                // A FIN or error seen above is seen again by the copy plane:
+                // TCP keeps reporting EOF, and a reset socket keeps failing.
                 let mut transfer = self.fallback.carry(client, upstream, conn).await;
-                if let Some((up, down)) = early {
-                    transfer.client_to_target += up;
-                    transfer.target_to_client += down;
-                    transfer.userspace_bytes += up + down;
-                }
                 transfer.plane = "copy-fallback";
                 transfer
             }
-        }
+        };
+        transfer.client_to_target += early[0];
+        transfer.target_to_client += early[1];
+        transfer.userspace_bytes += early[0] + early[1];
+        transfer
     }
 
     /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
@@ -393,21 +387,31 @@ impl Drop for SockmapPlane {
     }
 }
 
-/// Forwards what `src` holds right now, before the install. `Ok(None)` if
-/// `src` already sent FIN (such a socket cannot enter the map anyway).
-async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<u64>> {
-    let mut buf = [0u8; 16 * 1024];
+struct Early {
+    moved: u64,
+    /// Neither FIN nor an error yet: the socket can enter the map.
+    open: bool,
+}
+
+/// Forwards what `src` holds right now, before the install. It must read
+/// until EAGAIN: the verdict's sweep (tcp_read_skb) takes whole skbs from the
+/// receive queue and ignores how much of the first one was already read, so
+/// stopping mid-skb would send that part twice (seen: 48 KiB duplicated).
+async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> Early {
+    let mut buf = vec![0u8; 64 * 1024];
     let mut moved = 0;
     loop {
         match src.try_read(&mut buf) {
-            Ok(0) => return Ok(None),
+            Ok(0) => return Early { moved, open: false },
             Ok(n) => {
-                write_all(dst, &buf[..n]).await?;
+                if write_all(dst, &buf[..n]).await.is_err() {
+                    return Early { moved, open: false };
+                }
                 moved += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(moved)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Early { moved, open: true },
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(_) => return Early { moved, open: false },
         }
     }
 }
