@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
+mod bench;
 mod e2e;
 mod setup;
 mod sh;
@@ -36,10 +37,32 @@ enum Task {
     },
     /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on both data planes.
     Test,
+    /// Direct vs fastpath vs copy vs HAProxy vs nginx in one run; writes bench/results.md.
+    Bench {
+        /// Seconds per load per endpoint per round.
+        #[arg(long, default_value = "2s")]
+        duration: String,
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Loads to run (tester-go compare --loads).
+        #[arg(long, default_value = "bulk,bidi,parallel,pingpong,connrate,idle")]
+        loads: String,
+    },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes says what failed; a backtrace of xtask does not.
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let needs = setup::Needs { peers: false };
     match cli.task {
         Task::Setup => setup::setup(needs),
@@ -58,6 +81,21 @@ fn main() -> Result<()> {
             setup::setup(needs)?;
             build()?;
             test()
+        }
+        Task::Bench {
+            duration,
+            rounds,
+            loads,
+        } => {
+            setup::setup(setup::Needs { peers: true })?;
+            build()?;
+            bench::run(&bench::Options {
+                duration,
+                rounds,
+                loads,
+                peers: true,
+                report: true,
+            })
         }
     }
 }
@@ -107,6 +145,8 @@ fn test() -> Result<()> {
     for mode in ["copy", "fastpath"] {
         e2e::check_config(mode)?;
     }
+    println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");
+    bench::run(&bench::Options::short())?;
     println!("xtask test: all passed");
     Ok(())
 }

@@ -19,10 +19,11 @@ pub struct Needs {
 pub fn setup(needs: Needs) -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    debian_package("go", "golang-go")?;
+    debian_package("go", &["golang-go"])?;
     if needs.peers {
-        debian_package("haproxy", "haproxy")?;
-        debian_package("nginx", "nginx-light")?;
+        debian_package("haproxy", &["haproxy"])?;
+        // nginx-core ships the stream module as a loadable module.
+        debian_package("nginx", &["nginx-core", "libnginx-mod-stream"])?;
     }
     Ok(())
 }
@@ -127,24 +128,41 @@ fn llvm_major(libllvm: &Path) -> Result<u32> {
         .with_context(|| format!("cannot read the LLVM major version from {name}"))
 }
 
-fn debian_package(binary: &str, package: &str) -> Result<()> {
+fn debian_package(binary: &str, packages: &[&str]) -> Result<()> {
     if succeeds(cmd("sh").args(["-c", &format!("command -v {binary}")])) {
         return Ok(());
     }
-    step(&format!("installing Debian's {package} (for `{binary}`)"));
+    let list = packages.join(" ");
+    step(&format!("installing Debian's {list} (for `{binary}`)"));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("`{binary}` is missing and installing {package} needs root: run `apt-get install {package}`");
+        bail!(
+            "`{binary}` is missing and installing {list} needs root: run `apt-get install {list}`"
+        );
     }
-    cmd("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()?;
-    cmd("apt-get")
-        .args(["install", "-y", "--no-install-recommends", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()?;
-    Ok(())
+    // Servers installed here are started by the bench on its own ports, never
+    // as system services: policy-rc.d tells the package scripts so.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = (|| {
+        cmd("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()?;
+        cmd("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+    })();
+    if own_policy {
+        let _ = fs::remove_file(policy);
+    }
+    installed
 }
 
 fn cache_dir() -> Result<PathBuf> {

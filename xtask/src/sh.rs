@@ -35,6 +35,10 @@ impl Cmd {
         self.0.env_remove(k);
         self
     }
+    pub fn stderr(mut self, to: impl Into<Stdio>) -> Self {
+        self.0.stderr(to);
+        self
+    }
     pub fn dir(mut self, d: impl AsRef<std::path::Path>) -> Self {
         self.0.current_dir(d);
         self
