@@ -44,9 +44,36 @@ pub const MAX_SOCKETS: u32 = 65_536;
 /// Ring buffer size for flow events.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
+// ------------------------------------------------------------ sk_lookup steering
+
+/// Which local (destination) addresses the `steer` sk_lookup program takes;
+/// the one entry of `STEER_CONFIG`, written by userspace before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// One of the `STEER_MATCH_*` values.
+    pub mode: u32,
+    /// `STEER_MATCH_IP4`: the address, in network byte order (as `local_ip4`).
+    pub ip4: u32,
+    /// `STEER_MATCH_IP6`: the address, as the four network-order words of `local_ip6`.
+    pub ip6: [u32; 4],
+}
+
+/// Any local IPv4 address (`--listen-address 0.0.0.0`).
+pub const STEER_MATCH_ANY4: u32 = 0;
+/// Any local IPv4 or IPv6 address (`--listen-address ::`).
+pub const STEER_MATCH_ANY: u32 = 1;
+/// Only `SteerConfig::ip4`.
+pub const STEER_MATCH_IP4: u32 = 2;
+/// Only `SteerConfig::ip6`.
+pub const STEER_MATCH_IP6: u32 = 3;
+/// Capacity of `PORTS`: every TCP port.
+pub const STEER_MAX_PORTS: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::FlowControl {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::SteerConfig {}
 }

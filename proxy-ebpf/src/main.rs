@@ -14,6 +14,18 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
+// sk_lookup steering (below).
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::sk_lookup,
+    maps::{Array, SockMap},
+    programs::SkLookupContext,
+};
+use core::ptr::{addr_of, read_volatile};
+use proxy_common::{
+    SteerConfig, STEER_MATCH_ANY, STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6,
+    STEER_MAX_PORTS,
+};
 use aya_log_ebpf::debug;
 use proxy_common::{FlowControl, FlowEvent, FlowState, EVENTS_BYTES, MAX_SOCKETS};
 
@@ -75,6 +87,69 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         state.notified = control.check_at;
         // A full ring only delays userspace: it also polls paused directions.
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
+    }
+    SK_PASS
+}
+
+// ------------------------------------------------------------------------
+// sk_lookup port steering (`--steering sk_lookup`), independent of `splice`:
+// TCP connections to a configured port are handed to the proxy's one
+// listening socket, however many ports there are. Userspace keeps `PORTS`
+// in step with the config; the program is attached once per process.
+
+/// Destination port (host order) -> app index, for every steered port.
+#[map]
+static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_PORTS, BPF_F_NO_PREALLOC);
+
+/// Slot 0: the proxy's listening socket.
+#[map]
+static STEER_SOCKET: SockMap = SockMap::with_max_entries(1, 0);
+
+/// Slot 0: which destination addresses are steered.
+#[map]
+static STEER_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn steer(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // Volatile 4-byte reads: the verifier only allows whole-field context loads.
+    let (protocol, family, port) = unsafe {
+        (
+            read_volatile(addr_of!((*l).protocol)),
+            read_volatile(addr_of!((*l).family)),
+            read_volatile(addr_of!((*l).local_port)),
+        )
+    };
+    if protocol != IPPROTO_TCP || unsafe { PORTS.get(&port) }.is_none() {
+        return SK_PASS;
+    }
+    let Some(cfg) = STEER_CONFIG.get(0) else {
+        return SK_PASS;
+    };
+    let wanted = match cfg.mode {
+        STEER_MATCH_ANY => true,
+        STEER_MATCH_ANY4 => family == AF_INET,
+        STEER_MATCH_IP4 => {
+            family == AF_INET && unsafe { read_volatile(addr_of!((*l).local_ip4)) } == cfg.ip4
+        }
+        STEER_MATCH_IP6 => {
+            family == AF_INET6 && unsafe {
+                read_volatile(addr_of!((*l).local_ip6[0])) == cfg.ip6[0]
+                    && read_volatile(addr_of!((*l).local_ip6[1])) == cfg.ip6[1]
+                    && read_volatile(addr_of!((*l).local_ip6[2])) == cfg.ip6[2]
+                    && read_volatile(addr_of!((*l).local_ip6[3])) == cfg.ip6[3]
+            }
+        }
+        _ => false,
+    };
+    if wanted {
+        // No listener in the slot (or another program already chose one):
+        // fall through to the normal lookup, which refuses the connection.
+        let _ = STEER_SOCKET.redirect_sk_lookup(&ctx, 0, 0);
     }
     SK_PASS
 }

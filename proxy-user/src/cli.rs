@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::dataplane::Mode;
+use crate::steering::Steering;
 
 const LONG_ABOUT: &str = "\
 A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\",\"Ports\",\"Targets\"}]}), \
@@ -13,8 +14,9 @@ listens on every port of every app, and forwards each accepted connection to one
 least-connections by default, skipping targets that active health probes or failed connects marked down, \
 failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
 it is available, otherwise by a userspace copy loop; half-close and resets are passed through. \
-SIGHUP reloads the config file (validated and bound first; on any error the running config stays), \
-without dropping live connections. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
+SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
+(validated and bound first; on any error the running config stays), without dropping live connections. \
+--steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
 One log line per connection is written to stderr when it closes.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +94,18 @@ pub struct Cli {
     /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
     #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]
     pub fastpath_inflight: u64,
+
+    /// How connections reach the proxy: listeners = one listening socket per port; sk_lookup = one socket, and a BPF sk_lookup program steers every configured port to it (any range size; Linux >= 5.9, CAP_BPF + CAP_NET_ADMIN).
+    #[arg(long, value_enum, default_value_t = Steering::Listeners)]
+    pub steering: Steering,
+
+    /// With --steering sk_lookup: port of the one listening socket (0 = any free port).
+    #[arg(long, default_value_t = 0)]
+    pub steering_port: u16,
+
+    /// Poll the config file this often and reload when it changed (0 = reload on SIGHUP only).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub watch_config: Duration,
 
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]

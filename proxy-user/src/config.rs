@@ -12,9 +12,13 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
-/// Largest port range accepted in one entry: we open one listener per port,
-/// so a typo like `"1-65535"` must not silently open 65k sockets.
+/// Largest port range accepted in one entry with one listener per port, so
+/// a typo like `"1-65535"` must not silently open 65k sockets.
 pub const MAX_RANGE_PORTS: u32 = 1024;
+
+/// With `--steering sk_lookup` a port is a map entry, not a socket: any
+/// range is fine.
+pub const ANY_RANGE: u32 = 65_535;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -86,6 +90,11 @@ impl Config {
 
     /// Parses config text; `source` names the file in error messages.
     pub fn parse(text: &str, source: &str) -> anyhow::Result<Config> {
+        Config::parse_with(text, source, MAX_RANGE_PORTS)
+    }
+
+    /// Like `parse`, allowing port ranges of up to `max_range` ports each.
+    pub fn parse_with(text: &str, source: &str, max_range: u32) -> anyhow::Result<Config> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             anyhow::anyhow!(
                 "{source}: invalid JSON at line {} column {}: {e}",
@@ -94,7 +103,7 @@ impl Config {
             )
         })?;
         let mut errors = Vec::new();
-        let config = validate(&value, &mut errors);
+        let config = validate(&value, &mut errors, max_range);
         if errors.is_empty() {
             if let Some(config) = config {
                 return Ok(config);
@@ -132,7 +141,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn validate(root: &Value, errors: &mut Vec<String>) -> Option<Config> {
+fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -> Option<Config> {
     let Some(obj) = root.as_object() else {
         errors.push(format!(
             "top level must be an object like {{\"Apps\": [...]}}, found {}",
@@ -243,7 +252,7 @@ fn validate(root: &Value, errors: &mut Vec<String>) -> Option<Config> {
                 }
                 for (j, pv) in list.iter().enumerate() {
                     let pat = format!("{at}.Ports[{j}]");
-                    match parse_port_entry(pv) {
+                    match parse_port_entry(pv, max_range) {
                         Ok(range) => {
                             for port in range {
                                 if let Some((owner, owner_at)) = port_owner.get(&port) {
@@ -322,7 +331,7 @@ fn validate(root: &Value, errors: &mut Vec<String>) -> Option<Config> {
 }
 
 /// One `Ports` entry: an integer, a string "N", or a string range "A-B".
-fn parse_port_entry(v: &Value) -> Result<std::ops::RangeInclusive<u16>, String> {
+fn parse_port_entry(v: &Value, max_range: u32) -> Result<std::ops::RangeInclusive<u16>, String> {
     match v {
         Value::Number(n) => {
             let Some(p) = n.as_u64() else {
@@ -344,9 +353,9 @@ fn parse_port_entry(v: &Value) -> Result<std::ops::RangeInclusive<u16>, String> 
                     ));
                 }
                 let count = u32::from(b) - u32::from(a) + 1;
-                if count > MAX_RANGE_PORTS {
+                if count > max_range {
                     return Err(format!(
-                        "range {s:?} covers {count} ports; at most {MAX_RANGE_PORTS} per range are allowed because each port gets its own listener; split it or narrow it"
+                        "range {s:?} covers {count} ports; at most {max_range} per range are allowed because each port gets its own listener; split it, narrow it, or run with --steering sk_lookup (one socket for any number of ports)"
                     ));
                 }
                 Ok(a..=b)
@@ -592,6 +601,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn steering_accepts_large_ranges() {
+        let text = r#"{"Apps":[{"Name":"a","Ports":["10000-19999"],"Targets":["h:1"]},{"Name":"b","Ports":["1-9999",20000],"Targets":["h:1"]}]}"#;
+        let err = format!("{:#}", Config::parse(text, "t.json").unwrap_err());
+        assert!(err.contains("10000 ports") && err.contains("--steering sk_lookup"), "{err}");
+        let c = Config::parse_with(text, "t.json", ANY_RANGE).unwrap();
+        assert_eq!(c.listeners().count(), 20_000);
+        assert!(Config::parse_with(
+            r#"{"Apps":[{"Name":"a","Ports":["1-65535"],"Targets":["h:1"]}]}"#,
+            "t.json",
+            ANY_RANGE
+        )
+        .is_ok());
     }
 
     #[test]

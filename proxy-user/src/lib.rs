@@ -4,6 +4,7 @@
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod connect;
 pub mod dataplane;
 pub mod health;
@@ -13,3 +14,4 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod run;
+pub mod steering;

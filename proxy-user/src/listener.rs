@@ -160,7 +160,7 @@ pub async fn accept_loop(
     drop(listener);
 }
 
-fn admit(
+pub(crate) fn admit(
     sock: TcpStream,
     peer: SocketAddr,
     port: u16,

@@ -1,5 +1,7 @@
 //! Wiring: config → listeners, balancers, probes → accept loops → drain,
-//! and SIGHUP reloads that change all of that without dropping connections.
+//! and reloads (SIGHUP or a config file change) that change all of that
+//! without dropping connections. With `--steering sk_lookup` one socket and
+//! the BPF `PORTS` map stand in for the per-port listeners.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,8 @@ use tokio::task::JoinHandle;
 
 use crate::balancer::Balancer;
 use crate::cli::Cli;
-use crate::config::{App, Config};
+use crate::config::{self, App, Config};
+use crate::config_watch;
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::copy::CopyPlane;
 use crate::dataplane::DataPlane;
@@ -21,6 +24,7 @@ use crate::health::{self, HealthConfig};
 use crate::lifecycle::{self, Request, Signals, Tracker};
 use crate::listener::{self, AppRuntime, AppSlot, RateLimit, Shared};
 use crate::metrics::{self, Metrics};
+use crate::steering::{self, PortTable, SkLookupSteering, Steering};
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -44,19 +48,51 @@ struct ListenerHandle {
 struct State {
     apps: HashMap<String, AppHandle>,
     listeners: BTreeMap<u16, ListenerHandle>,
+    /// `--steering sk_lookup`: the one socket and the program feeding it;
+    /// `listeners` stays empty.
+    steer: Option<SteerState>,
+    /// The config text last tried (applied or rejected): a file change that
+    /// leaves the content as it was is no reload, and a bad file is
+    /// reported once, not on every touch.
+    last_text: Option<String>,
+}
+
+struct SteerState {
+    bpf: SkLookupSteering,
+    table: PortTable,
+    addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
 }
 
 struct Settings {
     listen_address: String,
     health: HealthConfig,
     max_per_app: usize,
+    steering: Steering,
+    /// Largest port range one `Ports` entry may cover.
+    max_range: u32,
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Signal,
+    FileChange,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Before anything can fail slowly: a SIGTERM during startup must not
     // hit the default action.
     let mut signals = Signals::register()?;
-    let config = Config::load(&cli.config)?;
+    // Stamp before reading: a change in between is seen as a change.
+    let stamp = config_watch::stamp(&cli.config);
+    let max_range = match cli.steering {
+        Steering::Listeners => config::MAX_RANGE_PORTS,
+        Steering::SkLookup => config::ANY_RANGE,
+    };
+    let text = read_config(&cli.config)?;
+    let config = Config::parse_with(&text, &cli.config.display().to_string(), max_range)?;
     match lifecycle::raise_fd_limit() {
         Ok(nofile) => {
             // Each proxied connection holds two fds (client + upstream).
@@ -89,6 +125,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout: cli.connect_timeout.min(cli.health_interval),
         },
         max_per_app: cli.max_connections_per_app as usize,
+        steering: cli.steering,
+        max_range,
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -119,7 +157,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut state = State {
         apps: HashMap::new(),
         listeners: BTreeMap::new(),
+        steer: None,
+        last_text: Some(text),
     };
+    if settings.steering == Steering::SkLookup {
+        state.steer = Some(start_steering(&settings, cli.steering_port, &shared).context(
+            "--steering sk_lookup: cannot steer ports with sk_lookup (use --steering listeners to run without it)",
+        )?);
+    }
     // Bind everything before serving anything: a port clash fails startup
     // as a whole rather than leaving a half-working proxy.
     let bound = bind_new(&state, &config, &settings)?;
@@ -135,18 +180,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         })
         .collect();
-    tracing::info!(
-        plane = shared.plane.name(),
-        listeners = names.len(),
-        apps = config.apps.len(),
-        listening = %names.join(" "),
-        "proxy ready"
-    );
+    if let Some(steer) = &state.steer {
+        tracing::info!(
+            plane = shared.plane.name(),
+            steering = "sk_lookup",
+            listener = %steer.addr,
+            ports = steer.bpf.port_count(),
+            apps = config.apps.len(),
+            "proxy ready"
+        );
+    } else {
+        tracing::info!(
+            plane = shared.plane.name(),
+            listeners = names.len(),
+            apps = config.apps.len(),
+            listening = %names.join(" "),
+            "proxy ready"
+        );
+    }
 
+    let mut file_changes = (!cli.watch_config.is_zero())
+        .then(|| config_watch::spawn(cli.config.clone(), stamp, cli.watch_config));
     let sig = loop {
-        match signals.next().await {
-            Request::Shutdown(sig) => break sig,
-            Request::Reload => reload(&mut state, &cli, &shared, &settings),
+        tokio::select! {
+            req = signals.next() => match req {
+                Request::Shutdown(sig) => break sig,
+                Request::Reload => reload(&mut state, &cli, &shared, &settings, Trigger::Signal),
+            },
+            Some(()) = async { match &mut file_changes {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            } } => reload(&mut state, &cli, &shared, &settings, Trigger::FileChange),
         }
     };
     tracing::info!(
@@ -163,6 +227,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     for (_, l) in std::mem::take(&mut state.listeners) {
         let _ = l.task.await;
+    }
+    if let Some(mut steer) = state.steer.take() {
+        // Detach first: new connections to steered ports are refused by the
+        // kernel rather than queued on a socket about to close.
+        steer.bpf.detach();
+        let _ = steer.stop.send(true);
+        let _ = steer.task.await;
     }
     // A second signal means "now": do not wait for the drain.
     tokio::spawn(async move {
@@ -187,6 +258,66 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))
+}
+
+/// Binds the one socket, loads and attaches the sk_lookup program, and
+/// starts accepting; `PORTS` is filled by `apply`.
+fn start_steering(
+    settings: &Settings,
+    port: u16,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<SteerState> {
+    steering::check_support()?;
+    let ip = connect::listen_addr(&settings.listen_address, 0)?.ip();
+    let (bind_addr, steer_config) = steering::addresses(ip, port);
+    let l = listener::bind(bind_addr)?;
+    let addr = l.local_addr().context("steering listener address")?;
+    let bpf = SkLookupSteering::load(&l, steer_config)?;
+    let table: PortTable = Arc::default();
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(steering::accept_loop(
+        l,
+        table.clone(),
+        shared.clone(),
+        stop_rx,
+    ));
+    Ok(SteerState {
+        bpf,
+        table,
+        addr,
+        stop,
+        task,
+    })
+}
+
+/// Steering mode's half of `apply`: the port table first gains the new
+/// ports (so nothing steered finds no app), then `PORTS` changes, then the
+/// table drops the removed ports. Live connections hold their own app.
+fn apply_steering(steer: &mut SteerState, config: &Config, apps: &HashMap<String, AppHandle>) {
+    let mut wanted = HashMap::new();
+    let mut table = HashMap::new();
+    for (app_idx, port) in config.listeners() {
+        wanted.insert(port, app_idx as u32);
+        table.insert(port, apps[&config.apps[app_idx].name].runtime.clone());
+    }
+    let mut both = (*steering::table_get(&steer.table)).clone();
+    both.extend(table.iter().map(|(p, r)| (*p, r.clone())));
+    steering::table_set(&steer.table, both);
+    match steer.bpf.update(&wanted) {
+        Ok((upserted, removed)) => tracing::info!(
+            ports = wanted.len(),
+            upserted,
+            removed,
+            "sk_lookup ports updated"
+        ),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "updating the sk_lookup PORTS map failed; the next reload retries"),
+    }
+    steering::table_set(&steer.table, table);
+}
+
 fn display_addr(address: &str, port: u16) -> String {
     connect::listen_addr(address, port)
         .map(|a| a.to_string())
@@ -201,6 +332,9 @@ fn bind_new(
     settings: &Settings,
 ) -> anyhow::Result<Vec<(u16, TcpListener)>> {
     let mut bound = Vec::new();
+    if state.steer.is_some() {
+        return Ok(bound);
+    }
     for (app_idx, port) in config.listeners() {
         if state.listeners.contains_key(&port) {
             continue;
@@ -276,6 +410,11 @@ fn apply(
             .collect(),
     );
 
+    if let Some(steer) = &mut state.steer {
+        apply_steering(steer, config, &state.apps);
+        return;
+    }
+
     // Listeners: point kept ports at their (possibly new) app, start new
     // ones, stop removed ones. Live connections on a removed port go on.
     let mut bound: HashMap<u16, TcpListener> = bound.into_iter().collect();
@@ -332,19 +471,47 @@ fn targets_str(app: &App) -> String {
         .join(",")
 }
 
-/// SIGHUP: load and validate the file, bind new ports, then switch. Any
-/// failure leaves the running config untouched.
-fn reload(state: &mut State, cli: &Cli, shared: &Arc<Shared>, settings: &Settings) {
-    let result = Config::load(&cli.config).and_then(|config| {
+/// SIGHUP or a file change: load and validate the file, bind new ports,
+/// then switch. Any failure leaves the running config untouched.
+fn reload(
+    state: &mut State,
+    cli: &Cli,
+    shared: &Arc<Shared>,
+    settings: &Settings,
+    trigger: Trigger,
+) {
+    let trigger_name = match trigger {
+        Trigger::Signal => "SIGHUP",
+        Trigger::FileChange => "file change",
+    };
+    let result = read_config(&cli.config).and_then(|text| {
+        if trigger == Trigger::FileChange && state.last_text.as_deref() == Some(text.as_str()) {
+            return Ok(None);
+        }
+        state.last_text = Some(text.clone());
+        let config =
+            Config::parse_with(&text, &cli.config.display().to_string(), settings.max_range)?;
         let bound = bind_new(state, &config, settings)?;
-        Ok((config, bound))
+        Ok(Some((config, bound)))
     });
+    let result = match result {
+        Ok(None) => {
+            tracing::debug!(
+                trigger = trigger_name,
+                "config file changed on disk but its content did not; nothing to reload"
+            );
+            return;
+        }
+        Ok(Some(ok)) => Ok(ok),
+        Err(e) => Err(e),
+    };
     match result {
         Ok((config, bound)) => {
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             apply(state, &config, bound, shared, settings);
             shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
+                trigger = trigger_name,
                 apps = config.apps.len(),
                 listeners = state.listeners.len(),
                 added_ports = ?added,
@@ -356,7 +523,7 @@ fn reload(state: &mut State, cli: &Cli, shared: &Arc<Shared>, settings: &Setting
                 .metrics
                 .reloads_failed
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %format!("{e:#}"), "config reload rejected; still running the previous config");
+            tracing::error!(trigger = trigger_name, error = %format!("{e:#}"), "config reload rejected; still running the previous config");
         }
     }
 }
