@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{Balance, Target};
 use crate::health::Health;
+use crate::metrics::TargetStats;
 
 #[derive(Debug)]
 pub struct Backend {
@@ -16,6 +17,8 @@ pub struct Backend {
     /// Connections currently using (or connecting to) this target.
     pub active: AtomicUsize,
     pub health: Health,
+    /// Connect counters and latency; kept with the backend across reloads.
+    pub stats: TargetStats,
 }
 
 impl Backend {
@@ -24,6 +27,7 @@ impl Backend {
             target,
             active: AtomicUsize::new(0),
             health: Health::new(),
+            stats: TargetStats::default(),
         }
     }
 

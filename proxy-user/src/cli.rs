@@ -87,9 +87,15 @@ pub struct Cli {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
-    /// Serve Prometheus metrics on this address at /metrics, e.g. 127.0.0.1:9100 (default: off).
+    /// Admin HTTP listener, e.g. 127.0.0.1:9100 (default: off): /metrics, /healthz, /readyz, /config, /targets.
+    // `--metrics-address` was its name while it only served /metrics; kept
+    // as an alias so existing command lines keep working.
+    #[arg(long, visible_alias = "metrics-address")]
+    pub admin_address: Option<std::net::SocketAddr>,
+
+    /// Also write each connection's close line as one JSON object per line to this file (reopened on SIGHUP).
     #[arg(long)]
-    pub metrics_address: Option<std::net::SocketAddr>,
+    pub access_log: Option<PathBuf>,
 
     /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
     #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]

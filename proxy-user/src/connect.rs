@@ -48,6 +48,20 @@ struct DialError {
     /// the target, so it must not mark the target down.
     local: bool,
     timed_out: bool,
+    /// Label for `proxy_target_connect_failures_total`: a small fixed set.
+    reason: &'static str,
+}
+
+/// Names a connect error for the failure counter without putting
+/// free-form error text into a label.
+fn failure_reason(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ECONNRESET) => "reset",
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => "unreachable",
+        _ if is_local_resource_error(e) => "local_resource",
+        _ => "other",
+    }
 }
 
 pub fn is_local_resource_error(e: &io::Error) -> bool {
@@ -80,7 +94,12 @@ pub async fn connect(
         // Count the attempt as load, so concurrent picks spread out.
         let guard = backend.acquire();
         let budget = policy.timeout.min(deadline - now);
-        match dial(&backend.target, budget).await {
+        let started = Instant::now();
+        let result = dial(&backend.target, budget).await;
+        backend
+            .stats
+            .attempt(started.elapsed(), result.as_ref().err().map(|e| e.reason));
+        match result {
             Ok((stream, peer)) => {
                 return Ok(Connected {
                     stream,
@@ -128,6 +147,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
                 err: anyhow!("resolving {target} timed out after {budget:?}"),
                 local: false,
                 timed_out: true,
+                reason: "timeout",
             })
         }
         Ok(Err(e)) => {
@@ -135,6 +155,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
                 err: anyhow::Error::new(e).context(format!("resolving {target}")),
                 local: false,
                 timed_out: false,
+                reason: "resolve",
             })
         }
         Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
@@ -143,6 +164,7 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
         err: anyhow!("{target} resolved to no addresses"),
         local: false,
         timed_out: false,
+        reason: "resolve",
     };
     for addr in addrs {
         match tokio::time::timeout_at(end, connect_addr(addr)).await {
@@ -151,15 +173,18 @@ async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAdd
                     err: anyhow!("connecting to {target} ({addr}) timed out after {budget:?}"),
                     local: false,
                     timed_out: true,
+                    reason: "timeout",
                 })
             }
             Ok(Ok(s)) => return Ok((s, addr)),
             Ok(Err(e)) => {
                 let local = is_local_resource_error(&e);
+                let reason = failure_reason(&e);
                 last = DialError {
                     err: anyhow::Error::new(e).context(format!("connecting to {target} ({addr})")),
                     local,
                     timed_out: false,
+                    reason,
                 };
                 if local {
                     break; // another address won't fix our own shortage

@@ -5,7 +5,7 @@
 //! pay for a target that just refused); only probes bring it back, so one
 //! lucky connection cannot flap it up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,23 @@ struct Streaks {
 pub struct Health {
     up: AtomicBool,
     streaks: Mutex<Streaks>,
+    /// Transitions to up and to down since the target appeared, for the
+    /// `proxy_target_health_transitions_total` counter (flapping shows here
+    /// even when every scrape happens to see the target up).
+    went_up: AtomicU64,
+    went_down: AtomicU64,
+}
+
+/// A point-in-time view of one target's health, for `/targets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub up: bool,
+    /// Consecutive successful probes (reset by any failure).
+    pub successes: u32,
+    /// Consecutive failed probes or connects (reset by any success).
+    pub failures: u32,
+    pub went_up: u64,
+    pub went_down: u64,
 }
 
 impl Default for Health {
@@ -63,7 +80,27 @@ impl Health {
                 ok: 0,
                 fail: 0,
             }),
+            went_up: AtomicU64::new(0),
+            went_down: AtomicU64::new(0),
         }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.lock();
+        Snapshot {
+            up: s.up,
+            successes: s.ok,
+            failures: s.fail,
+            went_up: self.went_up.load(Ordering::Relaxed),
+            went_down: self.went_down.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set(&self, s: &mut Streaks, up: bool) {
+        s.up = up;
+        self.up.store(up, Ordering::Relaxed);
+        let counter = if up { &self.went_up } else { &self.went_down };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn is_up(&self) -> bool {
@@ -82,16 +119,14 @@ impl Health {
             s.ok = s.ok.saturating_add(1);
             s.fail = 0;
             if !s.up && s.ok >= rise.max(1) {
-                s.up = true;
-                self.up.store(true, Ordering::Relaxed);
+                self.set(&mut s, true);
                 return Some(Transition::Up);
             }
         } else {
             s.fail = s.fail.saturating_add(1);
             s.ok = 0;
             if s.up && s.fail >= fall.max(1) {
-                s.up = false;
-                self.up.store(false, Ordering::Relaxed);
+                self.set(&mut s, false);
                 return Some(Transition::Down);
             }
         }
@@ -102,9 +137,9 @@ impl Health {
     pub fn passive_failure(&self) -> Option<Transition> {
         let mut s = self.lock();
         s.ok = 0;
+        s.fail = s.fail.saturating_add(1);
         if s.up {
-            s.up = false;
-            self.up.store(false, Ordering::Relaxed);
+            self.set(&mut s, false);
             return Some(Transition::Down);
         }
         None
@@ -182,6 +217,9 @@ mod tests {
         assert_eq!(h.probe(true, 2, 3), Some(Transition::Up));
         assert!(h.is_up());
         assert_eq!(h.probe(true, 2, 3), None);
+        let snap = h.snapshot();
+        assert_eq!((snap.up, snap.successes, snap.failures), (true, 3, 0));
+        assert_eq!((snap.went_up, snap.went_down), (1, 1));
     }
 
     #[test]

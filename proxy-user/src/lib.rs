@@ -1,6 +1,8 @@
 //! Layer-4 TCP proxy: control plane (config, balancing, health, failover,
 //! limits, lifecycle) and data planes (userspace copy, kernel fastpath).
 
+pub mod access_log;
+pub mod admin;
 pub mod balancer;
 pub mod cli;
 pub mod config;

@@ -12,12 +12,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::access_log::{self, AccessLog};
 use crate::balancer::Balancer;
 use crate::config::ProxyProtocol;
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::{ConnInfo, DataPlane, EndReason, Transfer};
 use crate::lifecycle::Tracker;
-use crate::metrics::{AppMetrics, Metrics};
+use crate::metrics::{AppMetrics, Limit, Metrics};
 
 /// Backlog per listener: large enough to absorb bursts while we back off
 /// from fd exhaustion, small enough not to hide a dead proxy for long.
@@ -35,6 +36,8 @@ pub struct Shared {
     pub next_id: AtomicU64,
     pub limit_log: RateLimit,
     pub metrics: Arc<Metrics>,
+    /// `--access-log`: close lines as JSON to a file of their own.
+    pub access_log: Option<AccessLog>,
 }
 
 /// One app's runtime state, shared by all of its listeners. Immutable: a
@@ -167,16 +170,21 @@ pub(crate) fn admit(
     app: &Arc<AppRuntime>,
     shared: &Arc<Shared>,
 ) {
+    app.metrics.accepted();
     let permits = match (
         app.permits.clone().try_acquire_owned(),
         shared.global.clone().try_acquire_owned(),
     ) {
         (Ok(a), Ok(g)) => (a, g),
         (a, _g) => {
-            let which = if a.is_err() { "per-app" } else { "global" };
-            app.metrics.rejected();
+            let which = if a.is_err() {
+                Limit::PerApp
+            } else {
+                Limit::Global
+            };
+            app.metrics.rejected(which);
             if let Some(suppressed) = shared.limit_log.check() {
-                tracing::warn!(app = %app.balancer.app, port, client = %peer, limit = which, suppressed, end = EndReason::Limit.as_str(), "connection limit reached, rejecting new connections");
+                tracing::warn!(app = %app.balancer.app, port, client = %peer, limit = which.as_str(), suppressed, end = EndReason::Limit.as_str(), "connection limit reached, rejecting new connections");
             }
             // RST, not FIN: the client must not read an empty stream as a
             // complete response.
@@ -221,7 +229,7 @@ async fn handle(
     let connected = tokio::select! {
         r = connect::connect(&app.balancer, &shared.policy) => r,
         _ = hard_stop.wait_for(|s| *s) => {
-            log_close(id, app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, userspace_bytes: 0, end: EndReason::DrainTimeout, plane: "none" });
+            log_close(shared, id, app, port, peer, "-", 0, started, &Transfer { client_to_target: 0, target_to_client: 0, userspace_bytes: 0, end: EndReason::DrainTimeout, plane: "none" });
             return;
         }
     };
@@ -236,7 +244,17 @@ async fn handle(
                 plane: "none",
             };
             drop(client);
-            log_close(id, app, port, peer, "-", failed.attempts, started, &t);
+            log_close(
+                shared,
+                id,
+                app,
+                port,
+                peer,
+                "-",
+                failed.attempts,
+                started,
+                &t,
+            );
         }
         Ok(mut c) => {
             let target = c.guard.backend().target.to_string();
@@ -251,14 +269,18 @@ async fn handle(
                         end: EndReason::TargetReset,
                         plane: "none",
                     };
-                    log_close(id, app, port, peer, &target, c.attempts, started, &t);
+                    log_close(
+                        shared, id, app, port, peer, &target, c.attempts, started, &t,
+                    );
                     return;
                 }
             }
             let info = info_base(target.clone(), c.peer);
             let t = shared.plane.carry(client, c.stream, &info).await;
             drop(c.guard);
-            log_close(id, app, port, peer, &target, c.attempts, started, &t);
+            log_close(
+                shared, id, app, port, peer, &target, c.attempts, started, &t,
+            );
         }
     }
 }
@@ -286,6 +308,7 @@ async fn send_proxy_header(
 /// (HAProxy's and Envoy's convention for "received"/"sent" by the listener).
 #[allow(clippy::too_many_arguments)]
 fn log_close(
+    shared: &Shared,
     id: u64,
     app: &AppRuntime,
     port: u16,
@@ -296,6 +319,24 @@ fn log_close(
     t: &Transfer,
 ) {
     app.metrics.finished(t, attempts);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if let Some(log) = &shared.access_log {
+        log.record(&access_log::Entry {
+            ts: access_log::rfc3339(std::time::SystemTime::now()),
+            conn: id,
+            app: &app.balancer.app,
+            port,
+            client: client.to_string(),
+            target,
+            attempts,
+            bytes_in: t.client_to_target,
+            bytes_out: t.target_to_client,
+            userspace_bytes: t.userspace_bytes,
+            duration_ms,
+            plane: t.plane,
+            end: t.end.as_str(),
+        });
+    }
     tracing::info!(
         conn = id,
         app = %app.balancer.app,
@@ -306,7 +347,7 @@ fn log_close(
         bytes_in = t.client_to_target,
         bytes_out = t.target_to_client,
         userspace_bytes = t.userspace_bytes,
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms,
         plane = t.plane,
         end = t.end.as_str(),
         "connection closed"

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::access_log::AccessLog;
+use crate::admin;
 use crate::balancer::Balancer;
 use crate::cli::Cli;
 use crate::config::{self, App, Config};
@@ -23,7 +25,7 @@ use crate::dataplane::DataPlane;
 use crate::health::{self, HealthConfig};
 use crate::lifecycle::{self, Request, Signals, Tracker};
 use crate::listener::{self, AppRuntime, AppSlot, RateLimit, Shared};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::steering::{self, PortTable, SkLookupSteering, Steering};
 
 /// Time connections get to write their log line after a hard stop.
@@ -85,6 +87,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Before anything can fail slowly: a SIGTERM during startup must not
     // hit the default action.
     let mut signals = Signals::register()?;
+    // The admin listener comes up first, so /healthz answers and /readyz
+    // says 503 while the config loads and the listeners bind.
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = cli.admin_address {
+        let l = admin::bind(addr).await?;
+        let local = l.local_addr().context("admin listener address")?;
+        tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
+        tokio::spawn(admin::serve(l, metrics.clone()));
+    }
+    let access_log = match &cli.access_log {
+        Some(path) => Some(AccessLog::open(path, metrics.clone())?),
+        None => None,
+    };
     // Stamp before reading: a change in between is seen as a change.
     let stamp = config_watch::stamp(&cli.config);
     let max_range = match cli.steering {
@@ -129,13 +144,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         max_range,
     };
 
-    let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = cli.metrics_address {
-        let l = metrics::bind(addr).await?;
-        let local = l.local_addr().context("metrics listener address")?;
-        tracing::info!(address = %local, "metrics listening on /metrics");
-        tokio::spawn(metrics::serve(l, metrics.clone()));
-    }
     let (hard_tx, hard_rx) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
@@ -152,6 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
         metrics,
+        access_log,
     });
 
     let mut state = State {
@@ -169,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // as a whole rather than leaving a half-working proxy.
     let bound = bind_new(&state, &config, &settings)?;
     apply(&mut state, &config, bound, &shared, &settings);
+    shared.metrics.set_ready(true);
     let names: Vec<String> = state
         .listeners
         .iter()
@@ -219,6 +229,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         drain_timeout_ms = cli.drain_timeout.as_millis() as u64,
         "shutting down: closed listeners, draining live connections"
     );
+    // Draining: /readyz turns 503 so load balancers stop sending here.
+    shared.metrics.set_ready(false);
     for l in state.listeners.values() {
         let _ = l.stop.send(true);
     }
@@ -402,6 +414,7 @@ fn apply(
         tracing::info!(app = %name, "app removed");
     }
     state.apps = apps;
+    shared.metrics.set_config(config);
     shared.metrics.set_balancers(
         state
             .apps
@@ -480,6 +493,10 @@ fn reload(
     settings: &Settings,
     trigger: Trigger,
 ) {
+    // SIGHUP also means "logrotate moved the file", whatever the config says.
+    if let (Trigger::Signal, Some(log)) = (&trigger, &shared.access_log) {
+        log.reopen();
+    }
     let trigger_name = match trigger {
         Trigger::Signal => "SIGHUP",
         Trigger::FileChange => "file change",

@@ -6,32 +6,19 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 planes!(metrics_count_connections_bytes_and_health);
 
 async fn scrape(proxy: &Proxy) -> String {
-    let addr = proxy
-        .log_lines()
-        .into_iter()
-        .find(|l| l["message"] == "metrics listening on /metrics")
-        .and_then(|l| l["address"].as_str().map(str::to_string))
-        .expect("metrics address in log");
-    let mut s = TcpStream::connect(addr.as_str()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.0 200 OK"), "{resp}");
-    resp
+    let (code, text) = http_get(&admin_addr(proxy), "/metrics").await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    text
 }
 
 fn value(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    metric(text, series) as u64
 }
 
 async fn metrics_count_connections_bytes_and_health(mode: &str) {
@@ -44,6 +31,7 @@ async fn metrics_count_connections_bytes_and_health(mode: &str) {
             AppSpec::new("gone", 1, vec![dead_target()]),
         ],
         &[
+            // The old name of --admin-address, kept as an alias.
             "--metrics-address",
             "127.0.0.1:0",
             "--health-interval",

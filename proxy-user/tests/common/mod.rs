@@ -669,3 +669,51 @@ pub async fn read_id(s: &mut TcpStream) -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&id).into_owned())
 }
+
+// ------------------------------------------------------------------- admin
+
+/// The admin listener's address, from the proxy's startup log line.
+pub fn admin_addr(proxy: &Proxy) -> String {
+    proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("admin listening"))
+        })
+        .and_then(|l| l["address"].as_str().map(str::to_string))
+        .expect("admin address in log (start with --admin-address 127.0.0.1:0)")
+}
+
+/// Sends `request` as is; returns the whole response (status line, headers, body).
+pub async fn http_raw(addr: &str, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await?;
+    Ok(String::from_utf8_lossy(&resp).into_owned())
+}
+
+/// `GET path`; returns (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    let resp = http_raw(addr, req.as_bytes()).await?;
+    let code = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The value of one series (`name{labels}` exactly as rendered) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
