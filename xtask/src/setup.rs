@@ -12,7 +12,8 @@ use crate::sh::{cmd, succeeds};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub struct Needs {
-    /// HAProxy and nginx, the peers `bench` measures against.
+    /// HAProxy and nginx, the peers `bench` measures against (the tests need
+    /// only Go and promtool besides the Rust toolchain).
     pub peers: bool,
 }
 
@@ -20,6 +21,8 @@ pub fn setup(needs: Needs) -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_package("go", &["golang-go"])?;
+    // promtool validates the /metrics output in the tests.
+    debian_package("promtool", &["prometheus"])?;
     if needs.peers {
         debian_package("haproxy", &["haproxy"])?;
         // nginx-core ships the stream module as a loadable module.
