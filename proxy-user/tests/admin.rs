@@ -252,7 +252,7 @@ async fn readyz_follows_listeners() {
         "config.json",
         &config_json(
             &[AppSpec::new("many", ports.len(), vec![echo.target()])],
-            &[ports.clone()],
+            std::slice::from_ref(&ports),
         ),
     );
     let log_path = std::env::temp_dir().join(format!(
