@@ -57,6 +57,9 @@ struct State {
     /// leaves the content as it was is no reload, and a bad file is
     /// reported once, not on every touch.
     last_text: Option<String>,
+    /// Accept loops of removed ports, told to stop: awaited before the next
+    /// reload, so a port removed and added back is free to bind again.
+    closing: Vec<JoinHandle<()>>,
 }
 
 struct SteerState {
@@ -168,6 +171,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         listeners: BTreeMap::new(),
         steer: None,
         last_text: Some(text),
+        closing: Vec::new(),
     };
     if settings.steering == Steering::SkLookup {
         state.steer = Some(start_steering(&settings, cli.steering_port, &shared).context(
@@ -215,12 +219,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             req = signals.next() => match req {
                 Request::Shutdown(sig) => break sig,
-                Request::Reload => reload(&mut state, &cli, &shared, &settings, Trigger::Signal),
+                Request::Reload => {
+                    closed(&mut state).await;
+                    reload(&mut state, &cli, &shared, &settings, Trigger::Signal)
+                }
             },
             Some(()) = async { match &mut file_changes {
                 Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
-            } } => reload(&mut state, &cli, &shared, &settings, Trigger::FileChange),
+            } } => {
+                closed(&mut state).await;
+                reload(&mut state, &cli, &shared, &settings, Trigger::FileChange)
+            }
         }
     };
     tracing::info!(
@@ -268,6 +278,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracker.wait_idle(HARD_STOP_GRACE).await;
     }
     Ok(())
+}
+
+/// Waits for the accept loops of removed ports to close their sockets.
+async fn closed(state: &mut State) {
+    for task in state.closing.drain(..) {
+        let _ = task.await;
+    }
 }
 
 fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
@@ -438,6 +455,7 @@ fn apply(
     for (port, handle) in std::mem::take(&mut state.listeners) {
         if !wanted.contains_key(&port) {
             let _ = handle.stop.send(true);
+            state.closing.push(handle.task);
             tracing::info!(app = %handle.app, port, "listener closed");
         } else {
             state.listeners.insert(port, handle);

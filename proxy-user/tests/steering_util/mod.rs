@@ -1,0 +1,96 @@
+//! Helpers for the hot-reload and sk_lookup steering tests: the proxy
+//! started on a config written as is (port ranges included), on a loopback
+//! address of its own, so steered ranges never catch other tests' traffic.
+#![allow(dead_code)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{write_temp, Proxy, PROXY};
+
+/// A random 127.0.0.x (x in 2..=254) per call, distinct within one test binary.
+pub fn loopback_ip() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let base = (std::process::id() as usize * 7 + fastrand::usize(..253)) % 253;
+    format!("127.0.0.{}", 2 + (base + n * 37) % 253)
+}
+
+/// Spawns the proxy on `config` (JSON text) with `args`; waits for "proxy ready".
+pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
+    let config_path = write_temp("config.json", config);
+    let log_path = write_temp("proxy.log", "");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(PROXY)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--log-format", "json", "--log-level", "info,proxy_user=debug"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn proxy");
+    let mut proxy = Proxy {
+        child,
+        ports: Vec::new(),
+        log_path,
+        config_path,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = proxy.log();
+        if log.contains("proxy ready") {
+            return proxy;
+        }
+        if let Ok(Some(st)) = proxy.child.try_wait() {
+            panic!("proxy exited ({st}) before ready; log:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "proxy not ready in 20s; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Replaces the config file the way editors do: write a temp file, rename over.
+pub fn replace_config(proxy: &Proxy, text: &str) {
+    let tmp = proxy.config_path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &proxy.config_path).unwrap();
+}
+
+/// Waits until `needle` occurs at least `count` times in the log.
+pub async fn wait_log(proxy: &Proxy, needle: &str, count: usize, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while proxy.log().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} {needle:?} in log:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The identify backend's id seen through `addr`.
+pub async fn id_at(addr: &str) -> std::io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    crate::common::read_id(&mut s).await
+}
+
+/// Polls `addr` until it answers `want`; returns how long that took.
+pub async fn time_until_id(addr: &str, want: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(id) = id_at(addr).await {
+            if id == want {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{addr} did not answer {want:?} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
