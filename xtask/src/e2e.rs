@@ -20,10 +20,39 @@ pub fn demo(mode: &str) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask test`: config.json's shape on free ports, so it runs beside anything.
+/// `cargo xtask test`: config.json's shape on free ports, so it runs beside
+/// anything; then the tester's fault cases (it serves the targets itself).
 pub fn check_config(mode: &str) -> Result<()> {
     let config = relocated_config()?;
-    run_check(&config, mode, &[])
+    run_check(&config, mode, &[])?;
+    run_faults(&config, mode)
+}
+
+fn run_faults(config: &Path, mode: &str) -> Result<()> {
+    let mut proxy = start_proxy(config, mode)?;
+    let faults = cmd(tester_binary())
+        .args(["faults", "--config"])
+        .arg(config)
+        .args(["--proxy-host", "127.0.0.1", "--app", "five-thousand"])
+        .run();
+    let proxy_clean = proxy.stop(Duration::from_secs(10))?;
+    faults.with_context(|| format!("tester faults through the proxy (mode {mode}) failed"))?;
+    if !proxy_clean {
+        bail!("the proxy (mode {mode}) did not exit cleanly on SIGTERM");
+    }
+    Ok(())
+}
+
+fn start_proxy(config: &Path, mode: &str) -> Result<crate::sh::Background> {
+    let mut proxy = cmd(proxy_binary())
+        .arg("--config")
+        .arg(config)
+        .args(["--listen-address", "127.0.0.1", "--mode", mode])
+        .spawn(Stdio::inherit())?;
+    for port in ports(config)? {
+        wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), &mut proxy)?;
+    }
+    Ok(proxy)
 }
 
 fn run_check(config: &Path, mode: &str, check_args: &[&str]) -> Result<()> {
@@ -33,14 +62,7 @@ fn run_check(config: &Path, mode: &str, check_args: &[&str]) -> Result<()> {
         .spawn(Stdio::piped())?;
     wait_ready(&mut backends)?;
 
-    let mut proxy = cmd(proxy_binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--listen-address", "127.0.0.1", "--mode", mode])
-        .spawn(Stdio::inherit())?;
-    for port in ports(config)? {
-        wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), &mut proxy)?;
-    }
+    let mut proxy = start_proxy(config, mode)?;
 
     let checked = cmd(tester_binary())
         .args(["check", "--config"])
