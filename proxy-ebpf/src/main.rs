@@ -14,18 +14,6 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-// sk_lookup steering (below).
-use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    macros::sk_lookup,
-    maps::{Array, SockMap},
-    programs::SkLookupContext,
-};
-use core::ptr::{addr_of, read_volatile};
-use proxy_common::{
-    SteerConfig, STEER_MATCH_ANY, STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6,
-    STEER_MAX_PORTS,
-};
 use aya_log_ebpf::debug;
 use proxy_common::{FlowControl, FlowEvent, FlowState, EVENTS_BYTES, MAX_SOCKETS};
 
@@ -97,6 +85,18 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
 // listening socket, however many ports there are. Userspace keeps `PORTS`
 // in step with the config; the program is attached once per process.
 
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::sk_lookup,
+    maps::{Array, SockMap},
+    programs::SkLookupContext,
+};
+use core::ptr::{addr_of, read_volatile};
+use proxy_common::{
+    SteerConfig, STEER_MATCH_ANY, STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6,
+    STEER_MAX_PORTS,
+};
+
 /// Destination port (host order) -> app index, for every steered port.
 #[map]
 static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_PORTS, BPF_F_NO_PREALLOC);
@@ -137,12 +137,13 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
             family == AF_INET && unsafe { read_volatile(addr_of!((*l).local_ip4)) } == cfg.ip4
         }
         STEER_MATCH_IP6 => {
-            family == AF_INET6 && unsafe {
-                read_volatile(addr_of!((*l).local_ip6[0])) == cfg.ip6[0]
-                    && read_volatile(addr_of!((*l).local_ip6[1])) == cfg.ip6[1]
-                    && read_volatile(addr_of!((*l).local_ip6[2])) == cfg.ip6[2]
-                    && read_volatile(addr_of!((*l).local_ip6[3])) == cfg.ip6[3]
-            }
+            family == AF_INET6
+                && unsafe {
+                    read_volatile(addr_of!((*l).local_ip6[0])) == cfg.ip6[0]
+                        && read_volatile(addr_of!((*l).local_ip6[1])) == cfg.ip6[1]
+                        && read_volatile(addr_of!((*l).local_ip6[2])) == cfg.ip6[2]
+                        && read_volatile(addr_of!((*l).local_ip6[3])) == cfg.ip6[3]
+                }
         }
         _ => false,
     };

@@ -607,7 +607,10 @@ mod tests {
     fn steering_accepts_large_ranges() {
         let text = r#"{"Apps":[{"Name":"a","Ports":["10000-19999"],"Targets":["h:1"]},{"Name":"b","Ports":["1-9999",20000],"Targets":["h:1"]}]}"#;
         let err = format!("{:#}", Config::parse(text, "t.json").unwrap_err());
-        assert!(err.contains("10000 ports") && err.contains("--steering sk_lookup"), "{err}");
+        assert!(
+            err.contains("10000 ports") && err.contains("--steering sk_lookup"),
+            "{err}"
+        );
         let c = Config::parse_with(text, "t.json", ANY_RANGE).unwrap();
         assert_eq!(c.listeners().count(), 20_000);
         assert!(Config::parse_with(

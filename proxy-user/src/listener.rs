@@ -160,8 +160,7 @@ pub async fn accept_loop(
     }
     // Clients whose handshake the kernel already completed are served, not
     // reset: a reload that removes this port must not break them.
-    while let Ok(Ok((sock, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
-    {
+    while let Ok(Ok((sock, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
         admit(sock, peer, port, &current(&slot), &shared);
     }
     // Dropping the listener closes the port: new clients get refused

@@ -342,7 +342,9 @@ fn apply_steering(steer: &mut SteerState, config: &Config, apps: &HashMap<String
             removed,
             "sk_lookup ports updated"
         ),
-        Err(e) => tracing::error!(error = %format!("{e:#}"), "updating the sk_lookup PORTS map failed; the next reload retries"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "updating the sk_lookup PORTS map failed; the next reload retries")
+        }
     }
     steering::table_set(&steer.table, table);
 }

@@ -25,7 +25,12 @@ pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
     let child = Command::new(PROXY)
         .arg("--config")
         .arg(&config_path)
-        .args(["--log-format", "json", "--log-level", "info,proxy_user=debug"])
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,proxy_user=debug",
+        ])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -47,7 +52,10 @@ pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
         if let Ok(Some(st)) = proxy.child.try_wait() {
             panic!("proxy exited ({st}) before ready; log:\n{log}");
         }
-        assert!(Instant::now() < deadline, "proxy not ready in 20s; log:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "proxy not ready in 20s; log:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,0 +1,232 @@
+//! `--steering sk_lookup`: one listening socket serves every configured port
+//! (ranges of any size) through a BPF sk_lookup program; reloads rewrite the
+//! port map; without the privileges it exits with the reason. Each proxy
+//! steers its own 127.0.0.x, so its ranges never catch other tests' traffic.
+
+#[macro_use]
+mod common;
+mod steering_util;
+
+use std::time::Duration;
+
+use common::*;
+use steering_util::*;
+use tokio::net::TcpStream;
+
+planes!(two_apps_with_ranges_and_reload);
+
+/// Sockets the process holds, from /proc (listeners and connections).
+fn socket_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn base_port() -> u16 {
+    // Below the ephemeral range (32768+), so no client port is ever steered.
+    10_000 + fastrand::u16(..10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_ports_one_listener() {
+    let a = Backend::identify("a").await;
+    let b = Backend::identify("b").await;
+    let ip = loopback_ip();
+    let base = base_port();
+    let wide = format!("{}-{}", base, base + 9_999);
+    let config = serde_json::json!({"Apps": [
+        {"Name": "wide", "Ports": [wide], "Targets": [a.target()]},
+        {"Name": "single", "Ports": [base + 10_000], "Targets": [b.target()]},
+    ]});
+    let proxy = spawn_proxy(
+        &config.to_string(),
+        &[
+            "--listen-address",
+            &ip,
+            "--steering",
+            "sk_lookup",
+            "--mode",
+            "copy",
+        ],
+    )
+    .await;
+    let ready = proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "proxy ready")
+        .unwrap();
+    assert_eq!(ready["steering"], "sk_lookup", "{ready}");
+    assert_eq!(ready["ports"], 10_001, "{ready}");
+    bounded(60, "10k ports", async {
+        let mut sample: Vec<u16> = (0..50).map(|_| base + fastrand::u16(..10_000)).collect();
+        sample.extend([base, base + 9_999]);
+        for port in sample {
+            let got = id_at(&format!("{ip}:{port}")).await;
+            assert_eq!(got.unwrap(), "a", "port {port}");
+        }
+        assert_eq!(
+            id_at(&format!("{ip}:{}", base + 10_000)).await.unwrap(),
+            "b"
+        );
+        // Just outside the ranges: nobody listens there.
+        assert!(TcpStream::connect(format!("{ip}:{}", base + 10_001))
+            .await
+            .is_err());
+        if base > 1 {
+            assert!(TcpStream::connect(format!("{ip}:{}", base - 1))
+                .await
+                .is_err());
+        }
+        // A few connections held open: the socket count stays tiny.
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let mut s = TcpStream::connect(format!("{ip}:{}", base + i * 1_000))
+                .await
+                .unwrap();
+            assert_eq!(read_id(&mut s).await.unwrap(), "a");
+            held.push(s);
+        }
+        let sockets = socket_fds(proxy.pid());
+        assert!(
+            sockets < 40,
+            "10,001 ports should need one listening socket, the proxy holds {sockets} sockets"
+        );
+        for s in held {
+            echo_check_stream(s, 9, 100_000).await.unwrap();
+        }
+    })
+    .await;
+}
+
+async fn two_apps_with_ranges_and_reload(mode: &str) {
+    let a = Backend::identify("a").await;
+    let b = Backend::identify("b").await;
+    let ip = loopback_ip();
+    let base = base_port();
+    let r = |from: u16, to: u16| format!("{}-{}", base + from, base + to);
+    let config = serde_json::json!({"Apps": [
+        {"Name": "x", "Ports": [r(0, 499), base + 1_000], "Targets": [a.target()]},
+        {"Name": "y", "Ports": [r(500, 999)], "Targets": [b.target()]},
+    ]});
+    let proxy = spawn_proxy(
+        &config.to_string(),
+        &[
+            "--listen-address",
+            &ip,
+            "--steering",
+            "sk_lookup",
+            "--mode",
+            mode,
+        ],
+    )
+    .await;
+    let at = |off: u16| format!("{ip}:{}", base + off);
+    bounded(60, "two apps", async {
+        for off in [0, 1, 250, 499, 1_000] {
+            assert_eq!(id_at(&at(off)).await.unwrap(), "a", "offset {off}");
+        }
+        for off in [500, 501, 750, 999] {
+            assert_eq!(id_at(&at(off)).await.unwrap(), "b", "offset {off}");
+        }
+        let mut live_x = TcpStream::connect(at(1_000)).await.unwrap();
+        assert_eq!(read_id(&mut live_x).await.unwrap(), "a");
+        let mut live_y = TcpStream::connect(at(600)).await.unwrap();
+        assert_eq!(read_id(&mut live_y).await.unwrap(), "b");
+
+        // File change: x takes 500-599 from y, loses 1000; y gains 2000-2999.
+        let config = serde_json::json!({"Apps": [
+            {"Name": "x", "Ports": [r(0, 599)], "Targets": [a.target()]},
+            {"Name": "y", "Ports": [r(600, 999), r(2_000, 2_999)], "Targets": [b.target()]},
+        ]});
+        replace_config(&proxy, &config.to_string());
+        time_until_id(&at(550), "a", Duration::from_secs(1)).await;
+        for (off, want) in [
+            (0, "a"),
+            (599, "a"),
+            (600, "b"),
+            (999, "b"),
+            (2_000, "b"),
+            (2_999, "b"),
+        ] {
+            assert_eq!(id_at(&at(off)).await.unwrap(), want, "offset {off}");
+        }
+        assert!(
+            TcpStream::connect(at(1_000)).await.is_err(),
+            "removed port still steered"
+        );
+        // Connections from before the reload carry on, both ways intact,
+        // including one on the port that moved and one on the removed port.
+        echo_check_stream(live_x, 1, 1 << 20).await.unwrap();
+        echo_check_stream(live_y, 2, 1 << 20).await.unwrap();
+    })
+    .await;
+    let log = proxy.log();
+    assert!(log.contains("sk_lookup ports updated"), "{log}");
+    let attaches = log.matches("proxy ready").count();
+    assert_eq!(attaches, 1);
+}
+
+/// Port ranges beyond the per-listener bound are refused in listener mode,
+/// with the way out in the message.
+#[tokio::test]
+async fn listener_mode_refuses_a_huge_range() {
+    let config = write_temp(
+        "config.json",
+        r#"{"Apps":[{"Name":"a","Ports":["20000-29999"],"Targets":["127.0.0.1:1"]}]}"#,
+    );
+    let out = std::process::Command::new(PROXY)
+        .arg("--config")
+        .arg(&config)
+        .args(["--mode", "copy", "--listen-address", "127.0.0.1"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("10000 ports") && err.contains("--steering sk_lookup"),
+        "{err}"
+    );
+}
+
+/// Without CAP_BPF / CAP_NET_ADMIN (dropped from the bounding set, so even
+/// root lacks them after exec) `--steering sk_lookup` exits with the reason.
+#[tokio::test]
+async fn sk_lookup_without_privileges_exits_with_reason() {
+    use std::os::unix::process::CommandExt;
+    let config = write_temp(
+        "config.json",
+        r#"{"Apps":[{"Name":"a","Ports":["20000-29999"],"Targets":["127.0.0.1:1"]}]}"#,
+    );
+    let mut cmd = std::process::Command::new(PROXY);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--mode", "copy", "--steering", "sk_lookup"])
+        .args(["--listen-address", &loopback_ip()]);
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in [12, 21, 39] {
+                // CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_file(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--steering sk_lookup")
+            && err.contains("CAP_NET_ADMIN")
+            && err.contains("CAP_BPF"),
+        "{err}"
+    );
+}
