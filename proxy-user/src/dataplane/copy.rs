@@ -132,7 +132,7 @@ async fn pump(
 }
 
 /// Makes the next close of this socket send RST instead of FIN.
-fn arm_reset(sock: &TcpStream) {
+pub(super) fn arm_reset(sock: &TcpStream) {
     if let Err(e) = SockRef::from(sock).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "SO_LINGER 0 failed; peer will see FIN instead of RST");
     }

@@ -51,7 +51,10 @@ use proxy_common::{FlowControl, FlowEvent, FlowState};
 use socket2::SockRef;
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify, time::Instant};
 
-use super::{copy::CopyPlane, tcpinfo, ConnInfo, EndReason, Transfer};
+use super::{
+    copy::{arm_reset, CopyPlane},
+    tcpinfo, ConnInfo, EndReason, Transfer,
+};
 
 /// Default bound on one direction's bytes inside the kernel (redirected but
 /// not yet acknowledged by the receiver).
@@ -641,13 +644,6 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Makes the next close of this socket send RST instead of FIN.
-fn arm_reset(sock: &TcpStream) {
-    if let Err(e) = SockRef::from(sock).set_linger(Some(Duration::ZERO)) {
-        tracing::debug!(error = %e, "SO_LINGER 0 failed; peer will see FIN instead of RST");
-    }
 }
 
 /// Idle detection from the counters: the kernel moves bytes userspace never sees.
