@@ -16,7 +16,17 @@ use crate::{proxy_binary, root, sh::cmd, tester_binary};
 pub fn demo(mode: &str) -> Result<()> {
     let config = root().join("config.json");
     run_check(&config, mode, &["--quick"])?;
-    println!("demo: every app served, bytes verified (mode {mode})");
+    let log = proxy_log(mode);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let planes: Vec<String> = ["fastpath", "copy", "copy-fallback"]
+        .iter()
+        .map(|p| format!("{p}={}", text.matches(&format!("plane=\"{p}\"")).count()))
+        .collect();
+    println!(
+        "demo: every app served, bytes verified (mode {mode}); connections by data plane: {}; proxy log: {}",
+        planes.join(" "),
+        log.display()
+    );
     Ok(())
 }
 
@@ -43,11 +53,19 @@ fn run_faults(config: &Path, mode: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the proxy's own log goes: one line per connection is too much for a terminal.
+fn proxy_log(mode: &str) -> std::path::PathBuf {
+    root().join(format!("target/e2e/proxy-{mode}.log"))
+}
+
 fn start_proxy(config: &Path, mode: &str) -> Result<crate::sh::Background> {
+    let log = proxy_log(mode);
+    std::fs::create_dir_all(log.parent().context("log dir")?)?;
     let mut proxy = cmd(proxy_binary())
         .arg("--config")
         .arg(config)
         .args(["--listen-address", "127.0.0.1", "--mode", mode])
+        .stderr(std::fs::File::create(&log)?)
         .spawn(Stdio::inherit())?;
     for port in ports(config)? {
         wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), &mut proxy)?;
@@ -95,7 +113,7 @@ fn wait_listening(addr: SocketAddr, proxy: &mut crate::sh::Background) -> Result
     let start = Instant::now();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if let Some(status) = proxy.child.try_wait()? {
-            bail!("the proxy exited ({status}) before listening on {addr}");
+            bail!("the proxy exited ({status}) before listening on {addr}; see target/e2e/proxy-*.log");
         }
         if start.elapsed() > Duration::from_secs(20) {
             bail!("the proxy is not listening on {addr} after 20 s");
