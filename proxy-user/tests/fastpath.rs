@@ -227,3 +227,70 @@ fn fd_count(pid: i32) -> usize {
         .unwrap()
         .count()
 }
+
+/// Without BPF privileges `--mode fastpath` refuses to start and says why,
+/// and `--mode auto` serves on the copy plane after one warning. (Dropping
+/// root with setpriv is how CI, which runs as root, sees an unprivileged run.)
+#[test]
+fn mode_selection_without_bpf_privileges() {
+    let ports = free_ports(1);
+    let config = write_temp(
+        "config.json",
+        &format!(
+            r#"{{"Apps":[{{"Name":"a","Ports":[{}],"Targets":["127.0.0.1:9"]}}]}}"#,
+            ports[0]
+        ),
+    );
+    let unprivileged = |mode: &str| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(PROXY)
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen-address", "127.0.0.1", "--mode", mode]);
+        cmd
+    };
+
+    let out = unprivileged("fastpath")
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--mode fastpath must refuse to start: {stderr}"
+    );
+    assert!(
+        stderr.contains("--mode fastpath") && stderr.contains("not running as root"),
+        "the refusal must name the mode and the reason: {stderr}"
+    );
+
+    let mut auto = unprivileged("auto")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux)");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(auto.id() as i32, libc::SIGTERM) };
+    let out = auto.wait_with_output().expect("proxy output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "--mode auto must run and drain cleanly: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("kernel fastpath unavailable").count(),
+        1,
+        "one warning: {stderr}"
+    );
+    assert!(
+        stderr.contains("plane=\"copy\""),
+        "auto must fall back to copy: {stderr}"
+    );
+}
