@@ -271,7 +271,7 @@ fn mode_selection_without_bpf_privileges() {
         "the refusal must name the mode and the reason: {stderr}"
     );
 
-    let mut auto = unprivileged("auto")
+    let auto = unprivileged("auto")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("setpriv (util-linux)");
