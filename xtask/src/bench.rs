@@ -357,10 +357,10 @@ fn chart(load: &str, cells: &[Value]) -> Result<String> {
             "direct" => "#999999",
             _ => "#e69138",
         };
-        write!(
+        writeln!(
             svg,
             "<text x=\"8\" y=\"{ty}\">{name}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bar:.1}\" height=\"20\" fill=\"{colour}\"/>\
-             <text x=\"{tx:.1}\" y=\"{ty}\">{value:.2}</text>\n",
+             <text x=\"{tx:.1}\" y=\"{ty}\">{value:.2}</text>",
             ty = y + 15.0,
             tx = left + bar + 6.0,
         )?;
