@@ -137,26 +137,45 @@ impl SockmapPlane {
         let up = forward_ready(&client, &upstream).await;
         let down = forward_ready(&upstream, &client).await;
         let early = [up.moved, down.moved];
-        let installed = match (up.open, down.open) {
-            (true, true) => self.install(&client, &upstream),
-            _ => Err(anyhow::anyhow!(
-                "a side closed or failed before the install"
-            )),
+        // A reset seen here must reach the other side as a reset: the error
+        // is consumed by the read that saw it, so no later reader would know.
+        let reset = match (&up.end, &down.end) {
+            (EarlyEnd::ReadFailed, _) | (_, EarlyEnd::WriteFailed) => Some(EndReason::ClientReset),
+            (EarlyEnd::WriteFailed, _) | (_, EarlyEnd::ReadFailed) => Some(EndReason::TargetReset),
+            _ => None,
         };
-        let mut transfer = match installed {
-            Ok(pair) => {
-                let transfer = self.splice(&pair, &client, &upstream, conn).await;
-                self.uninstall(&pair);
-                transfer
+        let mut transfer = if let Some(end) = reset {
+            arm_reset(if end == EndReason::ClientReset {
+                &upstream
+            } else {
+                &client
+            });
+            Transfer {
+                client_to_target: 0,
+                target_to_client: 0,
+                userspace_bytes: 0,
+                end,
+                plane: "copy-fallback",
             }
-            Err(e) => {
-                tracing::info!(conn = conn.id, error = %format!("{e:#}"),
-                    "fastpath not installed; this connection stays on the copy plane");
-                // A FIN or error seen above is seen again by the copy plane:
-                // TCP keeps reporting EOF, and a reset socket keeps failing.
-                let mut transfer = self.fallback.carry(client, upstream, conn).await;
-                transfer.plane = "copy-fallback";
-                transfer
+        } else {
+            let installed = match (&up.end, &down.end) {
+                (EarlyEnd::Open, EarlyEnd::Open) => self.install(&client, &upstream),
+                _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
+            };
+            match installed {
+                Ok(pair) => {
+                    let transfer = self.splice(&pair, &client, &upstream, conn).await;
+                    self.uninstall(&pair);
+                    transfer
+                }
+                Err(e) => {
+                    tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
+                        "fastpath not installed; this connection stays on the copy plane");
+                    // TCP keeps reporting EOF, so the copy plane sees the FIN again.
+                    let mut transfer = self.fallback.carry(client, upstream, conn).await;
+                    transfer.plane = "copy-fallback";
+                    transfer
+                }
             }
         };
         transfer.client_to_target += early[0];
@@ -392,8 +411,17 @@ impl Drop for SockmapPlane {
 
 struct Early {
     moved: u64,
+    end: EarlyEnd,
+}
+
+enum EarlyEnd {
     /// Neither FIN nor an error yet: the socket can enter the map.
-    open: bool,
+    Open,
+    Eof,
+    /// Reading the source failed (it was reset).
+    ReadFailed,
+    /// Writing the destination failed (it was reset).
+    WriteFailed,
 }
 
 /// Forwards what `src` holds right now, before the install. It must read
@@ -403,20 +431,21 @@ struct Early {
 async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> Early {
     let mut buf = vec![0u8; 64 * 1024];
     let mut moved = 0;
-    loop {
+    let end = loop {
         match src.try_read(&mut buf) {
-            Ok(0) => return Early { moved, open: false },
+            Ok(0) => break EarlyEnd::Eof,
             Ok(n) => {
                 if write_all(dst, &buf[..n]).await.is_err() {
-                    return Early { moved, open: false };
+                    break EarlyEnd::WriteFailed;
                 }
                 moved += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Early { moved, open: true },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break EarlyEnd::Open,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Early { moved, open: false },
+            Err(_) => break EarlyEnd::ReadFailed,
         }
-    }
+    };
+    Early { moved, end }
 }
 
 /// One socket of an installed pair.
@@ -527,7 +556,15 @@ impl<'a> Direction<'a> {
                 self.buf = vec![0; self.plane.fallback.buffer_size.max(1)];
             }
             match self.src.try_read(&mut self.buf) {
-                Ok(0) => return Ok(false),
+                Ok(0) => {
+                    // tcp_bpf's recvmsg reports a reset socket as EOF (it
+                    // checks SOCK_DONE before sk_err): look for the error,
+                    // or the peer would get a FIN instead of the RST.
+                    if let Ok(Some(e)) = self.src.take_error() {
+                        return Err(DirEnd::ReadFailed(e));
+                    }
+                    return Ok(false);
+                }
                 Ok(n) => {
                     if self.linked {
                         tracing::warn!(
