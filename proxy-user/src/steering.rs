@@ -166,6 +166,13 @@ impl SkLookupSteering {
     /// this process's network namespace. `PORTS` starts empty.
     pub fn load(listener: &TcpListener, config: SteerConfig) -> Result<Self> {
         check_support()?;
+        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; best effort.
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let mut loader = EbpfLoader::new();
         // The object also holds the fastpath's maps; this instance never
         // uses them, so they are created as small as the kernel allows.
