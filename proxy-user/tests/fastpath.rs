@@ -128,15 +128,19 @@ async fn slow_receiver_stays_bounded(mode: &str) {
     let (mut r, mut w) = s.into_split();
     let sender = tokio::spawn(async move { send_payload(&mut w, 11, LEN, 256 * 1024).await });
 
-    // Lowest MemAvailable seen while the receiver is slow.
-    let mut lowest = before;
+    // MemAvailable while the receiver is slow. The median, not the minimum:
+    // an unbounded queue grows the whole time (hundreds of MB per second),
+    // while another process's passing allocation shows in a sample or two.
+    let mut grew = Vec::new();
     let start = Instant::now();
     while start.elapsed() < SLOW_PHASE {
-        lowest = lowest.min(mem_available());
+        grew.push(before.saturating_sub(mem_available()) / 1024);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let grew_mib = before.saturating_sub(lowest) / 1024;
-    eprintln!("{mode}: kernel memory grew by at most {grew_mib} MiB during the slow phase");
+    grew.sort_unstable();
+    let grew_mib = grew[grew.len() / 2];
+    let most_mib = grew[grew.len() - 1];
+    eprintln!("{mode}: kernel memory grew by {grew_mib} MiB (median), {most_mib} MiB (most) during the slow phase");
 
     let sent = bounded(300, "1 GiB into a slow receiver", sender)
         .await
@@ -150,7 +154,7 @@ async fn slow_receiver_stays_bounded(mode: &str) {
     // (hundreds of MB per second) and fails this.
     assert!(
         grew_mib < 96,
-        "{mode}: kernel memory grew by {grew_mib} MiB while the receiver read 10 MB/s"
+        "{mode}: kernel memory grew by {grew_mib} MiB (median sample) while the receiver read 10 MB/s"
     );
 }
 
