@@ -37,9 +37,9 @@ pub struct Cli {
     pub listen_address: String,
 
     /// Data plane: auto = kernel fastpath if it loads else copy; fastpath = fastpath or exit; copy = userspace only.
-    /// The fastpath costs the least memory per connection and gives the lowest tail latency; a bulk
-    /// transfer whose receiver falls --fastpath-inflight behind moves to userspace copy, so for
-    /// bulk-heavy or high-churn traffic `copy` measured faster (see NOTES.md, `cargo xtask bench`).
+    /// The fastpath measured the lowest latency and memory per connection; a bulk transfer whose
+    /// receiver falls --fastpath-inflight behind moves to userspace copy, and for high-churn short
+    /// connections `copy` measured a higher connection rate (see NOTES.md, `cargo xtask bench`).
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 

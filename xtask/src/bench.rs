@@ -77,6 +77,19 @@ pub fn run(opts: &Options) -> Result<()> {
     let backend_port = free_port()?;
     let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
 
+    // The backend first: a proxy whose health probe finds nothing there
+    // marks its only target down and the first measured connection fails.
+    let mut serving = cmd(tester_binary())
+        .args([
+            "backends",
+            "--kind",
+            "bench",
+            "--listen",
+            &backend.to_string(),
+        ])
+        .spawn(Stdio::piped())?;
+    crate::e2e::wait_ready(&mut serving)?;
+
     let mut endpoints = vec![Endpoint {
         name: "direct",
         port: backend_port,
@@ -98,7 +111,6 @@ pub fn run(opts: &Options) -> Result<()> {
     let md_path = work.join("results-table.md");
     let mut compare = cmd(tester_binary())
         .arg("compare")
-        .args(["--serve", &backend.to_string()])
         .args(["--loads", &opts.loads])
         .args(["--duration", &opts.duration])
         .args(["--rounds", &opts.rounds.to_string()])
@@ -115,6 +127,7 @@ pub fn run(opts: &Options) -> Result<()> {
         .filter_map(|e| Some((e.name.to_string(), rss_kib(e.work_pid()?).unwrap_or(0))))
         .collect();
     drop(endpoints);
+    drop(serving);
     compared?;
     if opts.report {
         write_report(&json_path, &md_path, &rss)?;

@@ -97,7 +97,7 @@ fn run_check(config: &Path, mode: &str, check_args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn wait_ready(backends: &mut crate::sh::Background) -> Result<()> {
+pub fn wait_ready(backends: &mut crate::sh::Background) -> Result<()> {
     let stdout = backends.child.stdout.take().context("backends stdout")?;
     let mut line = String::new();
     BufReader::new(stdout)
