@@ -9,6 +9,7 @@
 //! Both directions borrow the sockets (`readable`/`try_read` on `&TcpStream`)
 //! instead of splitting them, so either can be aborted with RST by fd.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
@@ -45,7 +46,7 @@ impl Default for CopyPlane {
 }
 
 #[derive(Debug)]
-enum DirEnd {
+pub(super) enum DirEnd {
     /// Source sent FIN and it was passed on.
     Eof,
     /// Reading the source failed (usually ECONNRESET).
@@ -138,6 +139,53 @@ pub(super) fn arm_reset(sock: &TcpStream) {
     }
 }
 
+/// Runs both directions of a connection to their end and says how it ended.
+/// A failed read or write pins the failure on one socket, and the other gets
+/// a reset; idle and drain deadlines cut both. Both data planes use this.
+pub(super) async fn supervise(
+    up: impl Future<Output = DirEnd>,
+    down: impl Future<Output = DirEnd>,
+    idle: impl Future<Output = ()>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+) -> EndReason {
+    let mut up = pin!(up);
+    let mut down = pin!(down);
+    let mut idle = pin!(idle);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let (result, from_client) = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; (r, true) }
+            r = &mut down, if !down_done => { down_done = true; (r, false) }
+            _ = &mut idle => return EndReason::IdleTimeout,
+            _ = conn.hard_stopped() => {
+                arm_reset(client);
+                arm_reset(upstream);
+                return EndReason::DrainTimeout;
+            }
+        };
+        let client_failed = match result {
+            DirEnd::Eof if up_done && down_done => return EndReason::Closed,
+            DirEnd::Eof => continue,
+            DirEnd::ReadFailed(e) => {
+                tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
+                from_client
+            }
+            DirEnd::WriteFailed(e) => {
+                tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
+                !from_client
+            }
+        };
+        if client_failed {
+            arm_reset(upstream);
+            return EndReason::ClientReset;
+        }
+        arm_reset(client);
+        return EndReason::TargetReset;
+    }
+}
+
 impl CopyPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
         for s in [&client, &upstream] {
@@ -152,49 +200,15 @@ impl CopyPlane {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
         };
-        let end = {
-            let mut up = pin!(pump(&client, &upstream, self.buffer_size, &c2t, &activity));
-            let mut down = pin!(pump(&upstream, &client, self.buffer_size, &t2c, &activity));
-            let mut up_done = false;
-            let mut down_done = false;
-            loop {
-                let dir = tokio::select! {
-                    r = &mut up, if !up_done => { up_done = true; (r, true) }
-                    r = &mut down, if !down_done => { down_done = true; (r, false) }
-                    _ = activity.idle(conn.idle_timeout) => break EndReason::IdleTimeout,
-                    _ = conn.hard_stopped() => {
-                        arm_reset(&client);
-                        arm_reset(&upstream);
-                        break EndReason::DrainTimeout;
-                    }
-                };
-                // Which socket failed: reading the source or writing the
-                // destination pins it on one side; reset the other.
-                let client_failed = match dir {
-                    (DirEnd::Eof, _) => {
-                        if up_done && down_done {
-                            break EndReason::Closed;
-                        }
-                        continue;
-                    }
-                    (DirEnd::ReadFailed(e), from_client) => {
-                        tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
-                        from_client
-                    }
-                    (DirEnd::WriteFailed(e), from_client) => {
-                        tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
-                        !from_client
-                    }
-                };
-                if client_failed {
-                    arm_reset(&upstream);
-                    break EndReason::ClientReset;
-                } else {
-                    arm_reset(&client);
-                    break EndReason::TargetReset;
-                }
-            }
-        };
+        let end = supervise(
+            pump(&client, &upstream, self.buffer_size, &c2t, &activity),
+            pump(&upstream, &client, self.buffer_size, &t2c, &activity),
+            activity.idle(conn.idle_timeout),
+            &client,
+            &upstream,
+            conn,
+        )
+        .await;
         drop(client);
         drop(upstream);
         Transfer {

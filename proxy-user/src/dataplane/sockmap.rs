@@ -33,7 +33,6 @@ use std::{
     io,
     net::Shutdown,
     os::fd::AsRawFd,
-    pin::pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -52,7 +51,7 @@ use socket2::SockRef;
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify, time::Instant};
 
 use super::{
-    copy::{arm_reset, CopyPlane},
+    copy::{arm_reset, supervise, CopyPlane, DirEnd},
     tcpinfo, ConnInfo, EndReason, Transfer,
 };
 
@@ -307,48 +306,21 @@ impl SockmapPlane {
             &user[1],
         );
         let start = Instant::now();
-        let end = {
-            let mut up_run = pin!(up.run());
-            let mut down_run = pin!(down.run());
-            let (mut up_done, mut down_done) = (false, false);
-            let mut idle = IdleWatch::new(conn.idle_timeout);
+        // The kernel moves bytes userspace never sees: idle is judged from
+        // the verdict's counters plus what userspace copied.
+        let idle = async {
+            let mut watch = IdleWatch::new(conn.idle_timeout);
             loop {
-                let (result, from_client) = tokio::select! {
-                    r = &mut up_run, if !up_done => { up_done = true; (r, true) }
-                    r = &mut down_run, if !down_done => { down_done = true; (r, false) }
-                    _ = idle.tick() => {
-                        let moved = self.moved(pair) + user[0].load(Ordering::Relaxed) + user[1].load(Ordering::Relaxed);
-                        if idle.is_idle(moved) {
-                            break EndReason::IdleTimeout;
-                        }
-                        continue;
-                    }
-                    _ = conn.hard_stopped() => {
-                        arm_reset(client);
-                        arm_reset(upstream);
-                        break EndReason::DrainTimeout;
-                    }
-                };
-                let client_failed = match result {
-                    DirEnd::Eof if up_done && down_done => break EndReason::Closed,
-                    DirEnd::Eof => continue,
-                    DirEnd::ReadFailed(e) => {
-                        tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
-                        from_client
-                    }
-                    DirEnd::WriteFailed(e) => {
-                        tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
-                        !from_client
-                    }
-                };
-                if client_failed {
-                    arm_reset(upstream);
-                    break EndReason::ClientReset;
+                watch.tick().await;
+                let moved = self.moved(pair)
+                    + user[0].load(Ordering::Relaxed)
+                    + user[1].load(Ordering::Relaxed);
+                if watch.is_idle(moved) {
+                    return;
                 }
-                arm_reset(client);
-                break EndReason::TargetReset;
             }
         };
+        let end = supervise(up.run(), down.run(), idle, client, upstream, conn).await;
         let user = [
             user[0].load(Ordering::Relaxed),
             user[1].load(Ordering::Relaxed),
@@ -472,13 +444,6 @@ impl Side {
 struct Pair {
     client: Side,
     upstream: Side,
-}
-
-#[derive(Debug)]
-enum DirEnd {
-    Eof,
-    ReadFailed(io::Error),
-    WriteFailed(io::Error),
 }
 
 /// One direction of a spliced pair: bytes arriving on `src` leave from `dst`.
