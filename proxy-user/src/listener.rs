@@ -119,17 +119,43 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let label = format!("{} port {port}", current(&slot).balancer.app);
+    accept_until_stopped(&listener, &label, &shared, &mut stop, |sock, peer| {
+        admit(sock, peer, port, &current(&slot), &shared)
+    })
+    .await;
+    // Clients whose handshake the kernel already completed are served, not
+    // reset: a reload that removes this port must not break them.
+    while let Ok(Ok((sock, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        admit(sock, peer, port, &current(&slot), &shared);
+    }
+    // Dropping the listener closes the port: new clients get refused
+    // instead of queueing behind a proxy that is going away.
+    drop(listener);
+}
+
+/// Accepts until `stop`, handing each connection to `on_accept`. Out of fds
+/// or memory it backs off (100 ms doubling to 1 s) instead of spinning, and
+/// recovers by itself when fds free up; other errors (a client gone before
+/// the accept) are logged and skipped. `label` names the listener in logs.
+pub(crate) async fn accept_until_stopped(
+    listener: &TcpListener,
+    label: &str,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+) {
     let mut backoff = Duration::ZERO;
     let err_log = RateLimit::default();
     loop {
         let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::ZERO;
-                admit(sock, peer, port, &current(&slot), &shared);
+                on_accept(sock, peer);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 shared
@@ -140,10 +166,10 @@ pub async fn accept_loop(
                 // once some fds may have been freed.
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
                 if let Some(suppressed) = err_log.check() {
-                    tracing::warn!(app = %current(&slot).balancer.app, port, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
+                    tracing::warn!(listener = label, error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
                 }
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = stop.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
             }
@@ -151,21 +177,13 @@ pub async fn accept_loop(
                 // ECONNABORTED and friends: that one client is gone, the
                 // listener is fine.
                 if let Some(suppressed) = err_log.check() {
-                    tracing::debug!(app = %current(&slot).balancer.app, port, error = %e, suppressed, "accept failed, continuing");
+                    tracing::debug!(listener = label, error = %e, suppressed, "accept failed, continuing");
                 }
                 // Unknown persistent errors must not spin a core.
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     }
-    // Clients whose handshake the kernel already completed are served, not
-    // reset: a reload that removes this port must not break them.
-    while let Ok(Ok((sock, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        admit(sock, peer, port, &current(&slot), &shared);
-    }
-    // Dropping the listener closes the port: new clients get refused
-    // instead of queueing behind a proxy that is going away.
-    drop(listener);
 }
 
 pub(crate) fn admit(

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -279,58 +278,28 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::ZERO;
-    let err_log = RateLimit::default();
     let unknown_log = RateLimit::default();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            r = l.accept() => r,
-        };
-        match accepted {
-            Ok((sock, peer)) => {
-                backoff = Duration::ZERO;
-                let port = match sock.local_addr() {
-                    Ok(a) => a.port(),
-                    Err(e) => {
-                        tracing::debug!(client = %peer, error = %e, "getsockname failed; dropping");
-                        continue;
-                    }
-                };
-                match table_get(&table).get(&port) {
-                    Some(app) => listener::admit(sock, peer, port, app, &shared),
-                    None => {
-                        // Steered just before a reload removed its port, or
-                        // dialled to the listener's own port: refuse with RST.
-                        if let Some(suppressed) = unknown_log.check() {
-                            tracing::debug!(port, client = %peer, suppressed, "no app for this port; refusing");
-                        }
-                        let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
-                    }
-                }
-            }
-            Err(e) if crate::connect::is_local_resource_error(&e) => {
-                shared
-                    .metrics
-                    .accept_resource_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
-                if let Some(suppressed) = err_log.check() {
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed: out of resources, backing off");
-                }
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-            }
+    listener::accept_until_stopped(&l, "sk_lookup", &shared, &mut stop, |sock, peer| {
+        let port = match sock.local_addr() {
+            Ok(a) => a.port(),
             Err(e) => {
-                if let Some(suppressed) = err_log.check() {
-                    tracing::debug!(error = %e, suppressed, "accept failed, continuing");
+                tracing::debug!(client = %peer, error = %e, "getsockname failed; dropping");
+                return;
+            }
+        };
+        match table_get(&table).get(&port) {
+            Some(app) => listener::admit(sock, peer, port, app, &shared),
+            None => {
+                // Steered just before a reload removed its port, or
+                // dialled to the listener's own port: refuse with RST.
+                if let Some(suppressed) = unknown_log.check() {
+                    tracing::debug!(port, client = %peer, suppressed, "no app for this port; refusing");
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
