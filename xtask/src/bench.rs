@@ -6,13 +6,12 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::Path,
     process::Stdio,
-    time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::{proxy_binary, root, sh::cmd, sh::Background, tester_binary};
@@ -104,7 +103,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     for e in &mut endpoints[1..] {
         let process = e.process.as_mut().expect("proxies are processes");
-        wait_listening(e.port, process, e.name)?;
+        crate::e2e::wait_listening(e.port, process, e.name)?;
     }
 
     let json_path = work.join("results.json");
@@ -215,23 +214,6 @@ fn nginx(backend: SocketAddr, work: &Path) -> Result<Endpoint> {
         port,
         process: Some(process),
     })
-}
-
-fn wait_listening(port: u16, process: &mut Background, name: &str) -> Result<()> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let start = Instant::now();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Some(status) = process.child.try_wait()? {
-            bail!(
-                "{name} exited ({status}) before listening on {addr}; its log is in target/bench/"
-            );
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("{name} is not listening on {addr} after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 fn free_port() -> Result<u16> {

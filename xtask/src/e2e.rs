@@ -68,7 +68,7 @@ fn start_proxy(config: &Path, mode: &str) -> Result<crate::sh::Background> {
         .stderr(std::fs::File::create(&log)?)
         .spawn(Stdio::inherit())?;
     for port in ports(config)? {
-        wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), &mut proxy)?;
+        wait_listening(port, &mut proxy, "the proxy")?;
     }
     Ok(proxy)
 }
@@ -109,14 +109,16 @@ pub fn wait_ready(backends: &mut crate::sh::Background) -> Result<()> {
     Ok(())
 }
 
-fn wait_listening(addr: SocketAddr, proxy: &mut crate::sh::Background) -> Result<()> {
+/// Waits until `process` accepts on loopback `port`, failing early if it exits.
+pub fn wait_listening(port: u16, process: &mut crate::sh::Background, name: &str) -> Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let start = Instant::now();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Some(status) = proxy.child.try_wait()? {
-            bail!("the proxy exited ({status}) before listening on {addr}; see target/e2e/proxy-*.log");
+        if let Some(status) = process.child.try_wait()? {
+            bail!("{name} exited ({status}) before listening on {addr}; its log is under target/");
         }
         if start.elapsed() > Duration::from_secs(20) {
-            bail!("the proxy is not listening on {addr} after 20 s");
+            bail!("{name} is not listening on {addr} after 20 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

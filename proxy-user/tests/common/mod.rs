@@ -354,26 +354,34 @@ impl Proxy {
                 log_path,
                 config_path,
             };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let log = proxy.log();
-                if log.contains("proxy ready") {
-                    return proxy;
-                }
-                if let Ok(Some(_)) = proxy.child.try_wait() {
-                    last_log = log;
-                    break;
-                }
-                if Instant::now() > deadline {
-                    panic!("proxy not ready in 20s; log:\n{log}");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            match proxy.wait_ready().await {
+                Ok(()) => return proxy,
+                Err(log) => last_log = log,
             }
             if !last_log.contains("Address already in use") {
                 break;
             }
         }
         panic!("proxy failed to start; log:\n{last_log}");
+    }
+
+    /// Waits up to 20 s for "proxy ready"; `Err(log)` if the proxy exited first.
+    pub async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.contains("proxy ready") {
+                return Ok(());
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(log);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy not ready in 20s; log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn addr(&self, app: usize, i: usize) -> SocketAddr {

@@ -43,21 +43,10 @@ pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
         log_path,
         config_path,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = proxy.log();
-        if log.contains("proxy ready") {
-            return proxy;
-        }
-        if let Ok(Some(st)) = proxy.child.try_wait() {
-            panic!("proxy exited ({st}) before ready; log:\n{log}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "proxy not ready in 20s; log:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Err(log) = proxy.wait_ready().await {
+        panic!("proxy exited before ready; log:\n{log}");
     }
+    proxy
 }
 
 /// Replaces the config file the way editors do: write a temp file, rename over.

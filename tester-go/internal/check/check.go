@@ -152,37 +152,26 @@ type runner struct {
 	seedCtr uint64
 }
 
+// orDefault sets an unset (zero or negative) option to its default.
+func orDefault[T int | int64 | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
+}
+
 // Run executes all cases and returns the report. It never panics on proxy
 // misbehaviour; everything is bounded by Options.Timeout.
 func Run(o Options) *Report {
 	d := Defaults(false)
-	if o.Conns <= 0 {
-		o.Conns = d.Conns
-	}
-	if o.MaxSize <= 0 {
-		o.MaxSize = d.MaxSize
-	}
-	if o.Timeout <= 0 {
-		o.Timeout = d.Timeout
-	}
-	if o.PerPort <= 0 {
-		o.PerPort = d.PerPort
-	}
-	if o.SlowBytes <= 0 {
-		o.SlowBytes = d.SlowBytes
-	}
-	if o.SlowRate <= 0 {
-		o.SlowRate = d.SlowRate
-	}
-	if o.HalfBytes <= 0 {
-		o.HalfBytes = d.HalfBytes
-	}
-	if o.Parallel <= 0 {
-		o.Parallel = d.Parallel
-	}
-	if o.ConcurrBuf <= 0 {
-		o.ConcurrBuf = d.ConcurrBuf
-	}
+	orDefault(&o.Conns, d.Conns)
+	orDefault(&o.MaxSize, d.MaxSize)
+	orDefault(&o.Timeout, d.Timeout)
+	orDefault(&o.PerPort, d.PerPort)
+	orDefault(&o.SlowBytes, d.SlowBytes)
+	orDefault(&o.SlowRate, d.SlowRate)
+	orDefault(&o.HalfBytes, d.HalfBytes)
+	orDefault(&o.Parallel, d.Parallel)
+	orDefault(&o.ConcurrBuf, d.ConcurrBuf)
 	r := &runner{o: o, owner: map[string]string{}}
 	for _, ca := range o.Config.Apps {
 		local, skipped := ca.LocalTargets()
