@@ -35,7 +35,7 @@ fn end_index(e: EndReason) -> usize {
 /// plane (every connect failed, or the drain deadline hit while connecting).
 /// "copy-fallback": the fastpath could not take the pair (install failed) and
 /// the copy plane carried it, so it doubles as the install-failure count.
-pub const PLANES: [&str; 4] = ["fastpath", "copy", "copy-fallback", "none"];
+pub const PLANES: [&str; 5] = ["fastpath", "splice", "copy", "copy-fallback", "none"];
 
 /// Which connection limit refused a client (`limit` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub struct AppMetrics {
     accepted: AtomicU64,
     refused: [AtomicU64; 2],
     ends: [AtomicU64; 7],
-    planes: [AtomicU64; 4],
+    planes: [AtomicU64; PLANES.len()],
     active: AtomicI64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -86,7 +86,7 @@ impl AppMetrics {
 
     pub fn finished(&self, t: &Transfer, attempts: u32) {
         self.ends[end_index(t.end)].fetch_add(1, Ordering::Relaxed);
-        let plane = PLANES.iter().position(|p| *p == t.plane).unwrap_or(3);
+        let plane = PLANES.iter().position(|p| *p == t.plane).unwrap_or(PLANES.len() - 1);
         self.planes[plane].fetch_add(1, Ordering::Relaxed);
         self.bytes_in
             .fetch_add(t.client_to_target, Ordering::Relaxed);

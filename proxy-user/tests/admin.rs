@@ -157,12 +157,11 @@ async fn known_traffic_counts_exactly(mode: &str) {
         assert_eq!(v(r#"proxy_connections_active{app="app"}"#), 0);
         // Per plane, exactly the close lines' planes. A fastpath pair whose
         // client FIN came before the install is carried as copy-fallback.
-        let allowed: &[&str] = if mode == "copy" {
-            &["copy"]
-        } else {
-            &["fastpath", "copy-fallback"]
+        let allowed: &[&str] = match mode {
+            "fastpath" => &["fastpath", "copy-fallback"],
+            other => &[other],
         };
-        for plane in ["fastpath", "copy", "copy-fallback", "none"] {
+        for plane in ["fastpath", "splice", "copy", "copy-fallback", "none"] {
             let logged = lines.iter().filter(|l| l["plane"] == plane).count() as u64;
             assert!(logged == 0 || allowed.contains(&plane), "{plane} on {mode}");
             let series = format!(r#"proxy_connections_plane_total{{app="app",plane="{plane}"}}"#);

@@ -95,6 +95,7 @@ pub fn run(opts: &Options) -> Result<()> {
         process: None,
     }];
     endpoints.push(our_proxy("fastpath", "fastpath", backend, &work)?);
+    endpoints.push(our_proxy("splice", "splice", backend, &work)?);
     endpoints.push(our_proxy("copy", "copy", backend, &work)?);
     if opts.peers {
         endpoints.push(haproxy("haproxy", false, backend, &work)?);

@@ -18,7 +18,7 @@ pub fn demo(mode: &str) -> Result<()> {
     run_check(&config, mode, &["--quick"])?;
     let log = proxy_log(mode);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let planes: Vec<String> = ["fastpath", "copy", "copy-fallback"]
+    let planes: Vec<String> = ["fastpath", "splice", "copy", "copy-fallback"]
         .iter()
         .map(|p| format!("{p}={}", text.matches(&format!("plane=\"{p}\"")).count()))
         .collect();

@@ -142,7 +142,7 @@ fn test() -> Result<()> {
     }
     cmd("go").args(["vet", "./..."]).dir(&go).run()?;
     cmd("go").args(["test", "./..."]).dir(&go).run()?;
-    for mode in ["copy", "fastpath"] {
+    for mode in ["copy", "splice", "fastpath"] {
         e2e::check_config(mode)?;
     }
     println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");

@@ -32,8 +32,8 @@ pub const DEFAULT_BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct CopyPlane {
-    /// Bytes per direction; allocated only once that direction has data, so
-    /// idle connections cost no buffer memory until they first speak.
+    /// Bytes per direction; allocated only once that direction has data (or
+    /// its FIN), so idle connections cost no buffer memory until they speak.
     pub buffer_size: usize,
 }
 
@@ -56,18 +56,25 @@ pub(super) enum DirEnd {
 }
 
 /// Last time any byte moved, in ms since the transfer started.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(super) fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    async fn idle(&self, limit: Option<Duration>) {
+    pub(super) async fn idle(&self, limit: Option<Duration>) {
         let Some(limit) = limit else {
             return std::future::pending().await;
         };
@@ -82,20 +89,20 @@ impl Activity {
     }
 }
 
-async fn pump(
+pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     buf_size: usize,
     moved: &AtomicU64,
     activity: &Activity,
 ) -> DirEnd {
-    let mut buf: Vec<u8> = Vec::new();
+    if let Err(e) = first_bytes(src).await {
+        return DirEnd::ReadFailed(e);
+    }
+    let mut buf = vec![0u8; buf_size.max(1)];
     loop {
         if let Err(e) = src.readable().await {
             return DirEnd::ReadFailed(e);
-        }
-        if buf.is_empty() {
-            buf = vec![0; buf_size.max(1)];
         }
         let n = match src.try_read(&mut buf) {
             Ok(0) => {
@@ -128,6 +135,23 @@ async fn pump(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return DirEnd::WriteFailed(e),
             }
+        }
+    }
+}
+
+/// Waits until `src` has a byte, its FIN or an error to report, without
+/// taking anything. A freshly accepted socket reports readable before the
+/// client sent anything, so readiness alone would make every idle connection
+/// allocate its per-direction buffer (or pipe) at once.
+pub(super) async fn first_bytes(src: &TcpStream) -> io::Result<()> {
+    src.peek(&mut [0u8; 1]).await.map(|_| ())
+}
+
+/// Both sides: a proxy must not add Nagle delay to small writes.
+pub(super) fn set_nodelay(client: &TcpStream, upstream: &TcpStream) {
+    for s in [client, upstream] {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY failed");
         }
     }
 }
@@ -188,18 +212,10 @@ pub(super) async fn supervise(
 
 impl CopyPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        for s in [&client, &upstream] {
-            // Both sides: a proxy must not add Nagle delay to small writes.
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY failed");
-            }
-        }
+        set_nodelay(&client, &upstream);
         let c2t = AtomicU64::new(0);
         let t2c = AtomicU64::new(0);
-        let activity = Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        };
+        let activity = Activity::new();
         let end = supervise(
             pump(&client, &upstream, self.buffer_size, &c2t, &activity),
             pump(&upstream, &client, self.buffer_size, &t2c, &activity),

@@ -1,9 +1,11 @@
 //! The data plane seam: how bytes move between a client and its upstream
 //! once both sockets are connected. The control plane decides *where*; a
-//! plane decides *how* (userspace copy, or the kernel sockmap fastpath).
+//! plane decides *how* (userspace copy, userspace splice(2), or the kernel
+//! sockmap fastpath).
 
 pub mod copy;
 pub mod sockmap;
+pub mod splice;
 mod tcpinfo;
 
 use std::net::SocketAddr;
@@ -86,7 +88,7 @@ pub struct Transfer {
     /// rest the kernel carried. Equal to the sum of both directions on the
     /// copy plane, near zero on the fastpath.
     pub userspace_bytes: u64,
-    /// "copy", "fastpath" or "copy-fallback".
+    /// "copy", "splice", "fastpath" or "copy-fallback".
     pub plane: &'static str,
 }
 
@@ -99,10 +101,13 @@ pub enum Mode {
     Fastpath,
     /// Userspace copy only; never touches BPF.
     Copy,
+    /// Userspace splice(2) through a pipe (zero-copy, as HAProxy's splice); never touches BPF.
+    Splice,
 }
 
 pub enum DataPlane {
     Copy(copy::CopyPlane),
+    Splice(splice::SplicePlane),
     Sockmap(std::sync::Arc<sockmap::SockmapPlane>),
 }
 
@@ -111,6 +116,7 @@ impl DataPlane {
     pub fn select(mode: Mode, copy: copy::CopyPlane, inflight: u64) -> anyhow::Result<DataPlane> {
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
+            Mode::Splice => Ok(DataPlane::Splice(splice::SplicePlane::from_copy(&copy))),
             Mode::Fastpath => {
                 let plane = sockmap::SockmapPlane::load(copy.clone(), inflight).map_err(|e| {
                     e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
@@ -130,6 +136,7 @@ impl DataPlane {
     pub fn name(&self) -> &'static str {
         match self {
             DataPlane::Copy(_) => "copy",
+            DataPlane::Splice(_) => "splice",
             DataPlane::Sockmap(_) => "fastpath",
         }
     }
@@ -137,6 +144,7 @@ impl DataPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
         match self {
             DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
+            DataPlane::Splice(p) => p.carry(client, upstream, conn).await,
             DataPlane::Sockmap(p) => p.carry(client, upstream, conn).await,
         }
     }

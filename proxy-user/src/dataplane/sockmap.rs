@@ -51,7 +51,7 @@ use socket2::SockRef;
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify, time::Instant};
 
 use super::{
-    copy::{arm_reset, supervise, CopyPlane, DirEnd},
+    copy::{arm_reset, set_nodelay, supervise, CopyPlane, DirEnd},
     tcpinfo, ConnInfo, EndReason, Transfer,
 };
 
@@ -127,11 +127,7 @@ impl SockmapPlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        for s in [&client, &upstream] {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY failed");
-            }
-        }
+        set_nodelay(&client, &upstream);
         // Whatever arrived before the install goes first, by the copy path.
         let up = forward_ready(&client, &upstream).await;
         let down = forward_ready(&upstream, &client).await;

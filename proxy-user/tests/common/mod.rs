@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 macro_rules! planes {
     ($($name:ident),* $(,)?) => {
         plane_mod!(copy, "copy", $($name),*);
+        plane_mod!(splice, "splice", $($name),*);
         plane_mod!(fastpath, "fastpath", $($name),*);
     };
 }

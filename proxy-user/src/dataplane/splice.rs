@@ -1,0 +1,185 @@
+//! Zero-copy userspace data plane: `splice(2)` socket → pipe → socket, the
+//! way HAProxy's `option splice-*` does it.
+//!
+//! Userspace still decides every move (so half-close, resets, idle and drain
+//! behave exactly as on the copy plane: same `supervise`), but the payload
+//! pages go from one socket's receive queue to the other's send queue by
+//! reference, never through a userspace buffer. Costs: a pipe (two fds) per
+//! direction that has spoken. A direction whose pipe cannot be made (fd or
+//! pipe-memory limit) is carried by the copy pump instead, and says so.
+//!
+//! Ordering: a direction fills its pipe from the source only when the pipe is
+//! empty, and empties it into the destination before the next fill, so the
+//! pipe never holds more than one read and nothing can overtake it; EOF is
+//! passed on only with the pipe empty.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::copy::{self, Activity, CopyPlane, DirEnd};
+use super::{ConnInfo, Transfer};
+
+#[derive(Debug, Clone)]
+pub struct SplicePlane {
+    /// Requested pipe capacity per direction (the kernel rounds up to a
+    /// power-of-two number of pages and caps it at fs.pipe-max-size).
+    pub pipe_size: usize,
+}
+
+impl SplicePlane {
+    /// Same sizing knob as the copy plane: its buffer is our pipe.
+    pub fn from_copy(copy: &CopyPlane) -> Self {
+        SplicePlane {
+            pipe_size: copy.buffer_size,
+        }
+    }
+
+    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        copy::set_nodelay(&client, &upstream);
+        let c2t = AtomicU64::new(0);
+        let t2c = AtomicU64::new(0);
+        let activity = Activity::new();
+        let end = copy::supervise(
+            pump(&client, &upstream, self.pipe_size, &c2t, &activity, conn.id),
+            pump(&upstream, &client, self.pipe_size, &t2c, &activity, conn.id),
+            activity.idle(conn.idle_timeout),
+            &client,
+            &upstream,
+            conn,
+        )
+        .await;
+        drop(client);
+        drop(upstream);
+        let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
+        Transfer {
+            // Userspace moved these, even though it never touched the bytes.
+            userspace_bytes: c2t + t2c,
+            client_to_target: c2t,
+            target_to_client: t2c,
+            end,
+            plane: "splice",
+        }
+    }
+}
+
+/// The two ends of one direction's pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // A smaller pipe only means more splice calls per byte; not fatal
+        // (an unprivileged process above fs.pipe-max-size gets EPERM).
+        // SAFETY: fcntl on an fd we own, with an integer argument.
+        if unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size) } < 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), size, "F_SETPIPE_SZ failed; default pipe size");
+        }
+        Ok(pipe)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain fds and null offsets (both ends are a socket or a pipe).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe_size: usize,
+    moved: &AtomicU64,
+    activity: &Activity,
+    conn_id: u64,
+) -> DirEnd {
+    // Made when the direction first has data: an idle connection holds no pipe.
+    if let Err(e) = copy::first_bytes(src).await {
+        return DirEnd::ReadFailed(e);
+    }
+    let pipe = match Pipe::new(pipe_size) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
+            return copy::pump(src, dst, pipe_size, moved, activity).await;
+        }
+    };
+    loop {
+        if let Err(e) = src.readable().await {
+            return DirEnd::ReadFailed(e);
+        }
+        let filled = src.try_io(Interest::READABLE, || {
+            splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe_size)
+        });
+        let mut pending = match filled {
+            Ok(0) => {
+                // The pipe is empty (drained below before every fill), so
+                // every byte read was handed on: the FIN may follow.
+                return match SockRef::from(dst).shutdown(Shutdown::Write) {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
+                    Err(e) => DirEnd::WriteFailed(e),
+                };
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return DirEnd::ReadFailed(e),
+        };
+        activity.touch();
+        while pending > 0 {
+            if let Err(e) = dst.writable().await {
+                return DirEnd::WriteFailed(e);
+            }
+            let drained = dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), pending)
+            });
+            match drained {
+                Ok(0) => {
+                    return DirEnd::WriteFailed(io::ErrorKind::WriteZero.into());
+                }
+                Ok(m) => {
+                    pending -= m;
+                    moved.fetch_add(m as u64, Ordering::Relaxed);
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return DirEnd::WriteFailed(e),
+            }
+        }
+    }
+}
