@@ -13,7 +13,7 @@ A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\
 listens on every port of every app, and forwards each accepted connection to one of that app's targets: \
 least-connections by default, skipping targets that active health probes or failed connects marked down, \
 failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
-it is available, otherwise by a userspace copy loop; half-close and resets are passed through. \
+it is available, otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
@@ -36,10 +36,11 @@ pub struct Cli {
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: String,
 
-    /// Data plane: auto = kernel fastpath if it loads else copy; fastpath = fastpath or exit; copy = userspace only.
-    /// The fastpath measured the lowest latency and memory per connection; a bulk transfer whose
-    /// receiver falls --fastpath-inflight behind moves to userspace copy, and for high-churn short
-    /// connections `copy` measured a higher connection rate (see NOTES.md, `cargo xtask bench`).
+    /// Data plane: auto = kernel fastpath if it loads, else splice, else copy; fastpath = fastpath or exit;
+    /// splice = userspace zero-copy splice(2) through a pipe, or exit; copy = userspace read/write only.
+    /// The fastpath measured the lowest latency; splice the lowest CPU per GB and, with copy, a higher
+    /// connection rate for high-churn short connections; a fastpath transfer whose receiver falls
+    /// --fastpath-inflight behind moves to userspace copy (see NOTES.md, `cargo xtask bench`).
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 
@@ -86,7 +87,8 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Copy-plane buffer per direction per connection (e.g. 16KiB, 64KiB, 256KiB).
+    /// Userspace buffer per direction per connection (e.g. 16KiB, 64KiB, 256KiB): the copy plane's read
+    /// buffer, the splice plane's pipe size (the kernel rounds up to pages).
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
@@ -103,6 +105,11 @@ pub struct Cli {
     /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
     #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]
     pub fastpath_inflight: u64,
+
+    /// Fastpath only: also attach a stream parser next to the verdict (the kernel then reads
+    /// through strparser instead of tcp_read_skb). Off by default: see NOTES.md for the comparison.
+    #[arg(long)]
+    pub fastpath_parser: bool,
 
     /// How connections reach the proxy: listeners = one listening socket per port; sk_lookup = one socket, and a BPF sk_lookup program steers every configured port to it (any range size; Linux >= 5.9, CAP_BPF + CAP_NET_ADMIN).
     #[arg(long, value_enum, default_value_t = Steering::Listeners)]

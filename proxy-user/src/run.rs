@@ -21,7 +21,8 @@ use crate::config::{self, App, Config};
 use crate::config_watch;
 use crate::connect::{self, ConnectPolicy};
 use crate::dataplane::copy::CopyPlane;
-use crate::dataplane::DataPlane;
+use crate::dataplane::sockmap::Options as FastpathOptions;
+use crate::dataplane::{DataPlane, Mode};
 use crate::health::{self, HealthConfig};
 use crate::lifecycle::{self, Request, Signals, Tracker};
 use crate::listener::{self, AppRuntime, AppSlot, RateLimit, Shared};
@@ -113,8 +114,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::parse_with(&text, &cli.config.display().to_string(), max_range)?;
     match lifecycle::raise_fd_limit() {
         Ok(nofile) => {
-            // Each proxied connection holds two fds (client + upstream).
-            let needed = 2 * u64::from(cli.max_connections);
+            // Each proxied connection holds two fds (client + upstream), and
+            // on the splice plane up to two pipes (two fds each) more.
+            let per_conn = if cli.mode == Mode::Splice { 6 } else { 2 };
+            let needed = per_conn * u64::from(cli.max_connections);
             if nofile < needed {
                 tracing::warn!(
                     nofile,
@@ -131,7 +134,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         CopyPlane {
             buffer_size: cli.copy_buffer,
         },
-        cli.fastpath_inflight,
+        FastpathOptions {
+            inflight: cli.fastpath_inflight,
+            parser: cli.fastpath_parser || std::env::var_os("PARSER").is_some(),
+        },
     )?;
     let settings = Settings {
         listen_address: cli.listen_address.clone(),

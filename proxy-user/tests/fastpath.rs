@@ -233,7 +233,7 @@ fn fd_count(pid: i32) -> usize {
 }
 
 /// Without BPF privileges `--mode fastpath` refuses to start and says why,
-/// and `--mode auto` serves on the copy plane after one warning. (Dropping
+/// and `--mode auto` serves on the next plane, splice(2), after one warning. (Dropping
 /// root with setpriv is how CI, which runs as root, sees an unprivileged run.)
 #[test]
 fn mode_selection_without_bpf_privileges() {
@@ -294,7 +294,7 @@ fn mode_selection_without_bpf_privileges() {
         "one warning: {stderr}"
     );
     assert!(
-        stderr.contains("plane=\"copy\""),
-        "auto must fall back to copy: {stderr}"
+        stderr.contains("plane=\"splice\""),
+        "auto must fall back to splice: {stderr}"
     );
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: our two data planes against a direct connection,
+//! `cargo xtask bench`: our three data planes against a direct connection,
 //! HAProxy (`mode tcp`, with and without `option splice-auto`) and nginx
 //! `stream`, all forwarding to the tester's bench backend, measured in one
 //! interleaved `tester-go compare` run. Also the short comparison that
@@ -94,9 +94,19 @@ pub fn run(opts: &Options) -> Result<()> {
         port: backend_port,
         process: None,
     }];
-    endpoints.push(our_proxy("fastpath", "fastpath", backend, &work)?);
-    endpoints.push(our_proxy("splice", "splice", backend, &work)?);
-    endpoints.push(our_proxy("copy", "copy", backend, &work)?);
+    let ours: [(&str, &[&str]); 4] = [
+        ("fastpath", &["--mode", "fastpath"]),
+        // Same fastpath with the stream parser attached: the comparison
+        // behind --fastpath-parser's default (NOTES.md).
+        ("fastpath-parser", &["--mode", "fastpath", "--fastpath-parser"]),
+        ("splice", &["--mode", "splice"]),
+        ("copy", &["--mode", "copy"]),
+    ];
+    for (name, args) in ours {
+        if opts.peers || name != "fastpath-parser" {
+            endpoints.push(our_proxy(name, args, backend, &work)?);
+        }
+    }
     if opts.peers {
         endpoints.push(haproxy("haproxy", false, backend, &work)?);
         endpoints.push(haproxy("haproxy-splice", true, backend, &work)?);
@@ -135,7 +145,8 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn our_proxy(name: &'static str, mode: &str, backend: SocketAddr, work: &Path) -> Result<Endpoint> {
+/// Our proxy with `args` (its data plane) in front of `backend`.
+fn our_proxy(name: &'static str, args: &[&str], backend: SocketAddr, work: &Path) -> Result<Endpoint> {
     let port = free_port()?;
     let config = work.join(format!("{name}.json"));
     let json = serde_json::json!({"Apps": [{"Name": "bench", "Ports": [port], "Targets": [backend.to_string()]}]});
@@ -144,7 +155,8 @@ fn our_proxy(name: &'static str, mode: &str, backend: SocketAddr, work: &Path) -
     let process = cmd(proxy_binary())
         .arg("--config")
         .arg(&config)
-        .args(["--listen-address", "127.0.0.1", "--mode", mode])
+        .args(["--listen-address", "127.0.0.1"])
+        .args(args)
         .args(["--log-level", "warn"])
         .stderr(log)
         .spawn(Stdio::null())?;
@@ -262,7 +274,7 @@ fn write_report(json_path: &Path, md_path: &Path, rss: &[(String, u64)]) -> Resu
         report["duration_s"]
     )?;
     md.push_str(&table);
-    md.push_str("\n## Against the best peer\n\nRatio of each of our planes to the best of HAProxy and nginx for that load (>1 is better for throughput and rate, <1 is better for latency).\n\n| load | best peer | fastpath | copy |\n|---|---|---|---|\n");
+    md.push_str("\n## Against the best peer\n\nRatio of each of our planes to the best of HAProxy and nginx for that load (>1 is better for throughput and rate, <1 is better for latency).\n\n| load | best peer | fastpath | fastpath-parser | splice | copy |\n|---|---|---|---|---|---|\n");
     let peers = ["haproxy", "haproxy-splice", "nginx"];
     for load in &loads {
         let (metric, higher_better) = metric_of(load);
@@ -287,8 +299,10 @@ fn write_report(json_path: &Path, md_path: &Path, rss: &[(String, u64)]) -> Resu
         };
         writeln!(
             md,
-            "| {load} | {best_name} ({best_value:.2}) | {} | {} |",
+            "| {load} | {best_name} ({best_value:.2}) | {} | {} | {} | {} |",
             ratio("fastpath"),
+            ratio("fastpath-parser"),
+            ratio("splice"),
             ratio("copy")
         )?;
     }
@@ -350,6 +364,7 @@ fn chart(load: &str, cells: &[Value]) -> Result<String> {
         let colour = match name.as_str() {
             "fastpath" => "#2b7bb9",
             "copy" => "#6aa84f",
+            "splice" => "#8e7cc3",
             "direct" => "#999999",
             _ => "#e69138",
         };

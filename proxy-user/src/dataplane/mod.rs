@@ -95,7 +95,7 @@ pub struct Transfer {
 /// Which data plane to use, from `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Kernel fastpath if it loads, otherwise userspace copy (warns once).
+    /// Kernel fastpath if it loads, else splice(2), else userspace copy (warns once per step).
     Auto,
     /// Kernel fastpath or exit with the reason.
     Fastpath,
@@ -112,24 +112,33 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    /// `inflight`: the fastpath's bound on bytes inside the kernel per direction.
-    pub fn select(mode: Mode, copy: copy::CopyPlane, inflight: u64) -> anyhow::Result<DataPlane> {
+    /// `auto` tries the planes best first, as measured by `cargo xtask bench`
+    /// (NOTES.md): fastpath (lowest latency), then splice (lowest CPU per GB,
+    /// no per-connection buffer), then copy, which needs nothing but sockets.
+    pub fn select(
+        mode: Mode,
+        copy: copy::CopyPlane,
+        fastpath: sockmap::Options,
+    ) -> anyhow::Result<DataPlane> {
+        let load_fastpath = |copy: &copy::CopyPlane| {
+            sockmap::SockmapPlane::load(copy.clone(), fastpath).map(|p| DataPlane::Sockmap(Arc::new(p)))
+        };
+        let load_splice = |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
-            Mode::Splice => Ok(DataPlane::Splice(splice::SplicePlane::from_copy(&copy))),
-            Mode::Fastpath => {
-                let plane = sockmap::SockmapPlane::load(copy.clone(), inflight).map_err(|e| {
-                    e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
-                })?;
-                Ok(DataPlane::Sockmap(Arc::new(plane)))
-            }
-            Mode::Auto => match sockmap::SockmapPlane::load(copy.clone(), inflight) {
-                Ok(plane) => Ok(DataPlane::Sockmap(Arc::new(plane))),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; using userspace copy");
+            Mode::Splice => load_splice(&copy).map_err(|e| {
+                e.context("--mode splice: cannot use splice(2) (use --mode copy to run without it)")
+            }),
+            Mode::Fastpath => load_fastpath(&copy).map_err(|e| {
+                e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
+            }),
+            Mode::Auto => load_fastpath(&copy).or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; trying splice");
+                load_splice(&copy).or_else(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
                     Ok(DataPlane::Copy(copy))
-                }
-            },
+                })
+            }),
         }
     }
 

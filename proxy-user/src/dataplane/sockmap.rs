@@ -62,6 +62,16 @@ pub const DEFAULT_INFLIGHT_BOUND: u64 = 4 << 20;
 /// How often a direction waiting for the kernel to drain looks again.
 const POLL: Duration = Duration::from_millis(1);
 
+/// Fastpath knobs from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Most bytes one direction may have inside the kernel (redirected, not
+    /// yet acknowledged by the receiver) before it moves to userspace.
+    pub inflight: u64,
+    /// Also attach the `frame` stream parser (see proxy-ebpf).
+    pub parser: bool,
+}
+
 pub struct SockmapPlane {
     maps: Mutex<Maps>,
     /// Wakes the direction whose source cookie the verdict reported.
@@ -82,7 +92,7 @@ struct Maps {
 impl SockmapPlane {
     /// Loads and attaches the verdict program and proves on a loopback pair
     /// that this kernel accepts sockets into the map. Must run inside tokio.
-    pub fn load(fallback: CopyPlane, bound: u64) -> Result<Self> {
+    pub fn load(fallback: CopyPlane, options: Options) -> Result<Self> {
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
@@ -94,17 +104,23 @@ impl SockmapPlane {
             Err(e) => tracing::debug!(error = %e, "BPF program has no log buffer"),
         }
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, "SOCKETS")?;
-        let program: &mut SkSkb = ebpf
-            .program_mut("splice")
-            .context("the eBPF object has no `splice` program")?
-            .try_into()
-            .context("`splice` is not an sk_skb program")?;
-        program.load().context(privilege_hint(
-            "loading the stream verdict (verifier output above)",
-        ))?;
-        program
-            .attach(sockets.fd())
-            .context("attaching the stream verdict to the socket map")?;
+        let mut programs = vec![("splice", "stream verdict")];
+        if options.parser {
+            programs.push(("frame", "stream parser"));
+        }
+        for (name, what) in programs {
+            let program: &mut SkSkb = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no `{name}` program"))?
+                .try_into()
+                .with_context(|| format!("`{name}` is not an sk_skb program"))?;
+            program.load().context(privilege_hint(&format!(
+                "loading the {what} (verifier output above)"
+            )))?;
+            program
+                .attach(sockets.fd())
+                .with_context(|| format!("attaching the {what} to the socket map"))?;
+        }
         let mut maps = Maps {
             sockets,
             peers: take_map(&mut ebpf, "PEERS")?,
@@ -121,7 +137,7 @@ impl SockmapPlane {
             maps: Mutex::new(maps),
             waiters,
             fallback,
-            bound,
+            bound: options.inflight,
             _ebpf: Mutex::new(ebpf),
         })
     }

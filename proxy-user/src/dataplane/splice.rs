@@ -18,6 +18,8 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::Context;
+
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -33,11 +35,16 @@ pub struct SplicePlane {
 }
 
 impl SplicePlane {
-    /// Same sizing knob as the copy plane: its buffer is our pipe.
-    pub fn from_copy(copy: &CopyPlane) -> Self {
-        SplicePlane {
+    /// Same sizing knob as the copy plane: its buffer is our pipe. Proves on
+    /// a loopback pair that splice(2) moves TCP bytes here (a seccomp filter
+    /// or an exotic kernel could refuse it), so a refusal is a startup error
+    /// rather than a reset on every connection.
+    pub fn load(copy: &CopyPlane) -> anyhow::Result<Self> {
+        let plane = SplicePlane {
             pipe_size: copy.buffer_size,
-        }
+        };
+        probe(plane.pipe_size).context("splice(2) of a TCP socket through a pipe failed on a loopback probe")?;
+        Ok(plane)
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
@@ -68,34 +75,76 @@ impl SplicePlane {
     }
 }
 
-/// The two ends of one direction's pipe.
-struct Pipe {
+/// The two ends of one direction's pipe. Used by this plane and by the
+/// fastpath for a direction it hands back to userspace.
+pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Most bytes one fill asks for.
+    size: usize,
 }
 
 impl Pipe {
-    fn new(size: usize) -> io::Result<Pipe> {
+    pub(super) fn new(size: usize) -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-        let pipe = unsafe {
-            Pipe {
-                read: OwnedFd::from_raw_fd(fds[0]),
-                write: OwnedFd::from_raw_fd(fds[1]),
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let requested = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on an fd we own, with an integer argument.
+        let size = match unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, requested) } {
+            // The kernel rounds up to a power-of-two number of pages.
+            n if n > 0 => n as usize,
+            _ => {
+                // A smaller pipe only means more calls per byte; not fatal
+                // (an unprivileged process above fs.pipe-max-size gets EPERM).
+                tracing::debug!(error = %io::Error::last_os_error(), size, "F_SETPIPE_SZ failed; default pipe size");
+                // SAFETY: as above.
+                match unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) } {
+                    n if n > 0 => n as usize,
+                    _ => 16 * 4096,
+                }
             }
         };
-        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-        // A smaller pipe only means more splice calls per byte; not fatal
-        // (an unprivileged process above fs.pipe-max-size gets EPERM).
-        // SAFETY: fcntl on an fd we own, with an integer argument.
-        if unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size) } < 0 {
-            tracing::debug!(error = %io::Error::last_os_error(), size, "F_SETPIPE_SZ failed; default pipe size");
+        Ok(Pipe { read, write, size })
+    }
+
+    /// Moves what `src` holds (up to the pipe's size) into the empty pipe.
+    /// `Ok(0)` is the source's FIN; `WouldBlock` clears its read readiness.
+    pub(super) fn fill(&self, src: &TcpStream) -> io::Result<usize> {
+        src.try_io(Interest::READABLE, || {
+            splice(src.as_raw_fd(), self.write.as_raw_fd(), self.size)
+        })
+    }
+
+    /// Writes the `pending` bytes a fill left in the pipe into `dst`,
+    /// reporting each partial write to `written`.
+    pub(super) async fn drain(
+        &self,
+        dst: &TcpStream,
+        mut pending: usize,
+        mut written: impl FnMut(usize),
+    ) -> io::Result<()> {
+        while pending > 0 {
+            dst.writable().await?;
+            let drained = dst.try_io(Interest::WRITABLE, || {
+                splice(self.read.as_raw_fd(), dst.as_raw_fd(), pending)
+            });
+            match drained {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    pending -= m;
+                    written(m);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(pipe)
+        Ok(())
     }
 }
 
@@ -116,6 +165,39 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// One byte across a loopback TCP pair: socket → pipe → socket.
+fn probe(pipe_size: usize) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe listener")?;
+    let mut client = std::net::TcpStream::connect(listener.local_addr()?).context("connecting the probe pair")?;
+    let (server, _) = listener.accept().context("accepting the probe pair")?;
+    client.write_all(b"p")?;
+    let pipe = Pipe::new(pipe_size).context("creating a pipe")?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match splice(server.as_raw_fd(), pipe.write.as_raw_fd(), 1) {
+            Ok(1) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(n) => anyhow::bail!("socket → pipe moved {n} bytes, expected 1"),
+            Err(e) => return Err(anyhow::Error::new(e).context("socket → pipe")),
+        }
+    }
+    // Back out of the accepted side, to the client.
+    match splice(pipe.read.as_raw_fd(), server.as_raw_fd(), 1) {
+        Ok(1) => {}
+        Ok(n) => anyhow::bail!("pipe → socket moved {n} bytes, expected 1"),
+        Err(e) => return Err(anyhow::Error::new(e).context("pipe → socket")),
+    }
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut back = [0u8; 1];
+    client.read_exact(&mut back).context("reading the probe byte back")?;
+    anyhow::ensure!(&back == b"p", "the probe byte came back changed");
+    Ok(())
 }
 
 async fn pump(
@@ -141,10 +223,7 @@ async fn pump(
         if let Err(e) = src.readable().await {
             return DirEnd::ReadFailed(e);
         }
-        let filled = src.try_io(Interest::READABLE, || {
-            splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe_size)
-        });
-        let mut pending = match filled {
+        let pending = match pipe.fill(src) {
             Ok(0) => {
                 // The pipe is empty (drained below before every fill), so
                 // every byte read was handed on: the FIN may follow.
@@ -160,26 +239,12 @@ async fn pump(
             Err(e) => return DirEnd::ReadFailed(e),
         };
         activity.touch();
-        while pending > 0 {
-            if let Err(e) = dst.writable().await {
-                return DirEnd::WriteFailed(e);
-            }
-            let drained = dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), pending)
-            });
-            match drained {
-                Ok(0) => {
-                    return DirEnd::WriteFailed(io::ErrorKind::WriteZero.into());
-                }
-                Ok(m) => {
-                    pending -= m;
-                    moved.fetch_add(m as u64, Ordering::Relaxed);
-                    activity.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return DirEnd::WriteFailed(e),
-            }
+        let written = |m: usize| {
+            moved.fetch_add(m as u64, Ordering::Relaxed);
+            activity.touch();
+        };
+        if let Err(e) = pipe.drain(dst, pending, written).await {
+            return DirEnd::WriteFailed(e);
         }
     }
 }
