@@ -145,8 +145,11 @@ impl SockmapPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
         set_nodelay(&client, &upstream);
         // Whatever arrived before the install goes first, by the copy path.
-        let up = forward_ready(&client, &upstream).await;
-        let down = forward_ready(&upstream, &client).await;
+        let quiet = Quiet::default();
+        let (up, down) = tokio::join!(
+            forward_ready(&client, &upstream, 0, &quiet),
+            forward_ready(&upstream, &client, 1, &quiet)
+        );
         let early = [up.moved, down.moved];
         // A reset seen here must reach the other side as a reset: the error
         // is consumed by the read that saw it, so no later reader would know.
@@ -408,11 +411,56 @@ enum EarlyEnd {
     WriteFailed,
 }
 
-/// Forwards what `src` holds right now, before the install. It must read
-/// until EAGAIN: the verdict's sweep (tcp_read_skb) takes whole skbs from the
-/// receive queue and ignores how much of the first one was already read, so
-/// stopping mid-skb would send that part twice (seen: 48 KiB duplicated).
-async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> Early {
+/// Pre-install copy: both directions run at once and stop together, when
+/// both sources are empty. One direction that stopped while the other still
+/// copied could deadlock behind an echoing target (its writes wait for the
+/// target, which waits for us to read it); seen under a CPU hog in the bidi
+/// bench. A sender that never pauses keeps the pair here, copied correctly.
+#[derive(Default)]
+struct Quiet {
+    state: Mutex<QuietState>,
+    /// Signalled once `done` is set, for a direction waiting at EAGAIN.
+    done_signal: Notify,
+}
+
+#[derive(Default)]
+struct QuietState {
+    /// Per direction: waiting at EAGAIN, or finished.
+    idle: [bool; 2],
+    /// Both were idle at once: every direction stops at its EAGAIN.
+    done: bool,
+}
+
+impl Quiet {
+    /// Direction `me` is at EAGAIN or finished; true when the copy is done.
+    fn rest(&self, me: usize) -> bool {
+        let mut s = lock(&self.state);
+        s.idle[me] = true;
+        if s.idle[1 - me] && !s.done {
+            s.done = true;
+            self.done_signal.notify_one();
+        }
+        s.done
+    }
+
+    /// Direction `me` has bytes again; false if the copy is already done
+    /// (the decision stands: the bytes are left for the verdict's sweep).
+    fn wake(&self, me: usize) -> bool {
+        let mut s = lock(&self.state);
+        if s.done {
+            return false;
+        }
+        s.idle[me] = false;
+        true
+    }
+}
+
+/// Forwards what `src` holds, until it and the other direction's source are
+/// both empty (or this one ends). It must stop only at EAGAIN: the verdict's
+/// sweep (tcp_read_skb) takes whole skbs from the receive queue and ignores
+/// how much of the first one was already read, so stopping mid-skb would
+/// send that part twice (seen: 48 KiB duplicated).
+async fn forward_ready(src: &TcpStream, dst: &TcpStream, me: usize, quiet: &Quiet) -> Early {
     let mut buf = vec![0u8; 64 * 1024];
     let mut moved = 0;
     let end = loop {
@@ -424,11 +472,28 @@ async fn forward_ready(src: &TcpStream, dst: &TcpStream) -> Early {
                 }
                 moved += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break EarlyEnd::Open,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if quiet.rest(me) {
+                    break EarlyEnd::Open;
+                }
+                tokio::select! {
+                    r = src.readable() => {
+                        if r.is_err() {
+                            break EarlyEnd::ReadFailed;
+                        }
+                        if !quiet.wake(me) {
+                            break EarlyEnd::Open;
+                        }
+                    }
+                    _ = quiet.done_signal.notified() => break EarlyEnd::Open,
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break EarlyEnd::ReadFailed,
         }
     };
+    // A finished direction counts as idle for good.
+    quiet.rest(me);
     Early { moved, end }
 }
 
