@@ -13,7 +13,7 @@ A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\
 listens on every port of every app, and forwards each accepted connection to one of that app's targets: \
 least-connections by default, skipping targets that active health probes or failed connects marked down, \
 failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
-it is available, otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
+chosen (--mode fastpath), otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
@@ -36,11 +36,11 @@ pub struct Cli {
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: String,
 
-    /// Data plane: auto = kernel fastpath if it loads, else splice, else copy; fastpath = fastpath or exit;
-    /// splice = userspace zero-copy splice(2) through a pipe, or exit; copy = userspace read/write only.
-    /// The fastpath measured the lowest latency; splice the lowest CPU per GB and, with copy, a higher
-    /// connection rate for high-churn short connections; a fastpath transfer whose receiver falls
-    /// --fastpath-inflight behind moves to userspace copy (see NOTES.md, `cargo xtask bench`).
+    /// Data plane: auto = splice if it works, else copy; splice = userspace zero-copy splice(2) through a
+    /// pipe, or exit; copy = userspace read/write only; fastpath = kernel sockmap, or exit.
+    /// Measured (NOTES.md, `cargo xtask bench`): splice has the lowest CPU per GB and ties or beats the
+    /// fastpath on throughput, memory and connection rate; the fastpath has the lowest round-trip
+    /// latency, but on kernel 6.18 rare bulk transfers moved back to userspace lost or duplicated bytes.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 

@@ -95,7 +95,7 @@ pub struct Transfer {
 /// Which data plane to use, from `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Kernel fastpath if it loads, else splice(2), else userspace copy (warns once per step).
+    /// splice(2) if it works here, else userspace copy (warns once); never touches BPF.
     Auto,
     /// Kernel fastpath or exit with the reason.
     Fastpath,
@@ -112,9 +112,11 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    /// `auto` tries the planes best first, as measured by `cargo xtask bench`
-    /// (NOTES.md): fastpath (lowest latency), then splice (lowest CPU per GB,
-    /// no per-connection buffer), then copy, which needs nothing but sockets.
+    /// `auto` is splice(2), else copy: in `cargo xtask bench` splice tied or
+    /// beat the fastpath on throughput, CPU per GB, memory per connection and
+    /// connection rate, and on this kernel the fastpath lost or duplicated
+    /// bytes in rare demoted bulk transfers (NOTES.md). The fastpath wins
+    /// round-trip latency; it is chosen explicitly with `--mode fastpath`.
     pub fn select(
         mode: Mode,
         copy: copy::CopyPlane,
@@ -132,12 +134,9 @@ impl DataPlane {
             Mode::Fastpath => load_fastpath(&copy).map_err(|e| {
                 e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
             }),
-            Mode::Auto => load_fastpath(&copy).or_else(|e| {
-                tracing::warn!(error = %format!("{e:#}"), "kernel fastpath unavailable; trying splice");
-                load_splice(&copy).or_else(|e| {
-                    tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
-                    Ok(DataPlane::Copy(copy))
-                })
+            Mode::Auto => load_splice(&copy).or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
+                Ok(DataPlane::Copy(copy))
             }),
         }
     }
