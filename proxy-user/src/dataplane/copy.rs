@@ -108,11 +108,7 @@ pub(super) async fn pump(
             Ok(0) => {
                 // Everything read so far was written in full (write loop
                 // below), so the FIN can follow it now.
-                return match SockRef::from(dst).shutdown(Shutdown::Write) {
-                    Ok(()) => DirEnd::Eof,
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
-                    Err(e) => DirEnd::WriteFailed(e),
-                };
+                return pass_fin(dst);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -153,6 +149,15 @@ pub(super) fn set_nodelay(client: &TcpStream, upstream: &TcpStream) {
         if let Err(e) = s.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY failed");
         }
+    }
+}
+
+/// The source's FIN, passed on once everything before it was written.
+pub(super) fn pass_fin(dst: &TcpStream) -> DirEnd {
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        Ok(()) => DirEnd::Eof,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
+        Err(e) => DirEnd::WriteFailed(e),
     }
 }
 

@@ -14,13 +14,11 @@
 //! passed on only with the pipe empty.
 
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 
-use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -227,11 +225,7 @@ async fn pump(
             Ok(0) => {
                 // The pipe is empty (drained below before every fill), so
                 // every byte read was handed on: the FIN may follow.
-                return match SockRef::from(dst).shutdown(Shutdown::Write) {
-                    Ok(()) => DirEnd::Eof,
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
-                    Err(e) => DirEnd::WriteFailed(e),
-                };
+                return copy::pass_fin(dst);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
