@@ -86,7 +86,10 @@ impl AppMetrics {
 
     pub fn finished(&self, t: &Transfer, attempts: u32) {
         self.ends[end_index(t.end)].fetch_add(1, Ordering::Relaxed);
-        let plane = PLANES.iter().position(|p| *p == t.plane).unwrap_or(PLANES.len() - 1);
+        let plane = PLANES
+            .iter()
+            .position(|p| *p == t.plane)
+            .unwrap_or(PLANES.len() - 1);
         self.planes[plane].fetch_add(1, Ordering::Relaxed);
         self.bytes_in
             .fetch_add(t.client_to_target, Ordering::Relaxed);

@@ -98,7 +98,10 @@ pub fn run(opts: &Options) -> Result<()> {
         ("fastpath", &["--mode", "fastpath"]),
         // Same fastpath with the stream parser attached: the comparison
         // behind --fastpath-parser's default (NOTES.md).
-        ("fastpath-parser", &["--mode", "fastpath", "--fastpath-parser"]),
+        (
+            "fastpath-parser",
+            &["--mode", "fastpath", "--fastpath-parser"],
+        ),
         ("splice", &["--mode", "splice"]),
         ("copy", &["--mode", "copy"]),
     ];
@@ -146,7 +149,12 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 /// Our proxy with `args` (its data plane) in front of `backend`.
-fn our_proxy(name: &'static str, args: &[&str], backend: SocketAddr, work: &Path) -> Result<Endpoint> {
+fn our_proxy(
+    name: &'static str,
+    args: &[&str],
+    backend: SocketAddr,
+    work: &Path,
+) -> Result<Endpoint> {
     let port = free_port()?;
     let config = work.join(format!("{name}.json"));
     let json = serde_json::json!({"Apps": [{"Name": "bench", "Ports": [port], "Targets": [backend.to_string()]}]});

@@ -217,27 +217,60 @@ pub(super) async fn supervise(
 
 impl CopyPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        set_nodelay(&client, &upstream);
-        let c2t = AtomicU64::new(0);
-        let t2c = AtomicU64::new(0);
-        let activity = Activity::new();
-        let end = supervise(
-            pump(&client, &upstream, self.buffer_size, &c2t, &activity),
-            pump(&upstream, &client, self.buffer_size, &t2c, &activity),
-            activity.idle(conn.idle_timeout),
-            &client,
-            &upstream,
-            conn,
-        )
-        .await;
-        drop(client);
-        drop(upstream);
-        Transfer {
-            userspace_bytes: c2t.load(Ordering::Relaxed) + t2c.load(Ordering::Relaxed),
-            client_to_target: c2t.load(Ordering::Relaxed),
-            target_to_client: t2c.load(Ordering::Relaxed),
-            end,
-            plane: "copy",
+        carry_userspace(client, upstream, conn, Engine::ReadWrite, self.buffer_size).await
+    }
+}
+
+/// How a userspace plane moves one direction's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Engine {
+    /// read(2) into a buffer, write(2) out of it.
+    ReadWrite,
+    /// splice(2) through a pipe (`super::splice`).
+    Splice,
+}
+
+/// Carries a connection in userspace with `engine`, `size` bytes of buffer
+/// or pipe per direction: the copy and splice planes differ only in this.
+pub(super) async fn carry_userspace(
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &ConnInfo,
+    engine: Engine,
+    size: usize,
+) -> Transfer {
+    set_nodelay(&client, &upstream);
+    let c2t = AtomicU64::new(0);
+    let t2c = AtomicU64::new(0);
+    let activity = Activity::new();
+    let activity = &activity;
+    let direction = |src, dst, moved| async move {
+        match engine {
+            Engine::ReadWrite => pump(src, dst, size, moved, activity).await,
+            Engine::Splice => super::splice::pump(src, dst, size, moved, activity, conn.id).await,
         }
+    };
+    let end = supervise(
+        direction(&client, &upstream, &c2t),
+        direction(&upstream, &client, &t2c),
+        activity.idle(conn.idle_timeout),
+        &client,
+        &upstream,
+        conn,
+    )
+    .await;
+    drop(client);
+    drop(upstream);
+    let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
+    Transfer {
+        // Userspace moved these, even when splice(2) never mapped them.
+        userspace_bytes: c2t + t2c,
+        client_to_target: c2t,
+        target_to_client: t2c,
+        end,
+        plane: match engine {
+            Engine::ReadWrite => "copy",
+            Engine::Splice => "splice",
+        },
     }
 }

@@ -123,9 +123,11 @@ impl DataPlane {
         fastpath: sockmap::Options,
     ) -> anyhow::Result<DataPlane> {
         let load_fastpath = |copy: &copy::CopyPlane| {
-            sockmap::SockmapPlane::load(copy.clone(), fastpath).map(|p| DataPlane::Sockmap(Arc::new(p)))
+            sockmap::SockmapPlane::load(copy.clone(), fastpath)
+                .map(|p| DataPlane::Sockmap(Arc::new(p)))
         };
-        let load_splice = |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
+        let load_splice =
+            |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
             Mode::Splice => load_splice(&copy).map_err(|e| {

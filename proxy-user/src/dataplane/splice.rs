@@ -22,7 +22,7 @@ use anyhow::Context;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{self, Activity, CopyPlane, DirEnd};
+use super::copy::{self, Activity, CopyPlane, DirEnd, Engine};
 use super::{ConnInfo, Transfer};
 
 #[derive(Debug, Clone)]
@@ -41,35 +41,13 @@ impl SplicePlane {
         let plane = SplicePlane {
             pipe_size: copy.buffer_size,
         };
-        probe(plane.pipe_size).context("splice(2) of a TCP socket through a pipe failed on a loopback probe")?;
+        probe(plane.pipe_size)
+            .context("splice(2) of a TCP socket through a pipe failed on a loopback probe")?;
         Ok(plane)
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        copy::set_nodelay(&client, &upstream);
-        let c2t = AtomicU64::new(0);
-        let t2c = AtomicU64::new(0);
-        let activity = Activity::new();
-        let end = copy::supervise(
-            pump(&client, &upstream, self.pipe_size, &c2t, &activity, conn.id),
-            pump(&upstream, &client, self.pipe_size, &t2c, &activity, conn.id),
-            activity.idle(conn.idle_timeout),
-            &client,
-            &upstream,
-            conn,
-        )
-        .await;
-        drop(client);
-        drop(upstream);
-        let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
-        Transfer {
-            // Userspace moved these, even though it never touched the bytes.
-            userspace_bytes: c2t + t2c,
-            client_to_target: c2t,
-            target_to_client: t2c,
-            end,
-            plane: "splice",
-        }
+        copy::carry_userspace(client, upstream, conn, Engine::Splice, self.pipe_size).await
     }
 }
 
@@ -169,8 +147,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 fn probe(pipe_size: usize) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe listener")?;
-    let mut client = std::net::TcpStream::connect(listener.local_addr()?).context("connecting the probe pair")?;
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe listener")?;
+    let mut client = std::net::TcpStream::connect(listener.local_addr()?)
+        .context("connecting the probe pair")?;
     let (server, _) = listener.accept().context("accepting the probe pair")?;
     client.write_all(b"p")?;
     let pipe = Pipe::new(pipe_size).context("creating a pipe")?;
@@ -193,12 +173,14 @@ fn probe(pipe_size: usize) -> anyhow::Result<()> {
     }
     client.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut back = [0u8; 1];
-    client.read_exact(&mut back).context("reading the probe byte back")?;
+    client
+        .read_exact(&mut back)
+        .context("reading the probe byte back")?;
     anyhow::ensure!(&back == b"p", "the probe byte came back changed");
     Ok(())
 }
 
-async fn pump(
+pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     pipe_size: usize,
