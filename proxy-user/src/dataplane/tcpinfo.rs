@@ -59,8 +59,20 @@ const TCP_CLOSE: u8 = 7;
 /// stable since 4.1); the libc crate's struct stops before it.
 const TCPI_BYTES_ACKED_OFFSET: usize = 120;
 
-pub fn handed(sock: &impl AsRawFd) -> io::Result<Handed> {
-    let fd = sock.as_raw_fd();
+/// `tcpi_bytes_received` follows `tcpi_bytes_acked`.
+const TCPI_BYTES_RECEIVED_OFFSET: usize = 128;
+
+/// Payload bytes this socket's TCP has received in order (RFC 4898
+/// `HCThruOctetsReceived`): what the peer sent, whoever read it since.
+pub fn bytes_received(sock: &impl AsRawFd) -> io::Result<u64> {
+    let (info, len) = tcp_info(sock.as_raw_fd())?;
+    if len < TCPI_BYTES_RECEIVED_OFFSET + 8 {
+        return Err(io::Error::other("kernel tcp_info has no tcpi_bytes_received"));
+    }
+    Ok(read_u64(&info, TCPI_BYTES_RECEIVED_OFFSET))
+}
+
+fn tcp_info(fd: libc::c_int) -> io::Result<([u8; 256], usize)> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: info is a writable buffer of len bytes.
@@ -76,12 +88,22 @@ pub fn handed(sock: &impl AsRawFd) -> io::Result<Handed> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if (len as usize) < TCPI_BYTES_ACKED_OFFSET + 8 {
+    Ok((info, len as usize))
+}
+
+fn read_u64(info: &[u8], offset: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&info[offset..offset + 8]);
+    u64::from_ne_bytes(bytes)
+}
+
+pub fn handed(sock: &impl AsRawFd) -> io::Result<Handed> {
+    let fd = sock.as_raw_fd();
+    let (info, len) = tcp_info(fd)?;
+    if len < TCPI_BYTES_ACKED_OFFSET + 8 {
         return Err(io::Error::other("kernel tcp_info has no tcpi_bytes_acked"));
     }
-    let mut acked = [0u8; 8];
-    acked.copy_from_slice(&info[TCPI_BYTES_ACKED_OFFSET..TCPI_BYTES_ACKED_OFFSET + 8]);
-    let acked = u64::from_ne_bytes(acked);
+    let acked = read_u64(&info, TCPI_BYTES_ACKED_OFFSET);
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
@@ -134,5 +156,24 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// Guards the tcpi_bytes_received offset the fastpath's loss check
+    /// adds up, and that the FIN counts one.
+    #[test]
+    fn received_counts_payload_and_fin() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut b, _) = listener.accept().unwrap();
+        let payload = vec![7u8; 100_000];
+        a.write_all(&payload).unwrap();
+        let mut got = vec![0u8; payload.len()];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(bytes_received(&b).unwrap(), payload.len() as u64);
+        drop(a);
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(bytes_received(&b).unwrap(), payload.len() as u64 + 1);
     }
 }
