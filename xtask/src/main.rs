@@ -93,6 +93,7 @@ fn run(cli: Cli) -> Result<()> {
                 duration,
                 rounds,
                 loads,
+                ours: &["fastpath", "fastpath-parser", "splice", "copy"],
                 peers: true,
                 report: true,
             })

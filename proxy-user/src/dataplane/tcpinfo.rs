@@ -67,7 +67,9 @@ const TCPI_BYTES_RECEIVED_OFFSET: usize = 128;
 pub fn bytes_received(sock: &impl AsRawFd) -> io::Result<u64> {
     let (info, len) = tcp_info(sock.as_raw_fd())?;
     if len < TCPI_BYTES_RECEIVED_OFFSET + 8 {
-        return Err(io::Error::other("kernel tcp_info has no tcpi_bytes_received"));
+        return Err(io::Error::other(
+            "kernel tcp_info has no tcpi_bytes_received",
+        ));
     }
     Ok(read_u64(&info, TCPI_BYTES_RECEIVED_OFFSET))
 }
