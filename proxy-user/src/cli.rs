@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::dataplane::Mode;
-use crate::steering::Steering;
+use crate::dataplane::{CopyPlane, FastpathOptions, Mode};
+use crate::edge::steering::Steering;
+use crate::ops::logging::LogFormat;
+use crate::server::Settings;
+use crate::upstream::connect::ConnectPolicy;
+use crate::upstream::health::HealthConfig;
 
 const LONG_ABOUT: &str = "\
 A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\",\"Ports\",\"Targets\"}]}), \
@@ -18,12 +22,6 @@ SIGHUP, or any change to the config file (polled, see --watch-config), reloads i
 (validated and bound first; on any error the running config stays), without dropping live connections. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
 One log line per connection is written to stderr when it closes.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
-}
 
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about = "Layer-4 TCP proxy", long_about = LONG_ABOUT)]
@@ -130,6 +128,46 @@ pub struct Cli {
     /// Log filter in RUST_LOG syntax, e.g. `info` or `info,proxy_user::health=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+impl Cli {
+    /// What the server needs from the flags, with the flags' own limits
+    /// applied (a probe may not outlast its interval).
+    pub fn settings(&self) -> Settings {
+        Settings {
+            config: self.config.clone(),
+            listen_address: self.listen_address.clone(),
+            mode: self.mode,
+            copy: CopyPlane {
+                buffer_size: self.copy_buffer,
+            },
+            fastpath: FastpathOptions {
+                inflight: self.fastpath_inflight,
+                parser: self.fastpath_parser || std::env::var_os("PARSER").is_some(),
+            },
+            connect: ConnectPolicy {
+                timeout: self.connect_timeout,
+                attempts: self.connect_attempts,
+                deadline: self.connect_deadline,
+            },
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            health: HealthConfig {
+                interval: self.health_interval.max(Duration::from_millis(10)),
+                rise: self.health_rise,
+                fall: self.health_fall,
+                // A probe slower than the interval would overlap the next one.
+                timeout: self.connect_timeout.min(self.health_interval),
+            },
+            max_connections: self.max_connections,
+            max_per_app: self.max_connections_per_app as usize,
+            drain_timeout: self.drain_timeout,
+            admin_address: self.admin_address,
+            access_log: self.access_log.clone(),
+            steering: self.steering,
+            steering_port: self.steering_port,
+            watch_config: self.watch_config,
+        }
+    }
 }
 
 /// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`, or `0`.
@@ -245,12 +283,13 @@ mod tests {
     }
 
     #[test]
-    fn inflight_default_matches_the_fastpath_default() {
+    fn defaults_match_the_measured_ones() {
         let cli = Cli::parse_from(["proxy"]);
         assert_eq!(
             cli.fastpath_inflight,
-            crate::dataplane::sockmap::DEFAULT_INFLIGHT_BOUND
+            crate::dataplane::DEFAULT_INFLIGHT_BOUND
         );
+        assert_eq!(cli.copy_buffer, crate::dataplane::DEFAULT_BUFFER);
     }
 
     #[test]

@@ -1,19 +1,20 @@
 //! Layer-4 TCP proxy: control plane (config, balancing, health, failover,
-//! limits, lifecycle) and data planes (userspace copy, kernel fastpath).
+//! limits, lifecycle) and data planes (userspace copy, splice(2), kernel
+//! fastpath).
+//!
+//! - `config`: the app table (parse, validate, watch the file);
+//! - `edge`: accept, admit, one record per connection;
+//! - `upstream`: dial, health, balance, fail over;
+//! - `dataplane`: how the bytes move once both sockets are connected;
+//! - `ops`: metrics, admin endpoints, access log, logging;
+//! - `server`: wires them together, reloads, drains.
 
-pub mod access_log;
-pub mod admin;
-pub mod balancer;
+mod bpf;
 pub mod cli;
-pub mod config;
-pub mod config_watch;
-pub mod connect;
-pub mod dataplane;
-pub mod health;
-pub mod lifecycle;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod proxy_protocol;
-pub mod run;
-pub mod steering;
+mod config;
+mod dataplane;
+mod edge;
+mod ops;
+pub use ops::logging;
+pub mod server;
+mod upstream;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use proxy_user::cli::Cli;
-use proxy_user::{logging, run};
+use proxy_user::{logging, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run::run(cli)) {
+    match rt.block_on(server::run(cli.settings())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Plain stderr, not the logger: startup errors (config problems

@@ -3,10 +3,16 @@
 //! plane decides *how* (userspace copy, userspace splice(2), or the kernel
 //! sockmap fastpath).
 
-pub mod copy;
-pub mod sockmap;
-pub mod splice;
+mod copy;
+mod fastpath;
+mod splice;
 mod tcpinfo;
+mod userspace;
+
+pub use copy::CopyPlane;
+pub use fastpath::Options as FastpathOptions;
+#[cfg(test)]
+pub use {copy::DEFAULT_BUFFER, fastpath::DEFAULT_INFLIGHT_BOUND};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +69,16 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    pub const ALL: [EndReason; 7] = [
+        EndReason::Closed,
+        EndReason::ClientReset,
+        EndReason::TargetReset,
+        EndReason::IdleTimeout,
+        EndReason::DrainTimeout,
+        EndReason::ConnectFailed,
+        EndReason::Limit,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Closed => "closed",
@@ -88,8 +104,55 @@ pub struct Transfer {
     /// rest the kernel carried. Equal to the sum of both directions on the
     /// copy plane, near zero on the fastpath.
     pub userspace_bytes: u64,
-    /// "copy", "splice", "fastpath" or "copy-fallback".
-    pub plane: &'static str,
+    pub plane: Plane,
+}
+
+impl Transfer {
+    /// A connection that never reached a data plane.
+    pub fn none(end: EndReason) -> Transfer {
+        Transfer {
+            client_to_target: 0,
+            target_to_client: 0,
+            userspace_bytes: 0,
+            end,
+            plane: Plane::None,
+        }
+    }
+}
+
+/// Which plane carried a connection: the `plane` field of the close line
+/// and the `plane` label of `proxy_connections_plane_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Plane {
+    Fastpath,
+    Splice,
+    Copy,
+    /// The fastpath could not take the pair (install failed) and the copy
+    /// pump carried it, so it doubles as the install-failure count.
+    CopyFallback,
+    /// Never reached a data plane: every connect failed, or the drain
+    /// deadline hit while connecting.
+    None,
+}
+
+impl Plane {
+    pub const ALL: [Plane; 5] = [
+        Plane::Fastpath,
+        Plane::Splice,
+        Plane::Copy,
+        Plane::CopyFallback,
+        Plane::None,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plane::Fastpath => "fastpath",
+            Plane::Splice => "splice",
+            Plane::Copy => "copy",
+            Plane::CopyFallback => "copy-fallback",
+            Plane::None => "none",
+        }
+    }
 }
 
 /// Which data plane to use, from `--mode`.
@@ -108,7 +171,7 @@ pub enum Mode {
 pub enum DataPlane {
     Copy(copy::CopyPlane),
     Splice(splice::SplicePlane),
-    Sockmap(std::sync::Arc<sockmap::SockmapPlane>),
+    Fastpath(fastpath::FastpathPlane),
 }
 
 impl DataPlane {
@@ -120,11 +183,10 @@ impl DataPlane {
     pub fn select(
         mode: Mode,
         copy: copy::CopyPlane,
-        fastpath: sockmap::Options,
+        fastpath: fastpath::Options,
     ) -> anyhow::Result<DataPlane> {
         let load_fastpath = |copy: &copy::CopyPlane| {
-            sockmap::SockmapPlane::load(copy.clone(), fastpath)
-                .map(|p| DataPlane::Sockmap(Arc::new(p)))
+            fastpath::FastpathPlane::load(copy.clone(), fastpath).map(DataPlane::Fastpath)
         };
         let load_splice =
             |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
@@ -143,11 +205,12 @@ impl DataPlane {
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    /// The plane connections start on.
+    pub fn plane(&self) -> Plane {
         match self {
-            DataPlane::Copy(_) => "copy",
-            DataPlane::Splice(_) => "splice",
-            DataPlane::Sockmap(_) => "fastpath",
+            DataPlane::Copy(_) => Plane::Copy,
+            DataPlane::Splice(_) => Plane::Splice,
+            DataPlane::Fastpath(_) => Plane::Fastpath,
         }
     }
 
@@ -155,7 +218,7 @@ impl DataPlane {
         match self {
             DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
             DataPlane::Splice(p) => p.carry(client, upstream, conn).await,
-            DataPlane::Sockmap(p) => p.carry(client, upstream, conn).await,
+            DataPlane::Fastpath(p) => p.carry(client, upstream, conn).await,
         }
     }
 }

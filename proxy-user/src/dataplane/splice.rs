@@ -22,8 +22,9 @@ use anyhow::Context;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{self, Activity, CopyPlane, DirEnd, Engine};
-use super::{ConnInfo, Transfer};
+use super::copy::{self, CopyPlane};
+use super::userspace::{self, first_bytes, pass_fin, Activity, DirEnd, Pump};
+use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
 pub struct SplicePlane {
@@ -47,13 +48,27 @@ impl SplicePlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        copy::carry_userspace(client, upstream, conn, Engine::Splice, self.pipe_size).await
+        userspace::carry(self, client, upstream, conn).await
     }
 }
 
-/// The two ends of one direction's pipe. Used by this plane and by the
-/// fastpath for a direction it hands back to userspace.
-pub(super) struct Pipe {
+impl Pump for SplicePlane {
+    const PLANE: Plane = Plane::Splice;
+
+    async fn pump(
+        &self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        moved: &AtomicU64,
+        activity: &Activity,
+        conn: &ConnInfo,
+    ) -> DirEnd {
+        pump(src, dst, self.pipe_size, moved, activity, conn.id).await
+    }
+}
+
+/// The two ends of one direction's pipe.
+struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// Most bytes one fill asks for.
@@ -61,7 +76,7 @@ pub(super) struct Pipe {
 }
 
 impl Pipe {
-    pub(super) fn new(size: usize) -> io::Result<Pipe> {
+    fn new(size: usize) -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -90,7 +105,7 @@ impl Pipe {
 
     /// Moves what `src` holds (up to the pipe's size) into the empty pipe.
     /// `Ok(0)` is the source's FIN; `WouldBlock` clears its read readiness.
-    pub(super) fn fill(&self, src: &TcpStream) -> io::Result<usize> {
+    fn fill(&self, src: &TcpStream) -> io::Result<usize> {
         src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), self.write.as_raw_fd(), self.size)
         })
@@ -98,7 +113,7 @@ impl Pipe {
 
     /// Writes the `pending` bytes a fill left in the pipe into `dst`,
     /// reporting each partial write to `written`.
-    pub(super) async fn drain(
+    async fn drain(
         &self,
         dst: &TcpStream,
         mut pending: usize,
@@ -180,7 +195,7 @@ fn probe(pipe_size: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) async fn pump(
+async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     pipe_size: usize,
@@ -189,7 +204,7 @@ pub(super) async fn pump(
     conn_id: u64,
 ) -> DirEnd {
     // Made when the direction first has data: an idle connection holds no pipe.
-    if let Err(e) = copy::first_bytes(src).await {
+    if let Err(e) = first_bytes(src).await {
         return DirEnd::ReadFailed(e);
     }
     let pipe = match Pipe::new(pipe_size) {
@@ -207,7 +222,7 @@ pub(super) async fn pump(
             Ok(0) => {
                 // The pipe is empty (drained below before every fill), so
                 // every byte read was handed on: the FIN may follow.
-                return copy::pass_fin(dst);
+                return pass_fin(dst);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// Lines queued for the writer before new ones are dropped (~64k lines of
 /// ~300 bytes: a few seconds of a very busy proxy, ~20 MB at worst).

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
 use aya::programs::sk_lookup::SkLookupLinkId;
 use aya::programs::SkLookup;
@@ -31,7 +32,10 @@ use proxy_common::{
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::listener::{self, AppRuntime, RateLimit, Shared};
+use super::admission::admit;
+use super::listener::accept_until_stopped;
+use super::{AppRuntime, RateLimit, Shared};
+use crate::bpf::{self, take_map};
 
 /// How connections find the proxy, from `--steering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,15 +48,7 @@ pub enum Steering {
 }
 
 /// Destination port -> app, swapped whole by a reload.
-pub type PortTable = Arc<RwLock<Arc<HashMap<u16, Arc<AppRuntime>>>>>;
-
-pub fn table_get(table: &PortTable) -> Arc<HashMap<u16, Arc<AppRuntime>>> {
-    table.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-pub fn table_set(table: &PortTable, ports: HashMap<u16, Arc<AppRuntime>>) {
-    *table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ports);
-}
+pub type PortTable = Arc<ArcSwap<HashMap<u16, Arc<AppRuntime>>>>;
 
 /// The loaded and attached program and the map a reload writes.
 pub struct SkLookupSteering {
@@ -150,28 +146,11 @@ pub fn addresses(listen: IpAddr, port: u16) -> (SocketAddr, SteerConfig) {
     }
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("the eBPF object has no `{name}` map"))?;
-    T::try_from(map).with_context(|| format!("map `{name}` has an unexpected type"))
-}
-
 impl SkLookupSteering {
     /// Loads `steer`, puts `listener` in its socket map and attaches it to
     /// this process's network namespace. `PORTS` starts empty.
     pub fn load(listener: &TcpListener, config: SteerConfig) -> Result<Self> {
         check_support()?;
-        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; best effort.
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: setrlimit only reads the struct we pass.
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let mut loader = EbpfLoader::new();
         // The object also holds the fastpath's maps; this instance never
         // uses them, so they are created as small as the kernel allows.
@@ -179,19 +158,14 @@ impl SkLookupSteering {
             loader.map_max_entries(name, 1);
         }
         loader.map_max_entries("EVENTS", 4096);
-        let mut ebpf = loader
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/proxy-ebpf.o"
-            )))
-            .context("loading the eBPF object")?;
-        let mut socket: SockMap<MapData> = take(&mut ebpf, "STEER_SOCKET")?;
+        let mut ebpf = bpf::load(&mut loader)?;
+        let mut socket: SockMap<MapData> = take_map(&mut ebpf, "STEER_SOCKET")?;
         socket
             .set(0, &listener.as_raw_fd(), 0)
             .context("putting the listening socket into STEER_SOCKET")?;
-        let mut cfg: Array<MapData, SteerConfig> = take(&mut ebpf, "STEER_CONFIG")?;
+        let mut cfg: Array<MapData, SteerConfig> = take_map(&mut ebpf, "STEER_CONFIG")?;
         cfg.set(0, config, 0).context("writing STEER_CONFIG")?;
-        let ports: BpfHashMap<MapData, u32, u32> = take(&mut ebpf, "PORTS")?;
+        let ports: BpfHashMap<MapData, u32, u32> = take_map(&mut ebpf, "PORTS")?;
         let program: &mut SkLookup = ebpf
             .program_mut("steer")
             .context("the eBPF object has no `steer` program")?
@@ -279,7 +253,7 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let unknown_log = RateLimit::default();
-    listener::accept_until_stopped(&l, "sk_lookup", &shared, &mut stop, |sock, peer| {
+    accept_until_stopped(&l, "sk_lookup", &shared, &mut stop, |sock, peer| {
         let port = match sock.local_addr() {
             Ok(a) => a.port(),
             Err(e) => {
@@ -287,8 +261,8 @@ pub async fn accept_loop(
                 return;
             }
         };
-        match table_get(&table).get(&port) {
-            Some(app) => listener::admit(sock, peer, port, app, &shared),
+        match table.load().get(&port) {
+            Some(app) => admit(sock, peer, port, app, &shared),
             None => {
                 // Steered just before a reload removed its port, or
                 // dialled to the listener's own port: refuse with RST.

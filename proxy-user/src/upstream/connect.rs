@@ -5,17 +5,16 @@
 //! is picked, all within one overall deadline so a client never waits longer
 //! than `deadline` for its first byte of service.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use tokio::net::{TcpSocket, TcpStream};
+use anyhow::anyhow;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::balancer::{ActiveGuard, Balancer};
-use crate::config::Target;
-use crate::health;
+use super::balancer::{ActiveGuard, Balancer};
+use super::dial::dial;
+use super::health;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectPolicy {
@@ -40,35 +39,6 @@ pub struct Connected {
 pub struct ConnectFailed {
     pub attempts: u32,
     pub last_error: anyhow::Error,
-}
-
-struct DialError {
-    err: anyhow::Error,
-    /// Our own resource shortage (fds, memory, ports): says nothing about
-    /// the target, so it must not mark the target down.
-    local: bool,
-    timed_out: bool,
-    /// Label for `proxy_target_connect_failures_total`: a small fixed set.
-    reason: &'static str,
-}
-
-/// Names a connect error for the failure counter without putting
-/// free-form error text into a label.
-fn failure_reason(e: &io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "refused",
-        Some(libc::ECONNRESET) => "reset",
-        Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => "unreachable",
-        _ if is_local_resource_error(e) => "local_resource",
-        _ => "other",
-    }
-}
-
-pub fn is_local_resource_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-    )
 }
 
 pub async fn connect(
@@ -112,12 +82,12 @@ pub async fn connect(
                 tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
                 // A timeout on a budget cut short by the overall deadline
                 // says little about the target; a full-length one does.
-                let unfair_timeout = e.timed_out && budget < policy.timeout;
-                if !e.local && !unfair_timeout {
+                let unfair_timeout = e.timed_out() && budget < policy.timeout;
+                if !e.is_local() && !unfair_timeout {
                     if let Some(t) = backend.health.passive_failure() {
                         health::log_transition(
                             &balancer.app,
-                            backend,
+                            &backend.target,
                             t,
                             &format!("connect failed: {:#}", e.err),
                         );
@@ -131,96 +101,6 @@ pub async fn connect(
         attempts: tried.len() as u32,
         last_error,
     })
-}
-
-/// One attempt: resolve, then try each address in turn within `budget`.
-async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAddr), DialError> {
-    let end = Instant::now() + budget;
-    let addrs = match tokio::time::timeout_at(
-        end,
-        tokio::net::lookup_host((target.host.as_str(), target.port)),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(DialError {
-                err: anyhow!("resolving {target} timed out after {budget:?}"),
-                local: false,
-                timed_out: true,
-                reason: "timeout",
-            })
-        }
-        Ok(Err(e)) => {
-            return Err(DialError {
-                err: anyhow::Error::new(e).context(format!("resolving {target}")),
-                local: false,
-                timed_out: false,
-                reason: "resolve",
-            })
-        }
-        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
-    };
-    let mut last = DialError {
-        err: anyhow!("{target} resolved to no addresses"),
-        local: false,
-        timed_out: false,
-        reason: "resolve",
-    };
-    for addr in addrs {
-        match tokio::time::timeout_at(end, connect_addr(addr)).await {
-            Err(_) => {
-                return Err(DialError {
-                    err: anyhow!("connecting to {target} ({addr}) timed out after {budget:?}"),
-                    local: false,
-                    timed_out: true,
-                    reason: "timeout",
-                })
-            }
-            Ok(Ok(s)) => return Ok((s, addr)),
-            Ok(Err(e)) => {
-                let local = is_local_resource_error(&e);
-                let reason = failure_reason(&e);
-                last = DialError {
-                    err: anyhow::Error::new(e).context(format!("connecting to {target} ({addr})")),
-                    local,
-                    timed_out: false,
-                    reason,
-                };
-                if local {
-                    break; // another address won't fix our own shortage
-                }
-            }
-        }
-    }
-    Err(last)
-}
-
-async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    let stream = sock.connect(addr).await?;
-    // Interactive protocols through the proxy must not gain Nagle delays.
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// A health probe: a full TCP handshake, then close.
-pub async fn probe(target: &Target, timeout: Duration) -> anyhow::Result<()> {
-    let (stream, _) = dial(target, timeout).await.map_err(|e| e.err)?;
-    drop(stream);
-    Ok(())
-}
-
-/// Resolves a listen address like `0.0.0.0` or `::` with a port.
-pub fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
-    let ip: std::net::IpAddr = address
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse()
-        .with_context(|| format!("--listen-address {address:?} is not an IP address"))?;
-    Ok(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]

@@ -11,31 +11,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use crate::balancer::Balancer;
 use crate::config::Config;
-use crate::dataplane::{EndReason, Transfer};
-
-const ENDS: [EndReason; 7] = [
-    EndReason::Closed,
-    EndReason::ClientReset,
-    EndReason::TargetReset,
-    EndReason::IdleTimeout,
-    EndReason::DrainTimeout,
-    EndReason::ConnectFailed,
-    EndReason::Limit,
-];
-
-fn end_index(e: EndReason) -> usize {
-    ENDS.iter().position(|x| *x == e).unwrap_or(0)
-}
-
-/// Values of the `plane` label. "none": the connection never reached a data
-/// plane (every connect failed, or the drain deadline hit while connecting).
-/// "copy-fallback": the fastpath could not take the pair (install failed) and
-/// the copy plane carried it, so it doubles as the install-failure count.
-pub const PLANES: [&str; 5] = ["fastpath", "splice", "copy", "copy-fallback", "none"];
+use crate::dataplane::{EndReason, Plane, Transfer};
+use crate::upstream::balancer::Balancer;
+use crate::upstream::dial::FailureReason;
 
 /// Which connection limit refused a client (`limit` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +39,8 @@ impl Limit {
 pub struct AppMetrics {
     accepted: AtomicU64,
     refused: [AtomicU64; 2],
-    ends: [AtomicU64; 7],
-    planes: [AtomicU64; PLANES.len()],
+    ends: [AtomicU64; EndReason::ALL.len()],
+    planes: [AtomicU64; Plane::ALL.len()],
     active: AtomicI64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -75,7 +55,7 @@ impl AppMetrics {
 
     pub fn rejected(&self, limit: Limit) {
         self.refused[limit as usize].fetch_add(1, Ordering::Relaxed);
-        self.ends[end_index(EndReason::Limit)].fetch_add(1, Ordering::Relaxed);
+        self.ends[EndReason::Limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection as active until the guard drops.
@@ -85,12 +65,8 @@ impl AppMetrics {
     }
 
     pub fn finished(&self, t: &Transfer, attempts: u32) {
-        self.ends[end_index(t.end)].fetch_add(1, Ordering::Relaxed);
-        let plane = PLANES
-            .iter()
-            .position(|p| *p == t.plane)
-            .unwrap_or(PLANES.len() - 1);
-        self.planes[plane].fetch_add(1, Ordering::Relaxed);
+        self.ends[t.end as usize].fetch_add(1, Ordering::Relaxed);
+        self.planes[t.plane as usize].fetch_add(1, Ordering::Relaxed);
         self.bytes_in
             .fetch_add(t.client_to_target, Ordering::Relaxed);
         self.bytes_out
@@ -105,99 +81,6 @@ pub struct ActiveConn(Arc<AppMetrics>);
 impl Drop for ActiveConn {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Connect-failure reasons (`reason` label), as named by `connect::dial`.
-pub const CONNECT_FAILURES: [&str; 7] = [
-    "refused",
-    "reset",
-    "unreachable",
-    "timeout",
-    "resolve",
-    "local_resource",
-    "other",
-];
-
-/// Upper bounds of the connect latency buckets, in seconds: loopback
-/// connects land in the first buckets, cross-region ones around 0.1 s, and
-/// the default 2 s connect timeout sits inside the range.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A fixed-bucket histogram of durations; the sum is kept in nanoseconds so
-/// it stays an atomic integer.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
-            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Writes `_bucket` (cumulative), `_sum` and `_count` lines.
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
-}
-
-/// Connect counters of one target (client connects only, not probes).
-#[derive(Debug, Default)]
-pub struct TargetStats {
-    pub attempts: AtomicU64,
-    failures: [AtomicU64; CONNECT_FAILURES.len()],
-    /// Time to an established connection, successful attempts only (a
-    /// failure's time is mostly the timeout, which would swamp the buckets).
-    pub latency: Histogram,
-}
-
-impl TargetStats {
-    /// One connect attempt took `took`; `failure` names why it failed.
-    pub fn attempt(&self, took: Duration, failure: Option<&str>) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
-        match failure {
-            None => self.latency.observe(took),
-            Some(reason) => {
-                let i = CONNECT_FAILURES
-                    .iter()
-                    .position(|r| *r == reason)
-                    .unwrap_or(CONNECT_FAILURES.len() - 1);
-                self.failures[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    pub fn failures(&self, reason: &str) -> u64 {
-        CONNECT_FAILURES
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.failures[i].load(Ordering::Relaxed))
     }
 }
 
@@ -296,7 +179,7 @@ impl Metrics {
             "Client connections that ended, by app and how they ended (limit = refused at accept).",
         );
         for (a, m) in &apps {
-            for (i, e) in ENDS.iter().enumerate() {
+            for (i, e) in EndReason::ALL.iter().enumerate() {
                 let v = m.ends[i].load(Ordering::Relaxed);
                 let _ = writeln!(
                     o,
@@ -309,12 +192,13 @@ impl Metrics {
         header(o, "proxy_connections_plane_total", "counter",
             "Connections that ended, by app and the data plane that carried them (copy-fallback = fastpath install failed; none = never connected).");
         for (a, m) in &apps {
-            for (i, p) in PLANES.iter().enumerate() {
+            for (i, p) in Plane::ALL.iter().enumerate() {
                 let v = m.planes[i].load(Ordering::Relaxed);
                 let _ = writeln!(
                     o,
-                    "proxy_connections_plane_total{{app=\"{}\",plane=\"{p}\"}} {v}",
-                    esc(a)
+                    "proxy_connections_plane_total{{app=\"{}\",plane=\"{}\"}} {v}",
+                    esc(a),
+                    p.as_str()
                 );
             }
         }
@@ -351,7 +235,7 @@ impl Metrics {
             "Upstream connect attempts of finished connections, by app (more than connections = failovers).",
             &|m| m.connect_attempts.load(Ordering::Relaxed));
 
-        let targets: Vec<(String, Arc<crate::balancer::Backend>)> = self
+        let targets: Vec<(String, Arc<crate::upstream::balancer::Backend>)> = self
             .balancers()
             .iter()
             .flat_map(|b| {
@@ -417,10 +301,11 @@ impl Metrics {
             "Failed connect attempts to each target, by reason.",
         );
         for (l, t) in &targets {
-            for r in CONNECT_FAILURES {
+            for r in FailureReason::ALL {
                 let _ = writeln!(
                     o,
-                    "proxy_target_connect_failures_total{{{l},reason=\"{r}\"}} {}",
+                    "proxy_target_connect_failures_total{{{l},reason=\"{}\"}} {}",
+                    r.as_str(),
                     t.stats.failures(r)
                 );
             }
@@ -562,7 +447,7 @@ mod tests {
                 target_to_client: 20,
                 userspace_bytes: 30,
                 end: EndReason::Closed,
-                plane: "copy",
+                plane: Plane::Copy,
             },
             2,
         );
@@ -584,32 +469,5 @@ mod tests {
         assert!(text.contains("proxy_connections_plane_total{app=\"we\\\"ird\",plane=\"copy\"} 1"));
         assert!(text.contains("process_open_fds "), "{text}");
         assert!(text.contains("process_resident_memory_bytes "));
-    }
-
-    #[test]
-    fn histogram_is_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(10));
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.05\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"2.5\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count{a=\"b\"} 3\n"));
-    }
-
-    #[test]
-    fn connect_failures_by_reason() {
-        let t = TargetStats::default();
-        t.attempt(Duration::from_millis(1), None);
-        t.attempt(Duration::from_millis(1), Some("refused"));
-        t.attempt(Duration::from_millis(1), Some("no such reason"));
-        assert_eq!(t.attempts.load(Ordering::Relaxed), 3);
-        assert_eq!(t.failures("refused"), 1);
-        assert_eq!(t.failures("other"), 1);
-        assert_eq!(t.latency.count(), 1);
     }
 }

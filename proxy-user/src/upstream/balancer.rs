@@ -7,9 +7,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
+use super::health::{self, Health, HealthConfig};
+use super::stats::TargetStats;
 use crate::config::{Balance, Target};
-use crate::health::Health;
-use crate::metrics::TargetStats;
 
 #[derive(Debug)]
 pub struct Backend {
@@ -66,6 +68,7 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    #[cfg(test)]
     pub fn new(app: &str, policy: Balance, targets: &[Target]) -> Self {
         Balancer::reusing(app, policy, targets, &[])
     }
@@ -94,6 +97,17 @@ impl Balancer {
             // Start round robin at a random offset so restarts don't always
             // hit the first target first.
             rr: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    /// One probe task per target, until `stop` flips to true.
+    pub fn spawn_probes(&self, cfg: HealthConfig, stop: watch::Receiver<bool>) {
+        for backend in self.backends.iter().cloned() {
+            let app = self.app.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                health::probe_loop(&app, &backend.target, &backend.health, cfg, stop).await;
+            });
         }
     }
 

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, ProxyProtocol};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// Largest request head accepted; ours are one line plus a few headers.
 const MAX_HEAD: usize = 8 * 1024;

@@ -6,13 +6,13 @@
 //! lucky connection cannot flap it up.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::balancer::{Backend, Balancer};
-use crate::connect;
+use super::dial;
+use crate::config::Target;
 
 #[derive(Debug, Clone, Copy)]
 pub struct HealthConfig {
@@ -146,45 +146,44 @@ impl Health {
     }
 }
 
-pub fn log_transition(app: &str, backend: &Backend, t: Transition, why: &str) {
+pub fn log_transition(app: &str, target: &Target, t: Transition, why: &str) {
     match t {
         Transition::Up => {
-            tracing::info!(app, target = %backend.target, reason = why, "target is up")
+            tracing::info!(app, target = %target, reason = why, "target is up")
         }
         Transition::Down => {
-            tracing::warn!(app, target = %backend.target, reason = why, "target is down")
+            tracing::warn!(app, target = %target, reason = why, "target is down")
         }
     }
 }
 
-/// Spawns one probe task per target. Tasks end when `stop` flips to true.
-pub fn spawn_probes(balancer: Arc<Balancer>, cfg: HealthConfig, stop: watch::Receiver<bool>) {
-    for backend in balancer.backends.iter().cloned() {
-        let app = balancer.app.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            // Spread probes over the interval so many targets don't all
-            // connect in the same millisecond.
-            let jitter = cfg.interval.mul_f64(fastrand::f64());
-            let start = tokio::time::Instant::now() + jitter;
-            let mut tick = tokio::time::interval_at(start, cfg.interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    _ = tick.tick() => {}
-                }
-                let result = connect::probe(&backend.target, cfg.timeout).await;
-                let ok = result.is_ok();
-                if let Some(t) = backend.health.probe(ok, cfg.rise, cfg.fall) {
-                    let why = match &result {
-                        Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
-                        Err(e) => format!("{} consecutive probes failed, last: {e:#}", cfg.fall),
-                    };
-                    log_transition(&app, &backend, t, &why);
-                }
-            }
-        });
+/// Probes `target` every interval until `stop` flips to true, feeding
+/// `health`. Probes start at a random point in the first interval so many
+/// targets don't all connect in the same millisecond.
+pub async fn probe_loop(
+    app: &str,
+    target: &Target,
+    health: &Health,
+    cfg: HealthConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let jitter = cfg.interval.mul_f64(fastrand::f64());
+    let start = tokio::time::Instant::now() + jitter;
+    let mut tick = tokio::time::interval_at(start, cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let result = dial::probe(target, cfg.timeout).await;
+        if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
+            let why = match &result {
+                Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
+                Err(e) => format!("{} consecutive probes failed, last: {e:#}", cfg.fall),
+            };
+            log_transition(app, target, t, &why);
+        }
     }
 }
 

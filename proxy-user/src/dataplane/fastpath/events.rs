@@ -1,0 +1,69 @@
+//! Wake-ups from the verdict (the `EVENTS` ring: a direction crossed its
+//! checkpoint) and the BPF log records.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use proxy_common::FlowEvent;
+use tokio::{io::unix::AsyncFd, sync::Notify};
+
+use super::lock;
+
+/// Wakers by source cookie: the direction the verdict reported.
+pub(super) type Waiters = Arc<Mutex<HashMap<u64, Arc<Notify>>>>;
+
+/// Starts the task that wakes each reported direction.
+pub(super) fn spawn_dispatch(ring: RingBuf<MapData>) -> Result<Waiters> {
+    let waiters: Waiters = Arc::default();
+    let ring = register(ring).context("polling the flow event ring")?;
+    tokio::spawn(dispatch_events(ring, Arc::clone(&waiters)));
+    Ok(waiters)
+}
+
+async fn dispatch_events(mut ring: AsyncFd<RingBuf<MapData>>, waiters: Waiters) {
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                tracing::error!(error = %e, "flow event ring failed; linked directions are no longer checked against the in-flight bound");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<FlowEvent>() {
+                continue;
+            }
+            // SAFETY: the verdict writes whole FlowEvent records; read_unaligned
+            // makes no assumption about the ring's alignment.
+            let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if let Some(waiter) = lock(&waiters).get(&event.cookie) {
+                waiter.notify_one();
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+pub(super) fn spawn_bpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    let mut logger = register(logger).context("polling the BPF log ring")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+fn register<T: std::os::fd::AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd, and the AsyncFd owns `inner`, so the fd
+    // stays open for as long as it is registered.
+    unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,286 @@
+//! Putting a pair into the socket maps and taking it out again, and the
+//! pre-install copy that forwards what both sockets held before.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use proxy_common::{FlowControl, FlowState};
+use tokio::{net::TcpStream, sync::Notify};
+
+use super::{lock, FastpathPlane};
+use crate::dataplane::tcpinfo;
+use crate::dataplane::userspace::write_all;
+
+/// The maps userspace writes: declared in proxy-ebpf's `main.rs`.
+pub(super) struct Maps {
+    /// Sockets whose received bytes the verdict forwards.
+    pub(super) sockets: SockHash<MapData, u64>,
+    /// Redirect targets, by cookie.
+    pub(super) peers: SockHash<MapData, u64>,
+    pub(super) control: BpfHashMap<MapData, u64, FlowControl>,
+    pub(super) state: BpfHashMap<MapData, u64, FlowState>,
+}
+
+impl Maps {
+    /// Entries left in all four maps: 0 once every pair is uninstalled.
+    pub(super) fn entries(&self) -> usize {
+        self.control.keys().count()
+            + self.state.keys().count()
+            + self.peers.keys().count()
+            + self.sockets.keys().count()
+    }
+
+    /// Proves the kernel takes an established TCP socket into the map, so that
+    /// `--mode auto` falls back at start rather than on every connection.
+    pub(super) fn probe_insert(&mut self) -> Result<()> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("probe: binding loopback")?;
+        let probe =
+            std::net::TcpStream::connect(listener.local_addr()?).context("probe: connect")?;
+        let (accepted, _) = listener.accept().context("probe: accept")?;
+        let key = tcpinfo::cookie(&probe)?;
+        self.sockets
+            .insert(key, probe.as_raw_fd(), 0)
+            .context("probe: this kernel refused a TCP socket in the socket map")?;
+        self.sockets
+            .remove(&key)
+            .context("probe: removing the probe socket")?;
+        drop((probe, accepted));
+        Ok(())
+    }
+}
+
+impl FastpathPlane {
+    /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
+    /// socket refused by `SOCKETS` (it already received FIN) leaves its
+    /// direction to userspace; one refused by `PEERS` leaves the whole pair.
+    pub(super) fn install(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Pair> {
+        let mut pair = Pair {
+            client: Side::new(tcpinfo::cookie(client).context("SO_COOKIE of the client")?),
+            upstream: Side::new(tcpinfo::cookie(upstream).context("SO_COOKIE of the upstream")?),
+        };
+        {
+            let mut waiters = lock(&self.waiters);
+            for side in [&pair.client, &pair.upstream] {
+                waiters.insert(side.cookie, Arc::clone(&side.notify));
+            }
+        }
+        let result = (|| -> Result<()> {
+            let mut maps = lock(&self.maps);
+            for (src, dst) in [
+                (&pair.client, &pair.upstream),
+                (&pair.upstream, &pair.client),
+            ] {
+                let control = FlowControl {
+                    peer: dst.cookie,
+                    check_at: self.bound / 4,
+                };
+                maps.control
+                    .insert(src.cookie, control, 0)
+                    .context("CONTROL map insert")?;
+                maps.state
+                    .insert(src.cookie, FlowState::default(), 0)
+                    .context("STATE map insert")?;
+            }
+            maps.peers
+                .insert(pair.client.cookie, client.as_raw_fd(), 0)
+                .context("inserting the client socket into PEERS")?;
+            maps.peers
+                .insert(pair.upstream.cookie, upstream.as_raw_fd(), 0)
+                .context("inserting the upstream socket into PEERS")?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.uninstall(&pair);
+            return Err(e);
+        }
+        // Baselines before the first redirect into either socket.
+        pair.client.base = tcpinfo::handed(client)?.total;
+        pair.upstream.base = tcpinfo::handed(upstream)?.total;
+        pair.client.linked = self.link(pair.client.cookie, client);
+        pair.upstream.linked = self.link(pair.upstream.cookie, upstream);
+        Ok(pair)
+    }
+
+    /// Puts a socket where the verdict forwards its bytes, then sweeps what
+    /// arrived since userspace last read it through the verdict. False if
+    /// refused (the socket already received FIN).
+    pub(super) fn link(&self, cookie: u64, sock: &TcpStream) -> bool {
+        if let Err(e) = lock(&self.maps).sockets.insert(cookie, sock.as_raw_fd(), 0) {
+            tracing::debug!(error = %e, "socket map refused a socket; its direction is copied");
+            return false;
+        }
+        if let Err(e) = tcpinfo::sweep_receive_queue(sock) {
+            tracing::warn!(error = %e, "SO_RCVLOWAT sweep failed; bytes wait for the next arrival");
+        }
+        true
+    }
+
+    pub(super) fn unlink(&self, cookie: u64) -> bool {
+        lock(&self.maps).sockets.remove(&cookie).is_ok()
+    }
+
+    pub(super) fn uninstall(&self, pair: &Pair) {
+        let mut waiters = lock(&self.waiters);
+        let mut maps = lock(&self.maps);
+        for side in [&pair.client, &pair.upstream] {
+            waiters.remove(&side.cookie);
+            // The verdict must stop before its flow entries go. Closing the fd
+            // would also remove the socket maps' entries; the flow maps are
+            // ours to clean. A missing key is not an error here.
+            let _ = maps.sockets.remove(&side.cookie);
+            let _ = maps.peers.remove(&side.cookie);
+            let _ = maps.control.remove(&side.cookie);
+            let _ = maps.state.remove(&side.cookie);
+        }
+    }
+
+    pub(super) fn state(&self, cookie: u64) -> io::Result<FlowState> {
+        lock(&self.maps)
+            .state
+            .get(&cookie, 0)
+            .map_err(|e| io::Error::other(format!("STATE lookup: {e}")))
+    }
+
+    pub(super) fn set_check_at(&self, cookie: u64, peer: u64, check_at: u64) -> io::Result<()> {
+        lock(&self.maps)
+            .control
+            .insert(cookie, FlowControl { peer, check_at }, 0)
+            .map_err(|e| io::Error::other(format!("CONTROL update: {e}")))
+    }
+}
+
+pub(super) struct Early {
+    pub(super) moved: u64,
+    pub(super) end: EarlyEnd,
+}
+
+pub(super) enum EarlyEnd {
+    /// Neither FIN nor an error yet: the socket can enter the map.
+    Open,
+    Eof,
+    /// Reading the source failed (it was reset).
+    ReadFailed,
+    /// Writing the destination failed (it was reset).
+    WriteFailed,
+}
+
+/// Pre-install copy: both directions run at once and stop together, when
+/// both sources are empty. One direction that stopped while the other still
+/// copied could deadlock behind an echoing target (its writes wait for the
+/// target, which waits for us to read it); seen under a CPU hog in the bidi
+/// bench. A sender that never pauses keeps the pair here, copied correctly.
+#[derive(Default)]
+pub(super) struct Quiet {
+    state: Mutex<QuietState>,
+    /// Signalled once `done` is set, for a direction waiting at EAGAIN.
+    done_signal: Notify,
+}
+
+#[derive(Default)]
+struct QuietState {
+    /// Per direction: waiting at EAGAIN, or finished.
+    idle: [bool; 2],
+    /// Both were idle at once: every direction stops at its EAGAIN.
+    done: bool,
+}
+
+impl Quiet {
+    /// Direction `me` is at EAGAIN or finished; true when the copy is done.
+    fn rest(&self, me: usize) -> bool {
+        let mut s = lock(&self.state);
+        s.idle[me] = true;
+        if s.idle[1 - me] && !s.done {
+            s.done = true;
+            self.done_signal.notify_one();
+        }
+        s.done
+    }
+
+    /// Direction `me` has bytes again; false if the copy is already done
+    /// (the decision stands: the bytes are left for the verdict's sweep).
+    fn wake(&self, me: usize) -> bool {
+        let mut s = lock(&self.state);
+        if s.done {
+            return false;
+        }
+        s.idle[me] = false;
+        true
+    }
+}
+
+/// Forwards what `src` holds, until it and the other direction's source are
+/// both empty (or this one ends). It must stop only at EAGAIN: the verdict's
+/// sweep (tcp_read_skb) takes whole skbs from the receive queue and ignores
+/// how much of the first one was already read, so stopping mid-skb would
+/// send that part twice (seen: 48 KiB duplicated).
+pub(super) async fn forward_ready(
+    src: &TcpStream,
+    dst: &TcpStream,
+    me: usize,
+    quiet: &Quiet,
+) -> Early {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut moved = 0;
+    let end = loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => break EarlyEnd::Eof,
+            Ok(n) => {
+                if write_all(dst, &buf[..n]).await.is_err() {
+                    break EarlyEnd::WriteFailed;
+                }
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if quiet.rest(me) {
+                    break EarlyEnd::Open;
+                }
+                tokio::select! {
+                    r = src.readable() => {
+                        if r.is_err() {
+                            break EarlyEnd::ReadFailed;
+                        }
+                        if !quiet.wake(me) {
+                            break EarlyEnd::Open;
+                        }
+                    }
+                    _ = quiet.done_signal.notified() => break EarlyEnd::Open,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break EarlyEnd::ReadFailed,
+        }
+    };
+    // A finished direction counts as idle for good.
+    quiet.rest(me);
+    Early { moved, end }
+}
+
+/// One socket of an installed pair.
+pub(super) struct Side {
+    pub(super) cookie: u64,
+    /// Bytes handed to this socket's TCP before the install (SYN included).
+    pub(super) base: u64,
+    /// In `SOCKETS` at install: the verdict forwards what this socket receives.
+    pub(super) linked: bool,
+    pub(super) notify: Arc<Notify>,
+}
+
+impl Side {
+    fn new(cookie: u64) -> Self {
+        Side {
+            cookie,
+            base: 0,
+            linked: false,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+}
+
+pub(super) struct Pair {
+    pub(super) client: Side,
+    pub(super) upstream: Side,
+}

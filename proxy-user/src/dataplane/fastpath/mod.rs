@@ -1,0 +1,280 @@
+//! Kernel fastpath: the client socket and its upstream socket go into BPF
+//! socket maps, and the `splice` stream verdict (proxy-ebpf) redirects every
+//! skb either receives out of the other. Userspace reads no payload once a
+//! pair is installed; it steps in only where the kernel alone would be wrong:
+//!
+//! - **Install order.** Userspace first forwards whatever both sockets already
+//!   hold, then puts both in `PEERS` (redirect targets), then each in
+//!   `SOCKETS` (where the verdict is attached) and sweeps its receive queue
+//!   through the verdict (SO_RCVLOWAT runs data_ready). Bytes that arrived in
+//!   between are the oldest in the queue, so the sweep forwards them first.
+//!   Userspace never reads a socket the verdict has seen bytes of: reading a
+//!   psock's queues next to the verdict (pass mode) replayed stale or zeroed
+//!   bytes on kernel 6.18, caught by a sequence-numbered stream.
+//! - **Backpressure.** Redirected skbs leave the source's receive accounting,
+//!   so TCP's window never closes by itself: a fast sender into a slow
+//!   receiver would queue without bound inside the kernel (the prototype held
+//!   360 MB for one connection). The verdict wakes userspace every quarter of
+//!   the in-flight bound; when the bytes redirected but not yet acknowledged
+//!   by the receiver reach the bound, userspace takes the source out of
+//!   `SOCKETS`, waits until the kernel has handed every redirected byte to the
+//!   peer, and copies the rest of that direction itself, where the socket
+//!   buffers bound memory and the window closes as behind a copy proxy. The
+//!   direction is not put back: on kernel 6.18 re-adding a socket (and
+//!   reading a psock next to the verdict) replayed stale or zeroed bytes in a
+//!   sequence-numbered stream, so each direction changes plane at most once.
+//! - **Half-close.** A FIN still reaches userspace as EOF. The peer gets its
+//!   FIN only after every byte redirected before it was handed to the peer's
+//!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
+//! - **Failure to install** (socket already half-closed, map full): that
+//!   direction, or the whole pair, is copied in userspace; no byte is dropped.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, SockHash},
+    programs::SkSkb,
+    Ebpf, EbpfLoader,
+};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::userspace::{arm_reset, set_nodelay, supervise};
+use super::{ConnInfo, CopyPlane, EndReason, Plane, Transfer};
+use crate::bpf::{self, take_map};
+use direction::{Direction, IdleWatch};
+use install::{forward_ready, EarlyEnd, Maps, Pair, Quiet};
+
+mod direction;
+mod events;
+mod install;
+
+/// Default bound on one direction's bytes inside the kernel (redirected but
+/// not yet acknowledged by the receiver).
+// The flag's default is written as text in cli.rs; a test holds the two equal.
+#[cfg_attr(not(test), allow(dead_code))]
+pub const DEFAULT_INFLIGHT_BOUND: u64 = 4 << 20;
+
+/// Fastpath knobs from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Most bytes one direction may have inside the kernel (redirected, not
+    /// yet acknowledged by the receiver) before it moves to userspace.
+    pub inflight: u64,
+    /// Also attach the `frame` stream parser (see proxy-ebpf).
+    pub parser: bool,
+}
+
+pub struct FastpathPlane {
+    maps: Mutex<Maps>,
+    /// Wakes the direction whose source cookie the verdict reported.
+    waiters: events::Waiters,
+    fallback: CopyPlane,
+    bound: u64,
+    /// Owns the loaded program; dropping it would detach the verdict.
+    _ebpf: Mutex<Ebpf>,
+}
+
+impl FastpathPlane {
+    /// Loads and attaches the verdict program and proves on a loopback pair
+    /// that this kernel accepts sockets into the map. Must run inside tokio.
+    pub fn load(fallback: CopyPlane, options: Options) -> Result<Self> {
+        let mut ebpf = bpf::load(&mut EbpfLoader::new())?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => events::spawn_bpf_logger(logger)?,
+            Err(e) => tracing::debug!(error = %e, "BPF program has no log buffer"),
+        }
+        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, "SOCKETS")?;
+        let mut programs = vec![("splice", "stream verdict")];
+        if options.parser {
+            programs.push(("frame", "stream parser"));
+        }
+        for (name, what) in programs {
+            let program: &mut SkSkb = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no `{name}` program"))?
+                .try_into()
+                .with_context(|| format!("`{name}` is not an sk_skb program"))?;
+            program.load().context(bpf::privilege_hint(&format!(
+                "loading the {what} (verifier output above)"
+            )))?;
+            program
+                .attach(sockets.fd())
+                .with_context(|| format!("attaching the {what} to the socket map"))?;
+        }
+        let mut maps = Maps {
+            sockets,
+            peers: take_map(&mut ebpf, "PEERS")?,
+            control: take_map(&mut ebpf, "CONTROL")?,
+            state: take_map(&mut ebpf, "STATE")?,
+        };
+        maps.probe_insert()?;
+        let waiters = events::spawn_dispatch(take_map(&mut ebpf, "EVENTS")?)?;
+        Ok(FastpathPlane {
+            maps: Mutex::new(maps),
+            waiters,
+            fallback,
+            bound: options.inflight,
+            _ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        set_nodelay(&client, &upstream);
+        // Whatever arrived before the install goes first, by the copy path.
+        let quiet = Quiet::default();
+        let (up, down) = tokio::join!(
+            forward_ready(&client, &upstream, 0, &quiet),
+            forward_ready(&upstream, &client, 1, &quiet)
+        );
+        let early = [up.moved, down.moved];
+        // A reset seen here must reach the other side as a reset: the error
+        // is consumed by the read that saw it, so no later reader would know.
+        let reset = match (&up.end, &down.end) {
+            (EarlyEnd::ReadFailed, _) | (_, EarlyEnd::WriteFailed) => Some(EndReason::ClientReset),
+            (EarlyEnd::WriteFailed, _) | (_, EarlyEnd::ReadFailed) => Some(EndReason::TargetReset),
+            _ => None,
+        };
+        let mut transfer = if let Some(end) = reset {
+            arm_reset(if end == EndReason::ClientReset {
+                &upstream
+            } else {
+                &client
+            });
+            Transfer {
+                client_to_target: 0,
+                target_to_client: 0,
+                userspace_bytes: 0,
+                end,
+                plane: Plane::CopyFallback,
+            }
+        } else {
+            let installed = match (&up.end, &down.end) {
+                (EarlyEnd::Open, EarlyEnd::Open) => self.install(&client, &upstream),
+                _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
+            };
+            match installed {
+                Ok(pair) => {
+                    let transfer = self.splice(&pair, &client, &upstream, early, conn).await;
+                    self.uninstall(&pair);
+                    transfer
+                }
+                Err(e) => {
+                    tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
+                        "fastpath not installed; this connection stays on the copy plane");
+                    // TCP keeps reporting EOF, so the copy plane sees the FIN again.
+                    let mut transfer = self.fallback.carry(client, upstream, conn).await;
+                    transfer.plane = Plane::CopyFallback;
+                    transfer
+                }
+            }
+        };
+        transfer.client_to_target += early[0];
+        transfer.target_to_client += early[1];
+        transfer.userspace_bytes += early[0] + early[1];
+        transfer
+    }
+    async fn splice(
+        &self,
+        pair: &Pair,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        early: [u64; 2],
+        conn: &ConnInfo,
+    ) -> Transfer {
+        let user = [AtomicU64::new(0), AtomicU64::new(0)];
+        let mut up = Direction::new(
+            self,
+            client,
+            upstream,
+            &pair.client,
+            &pair.upstream,
+            &user[0],
+            early[0],
+        );
+        let mut down = Direction::new(
+            self,
+            upstream,
+            client,
+            &pair.upstream,
+            &pair.client,
+            &user[1],
+            early[1],
+        );
+        let start = Instant::now();
+        // The kernel moves bytes userspace never sees: idle is judged from
+        // the verdict's counters plus what userspace copied.
+        let idle = async {
+            let mut watch = IdleWatch::new(conn.idle_timeout);
+            loop {
+                watch.tick().await;
+                let moved = self.moved(pair)
+                    + user[0].load(Ordering::Relaxed)
+                    + user[1].load(Ordering::Relaxed);
+                if watch.is_idle(moved) {
+                    return;
+                }
+            }
+        };
+        let end = supervise(up.run(), down.run(), idle, client, upstream, conn).await;
+        let user = [
+            user[0].load(Ordering::Relaxed),
+            user[1].load(Ordering::Relaxed),
+        ];
+        let client_state = self.state(pair.client.cookie).unwrap_or_default();
+        let upstream_state = self.state(pair.upstream.cookie).unwrap_or_default();
+        tracing::debug!(
+            conn = conn.id,
+            user_c2t = user[0],
+            user_t2c = user[1],
+            kernel_c2t = client_state.redirected,
+            kernel_t2c = upstream_state.redirected,
+            dropped = client_state.dropped + upstream_state.dropped,
+            demoted_c2t = up.demoted,
+            demoted_t2c = down.demoted,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "fastpath pair done"
+        );
+        Transfer {
+            client_to_target: client_state.redirected + user[0],
+            target_to_client: upstream_state.redirected + user[1],
+            userspace_bytes: user[0] + user[1],
+            end,
+            plane: if pair.client.linked || pair.upstream.linked {
+                Plane::Fastpath
+            } else {
+                Plane::CopyFallback
+            },
+        }
+    }
+
+    /// Bytes the kernel moved both ways so far: part of the idle signal.
+    fn moved(&self, pair: &Pair) -> u64 {
+        [pair.client.cookie, pair.upstream.cookie]
+            .iter()
+            .filter_map(|c| self.state(*c).ok())
+            .map(|s| s.redirected)
+            .sum()
+    }
+}
+
+impl Drop for FastpathPlane {
+    /// Every pair uninstalls itself; whatever is left here at exit leaked.
+    fn drop(&mut self) {
+        let left = lock(&self.maps).entries();
+        if left == 0 {
+            tracing::info!("fastpath maps empty at exit");
+        } else {
+            tracing::warn!(
+                entries = left,
+                "fastpath maps not empty at exit: pairs leaked"
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves the maps consistent (each
+    // update is one syscall), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,209 @@
+//! What the userspace planes share: a direction's outcome, the activity
+//! clock behind the idle timeout, passing FIN and RST on, and the supervisor
+//! that runs both directions of a connection to their end. The copy and
+//! splice planes differ only in the per-direction pump they plug in here;
+//! the fastpath uses the same supervisor for the directions it hands back.
+//!
+//! Both directions borrow the sockets (`readable`/`try_read` on `&TcpStream`)
+//! instead of splitting them, so either can be aborted with RST by fd.
+
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{ConnInfo, EndReason, Plane, Transfer};
+
+#[derive(Debug)]
+pub(super) enum DirEnd {
+    /// Source sent FIN and it was passed on.
+    Eof,
+    /// Reading the source failed (usually ECONNRESET).
+    ReadFailed(io::Error),
+    /// Writing the destination failed (usually EPIPE/ECONNRESET).
+    WriteFailed(io::Error),
+}
+
+/// Last time any byte moved, in ms since the transfer started.
+pub(super) struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(super) async fn idle(&self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            let due =
+                self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// Waits until `src` has a byte, its FIN or an error to report, without
+/// taking anything. A freshly accepted socket reports readable before the
+/// client sent anything, so readiness alone would make every idle connection
+/// allocate its per-direction buffer (or pipe) at once.
+pub(super) async fn first_bytes(src: &TcpStream) -> io::Result<()> {
+    src.peek(&mut [0u8; 1]).await.map(|_| ())
+}
+
+/// Both sides: a proxy must not add Nagle delay to small writes.
+pub(super) fn set_nodelay(client: &TcpStream, upstream: &TcpStream) {
+    for s in [client, upstream] {
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY failed");
+        }
+    }
+}
+
+/// The source's FIN, passed on once everything before it was written.
+pub(super) fn pass_fin(dst: &TcpStream) -> DirEnd {
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        Ok(()) => DirEnd::Eof,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => DirEnd::Eof,
+        Err(e) => DirEnd::WriteFailed(e),
+    }
+}
+
+/// Makes the next close of this socket send RST instead of FIN.
+pub(super) fn arm_reset(sock: &TcpStream) {
+    if let Err(e) = SockRef::from(sock).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0 failed; peer will see FIN instead of RST");
+    }
+}
+
+/// Runs both directions of a connection to their end and says how it ended.
+/// A failed read or write pins the failure on one socket, and the other gets
+/// a reset; idle and drain deadlines cut both. Every data plane uses this.
+pub(super) async fn supervise(
+    up: impl Future<Output = DirEnd>,
+    down: impl Future<Output = DirEnd>,
+    idle: impl Future<Output = ()>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+) -> EndReason {
+    let mut up = pin!(up);
+    let mut down = pin!(down);
+    let mut idle = pin!(idle);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let (result, from_client) = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; (r, true) }
+            r = &mut down, if !down_done => { down_done = true; (r, false) }
+            _ = &mut idle => return EndReason::IdleTimeout,
+            _ = conn.hard_stopped() => {
+                arm_reset(client);
+                arm_reset(upstream);
+                return EndReason::DrainTimeout;
+            }
+        };
+        let client_failed = match result {
+            DirEnd::Eof if up_done && down_done => return EndReason::Closed,
+            DirEnd::Eof => continue,
+            DirEnd::ReadFailed(e) => {
+                tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
+                from_client
+            }
+            DirEnd::WriteFailed(e) => {
+                tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
+                !from_client
+            }
+        };
+        if client_failed {
+            arm_reset(upstream);
+            return EndReason::ClientReset;
+        }
+        arm_reset(client);
+        return EndReason::TargetReset;
+    }
+}
+
+/// Writes all of `bytes` to `dst`.
+pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How a userspace plane moves one direction's bytes from `src` to `dst`,
+/// counting what it wrote in `moved` and touching `activity` as it goes.
+/// The copy and splice planes differ only in this.
+pub(super) trait Pump {
+    /// The plane this pump makes, for the close line and metrics.
+    const PLANE: Plane;
+
+    async fn pump(
+        &self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        moved: &AtomicU64,
+        activity: &Activity,
+        conn: &ConnInfo,
+    ) -> DirEnd;
+}
+
+/// Carries a connection in userspace, one `pump` per direction.
+pub(super) async fn carry<P: Pump>(
+    pump: &P,
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &ConnInfo,
+) -> Transfer {
+    set_nodelay(&client, &upstream);
+    let c2t = AtomicU64::new(0);
+    let t2c = AtomicU64::new(0);
+    let activity = Activity::new();
+    let end = supervise(
+        pump.pump(&client, &upstream, &c2t, &activity, conn),
+        pump.pump(&upstream, &client, &t2c, &activity, conn),
+        activity.idle(conn.idle_timeout),
+        &client,
+        &upstream,
+        conn,
+    )
+    .await;
+    drop(client);
+    drop(upstream);
+    let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
+    Transfer {
+        // Userspace moved these, even when splice(2) never mapped them.
+        userspace_bytes: c2t + t2c,
+        client_to_target: c2t,
+        target_to_client: t2c,
+        end,
+        plane: P::PLANE,
+    }
+}

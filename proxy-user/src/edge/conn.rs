@@ -1,0 +1,191 @@
+//! One admitted client connection: connect to a target, carry the bytes,
+//! write one close record. The `Conn` owns what the connection holds (limit
+//! permits, its place in the drain tracker, the active gauge), so whatever
+//! path it ends on releases all of it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::tracker::Tracked;
+use super::{AppRuntime, Shared};
+use crate::config::ProxyProtocol;
+use crate::dataplane::{ConnInfo, EndReason, Transfer};
+use crate::ops::access_log;
+use crate::ops::metrics::ActiveConn;
+use crate::upstream::connect;
+use crate::upstream::proxy_protocol;
+
+/// What a connection holds until it is closed.
+struct Held {
+    _app_permit: OwnedSemaphorePermit,
+    _global_permit: OwnedSemaphorePermit,
+    _tracked: Tracked,
+    _active: ActiveConn,
+}
+
+pub(super) struct Conn {
+    id: u64,
+    client: SocketAddr,
+    port: u16,
+    app: Arc<AppRuntime>,
+    started: Instant,
+    _held: Held,
+}
+
+/// Where the connection got to upstream: the target as configured ("-" if
+/// none) and how many connect attempts it took.
+struct Upstream {
+    target: String,
+    attempts: u32,
+}
+
+impl Upstream {
+    const NONE: Upstream = Upstream {
+        target: String::new(),
+        attempts: 0,
+    };
+}
+
+impl Conn {
+    pub(super) fn admitted(
+        client: SocketAddr,
+        port: u16,
+        app: Arc<AppRuntime>,
+        shared: &Shared,
+        (app_permit, global_permit): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) -> Conn {
+        Conn {
+            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+            client,
+            port,
+            _held: Held {
+                _app_permit: app_permit,
+                _global_permit: global_permit,
+                _tracked: shared.tracker.track(),
+                _active: app.metrics.open(),
+            },
+            app,
+            started: Instant::now(),
+        }
+    }
+
+    /// Connects, carries and closes; the record is written on every path.
+    pub(super) async fn serve(self, client: TcpStream, shared: Arc<Shared>) {
+        let _ = client.set_nodelay(true);
+        let balancer = &self.app.balancer;
+        let mut hard_stop = shared.hard_stop.clone();
+        let connected = tokio::select! {
+            r = connect::connect(balancer, &shared.policy) => r,
+            _ = hard_stop.wait_for(|s| *s) => {
+                return self.close(&shared, Upstream::NONE, &Transfer::none(EndReason::DrainTimeout));
+            }
+        };
+        let mut c = match connected {
+            Ok(c) => c,
+            Err(failed) => {
+                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, closing client");
+                drop(client);
+                let upstream = Upstream {
+                    attempts: failed.attempts,
+                    ..Upstream::NONE
+                };
+                return self.close(&shared, upstream, &Transfer::none(EndReason::ConnectFailed));
+            }
+        };
+        let upstream = Upstream {
+            target: c.guard.backend().target.to_string(),
+            attempts: c.attempts,
+        };
+        if let Some(version) = self.app.proxy_protocol {
+            if let Err(e) = send_proxy_header(&client, &mut c.stream, self.client, version).await {
+                tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return self.close(&shared, upstream, &Transfer::none(EndReason::TargetReset));
+            }
+        }
+        let info = ConnInfo {
+            id: self.id,
+            app: balancer.app.clone(),
+            listen_port: self.port,
+            client: self.client,
+            target: upstream.target.clone(),
+            upstream: c.peer,
+            idle_timeout: shared.idle_timeout,
+            hard_stop: shared.hard_stop.clone(),
+        };
+        let transfer = shared.plane.carry(client, c.stream, &info).await;
+        drop(c.guard);
+        self.close(&shared, upstream, &transfer);
+    }
+
+    /// The one record per connection: metrics, the access log and the log
+    /// line. `bytes_in` is client→target and `bytes_out` target→client, as
+    /// seen from the client's side of the proxy (HAProxy's and Envoy's
+    /// convention for "received"/"sent" by the listener).
+    fn close(self, shared: &Shared, upstream: Upstream, t: &Transfer) {
+        self.app.metrics.finished(t, upstream.attempts);
+        let target = if upstream.target.is_empty() {
+            "-"
+        } else {
+            upstream.target.as_str()
+        };
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(log) = &shared.access_log {
+            log.record(&access_log::Entry {
+                ts: access_log::rfc3339(std::time::SystemTime::now()),
+                conn: self.id,
+                app: &self.app.balancer.app,
+                port: self.port,
+                client: self.client.to_string(),
+                target,
+                attempts: upstream.attempts,
+                bytes_in: t.client_to_target,
+                bytes_out: t.target_to_client,
+                userspace_bytes: t.userspace_bytes,
+                duration_ms,
+                plane: t.plane.as_str(),
+                end: t.end.as_str(),
+            });
+        }
+        tracing::info!(
+            conn = self.id,
+            app = %self.app.balancer.app,
+            port = self.port,
+            client = %self.client,
+            target,
+            attempts = upstream.attempts,
+            bytes_in = t.client_to_target,
+            bytes_out = t.target_to_client,
+            userspace_bytes = t.userspace_bytes,
+            duration_ms,
+            plane = t.plane.as_str(),
+            end = t.end.as_str(),
+            "connection closed"
+        );
+    }
+}
+
+/// Writes the PROXY header before any client byte can reach the target
+/// (the data plane starts only after this returns).
+async fn send_proxy_header(
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+    peer: SocketAddr,
+    version: ProxyProtocol,
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let local = client.local_addr()?;
+    let header = proxy_protocol::header(version, peer, local);
+    // A fresh socket's send buffer takes ~100 bytes at once; the timeout
+    // only guards against a target that accepted and then froze.
+    tokio::time::timeout(Duration::from_secs(5), upstream.write_all(&header))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "PROXY header write timed out"))?
+}

@@ -1,0 +1,83 @@
+//! The client side: listening sockets (one per port, or one steered by
+//! sk_lookup), admission against the connection limits, and each accepted
+//! connection's life from connect to its close record.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::ProxyProtocol;
+use crate::dataplane::DataPlane;
+use crate::ops::access_log::AccessLog;
+use crate::ops::metrics::{AppMetrics, Metrics};
+use crate::upstream::balancer::Balancer;
+use crate::upstream::connect::ConnectPolicy;
+
+mod admission;
+mod conn;
+pub mod listener;
+pub mod steering;
+pub mod tracker;
+
+use tracker::Tracker;
+
+/// State shared by every listener and connection.
+pub struct Shared {
+    pub plane: DataPlane,
+    pub policy: ConnectPolicy,
+    pub idle_timeout: Option<Duration>,
+    pub tracker: Arc<Tracker>,
+    /// Global connection cap.
+    pub global: Arc<Semaphore>,
+    pub hard_stop: watch::Receiver<bool>,
+    pub next_id: AtomicU64,
+    pub limit_log: RateLimit,
+    pub metrics: Arc<Metrics>,
+    /// `--access-log`: close lines as JSON to a file of their own.
+    pub access_log: Option<AccessLog>,
+}
+
+/// One app's runtime state, shared by all of its listeners. Immutable: a
+/// reload that changes the app installs a new one (same `permits`), and
+/// connections already running keep the one they started with.
+pub struct AppRuntime {
+    pub balancer: Arc<Balancer>,
+    /// Per-app cap: isolation between apps.
+    pub permits: Arc<Semaphore>,
+    pub metrics: Arc<AppMetrics>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Which app a listening port serves; swapped by a reload without closing
+/// the socket, so moving a port between apps refuses no client.
+pub type AppSlot = Arc<ArcSwap<AppRuntime>>;
+
+/// Logs at most once per second, counting what it swallowed, so a flood
+/// cannot turn into a log flood.
+#[derive(Default)]
+pub struct RateLimit {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// Returns Some(suppressed count) when the caller should log now.
+    pub fn check(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
