@@ -1,24 +1,43 @@
-//! Kernel fastpath: an `sk_skb` stream verdict that splices a client socket and
-//! its upstream socket together. Every byte a socket in `SOCKETS` receives is
-//! redirected out of its peer (found in `PEERS` by the cookie userspace wrote
-//! into `CONTROL`). The program counts what it redirects and wakes userspace
-//! every so many bytes, so userspace can hold the sender back when the peer's
-//! receiver falls behind.
+//! The proxy's BPF programs, in one object:
+//!
+//! - the kernel fastpath: an `sk_skb` stream verdict (`splice`) that splices a
+//!   client socket and its upstream socket together. Every byte a socket in
+//!   `SOCKETS` receives is redirected out of its peer (found in `PEERS` by the
+//!   cookie userspace wrote into `CONTROL`). It counts what it redirects and
+//!   wakes userspace every so many bytes, so userspace can move a direction
+//!   off the kernel when the peer's receiver falls behind. `frame` is an
+//!   optional stream parser next to it;
+//! - port steering: an `sk_lookup` program (`steer`) that hands connections
+//!   to any configured port to the proxy's one listening socket.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_NO_PREALLOC,
+    },
     helpers::bpf_get_socket_cookie,
-    macros::{map, stream_parser, stream_verdict},
-    maps::{HashMap, RingBuf, SockHash},
-    programs::SkBuffContext,
+    macros::{map, sk_lookup, stream_parser, stream_verdict},
+    maps::{Array, HashMap, RingBuf, SockHash, SockMap},
+    programs::{SkBuffContext, SkLookupContext},
 };
 use aya_log_ebpf::debug;
-use proxy_common::{FlowControl, FlowEvent, FlowState, EVENTS_BYTES, MAX_SOCKETS};
+use core::ptr::{addr_of, read_volatile};
+use proxy_common::{
+    FlowControl, FlowEvent, FlowState, SteerConfig, EVENTS_BYTES, MAX_SOCKETS, STEER_MATCH_ANY,
+    STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6, STEER_MAX_PORTS,
+};
+
+// ------------------------------------------------------------------------
+// Every map, in one place. Fastpath (`splice`, `frame`): SOCKETS, PEERS,
+// CONTROL, STATE, EVENTS. Steering (`steer`): PORTS, STEER_SOCKET,
+// STEER_CONFIG.
 
 /// Sockets whose received bytes the verdict forwards; the verdict is attached
-/// here. Userspace takes a socket out to pause its sender, and puts it back.
+/// here. Userspace takes a socket out when its receiver falls a bound behind
+/// and copies the rest of that direction itself; it never puts one back
+/// (re-adding a socket replayed stale bytes on kernel 6.18).
 #[map]
 static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
@@ -39,6 +58,21 @@ static STATE: HashMap<u64, FlowState> = HashMap::with_max_entries(MAX_SOCKETS, 0
 /// Byte-count checkpoints, so userspace needs no polling.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Destination port (host order) -> app index, for every steered port.
+#[map]
+static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_PORTS, BPF_F_NO_PREALLOC);
+
+/// Slot 0: the proxy's listening socket.
+#[map]
+static STEER_SOCKET: SockMap = SockMap::with_max_entries(1, 0);
+
+/// Slot 0: which destination addresses are steered.
+#[map]
+static STEER_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+
+// ------------------------------------------------------------------------
+// The fastpath: every byte a socket in SOCKETS receives leaves from its peer.
 
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {
@@ -73,7 +107,9 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     state.redirected += len;
     if state.redirected >= control.check_at && state.notified != control.check_at {
         state.notified = control.check_at;
-        // A full ring only delays userspace: it also polls paused directions.
+        // A full ring loses this wake-up, and the direction is not checked
+        // against its bound until it ends; the ring holds 16 Ki events and
+        // userspace drains it as they come.
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
     SK_PASS
@@ -93,30 +129,6 @@ pub fn frame(ctx: SkBuffContext) -> u32 {
 // TCP connections to a configured port are handed to the proxy's one
 // listening socket, however many ports there are. Userspace keeps `PORTS`
 // in step with the config; the program is attached once per process.
-
-use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    macros::sk_lookup,
-    maps::{Array, SockMap},
-    programs::SkLookupContext,
-};
-use core::ptr::{addr_of, read_volatile};
-use proxy_common::{
-    SteerConfig, STEER_MATCH_ANY, STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6,
-    STEER_MAX_PORTS,
-};
-
-/// Destination port (host order) -> app index, for every steered port.
-#[map]
-static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_PORTS, BPF_F_NO_PREALLOC);
-
-/// Slot 0: the proxy's listening socket.
-#[map]
-static STEER_SOCKET: SockMap = SockMap::with_max_entries(1, 0);
-
-/// Slot 0: which destination addresses are steered.
-#[map]
-static STEER_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;

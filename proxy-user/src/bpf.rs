@@ -1,4 +1,4 @@
-//! The one eBPF object (proxy-ebpf, embedded by build.rs) and what loading
+//! The one eBPF object (proxy-ebpf, built by `cargo xtask build`, embedded by build.rs) and what loading
 //! any part of it takes: the fastpath's sk_skb programs and the steering
 //! sk_lookup program both come through here.
 
@@ -11,6 +11,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 /// Loads the object with `loader`'s map sizes. Kernels before 5.11 charge
 /// BPF maps to RLIMIT_MEMLOCK, so that limit is lifted first (best effort).
 pub fn load(loader: &mut EbpfLoader) -> Result<Ebpf> {
+    anyhow::ensure!(
+        !OBJECT.is_empty(),
+        "this proxy was built without its eBPF object (build it with `cargo xtask build`)"
+    );
     raise_memlock_limit();
     loader
         .load(OBJECT)

@@ -185,7 +185,7 @@ fn rss_kib(pid: i32) -> u64 {
 /// backpressure (its memory stays flat) and keeps serving others.
 async fn slow_reader_gets_everything_with_bounded_memory(mode: &str) {
     let echo = Backend::echo("echo").await;
-    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
     let rss_before = rss_kib(proxy.pid());
     bounded(60, "slow reader", async {
         let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
@@ -266,4 +266,20 @@ async fn idle_timeout_closes_quiet_connections(mode: &str) {
     let lines = proxy.wait_conn_lines(1, 5).await;
     assert_eq!(lines[0]["end"], "idle_timeout");
     assert_eq!(lines[0]["bytes_in"], 24);
+}
+
+/// The plane check every test gets at drop is not vacuous: a copy proxy
+/// passed off as a splice one fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plane_check_catches_the_wrong_plane() {
+    let echo = Backend::echo("echo").await;
+    let mut proxy = Proxy::start("copy", &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    echo_check(proxy.addr(0, 0), 5, 64 << 10).await.unwrap();
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["plane"], "copy");
+    proxy.claim_mode("splice");
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(proxy)))
+        .expect_err("a copy connection must fail the splice plane check");
+    let msg = caught.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("plane \"copy\""), "{msg}");
 }

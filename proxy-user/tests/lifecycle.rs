@@ -19,7 +19,7 @@ planes!(
 /// completion (SHA both ways), then the proxy exits 0.
 async fn sigterm_drains_live_transfer(mode: &str) {
     let echo = Backend::echo("echo").await;
-    let mut proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let mut proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
     let addr = proxy.addr(0, 0);
     bounded(60, "drain", async {
         let s = TcpStream::connect(addr).await.unwrap();
@@ -80,7 +80,7 @@ async fn sigterm_drains_live_transfer(mode: &str) {
 /// Connections still open at --drain-timeout are cut; the proxy exits 0.
 async fn drain_timeout_cuts_the_rest(mode: &str) {
     let echo = Backend::echo("echo").await;
-    let mut proxy = Proxy::start(
+    let mut proxy = Proxy::spawn(
         mode,
         &[AppSpec::new("a", 1, vec![echo.target()])],
         &["--drain-timeout", "500ms"],
@@ -113,7 +113,7 @@ async fn drain_timeout_cuts_the_rest(mode: &str) {
 /// A second SIGTERM/SIGINT during the drain exits immediately.
 async fn second_signal_exits_at_once(mode: &str) {
     let echo = Backend::echo("echo").await;
-    let mut proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let mut proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
     bounded(30, "second signal", async {
         let _held = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;

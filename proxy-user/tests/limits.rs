@@ -79,11 +79,11 @@ async fn flood_on_one_app_does_not_starve_another(mode: &str) {
 /// instead of spinning, and serves again once fds are free, without restart.
 async fn recovers_from_fd_exhaustion(mode: &str) {
     let echo = Backend::echo("echo").await;
-    let mut proxy = Proxy::start_with(
+    let mut proxy = Proxy::spawn_with_nofile(
         mode,
         &[AppSpec::new("a", 1, vec![echo.target()])],
         &["--health-interval", "10s"],
-        Some(64),
+        64,
     )
     .await;
     let pid = proxy.pid();

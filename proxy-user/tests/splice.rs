@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn splice_pipes_per_spoken_direction_and_none_left_after_close() {
     let echo = Backend::echo("echo").await;
-    let proxy = Proxy::start("splice", &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let proxy = Proxy::spawn("splice", &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
     let pid = proxy.pid();
     let base = pipe_fds(pid);
 

@@ -22,7 +22,7 @@ struct Cli {
 enum Task {
     /// Install the nightly rust-src, bpf-linker (against the nightly's LLVM) and Go, if missing.
     Setup,
-    /// Build the eBPF object, the proxy that embeds it (release) and the Go tester.
+    /// Build the eBPF object (nightly), the proxy that embeds it (release) and the Go tester.
     Build,
     /// Build, then run the proxy with the given arguments (after `--`).
     Run {
@@ -31,13 +31,13 @@ enum Task {
     },
     /// The main job: serve config.json's targets, proxy them, drive and verify traffic, report.
     Demo {
-        /// Data plane for the proxy: auto, fastpath or copy.
+        /// Data plane for the proxy: auto (= splice, else copy), splice, copy or fastpath.
         #[arg(long, default_value = "auto")]
         mode: String,
     },
-    /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on both data planes.
+    /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on every data plane.
     Test,
-    /// Direct vs fastpath vs copy vs HAProxy vs nginx in one run; writes bench/results.md.
+    /// Direct vs our planes (fastpath, splice, copy) vs HAProxy vs nginx in one run; writes bench/results.md.
     Bench {
         /// Seconds per load per endpoint per round.
         #[arg(long, default_value = "2s")]
@@ -117,7 +117,9 @@ pub fn tester_binary() -> PathBuf {
 }
 
 fn build() -> Result<()> {
-    println!("xtask: building the eBPF object and the proxy (release)");
+    println!("xtask: building the eBPF object (nightly, bpf-linker)");
+    build_ebpf()?;
+    println!("xtask: building the proxy (release), which embeds it");
     cmd("cargo")
         .args(["build", "--release", "-p", "proxy-user"])
         .dir(root())
@@ -129,6 +131,34 @@ fn build() -> Result<()> {
         .arg(".")
         .dir(root().join("tester-go"))
         .run()
+}
+
+/// proxy-ebpf for `bpfel-unknown-none`, where proxy-user's build.rs looks
+/// for it. Its own workspace, toolchain and target dir: the stable build's
+/// settings must not leak into the nightly one.
+fn build_ebpf() -> Result<()> {
+    let mut c = cmd("rustup")
+        .args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root().join("target/bpf"))
+        .dir(root().join("proxy-ebpf"));
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        c = c.env_remove(var);
+    }
+    c.run()
 }
 
 fn test() -> Result<()> {

@@ -8,11 +8,10 @@
 //! the shared `userspace` supervisor.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 
-use super::userspace::{self, first_bytes, pass_fin, Activity, DirEnd, Pump};
+use super::userspace::{self, first_bytes, pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -41,15 +40,8 @@ impl CopyPlane {
 impl Pump for CopyPlane {
     const PLANE: Plane = Plane::Copy;
 
-    async fn pump(
-        &self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        moved: &AtomicU64,
-        activity: &Activity,
-        _conn: &ConnInfo,
-    ) -> DirEnd {
-        pump(src, dst, self.buffer_size, moved, activity).await
+    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, _: &ConnInfo) -> DirEnd {
+        pump(src, dst, self.buffer_size, t).await
     }
 }
 
@@ -58,8 +50,7 @@ pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     buf_size: usize,
-    moved: &AtomicU64,
-    activity: &Activity,
+    tally: Tally<'_>,
 ) -> DirEnd {
     if let Err(e) = first_bytes(src).await {
         return DirEnd::ReadFailed(e);
@@ -80,7 +71,7 @@ pub(super) async fn pump(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return DirEnd::ReadFailed(e),
         };
-        activity.touch();
+        tally.read();
         let mut off = 0;
         while off < n {
             if let Err(e) = dst.writable().await {
@@ -89,8 +80,7 @@ pub(super) async fn pump(
             match dst.try_write(&buf[off..n]) {
                 Ok(m) => {
                     off += m;
-                    moved.fetch_add(m as u64, Ordering::Relaxed);
-                    activity.touch();
+                    tally.wrote(m);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -171,7 +171,8 @@ pub enum Mode {
 pub enum DataPlane {
     Copy(copy::CopyPlane),
     Splice(splice::SplicePlane),
-    Fastpath(fastpath::FastpathPlane),
+    // Boxed: its maps and program handles are large, and it exists once.
+    Fastpath(Box<fastpath::FastpathPlane>),
 }
 
 impl DataPlane {
@@ -186,7 +187,8 @@ impl DataPlane {
         fastpath: fastpath::Options,
     ) -> anyhow::Result<DataPlane> {
         let load_fastpath = |copy: &copy::CopyPlane| {
-            fastpath::FastpathPlane::load(copy.clone(), fastpath).map(DataPlane::Fastpath)
+            fastpath::FastpathPlane::load(copy.clone(), fastpath)
+                .map(|p| DataPlane::Fastpath(Box::new(p)))
         };
         let load_splice =
             |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);

@@ -15,7 +15,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 
@@ -23,7 +22,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy::{self, CopyPlane};
-use super::userspace::{self, first_bytes, pass_fin, Activity, DirEnd, Pump};
+use super::userspace::{self, first_bytes, pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -55,15 +54,8 @@ impl SplicePlane {
 impl Pump for SplicePlane {
     const PLANE: Plane = Plane::Splice;
 
-    async fn pump(
-        &self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        moved: &AtomicU64,
-        activity: &Activity,
-        conn: &ConnInfo,
-    ) -> DirEnd {
-        pump(src, dst, self.pipe_size, moved, activity, conn.id).await
+    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd {
+        pump(src, dst, self.pipe_size, t, c.id).await
     }
 }
 
@@ -199,8 +191,7 @@ async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     pipe_size: usize,
-    moved: &AtomicU64,
-    activity: &Activity,
+    tally: Tally<'_>,
     conn_id: u64,
 ) -> DirEnd {
     // Made when the direction first has data: an idle connection holds no pipe.
@@ -211,7 +202,7 @@ async fn pump(
         Ok(pipe) => pipe,
         Err(e) => {
             tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
-            return copy::pump(src, dst, pipe_size, moved, activity).await;
+            return copy::pump(src, dst, pipe_size, tally).await;
         }
     };
     loop {
@@ -229,12 +220,8 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return DirEnd::ReadFailed(e),
         };
-        activity.touch();
-        let written = |m: usize| {
-            moved.fetch_add(m as u64, Ordering::Relaxed);
-            activity.touch();
-        };
-        if let Err(e) = pipe.drain(dst, pending, written).await {
+        tally.read();
+        if let Err(e) = pipe.drain(dst, pending, |m| tally.wrote(m)).await {
             return DirEnd::WriteFailed(e);
         }
     }

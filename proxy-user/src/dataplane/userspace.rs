@@ -158,21 +158,34 @@ pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// How a userspace plane moves one direction's bytes from `src` to `dst`,
-/// counting what it wrote in `moved` and touching `activity` as it goes.
+/// One direction's bookkeeping: the bytes it wrote, and the activity clock
+/// both directions share.
+#[derive(Clone, Copy)]
+pub(super) struct Tally<'a> {
+    moved: &'a AtomicU64,
+    activity: &'a Activity,
+}
+
+impl Tally<'_> {
+    /// Bytes arrived from the source.
+    pub(super) fn read(&self) {
+        self.activity.touch();
+    }
+
+    /// `n` bytes went out to the destination.
+    pub(super) fn wrote(&self, n: usize) {
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.activity.touch();
+    }
+}
+
+/// How a userspace plane moves one direction's bytes from `src` to `dst`.
 /// The copy and splice planes differ only in this.
 pub(super) trait Pump {
     /// The plane this pump makes, for the close line and metrics.
     const PLANE: Plane;
 
-    async fn pump(
-        &self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        moved: &AtomicU64,
-        activity: &Activity,
-        conn: &ConnInfo,
-    ) -> DirEnd;
+    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd;
 }
 
 /// Carries a connection in userspace, one `pump` per direction.
@@ -187,8 +200,24 @@ pub(super) async fn carry<P: Pump>(
     let t2c = AtomicU64::new(0);
     let activity = Activity::new();
     let end = supervise(
-        pump.pump(&client, &upstream, &c2t, &activity, conn),
-        pump.pump(&upstream, &client, &t2c, &activity, conn),
+        pump.pump(
+            &client,
+            &upstream,
+            Tally {
+                moved: &c2t,
+                activity: &activity,
+            },
+            conn,
+        ),
+        pump.pump(
+            &upstream,
+            &client,
+            Tally {
+                moved: &t2c,
+                activity: &activity,
+            },
+            conn,
+        ),
         activity.idle(conn.idle_timeout),
         &client,
         &upstream,

@@ -1,8 +1,11 @@
-//! Log setup: tracing to stderr, human or JSON lines.
+//! Log setup: tracing, human or JSON lines.
 
 use std::io::IsTerminal;
 
 use anyhow::Context;
+use tracing::Dispatch;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -11,25 +14,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// Installs the process-wide logger: stderr, `format`, `filter`.
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    // Colour codes only help a human at a terminal; in files they are noise.
+    let ansi = std::io::stderr().is_terminal();
+    let dispatch = build(format, filter, std::io::stderr, ansi)?;
+    // try_init also routes the `log` facade (aya-log's BPF records) here.
+    dispatch
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
+}
+
+/// A logger writing to `writer` instead of stderr, without colour: how a
+/// server started in-process (the tests) keeps a log of its own.
+pub fn dispatch<W>(format: LogFormat, filter: &str, writer: W) -> anyhow::Result<Dispatch>
+where
+    W: std::io::Write + Send + 'static,
+{
+    build(format, filter, std::sync::Mutex::new(writer), false)
+}
+
+fn build<W>(format: LogFormat, filter: &str, writer: W, ansi: bool) -> anyhow::Result<Dispatch>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(filter).with_context(|| {
         format!("--log-level {filter:?} is not a valid filter (try `info` or `debug`)")
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only help a human at a terminal; in files they are noise.
-        .with_ansi(std::io::stderr().is_terminal());
-    let result = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            // Our connection lines have a `target` field (the upstream);
-            // tracing's own `target` (module path) would clash with it.
-            .with_target(false)
-            .try_init(),
-    };
-    result.map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
+        .with_writer(writer)
+        .with_ansi(ansi);
+    Ok(match format {
+        LogFormat::Human => Dispatch::new(builder.finish()),
+        LogFormat::Json => Dispatch::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                // Our connection lines have a `target` field (the upstream);
+                // tracing's own `target` (module path) would clash with it.
+                .with_target(false)
+                .finish(),
+        ),
+    })
 }

@@ -247,12 +247,28 @@ impl AppSpec {
     }
 }
 
+/// A proxy under test: the real binary as a child process, or the same
+/// server started in this process (`proxy_user::server::start`) on a
+/// runtime of its own whose log goes to its own file. In-process is the
+/// default for the userspace planes; the binary is used where a test needs
+/// a process of its own (signals, rlimits, RSS, fds) or BPF.
 pub struct Proxy {
-    pub child: Child,
+    run: Run,
     /// ports[app][i]
     pub ports: Vec<Vec<u16>>,
     pub log_path: PathBuf,
     pub config_path: PathBuf,
+    /// The data plane every connection must have been carried by
+    /// (checked when the proxy is dropped); None: not checked.
+    mode: Option<String>,
+}
+
+enum Run {
+    Child(Child),
+    InProcess {
+        rt: Option<tokio::runtime::Runtime>,
+        handle: Arc<proxy_user::server::Handle>,
+    },
 }
 
 fn scratch_path(what: &str) -> PathBuf {
@@ -297,13 +313,71 @@ pub fn config_json(apps: &[AppSpec], ports: &[Vec<u16>]) -> String {
     serde_json::json!({ "Apps": apps }).to_string()
 }
 
+/// The flags every test proxy gets, before the test's own.
+fn base_args(config: &std::path::Path, mode: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--config".to_string(), config.display().to_string()];
+    if !extra.contains(&"--listen-address") {
+        args.extend(["--listen-address".into(), "127.0.0.1".into()]);
+    }
+    for a in ["--mode", mode, "--log-format", "json"] {
+        args.push(a.into());
+    }
+    args.extend(["--log-level".into(), LOG_LEVEL.into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+const LOG_LEVEL: &str = "info,proxy_user=debug";
+
+/// Where a test proxy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Child,
+    InProcess,
+}
+
 impl Proxy {
+    /// Starts a proxy for `apps` on free ports: in this process for the
+    /// userspace planes, as a child for the fastpath (BPF programs belong to
+    /// a process of their own).
     pub async fn start(mode: &str, apps: &[AppSpec], extra: &[&str]) -> Proxy {
-        Proxy::start_with(mode, apps, extra, None).await
+        let at = if mode == "fastpath" {
+            Where::Child
+        } else {
+            Where::InProcess
+        };
+        Proxy::launch(at, mode, apps, extra, None).await
     }
 
-    /// `nofile`: RLIMIT_NOFILE for the proxy process.
-    pub async fn start_with(
+    /// The binary as a child process: for tests of signals, rlimits, RSS or
+    /// fd counts.
+    pub async fn spawn(mode: &str, apps: &[AppSpec], extra: &[&str]) -> Proxy {
+        Proxy::launch(Where::Child, mode, apps, extra, None).await
+    }
+
+    /// `spawn` with RLIMIT_NOFILE set to `nofile` for the child.
+    pub async fn spawn_with_nofile(
+        mode: &str,
+        apps: &[AppSpec],
+        extra: &[&str],
+        nofile: u64,
+    ) -> Proxy {
+        Proxy::launch(Where::Child, mode, apps, extra, Some(nofile)).await
+    }
+
+    /// Wraps a child started by a test's own command line.
+    pub fn from_child(child: Child, log_path: PathBuf, config_path: PathBuf, mode: &str) -> Proxy {
+        Proxy {
+            run: Run::Child(child),
+            ports: Vec::new(),
+            log_path,
+            config_path,
+            mode: Some(mode.to_string()),
+        }
+    }
+
+    async fn launch(
+        at: Where,
         mode: &str,
         apps: &[AppSpec],
         extra: &[&str],
@@ -320,43 +394,21 @@ impl Proxy {
                 .collect();
             let config_path = write_temp("config.json", &config_json(apps, &ports));
             let log_path = scratch_path("proxy.log");
-            let log = std::fs::File::create(&log_path).unwrap();
-            let mut cmd = Command::new(PROXY);
-            cmd.arg("--config").arg(&config_path);
-            if !extra.contains(&"--listen-address") {
-                cmd.args(["--listen-address", "127.0.0.1"]);
-            }
-            cmd.args(["--mode", mode, "--log-format", "json"])
-                .args(["--log-level", "info,proxy_user=debug"])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            if let Some(n) = nofile {
-                use std::os::unix::process::CommandExt;
-                // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        let lim = libc::rlimit {
-                            rlim_cur: n,
-                            rlim_max: n,
-                        };
-                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-            }
-            let child = cmd.spawn().expect("spawn proxy");
-            let mut proxy = Proxy {
-                child,
-                ports,
-                log_path,
-                config_path,
+            let args = base_args(&config_path, mode, extra);
+            let started = match at {
+                Where::Child => spawn_child(&args, &log_path, nofile).await,
+                Where::InProcess => start_in_process(&args, &log_path).await,
             };
-            match proxy.wait_ready().await {
-                Ok(()) => return proxy,
+            match started {
+                Ok(run) => {
+                    return Proxy {
+                        run,
+                        ports,
+                        log_path,
+                        config_path,
+                        mode: Some(mode.to_string()),
+                    }
+                }
                 Err(log) => last_log = log,
             }
             if !last_log.contains("Address already in use") {
@@ -368,21 +420,10 @@ impl Proxy {
 
     /// Waits up to 20 s for "proxy ready"; `Err(log)` if the proxy exited first.
     pub async fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if log.contains("proxy ready") {
-                return Ok(());
-            }
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return Err(log);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy not ready in 20s; log:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let Run::Child(child) = &mut self.run else {
+            return Ok(()); // `start` returned: it is ready
+        };
+        wait_child_ready(child, &self.log_path).await
     }
 
     pub fn addr(&self, app: usize, i: usize) -> SocketAddr {
@@ -390,11 +431,7 @@ impl Proxy {
     }
 
     pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        read_log(&self.log_path)
     }
 
     /// Every JSON log line.
@@ -426,20 +463,42 @@ impl Proxy {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        match &self.run {
+            Run::Child(child) => child.id() as i32,
+            Run::InProcess { .. } => {
+                panic!("an in-process proxy has no process of its own: use Proxy::spawn")
+            }
+        }
     }
 
+    /// SIGHUP reloads either kind; other signals need a child.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe {
-            libc::kill(self.pid(), sig);
+        match &self.run {
+            Run::Child(child) => {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe {
+                    libc::kill(child.id() as i32, sig);
+                }
+            }
+            Run::InProcess { rt, handle } if sig == libc::SIGHUP => {
+                let handle = handle.clone();
+                if let Some(rt) = rt {
+                    rt.spawn(async move { handle.reload().await });
+                }
+            }
+            Run::InProcess { .. } => {
+                panic!("signal {sig} to an in-process proxy: use Proxy::spawn")
+            }
         }
     }
 
     pub async fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
+        let Run::Child(child) = &mut self.run else {
+            panic!("an in-process proxy does not exit: use Proxy::spawn");
+        };
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = child.try_wait() {
                 return Some(st);
             }
             if Instant::now() > deadline {
@@ -450,19 +509,183 @@ impl Proxy {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.run {
+            Run::Child(child) => matches!(child.try_wait(), Ok(None)),
+            Run::InProcess { .. } => true,
+        }
     }
+
+    /// Checks the planes at drop as if the proxy ran `--mode mode`: lets a
+    /// test prove that the check fails on a proxy that used another plane.
+    pub fn claim_mode(&mut self, mode: &str) {
+        self.mode = Some(mode.to_string());
+    }
+
+    /// Every connection that reached a data plane was carried by the plane
+    /// under test, so a test of one plane cannot pass on another. The
+    /// fastpath may hand a pair it could not install to the copy pump, but
+    /// at least one connection must have been its own.
+    fn check_planes(&self) {
+        let Some(mode) = &self.mode else { return };
+        let allowed: &[&str] = match mode.as_str() {
+            "fastpath" => &["fastpath", "copy-fallback"],
+            "auto" => &["splice"],
+            other => &[other][..],
+        };
+        let planes: Vec<String> = self
+            .conn_lines()
+            .iter()
+            .filter_map(|l| l["plane"].as_str().map(str::to_string))
+            .filter(|p| p != "none")
+            .collect();
+        for p in &planes {
+            assert!(
+                allowed.contains(&p.as_str()),
+                "--mode {mode} carried a connection on plane {p:?}; log at {}",
+                self.log_path.display()
+            );
+        }
+        if mode == "fastpath" && !planes.is_empty() {
+            assert!(
+                planes.iter().any(|p| p == "fastpath"),
+                "--mode fastpath carried none of its {} connections itself: {planes:?}",
+                planes.len()
+            );
+        }
+    }
+}
+
+async fn spawn_child(
+    args: &[String],
+    log_path: &PathBuf,
+    nofile: Option<u64>,
+) -> Result<Run, String> {
+    let log = std::fs::File::create(log_path).unwrap();
+    let mut cmd = Command::new(PROXY);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn proxy");
+    match wait_child_ready(&mut child, log_path).await {
+        Ok(()) => Ok(Run::Child(child)),
+        Err(log) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(log)
+        }
+    }
+}
+
+/// Waits up to 20 s for "proxy ready"; `Err(log)` if the child exited first.
+async fn wait_child_ready(child: &mut Child, log_path: &std::path::Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = read_log(log_path);
+        if log.contains("proxy ready") {
+            return Ok(());
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return Err(log);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy not ready in 20s; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The server on a runtime of its own (two workers, like the binary on our
+/// machines), every thread of which logs JSON to `log_path`: a test reads
+/// its proxy's log as it would a child's stderr.
+async fn start_in_process(args: &[String], log_path: &PathBuf) -> Result<Run, String> {
+    use clap::Parser;
+    let cli = proxy_user::cli::Cli::try_parse_from(
+        std::iter::once("proxy".to_string()).chain(args.iter().cloned()),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(log_path).unwrap();
+    let dispatch = proxy_user::logging::dispatch(cli.log_format, &cli.log_level, log)
+        .map_err(|e| format!("{e:#}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("proxy")
+        .enable_all()
+        .on_thread_start(move || {
+            // For the life of the thread, which ends with the runtime.
+            std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+        })
+        .build()
+        .map_err(|e| e.to_string())?;
+    let started = rt.spawn(proxy_user::server::start(cli.settings()));
+    match started.await {
+        Ok(Ok(handle)) => Ok(Run::InProcess {
+            rt: Some(rt),
+            handle: Arc::new(handle),
+        }),
+        Ok(Err(e)) => {
+            rt.shutdown_background();
+            Err(format!("{}\n{e:#}", read_log(log_path)))
+        }
+        Err(e) => {
+            rt.shutdown_background();
+            Err(format!("server start panicked: {e}"))
+        }
+    }
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if !std::thread::panicking() {
+                self.check_planes();
+            }
+        }));
+        match &mut self.run {
+            Run::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess { rt, .. } => {
+                // Like SIGKILL: every task and socket of the server goes now.
+                if let Some(rt) = rt.take() {
+                    rt.shutdown_background();
+                }
+            }
+        }
         let _ = std::fs::remove_file(&self.config_path);
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && checked.is_ok() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
             eprintln!("proxy log kept at {}", self.log_path.display());
+        }
+        if let Err(e) = checked {
+            std::panic::resume_unwind(e);
         }
     }
 }

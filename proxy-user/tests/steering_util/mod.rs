@@ -37,12 +37,12 @@ pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
         .stderr(log)
         .spawn()
         .expect("spawn proxy");
-    let mut proxy = Proxy {
-        child,
-        ports: Vec::new(),
-        log_path,
-        config_path,
-    };
+    let mode = args
+        .iter()
+        .position(|a| *a == "--mode")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or(&"auto");
+    let mut proxy = Proxy::from_child(child, log_path, config_path, mode);
     if let Err(log) = proxy.wait_ready().await {
         panic!("proxy exited before ready; log:\n{log}");
     }

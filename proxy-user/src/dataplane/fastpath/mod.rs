@@ -142,11 +142,8 @@ impl FastpathPlane {
                 &client
             });
             Transfer {
-                client_to_target: 0,
-                target_to_client: 0,
-                userspace_bytes: 0,
-                end,
                 plane: Plane::CopyFallback,
+                ..Transfer::none(end)
             }
         } else {
             let installed = match (&up.end, &down.end) {
