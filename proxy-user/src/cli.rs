@@ -73,9 +73,12 @@ pub struct Cli {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub health_fall: u32,
 
-    /// Maximum concurrent client connections over all apps; beyond it new ones are reset.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections: u32,
+    /// Maximum concurrent client connections over all apps; beyond it new ones are reset. Default: as
+    /// many as RLIMIT_NOFILE carries on the chosen plane (2 fds per connection, 6 on splice), at most
+    /// 10000. The last tenth is kept for apps under their fair share, so a flood on some apps cannot
+    /// take every slot.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 
     /// Maximum concurrent client connections per app, so one app's flood cannot starve the others.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]

@@ -1,4 +1,4 @@
-//! The few socket facts the fastpath needs that std and socket2 do not expose.
+//! The few socket facts the data planes need that std and socket2 do not expose.
 use std::{io, mem, os::fd::AsRawFd};
 
 /// The kernel's socket cookie: a stable id for the socket, the key the BPF
@@ -97,6 +97,20 @@ fn read_u64(info: &[u8], offset: usize) -> u64 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&info[offset..offset + 8]);
     u64::from_ne_bytes(bytes)
+}
+
+/// Bytes still owed on this socket: received but not yet read (SIOCINQ), or
+/// written but not yet acknowledged by the peer (SIOCOUTQ).
+pub fn owed(sock: &impl AsRawFd) -> io::Result<u64> {
+    let fd = sock.as_raw_fd();
+    let (mut inq, mut outq): (libc::c_int, libc::c_int) = (0, 0);
+    // SAFETY: SIOCINQ (= FIONREAD) and SIOCOUTQ each write one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut inq) } != 0
+        || unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(inq.max(0) as u64 + outq.max(0) as u64)
 }
 
 pub fn handed(sock: &impl AsRawFd) -> io::Result<Handed> {

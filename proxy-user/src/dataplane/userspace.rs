@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{ConnInfo, EndReason, Plane, Transfer};
+use super::{tcpinfo, ConnInfo, EndReason, Plane, Transfer};
 
 #[derive(Debug)]
 pub(super) enum DirEnd {
@@ -90,8 +91,9 @@ pub(super) fn pass_fin(dst: &TcpStream) -> DirEnd {
     }
 }
 
-/// Makes the next close of this socket send RST instead of FIN.
-pub(super) fn arm_reset(sock: &TcpStream) {
+/// Makes the next close of this socket send RST instead of FIN: how a
+/// stream that was cut says so, rather than look finished.
+pub fn arm_reset(sock: &TcpStream) {
     if let Err(e) = SockRef::from(sock).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(error = %e, "SO_LINGER 0 failed; peer will see FIN instead of RST");
     }
@@ -99,7 +101,14 @@ pub(super) fn arm_reset(sock: &TcpStream) {
 
 /// Runs both directions of a connection to their end and says how it ended.
 /// A failed read or write pins the failure on one socket, and the other gets
-/// a reset; idle and drain deadlines cut both. Every data plane uses this.
+/// a reset; an error on either socket (a reset from its peer) ends the
+/// connection at once, even while both pumps wait on the other side; idle
+/// and drain deadlines cut both. Every data plane uses this.
+///
+/// Idle means no byte moved either way for the idle timeout, whatever the
+/// reason: a reader that stopped reading is idle too. If bytes were still
+/// owed to either side then, the stream was cut, and both sides get a reset
+/// rather than a FIN that would pass for the end of the stream.
 pub(super) async fn supervise(
     up: impl Future<Output = DirEnd>,
     down: impl Future<Output = DirEnd>,
@@ -116,7 +125,12 @@ pub(super) async fn supervise(
         let (result, from_client) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, true) }
             r = &mut down, if !down_done => { down_done = true; (r, false) }
-            _ = &mut idle => return EndReason::IdleTimeout,
+            e = failed(client) => (DirEnd::ReadFailed(e), true),
+            e = failed(upstream) => (DirEnd::ReadFailed(e), false),
+            _ = &mut idle => {
+                cut_if_owed(client, upstream, conn);
+                return EndReason::IdleTimeout;
+            }
             _ = conn.hard_stopped() => {
                 arm_reset(client);
                 arm_reset(upstream);
@@ -141,6 +155,36 @@ pub(super) async fn supervise(
         }
         arm_reset(client);
         return EndReason::TargetReset;
+    }
+}
+
+/// Resolves with `sock`'s pending error as soon as it has one. Never
+/// resolves otherwise: if a pump took the error first, the pump reports it.
+async fn failed(sock: &TcpStream) -> io::Error {
+    match sock.ready(Interest::ERROR).await {
+        Ok(_) => match sock.take_error() {
+            Ok(Some(e)) => return e,
+            Ok(None) => {}
+            Err(e) => return e,
+        },
+        Err(e) => return e,
+    }
+    std::future::pending().await
+}
+
+/// Idle timeout: a reset to both sides when any byte was still owed.
+fn cut_if_owed(client: &TcpStream, upstream: &TcpStream, conn: &ConnInfo) {
+    let owed = |s: &TcpStream| tcpinfo::owed(s).unwrap_or(0);
+    let (client_owed, upstream_owed) = (owed(client), owed(upstream));
+    if client_owed + upstream_owed > 0 {
+        tracing::debug!(
+            conn = conn.id,
+            client_owed,
+            upstream_owed,
+            "idle timeout with bytes still owed: resetting both sides"
+        );
+        arm_reset(client);
+        arm_reset(upstream);
     }
 }
 

@@ -1,15 +1,17 @@
 //! Admission: a client is let in only while both its app's and the global
-//! connection limits have room; otherwise it is reset at once.
+//! connection limits have room; otherwise it is reset at once. The last
+//! tenth of the global limit goes only to apps under their fair share
+//! (global limit / apps), so a flood on some apps leaves the others served.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use super::conn::Conn;
 use super::{AppRuntime, Shared};
-use crate::dataplane::EndReason;
+use crate::dataplane::{arm_reset, EndReason};
 use crate::ops::metrics::Limit;
 
 pub(super) fn admit(
@@ -24,7 +26,7 @@ pub(super) fn admit(
         app.permits.clone().try_acquire_owned(),
         shared.global.clone().try_acquire_owned(),
     ) {
-        (Ok(a), Ok(g)) => (a, g),
+        (Ok(a), Ok(g)) if !over_fair_share(app, shared) => (a, g),
         (a, _g) => {
             let which = if a.is_err() {
                 Limit::PerApp
@@ -37,7 +39,7 @@ pub(super) fn admit(
             }
             // RST, not FIN: the client must not read an empty stream as a
             // complete response.
-            let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+            arm_reset(&sock);
             drop(sock);
             return;
         }
@@ -45,4 +47,18 @@ pub(super) fn admit(
     let conn = Conn::admitted(peer, port, app.clone(), shared, permits);
     let shared = shared.clone();
     tokio::spawn(conn.serve(sock, shared));
+}
+
+/// The global limit is nearly reached and `app` holds more than its share of
+/// it. Called with this connection's permits already taken.
+fn over_fair_share(app: &AppRuntime, shared: &Shared) -> bool {
+    let free = shared.global.available_permits();
+    if free >= shared.global_cap / 10 {
+        return false;
+    }
+    let apps = shared.apps.load(Ordering::Relaxed).max(1);
+    let active = shared
+        .per_app_cap
+        .saturating_sub(app.permits.available_permits());
+    active > shared.global_cap / apps
 }

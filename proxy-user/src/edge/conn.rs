@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{ConnInfo, EndReason, Transfer};
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, Transfer};
 use crate::ops::access_log;
 use crate::ops::metrics::ActiveConn;
 use crate::upstream::connect;
@@ -84,13 +84,17 @@ impl Conn {
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy) => r,
             _ = hard_stop.wait_for(|s| *s) => {
+                arm_reset(&client);
                 return self.close(&shared, Upstream::NONE, &Transfer::none(EndReason::DrainTimeout));
             }
         };
         let mut c = match connected {
             Ok(c) => c,
             Err(failed) => {
-                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, closing client");
+                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, resetting client");
+                // RST: a clean EOF would pass for an empty session to a
+                // protocol where the server speaks first.
+                arm_reset(&client);
                 drop(client);
                 let upstream = Upstream {
                     attempts: failed.attempts,
@@ -106,7 +110,7 @@ impl Conn {
         if let Some(version) = self.app.proxy_protocol {
             if let Err(e) = send_proxy_header(&client, &mut c.stream, self.client, version).await {
                 tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
-                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                arm_reset(&client);
                 return self.close(&shared, upstream, &Transfer::none(EndReason::TargetReset));
             }
         }

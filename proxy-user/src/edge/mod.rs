@@ -2,7 +2,7 @@
 //! sk_lookup), admission against the connection limits, and each accepted
 //! connection's life from connect to its close record.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,11 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     /// Global connection cap.
     pub global: Arc<Semaphore>,
+    pub global_cap: usize,
+    /// Each app's own cap (its `AppRuntime::permits` start with this many).
+    pub per_app_cap: usize,
+    /// Apps in the config in force: sets the fair share of the global cap.
+    pub apps: AtomicUsize,
     pub hard_stop: watch::Receiver<bool>,
     pub next_id: AtomicU64,
     pub limit_log: RateLimit,

@@ -18,7 +18,6 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
@@ -36,6 +35,7 @@ use super::admission::admit;
 use super::listener::accept_until_stopped;
 use super::{AppRuntime, RateLimit, Shared};
 use crate::bpf::{self, take_map};
+use crate::dataplane::arm_reset;
 
 /// How connections find the proxy, from `--steering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -269,7 +269,7 @@ pub async fn accept_loop(
                 if let Some(suppressed) = unknown_log.check() {
                     tracing::debug!(port, client = %peer, suppressed, "no app for this port; refusing");
                 }
-                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                arm_reset(&sock);
             }
         }
     })

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,11 +30,16 @@ use crate::upstream::health::HealthConfig;
 use lifecycle::{Request, Signals};
 use state::{State, Trigger};
 
+mod budget;
 pub(crate) mod lifecycle;
 mod state;
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// After a second stop signal: time live connections get to send their
+/// resets before the process exits.
+const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(500);
 
 /// Everything a server needs to start; `Cli::settings` fills it from flags.
 #[derive(Debug, Clone)]
@@ -48,7 +53,8 @@ pub struct Settings {
     /// None: connections are never closed for being idle.
     pub idle_timeout: Option<Duration>,
     pub health: HealthConfig,
-    pub max_connections: u32,
+    /// None: as many as the fd limit carries (`budget`).
+    pub max_connections: Option<u32>,
     pub max_per_app: usize,
     pub drain_timeout: Duration,
     pub admin_address: Option<SocketAddr>,
@@ -82,11 +88,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Request::Reload => server.reload().await,
         }
     };
-    // A second signal means "now": do not wait for the drain.
+    // A second signal means "now": do not wait for the drain. Live streams
+    // are reset first (a FIN from exit would pass for their end), with a
+    // short grace for their tasks to do it and log.
+    let cut = server.cutter();
     tokio::spawn(async move {
         loop {
             if let Request::Shutdown(sig) = signals.next().await {
-                tracing::warn!(signal = sig, "second signal, exiting immediately");
+                tracing::warn!(
+                    signal = sig,
+                    "second signal, resetting live connections and exiting"
+                );
+                cut.cut(SECOND_SIGNAL_GRACE).await;
                 std::process::exit(1);
             }
         }
@@ -105,6 +118,7 @@ enum Command {
 /// running in its runtime until that runtime ends.
 pub struct Handle {
     commands: mpsc::Sender<Command>,
+    cutter: Cutter,
     admin: Option<SocketAddr>,
     listening: Vec<(String, SocketAddr)>,
     steering: Option<SocketAddr>,
@@ -124,6 +138,12 @@ impl Handle {
     /// The one steered socket of `--steering sk_lookup`.
     pub fn steering_addr(&self) -> Option<SocketAddr> {
         self.steering
+    }
+
+    /// What cuts every live connection (RST both ways), usable while the
+    /// control task drains.
+    pub fn cutter(&self) -> Cutter {
+        self.cutter.clone()
     }
 
     /// Re-reads the config file, as SIGHUP does; returns once it was applied
@@ -148,6 +168,22 @@ impl Handle {
         {
             let _ = wait.await;
         }
+    }
+}
+
+/// Resets every live connection: the drain deadline, or a second signal.
+#[derive(Clone)]
+pub struct Cutter {
+    hard_stop: Arc<watch::Sender<bool>>,
+    tracker: Arc<Tracker>,
+}
+
+impl Cutter {
+    /// Tells every connection to reset both its sockets; waits up to `grace`
+    /// for them to finish.
+    pub async fn cut(&self, grace: Duration) {
+        let _ = self.hard_stop.send(true);
+        self.tracker.wait_idle(grace).await;
     }
 }
 
@@ -178,17 +214,33 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         &settings.config.display().to_string(),
         settings.max_range(),
     )?;
-    check_fd_limit(&settings);
     let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
+    let nofile = match lifecycle::raise_fd_limit() {
+        Ok(nofile) => nofile,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the fd limit; assuming 1024");
+            1024
+        }
+    };
+    let listeners = match settings.steering {
+        Steering::SkLookup => 1,
+        Steering::Listeners => config.listeners().count(),
+    };
+    let max_connections =
+        budget::max_connections(settings.max_connections, plane.plane(), nofile, listeners);
 
     let (hard_tx, hard_rx) = watch::channel(false);
+    let hard_tx = Arc::new(hard_tx);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
         plane,
         policy: settings.connect,
         idle_timeout: settings.idle_timeout,
         tracker: tracker.clone(),
-        global: Arc::new(Semaphore::new(settings.max_connections as usize)),
+        global: Arc::new(Semaphore::new(max_connections as usize)),
+        global_cap: max_connections as usize,
+        per_app_cap: settings.max_per_app,
+        apps: AtomicUsize::new(config.apps.len()),
         hard_stop: hard_rx,
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
@@ -229,14 +281,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             state,
             settings,
             shared,
-            tracker,
-            hard_stop: hard_tx,
+            cutter: Cutter {
+                hard_stop: hard_tx.clone(),
+                tracker: tracker.clone(),
+            },
         },
         rx,
         file_changes,
     ));
     Ok(Handle {
         commands,
+        cutter: Cutter {
+            hard_stop: hard_tx,
+            tracker,
+        },
         admin,
         listening,
         steering,
@@ -247,6 +305,7 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
     if let Some(steer) = &state.steer {
         tracing::info!(
             plane = shared.plane.plane().as_str(),
+            max_connections = shared.global_cap,
             steering = "sk_lookup",
             listener = %steer.addr,
             ports = steer.bpf.port_count(),
@@ -260,6 +319,7 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
             .collect();
         tracing::info!(
             plane = shared.plane.plane().as_str(),
+            max_connections = shared.global_cap,
             listeners = names.len(),
             apps = config.apps.len(),
             listening = %names.join(" "),
@@ -268,33 +328,12 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
     }
 }
 
-/// Each proxied connection holds two fds (client + upstream), and on the
-/// splice plane up to two pipes (two fds each) more.
-fn check_fd_limit(settings: &Settings) {
-    match lifecycle::raise_fd_limit() {
-        Ok(nofile) => {
-            let per_conn = if settings.mode == Mode::Splice { 6 } else { 2 };
-            let needed = per_conn * u64::from(settings.max_connections);
-            if nofile < needed {
-                tracing::warn!(
-                    nofile,
-                    needed,
-                    max_connections = settings.max_connections,
-                    "RLIMIT_NOFILE is below what --max-connections needs; accepts will back off when fds run out"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the fd limit"),
-    }
-}
-
 /// The running server, owned by its control task.
 struct Control {
     state: State,
     settings: Settings,
     shared: Arc<Shared>,
-    tracker: Arc<Tracker>,
-    hard_stop: watch::Sender<bool>,
+    cutter: Cutter,
 }
 
 /// Applies reloads (asked for, or a settled file change) one at a time until
@@ -335,24 +374,24 @@ impl Control {
 
     async fn drain(mut self, why: &'static str) {
         let drain_timeout = self.settings.drain_timeout;
+        let tracker = &self.cutter.tracker;
         tracing::info!(
             signal = why,
-            live = self.tracker.live(),
+            live = tracker.live(),
             drain_timeout_ms = drain_timeout.as_millis() as u64,
             "shutting down: closed listeners, draining live connections"
         );
         // Draining: /readyz turns 503 so load balancers stop sending here.
         self.shared.metrics.set_ready(false);
         state::stop_accepting(&mut self.state).await;
-        if self.tracker.wait_idle(drain_timeout).await {
+        if tracker.wait_idle(drain_timeout).await {
             tracing::info!("drained, all connections finished");
         } else {
             tracing::warn!(
-                live = self.tracker.live(),
-                "drain timeout reached, closing remaining connections"
+                live = tracker.live(),
+                "drain timeout reached, resetting remaining connections"
             );
-            let _ = self.hard_stop.send(true);
-            self.tracker.wait_idle(HARD_STOP_GRACE).await;
+            self.cutter.cut(HARD_STOP_GRACE).await;
         }
     }
 }

@@ -236,6 +236,7 @@ pub(super) fn apply(
         tracing::info!(app = %name, "app removed");
     }
     state.apps = apps;
+    shared.apps.store(config.apps.len(), Ordering::Relaxed);
     shared.metrics.set_config(config);
     shared.metrics.set_balancers(
         state

@@ -1,0 +1,164 @@
+//! A cut stream never looks finished: every way the proxy ends a connection
+//! before both sides are done reaches the side still owed bytes as a reset,
+//! and a reset ends the connection at once. Through the real binary.
+
+#[macro_use]
+mod common;
+
+use std::io::ErrorKind;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+planes!(
+    paused_reader_past_idle_timeout_gets_reset,
+    connect_failure_resets_the_client,
+    second_signal_resets_live_streams,
+    client_reset_frees_the_connection_while_target_stalls,
+);
+
+/// How a read loop ended.
+#[derive(Debug, PartialEq)]
+enum Ending {
+    Eof,
+    Reset,
+    Other(ErrorKind),
+}
+
+/// Reads `s` to its end; returns the bytes read and how it ended.
+async fn read_to_end(s: &mut TcpStream) -> (u64, Ending) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (total, Ending::Eof),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (total, Ending::Reset),
+            Err(e) => return (total, Ending::Other(e.kind())),
+        }
+    }
+}
+
+/// A target that sends `len` bytes, then waits for the client to close.
+async fn sender(len: u64) -> Backend {
+    Backend::with("sender", move |s: TcpStream| async move {
+        let (mut r, mut w) = s.into_split();
+        let _ = send_payload(&mut w, 3, len, 64 * 1024).await;
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink).await;
+    })
+    .await
+}
+
+/// The client reads a little of a 20 MB download, then stops reading for
+/// twice the idle timeout: the bytes still owed must not end in a clean EOF.
+async fn paused_reader_past_idle_timeout_gets_reset(mode: &str) {
+    const LEN: u64 = 20 << 20;
+    let target = sender(LEN).await;
+    let proxy = Proxy::spawn(
+        mode,
+        &[AppSpec::new("a", 1, vec![target.target()])],
+        &["--idle-timeout", "1s"],
+    )
+    .await;
+    let (got, ending) = bounded(30, "paused reader", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let mut first = vec![0u8; 1 << 20];
+        s.read_exact(&mut first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        read_to_end(&mut s).await
+    })
+    .await;
+    assert!(
+        got < LEN,
+        "{mode}: the whole download arrived; pause longer"
+    );
+    assert_eq!(
+        ending,
+        Ending::Reset,
+        "{mode}: {got} of {LEN} bytes then {ending:?}: a cut stream must end in a reset"
+    );
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "idle_timeout");
+}
+
+/// Every target refuses: a client that has sent nothing gets a reset, not an
+/// empty session that ends cleanly.
+async fn connect_failure_resets_the_client(mode: &str) {
+    let proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![dead_target()])], &[]).await;
+    bounded(30, "connect failure", async {
+        for _ in 0..5 {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            let (got, ending) = read_to_end(&mut s).await;
+            assert_eq!((got, ending), (0, Ending::Reset), "{mode}");
+        }
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(5, 5).await;
+    assert!(lines.iter().all(|l| l["end"] == "connect_failed"));
+}
+
+/// A second SIGTERM/SIGINT exits at once; streams still running get a reset.
+async fn second_signal_resets_live_streams(mode: &str) {
+    let echo = Backend::echo("echo").await;
+    let mut proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![echo.target()])], &[]).await;
+    let addr = proxy.addr(0, 0);
+    bounded(30, "second signal", async {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).await.unwrap();
+            clients.push(s);
+        }
+        proxy.signal(libc::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.signal(libc::SIGINT);
+        proxy
+            .wait_exit(5)
+            .await
+            .expect("exits on the second signal");
+        for mut s in clients {
+            let (_, ending) = read_to_end(&mut s).await;
+            assert_eq!(ending, Ending::Reset, "{mode}: a live stream must be reset");
+        }
+    })
+    .await;
+}
+
+/// The target accepts and never reads; the client fills the path, then
+/// resets. The proxy must notice the reset at once, not at the idle timeout.
+async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
+    let stalled = Backend::with("stalled", |s: TcpStream| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![stalled.target()])], &[]).await;
+    let reset_at = bounded(30, "client reset", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        // Write until nothing more goes in: every buffer on the way is full.
+        while tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk))
+            .await
+            .is_ok()
+        {}
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+        Instant::now()
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    let freed = reset_at.elapsed();
+    assert_eq!(lines.len(), 1, "{mode}: the connection is still open");
+    assert_eq!(lines[0]["end"], "client_reset", "{mode}");
+    assert!(
+        freed < Duration::from_secs(1),
+        "{mode}: freed after {freed:?}"
+    );
+}
