@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
@@ -23,10 +24,12 @@ use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
-use crate::ops::admin;
+use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
+use crate::ops::readiness::Readiness;
 use crate::upstream::connect::ConnectPolicy;
 use crate::upstream::health::HealthConfig;
+use crate::upstream::stats::TargetMetrics;
 use lifecycle::{Request, Signals};
 use state::{State, Trigger};
 
@@ -155,19 +158,19 @@ impl Handle {
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
-    let metrics = Arc::new(Metrics::default());
+    let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
             let l = admin::bind(addr).await?;
             let local = l.local_addr().context("admin listener address")?;
             tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
-            tokio::spawn(admin::serve(l, metrics.clone()));
+            tokio::spawn(admin::serve(l, published.clone()));
             Some(local)
         }
         None => None,
     };
     let access_log = match &settings.access_log {
-        Some(path) => Some(AccessLog::open(path, metrics.clone())?),
+        Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone())?),
         None => None,
     };
     // Stamp before reading: a change in between is seen as a change.
@@ -202,6 +205,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         steer: None,
         last_text: Some(text),
         closing: Vec::new(),
+        published,
+        target_metrics,
     };
     if settings.steering == Steering::SkLookup {
         state.steer = Some(state::start_steering(&settings, settings.steering_port, &shared).context(
@@ -212,7 +217,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     // as a whole rather than leaving a half-working proxy.
     let bound = state::bind_new(&state, &config, &settings)?;
     state::apply(&mut state, &config, bound, &shared, &settings);
-    shared.metrics.set_ready(true);
+    state.published.readiness().set(true);
     let listening: Vec<(String, SocketAddr)> = state
         .listeners
         .values()
@@ -241,6 +246,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         listening,
         steering,
     })
+}
+
+/// Each component registers its own series; the admin listener renders
+/// them all from the one registry.
+fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let targets = TargetMetrics::register(&mut registry);
+    let readiness = Readiness::register(&mut registry);
+    (
+        metrics,
+        targets,
+        Arc::new(AdminState::new(registry, readiness)),
+    )
 }
 
 fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config, shared: &Shared) {
@@ -342,7 +361,7 @@ impl Control {
             "shutting down: closed listeners, draining live connections"
         );
         // Draining: /readyz turns 503 so load balancers stop sending here.
-        self.shared.metrics.set_ready(false);
+        self.state.published.readiness().set(false);
         state::stop_accepting(&mut self.state).await;
         if self.tracker.wait_idle(drain_timeout).await {
             tracing::info!("drained, all connections finished");
