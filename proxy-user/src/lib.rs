@@ -6,7 +6,8 @@
 //! - `edge`: accept, admit, one record per connection;
 //! - `upstream`: dial, health, balance, fail over;
 //! - `dataplane`: how the bytes move once both sockets are connected;
-//! - `ops`: metrics, admin endpoints, access log, logging;
+//! - `ops`: metrics, admin endpoints, access log, logging (every component
+//!   registers its own series, `metric` helps);
 //! - `server`: wires them together, reloads, drains.
 
 mod bpf;
@@ -14,6 +15,7 @@ pub mod cli;
 mod config;
 mod dataplane;
 mod edge;
+mod metric;
 mod ops;
 pub use ops::logging;
 pub mod server;

@@ -52,7 +52,7 @@ impl ConnInfo {
 }
 
 /// How a connection ended; the `end` field of the per-connection log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EndReason {
     /// Both sides closed cleanly (FIN both ways).
     Closed,

@@ -1,7 +1,6 @@
 //! Listening sockets and the accept loop every listener runs.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,10 +94,7 @@ pub(super) async fn accept_until_stopped(
             }
             // Out of fds or memory: retrying at once would spin.
             Err(e) if is_local_resource_error(&e) => {
-                shared
-                    .metrics
-                    .accept_resource_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.metrics.accept_resource_errors.inc();
                 // The pending connection stays in the backlog; try again
                 // once some fds may have been freed.
                 backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));

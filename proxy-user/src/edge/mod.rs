@@ -53,7 +53,7 @@ pub struct AppRuntime {
     pub balancer: Arc<Balancer>,
     /// Per-app cap: isolation between apps.
     pub permits: Arc<Semaphore>,
-    pub metrics: Arc<AppMetrics>,
+    pub metrics: AppMetrics,
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 

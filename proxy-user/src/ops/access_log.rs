@@ -9,15 +9,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-
-use crate::ops::metrics::Metrics;
 
 /// Lines queued for the writer before new ones are dropped (~64k lines of
 /// ~300 bytes: a few seconds of a very busy proxy, ~20 MB at worst).
@@ -52,13 +49,14 @@ enum Msg {
 
 pub struct AccessLog {
     tx: SyncSender<Msg>,
-    metrics: Arc<Metrics>,
+    /// `proxy_access_log_dropped_total`.
+    dropped: Counter,
 }
 
 impl AccessLog {
     /// Opens (creates, appends to) `path` now, so a bad path fails startup,
-    /// and starts the writer thread.
-    pub fn open(path: &Path, metrics: Arc<Metrics>) -> anyhow::Result<AccessLog> {
+    /// and starts the writer thread; lines it has to drop count in `dropped`.
+    pub fn open(path: &Path, dropped: Counter) -> anyhow::Result<AccessLog> {
         let file = open_append(path)?;
         let (tx, rx) = sync_channel(QUEUE);
         let path = path.to_path_buf();
@@ -66,7 +64,7 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || writer(path, file, rx))
             .context("cannot start the access log thread")?;
-        Ok(AccessLog { tx, metrics })
+        Ok(AccessLog { tx, dropped })
     }
 
     pub fn record(&self, entry: &Entry<'_>) {
@@ -75,9 +73,7 @@ impl AccessLog {
         };
         line.push(b'\n');
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
-            self.metrics
-                .access_log_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
@@ -168,7 +164,7 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("a.log");
         let _ = std::fs::remove_file(&path);
-        let log = AccessLog::open(&path, Arc::new(Metrics::default())).unwrap();
+        let log = AccessLog::open(&path, Counter::default()).unwrap();
         let entry = |conn| Entry {
             ts: rfc3339(SystemTime::now()),
             conn,

@@ -12,13 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, ProxyProtocol};
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics;
+use crate::ops::readiness::Readiness;
+use crate::upstream::balancer::Balancer;
 
 /// Largest request head accepted; ours are one line plus a few headers.
 const MAX_HEAD: usize = 8 * 1024;
@@ -28,6 +33,37 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent admin connections; beyond this new ones are closed at once.
 const MAX_CONNS: usize = 64;
 
+/// What the endpoints answer from: every registered metric, readiness,
+/// and what the server last published as in force (on start and on each
+/// applied reload).
+pub struct AdminState {
+    registry: Registry,
+    readiness: Readiness,
+    config: ArcSwapOption<Config>,
+    balancers: ArcSwap<Vec<Arc<Balancer>>>,
+}
+
+impl AdminState {
+    pub fn new(registry: Registry, readiness: Readiness) -> AdminState {
+        AdminState {
+            registry,
+            readiness,
+            config: ArcSwapOption::empty(),
+            balancers: ArcSwap::default(),
+        }
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// The config in force and its balancers, for `/config` and `/targets`.
+    pub fn publish(&self, config: &Config, balancers: Vec<Arc<Balancer>>) {
+        self.config.store(Some(Arc::new(config.clone())));
+        self.balancers.store(Arc::new(balancers));
+    }
+}
+
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -35,7 +71,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNS));
     loop {
         let Ok((sock, _)) = listener.accept().await else {
@@ -46,9 +82,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropping `sock` closes it
         };
-        let metrics = metrics.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, exchange(sock, &metrics)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, exchange(sock, &state)).await;
             drop(slot);
         });
     }
@@ -81,11 +117,11 @@ impl Response {
     }
 }
 
-async fn exchange(mut sock: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn exchange(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let (resp, head_only) = match read_head(&mut sock).await? {
         Head::Complete(head) => {
             let head_only = head.starts_with(b"HEAD ");
-            (route(&head, metrics), head_only)
+            (route(&head, state), head_only)
         }
         Head::TooLarge => (
             Response::text(
@@ -166,7 +202,7 @@ fn find_end(b: &[u8]) -> Option<usize> {
     }
 }
 
-fn route(head: &[u8], metrics: &Metrics) -> Response {
+fn route(head: &[u8], state: &AdminState) -> Response {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let Ok(line) = std::str::from_utf8(line) else {
         return Response::text("400 Bad Request", "request line is not UTF-8\n");
@@ -194,23 +230,23 @@ fn route(head: &[u8], metrics: &Metrics) -> Response {
     match path {
         "/metrics" => Response {
             status: "200 OK",
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: metrics.render(),
+            content_type: prometheus_text::CONTENT_TYPE,
+            body: metrics::render(&state.registry),
             allow: false,
         },
         // Liveness: the runtime answers, nothing more; restarting a proxy
         // because a target is down would only make things worse.
         "/healthz" => Response::text("200 OK", "ok\n"),
-        "/readyz" if metrics.is_ready() => Response::text("200 OK", "ready\n"),
+        "/readyz" if state.readiness.is_ready() => Response::text("200 OK", "ready\n"),
         "/readyz" => Response::text(
             "503 Service Unavailable",
             "not ready: starting (config, listeners) or draining\n",
         ),
-        "/config" => match metrics.config() {
+        "/config" => match state.config.load_full() {
             Some(c) => Response::json(&config_json(&c)),
             None => Response::text("503 Service Unavailable", "no config loaded yet\n"),
         },
-        _ => Response::json(&targets_json(metrics)),
+        _ => Response::json(&targets_json(&state.balancers.load())),
     }
 }
 
@@ -241,8 +277,8 @@ pub fn config_json(c: &Config) -> Value {
 }
 
 /// Every target of every app in force, with its health.
-pub fn targets_json(metrics: &Metrics) -> Value {
-    let mut balancers = metrics.balancers();
+pub fn targets_json(balancers: &[Arc<Balancer>]) -> Value {
+    let mut balancers = balancers.to_vec();
     balancers.sort_by(|a, b| a.app.cmp(&b.app));
     let apps: Vec<Value> = balancers
         .iter()
@@ -273,13 +309,15 @@ pub fn targets_json(metrics: &Metrics) -> Value {
 mod tests {
     use super::*;
 
-    fn status(req: &str, m: &Metrics) -> &'static str {
+    fn status(req: &str, m: &AdminState) -> &'static str {
         route(req.as_bytes(), m).status
     }
 
     #[test]
     fn routes_and_errors() {
-        let m = Metrics::default();
+        let mut registry = Registry::default();
+        let readiness = Readiness::register(&mut registry);
+        let m = AdminState::new(registry, readiness);
         assert_eq!(status("GET /healthz HTTP/1.1\r\nHost: x", &m), "200 OK");
         assert_eq!(status("GET /metrics?x=1 HTTP/1.0", &m), "200 OK");
         assert_eq!(status("HEAD /metrics HTTP/1.1", &m), "200 OK");
@@ -287,12 +325,17 @@ mod tests {
             status("GET /readyz HTTP/1.1", &m),
             "503 Service Unavailable"
         );
-        m.set_ready(true);
+        m.readiness().set(true);
         assert_eq!(status("GET /readyz HTTP/1.1", &m), "200 OK");
+        assert!(route(b"GET /metrics HTTP/1.1", &m)
+            .body
+            .contains("proxy_ready 1\n"));
         assert_eq!(
             status("GET /config HTTP/1.1", &m),
             "503 Service Unavailable"
         );
+        m.publish(&Config { apps: Vec::new() }, Vec::new());
+        assert_eq!(status("GET /config HTTP/1.1", &m), "200 OK");
         assert_eq!(status("GET /nope HTTP/1.1", &m), "404 Not Found");
         assert_eq!(
             status("POST /metrics HTTP/1.1", &m),

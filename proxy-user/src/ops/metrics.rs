@@ -1,30 +1,33 @@
-//! Prometheus metrics: per-app connection, byte and outcome counters,
-//! per-target connect counters, latency and health, process resources;
-//! rendered as Prometheus text for the admin listener's `/metrics`.
+//! Prometheus metrics of the proxy as a whole and per app; rendered, with
+//! what the other components registered (per-target series, readiness,
+//! process resources), as Prometheus text 0.0.4 for the admin `/metrics`.
 //!
-//! Hand-rolled (a few atomics and a text renderer) rather than a metrics
-//! crate: the set is small and fixed, label values come only from the config
-//! (app names, targets) and fixed enums, never from clients, and the hot path
-//! only does relaxed atomic adds.
+//! Label values come only from the config (app names) and fixed enums,
+//! never from clients. The hot path touches no map: each app's handles are
+//! looked up once, when its runtime is built, and cached in `AppMetrics`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use crate::config::Config;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::process::ProcessCollector;
 use crate::dataplane::{EndReason, Plane, Transfer};
-use crate::upstream::balancer::Balancer;
-use crate::upstream::dial::FailureReason;
+use crate::metric::registered;
 
 /// Which connection limit refused a client (`limit` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Limit {
     PerApp,
     Global,
 }
 
 impl Limit {
+    const ALL: [Limit; 2] = [Limit::PerApp, Limit::Global];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Limit::PerApp => "per_app",
@@ -33,403 +36,237 @@ impl Limit {
     }
 }
 
-/// Counters of one app. Kept by name across reloads, so a reload does not
-/// reset the series.
-#[derive(Debug, Default)]
+/// Which way bytes went (`direction` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Direction {
+    ClientToTarget,
+    TargetToClient,
+}
+
+impl Direction {
+    const ALL: [Direction; 2] = [Direction::ClientToTarget, Direction::TargetToClient];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToTarget => "client_to_target",
+            Direction::TargetToClient => "target_to_client",
+        }
+    }
+}
+
+/// Label values are the enums' own names, the ones the log lines use.
+macro_rules! label_value_by_name {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    )*};
+}
+
+label_value_by_name!(EndReason, Plane, Limit, Direction);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AppLabels {
+    app: Arc<str>,
+}
+
+/// An app label and one more: `app` first, as the series always had it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    app: Arc<str>,
+    limit: Limit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndLabels {
+    app: Arc<str>,
+    end: EndReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PlaneLabels {
+    app: Arc<str>,
+    plane: Plane,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    app: Arc<str>,
+    direction: Direction,
+}
+
+/// One app's handles into the per-app families. Series are keyed by app
+/// name, so an app rebuilt by a reload finds its series as they were.
+#[derive(Debug)]
 pub struct AppMetrics {
-    accepted: AtomicU64,
-    refused: [AtomicU64; 2],
-    ends: [AtomicU64; EndReason::ALL.len()],
-    planes: [AtomicU64; Plane::ALL.len()],
-    active: AtomicI64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    connect_attempts: AtomicU64,
+    accepted: Counter,
+    refused: [Counter; Limit::ALL.len()],
+    ends: [Counter; EndReason::ALL.len()],
+    planes: [Counter; Plane::ALL.len()],
+    active: Gauge,
+    bytes: [Counter; Direction::ALL.len()],
+    connect_attempts: Counter,
 }
 
 impl AppMetrics {
     /// A client was accepted by a listener of this app (before limits).
     pub fn accepted(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.accepted.inc();
     }
 
     pub fn rejected(&self, limit: Limit) {
-        self.refused[limit as usize].fetch_add(1, Ordering::Relaxed);
-        self.ends[EndReason::Limit as usize].fetch_add(1, Ordering::Relaxed);
+        self.refused[limit as usize].inc();
+        self.ends[EndReason::Limit as usize].inc();
     }
 
     /// Counts a connection as active until the guard drops.
-    pub fn open(self: &Arc<Self>) -> ActiveConn {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveConn(self.clone())
+    pub fn open(&self) -> ActiveConn {
+        self.active.inc();
+        ActiveConn(self.active.clone())
     }
 
     pub fn finished(&self, t: &Transfer, attempts: u32) {
-        self.ends[t.end as usize].fetch_add(1, Ordering::Relaxed);
-        self.planes[t.plane as usize].fetch_add(1, Ordering::Relaxed);
-        self.bytes_in
-            .fetch_add(t.client_to_target, Ordering::Relaxed);
-        self.bytes_out
-            .fetch_add(t.target_to_client, Ordering::Relaxed);
-        self.connect_attempts
-            .fetch_add(u64::from(attempts), Ordering::Relaxed);
+        self.ends[t.end as usize].inc();
+        self.planes[t.plane as usize].inc();
+        self.bytes[Direction::ClientToTarget as usize].inc_by(t.client_to_target);
+        self.bytes[Direction::TargetToClient as usize].inc_by(t.target_to_client);
+        self.connect_attempts.inc_by(u64::from(attempts));
     }
 }
 
-pub struct ActiveConn(Arc<AppMetrics>);
+pub struct ActiveConn(Gauge);
 
 impl Drop for ActiveConn {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
-#[derive(Debug, Default)]
+/// The per-app families and the proxy-wide counters.
+#[derive(Debug)]
 pub struct Metrics {
-    apps: RwLock<BTreeMap<String, Arc<AppMetrics>>>,
-    /// The balancers in force, for per-target series and `/targets`;
-    /// replaced on reload.
-    balancers: RwLock<Vec<Arc<Balancer>>>,
-    /// The config in force, for `/config`; replaced on reload.
-    config: RwLock<Option<Arc<Config>>>,
-    /// Config loaded and every listener bound; false again while draining.
-    ready: AtomicBool,
-    pub accept_resource_errors: AtomicU64,
-    pub reloads_ok: AtomicU64,
-    pub reloads_failed: AtomicU64,
+    accepted: Family<AppLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    ends: Family<EndLabels, Counter>,
+    planes: Family<PlaneLabels, Counter>,
+    active: Family<AppLabels, Gauge>,
+    bytes: Family<DirectionLabels, Counter>,
+    connect_attempts: Family<AppLabels, Counter>,
+    pub accept_resource_errors: Counter,
+    pub reloads_ok: Counter,
+    pub reloads_failed: Counter,
     /// Access log lines dropped because the writer fell behind.
-    pub access_log_dropped: AtomicU64,
+    pub access_log_dropped: Counter,
 }
 
 impl Metrics {
-    pub fn app(&self, name: &str) -> Arc<AppMetrics> {
-        if let Some(m) = self
-            .apps
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
-            return m.clone();
-        }
-        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
-        apps.entry(name.to_string()).or_default().clone()
-    }
-
-    pub fn set_balancers(&self, balancers: Vec<Arc<Balancer>>) {
-        *self.balancers.write().unwrap_or_else(|p| p.into_inner()) = balancers;
-    }
-
-    pub fn balancers(&self) -> Vec<Arc<Balancer>> {
-        self.balancers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_config(&self, config: &Config) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(config.clone()));
-    }
-
-    pub fn config(&self) -> Option<Arc<Config>> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    pub fn render(&self) -> String {
-        let apps = self.apps.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut out = String::with_capacity(16 * 1024);
-        let o = &mut out;
-        let per_app =
-            |o: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&AppMetrics) -> u64| {
-                header(o, name, kind, help);
-                for (a, m) in &apps {
-                    let _ = writeln!(o, "{name}{{app=\"{}\"}} {}", esc(a), f(m));
-                }
-            };
-        per_app(o, "proxy_connections_accepted_total", "counter",
-            "Client connections accepted by a listener, by app (including ones then refused by a limit).",
-            &|m| m.accepted.load(Ordering::Relaxed));
-        header(o, "proxy_connections_refused_total", "counter",
-            "Client connections reset at accept because a connection limit was reached, by app and limit.");
-        for (a, m) in &apps {
-            for l in [Limit::PerApp, Limit::Global] {
-                let v = m.refused[l as usize].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    o,
-                    "proxy_connections_refused_total{{app=\"{}\",limit=\"{}\"}} {v}",
-                    esc(a),
-                    l.as_str()
-                );
-            }
-        }
-        header(
-            o,
-            "proxy_connections_total",
-            "counter",
-            "Client connections that ended, by app and how they ended (limit = refused at accept).",
-        );
-        for (a, m) in &apps {
-            for (i, e) in EndReason::ALL.iter().enumerate() {
-                let v = m.ends[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    o,
-                    "proxy_connections_total{{app=\"{}\",end=\"{}\"}} {v}",
-                    esc(a),
-                    e.as_str()
-                );
-            }
-        }
-        header(o, "proxy_connections_plane_total", "counter",
-            "Connections that ended, by app and the data plane that carried them (copy-fallback = fastpath install failed; none = never connected).");
-        for (a, m) in &apps {
-            for (i, p) in Plane::ALL.iter().enumerate() {
-                let v = m.planes[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    o,
-                    "proxy_connections_plane_total{{app=\"{}\",plane=\"{}\"}} {v}",
-                    esc(a),
-                    p.as_str()
-                );
-            }
-        }
-        header(
-            o,
-            "proxy_connections_active",
-            "gauge",
-            "Client connections open now, by app.",
-        );
-        for (a, m) in &apps {
-            let _ = writeln!(
-                o,
-                "proxy_connections_active{{app=\"{}\"}} {}",
-                esc(a),
-                m.active.load(Ordering::Relaxed)
-            );
-        }
-        header(o, "proxy_bytes_total", "counter",
-            "Bytes carried by finished connections, by app and direction (client_to_target = bytes_in).");
-        for (a, m) in &apps {
-            for (dir, v) in [
-                ("client_to_target", &m.bytes_in),
-                ("target_to_client", &m.bytes_out),
-            ] {
-                let _ = writeln!(
-                    o,
-                    "proxy_bytes_total{{app=\"{}\",direction=\"{dir}\"}} {}",
-                    esc(a),
-                    v.load(Ordering::Relaxed)
-                );
-            }
-        }
-        per_app(o, "proxy_connect_attempts_total", "counter",
-            "Upstream connect attempts of finished connections, by app (more than connections = failovers).",
-            &|m| m.connect_attempts.load(Ordering::Relaxed));
-
-        let targets: Vec<(String, Arc<crate::upstream::balancer::Backend>)> = self
-            .balancers()
-            .iter()
-            .flat_map(|b| {
-                b.backends
-                    .iter()
-                    .map(|t| (labels(&b.app, &t.target.to_string()), t.clone()))
-            })
-            .collect();
-        header(
-            o,
-            "proxy_target_active_connections",
-            "gauge",
-            "Connections using or connecting to each target.",
-        );
-        for (l, t) in &targets {
-            let _ = writeln!(o, "proxy_target_active_connections{{{l}}} {}", t.active());
-        }
-        header(
-            o,
-            "proxy_target_up",
-            "gauge",
-            "1 if the target is considered healthy, 0 if down.",
-        );
-        for (l, t) in &targets {
-            let _ = writeln!(o, "proxy_target_up{{{l}}} {}", u8::from(t.health.is_up()));
-        }
-        header(
-            o,
-            "proxy_target_health_transitions_total",
-            "counter",
-            "Health state changes of each target, by the state entered.",
-        );
-        for (l, t) in &targets {
-            let s = t.health.snapshot();
-            let _ = writeln!(
-                o,
-                "proxy_target_health_transitions_total{{{l},to=\"up\"}} {}",
-                s.went_up
-            );
-            let _ = writeln!(
-                o,
-                "proxy_target_health_transitions_total{{{l},to=\"down\"}} {}",
-                s.went_down
-            );
-        }
-        header(
-            o,
-            "proxy_target_connect_attempts_total",
-            "counter",
-            "Connect attempts to each target on behalf of clients (health probes not included).",
-        );
-        for (l, t) in &targets {
-            let _ = writeln!(
-                o,
-                "proxy_target_connect_attempts_total{{{l}}} {}",
-                t.stats.attempts.load(Ordering::Relaxed)
-            );
-        }
-        header(
-            o,
-            "proxy_target_connect_failures_total",
-            "counter",
-            "Failed connect attempts to each target, by reason.",
-        );
-        for (l, t) in &targets {
-            for r in FailureReason::ALL {
-                let _ = writeln!(
-                    o,
-                    "proxy_target_connect_failures_total{{{l},reason=\"{}\"}} {}",
-                    r.as_str(),
-                    t.stats.failures(r)
-                );
-            }
-        }
-        header(o, "proxy_target_connect_duration_seconds", "histogram",
-            "Time to establish a connection to each target, DNS included; successful attempts only.");
-        for (l, t) in &targets {
-            t.stats
-                .latency
-                .render(o, "proxy_target_connect_duration_seconds", l);
-        }
-
-        for (name, help, v) in [
-            (
-                "proxy_accept_resource_errors_total",
-                "Accepts that failed for lack of fds or memory (the listener backs off).",
-                &self.accept_resource_errors,
+    /// Registers the proxy's own metrics and the process collector.
+    pub fn register(r: &mut Registry) -> Metrics {
+        r.register_collector(Box::new(ProcessCollector));
+        Metrics {
+            accepted: registered(
+                r,
+                "proxy_connections_accepted",
+                "Client connections accepted by a listener, by app \
+                 (including ones then refused by a limit)",
             ),
-            (
-                "proxy_config_reloads_total",
-                "Config reloads applied.",
-                &self.reloads_ok,
+            refused: registered(
+                r,
+                "proxy_connections_refused",
+                "Client connections reset at accept because a connection limit \
+                 was reached, by app and limit",
             ),
-            (
-                "proxy_config_reload_failures_total",
-                "Config reloads rejected (the running config stayed).",
-                &self.reloads_failed,
+            ends: registered(
+                r,
+                "proxy_connections",
+                "Client connections that ended, by app and how they ended \
+                 (limit = refused at accept)",
             ),
-            (
-                "proxy_access_log_dropped_total",
-                "Access log lines dropped because the writer fell behind.",
-                &self.access_log_dropped,
+            planes: registered(
+                r,
+                "proxy_connections_plane",
+                "Connections that ended, by app and the data plane that carried them \
+                 (copy-fallback = fastpath install failed; none = never connected)",
             ),
-        ] {
-            header(o, name, "counter", help);
-            let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+            active: registered(
+                r,
+                "proxy_connections_active",
+                "Client connections open now, by app",
+            ),
+            bytes: registered(
+                r,
+                "proxy_bytes",
+                "Bytes carried by finished connections, by app and direction \
+                 (client_to_target = bytes_in)",
+            ),
+            connect_attempts: registered(
+                r,
+                "proxy_connect_attempts",
+                "Upstream connect attempts of finished connections, by app \
+                 (more than connections = failovers)",
+            ),
+            accept_resource_errors: registered(
+                r,
+                "proxy_accept_resource_errors",
+                "Accepts that failed for lack of fds or memory (the listener backs off)",
+            ),
+            reloads_ok: registered(r, "proxy_config_reloads", "Config reloads applied"),
+            reloads_failed: registered(
+                r,
+                "proxy_config_reload_failures",
+                "Config reloads rejected (the running config stayed)",
+            ),
+            access_log_dropped: registered(
+                r,
+                "proxy_access_log_dropped",
+                "Access log lines dropped because the writer fell behind",
+            ),
         }
-        header(
-            o,
-            "proxy_ready",
-            "gauge",
-            "1 when the config is loaded and every listener is bound (same as /readyz).",
-        );
-        let _ = writeln!(o, "proxy_ready {}", u8::from(self.is_ready()));
-        process_metrics(o);
-        out
+    }
+
+    /// The handles of app `name`, every series created (at 0 until used).
+    pub fn app(&self, name: &str) -> AppMetrics {
+        let app: Arc<str> = name.into();
+        let of = AppLabels { app: app.clone() };
+        let app = || app.clone();
+        AppMetrics {
+            accepted: self.accepted.get_or_create_owned(&of),
+            refused: Limit::ALL.map(|limit| {
+                self.refused
+                    .get_or_create_owned(&RefusedLabels { app: app(), limit })
+            }),
+            ends: EndReason::ALL.map(|end| {
+                self.ends
+                    .get_or_create_owned(&EndLabels { app: app(), end })
+            }),
+            planes: Plane::ALL.map(|plane| {
+                self.planes
+                    .get_or_create_owned(&PlaneLabels { app: app(), plane })
+            }),
+            active: self.active.get_or_create_owned(&of),
+            bytes: Direction::ALL.map(|direction| {
+                self.bytes.get_or_create_owned(&DirectionLabels {
+                    app: app(),
+                    direction,
+                })
+            }),
+            connect_attempts: self.connect_attempts.get_or_create_owned(&of),
+        }
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn labels(app: &str, target: &str) -> String {
-    format!("app=\"{}\",target=\"{}\"", esc(app), esc(target))
-}
-
-/// Resource usage of this process from /proc, under the names the official
-/// Prometheus clients use, so standard dashboards work. A value that cannot
-/// be read is left out rather than reported as 0.
-fn process_metrics(o: &mut String) {
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        header(
-            o,
-            "process_open_fds",
-            "gauge",
-            "Open file descriptors (clients, upstreams, listeners, BPF maps).",
-        );
-        // Minus one: the directory handle read_dir itself holds.
-        let _ = writeln!(o, "process_open_fds {}", fds.count().saturating_sub(1));
+/// The registry as Prometheus text 0.0.4 (`prometheus_text::CONTENT_TYPE`):
+/// what every Prometheus version and promtool read, unlike OpenMetrics.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    // Writing into a String cannot fail; an error could only come from an
+    // encoder bug, and a partial page is still better than none.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "rendering /metrics failed");
     }
-    // SAFETY: getrlimit writes into the struct we pass, nothing else.
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        header(o, "process_max_fds", "gauge", "Soft RLIMIT_NOFILE.");
-        let _ = writeln!(o, "process_max_fds {}", lim.rlim_cur);
-    }
-    // SAFETY: sysconf only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    let rss_pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
-    if let (Some(pages), Ok(page)) = (rss_pages, u64::try_from(page)) {
-        header(
-            o,
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident set size.",
-        );
-        let _ = writeln!(o, "process_resident_memory_bytes {}", pages * page);
-    }
-    // SAFETY: as above.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if let (Some(cpu), Ok(ticks @ 1..)) = (cpu_ticks(), u64::try_from(ticks)) {
-        header(
-            o,
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time.",
-        );
-        let _ = writeln!(o, "process_cpu_seconds_total {}", cpu as f64 / ticks as f64);
-    }
-}
-
-/// utime + stime from /proc/self/stat, in clock ticks. Fields are counted
-/// after the last ')' because the command name may contain spaces.
-fn cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // After ')': state is field 3; utime is 14 and stime 15 (1-based).
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Prometheus label value escaping.
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    out
 }
 
 #[cfg(test)]
@@ -438,7 +275,8 @@ mod tests {
 
     #[test]
     fn renders_counters_and_escapes_labels() {
-        let m = Metrics::default();
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
         let a = m.app("we\"ird");
         let _open = a.open();
         a.finished(
@@ -453,21 +291,30 @@ mod tests {
         );
         a.rejected(Limit::Global);
         a.accepted();
-        let text = m.render();
-        assert!(
-            text.contains("proxy_connections_total{app=\"we\\\"ird\",end=\"closed\"} 1"),
-            "{text}"
-        );
-        assert!(text.contains("proxy_connections_total{app=\"we\\\"ird\",end=\"limit\"} 1"));
-        assert!(text.contains("proxy_connections_active{app=\"we\\\"ird\"} 1"));
-        assert!(text.contains("direction=\"target_to_client\"} 20"));
-        assert!(text.contains("proxy_connect_attempts_total{app=\"we\\\"ird\"} 2"));
-        assert!(text.contains("# TYPE proxy_target_up gauge"));
-        assert!(
-            text.contains("proxy_connections_refused_total{app=\"we\\\"ird\",limit=\"global\"} 1")
-        );
-        assert!(text.contains("proxy_connections_plane_total{app=\"we\\\"ird\",plane=\"copy\"} 1"));
-        assert!(text.contains("process_open_fds "), "{text}");
-        assert!(text.contains("process_resident_memory_bytes "));
+        // A rebuilt app (a reload) continues the same series.
+        m.app("we\"ird").accepted();
+        let text = render(&registry);
+        let app = r#"app="we\"ird""#;
+        for line in [
+            format!(r#"proxy_connections_total{{{app},end="closed"}} 1"#),
+            format!(r#"proxy_connections_total{{{app},end="limit"}} 1"#),
+            format!(r#"proxy_connections_total{{{app},end="idle_timeout"}} 0"#),
+            format!("proxy_connections_active{{{app}}} 1"),
+            format!("proxy_connections_accepted_total{{{app}}} 2"),
+            format!(r#"proxy_bytes_total{{{app},direction="target_to_client"}} 20"#),
+            format!("proxy_connect_attempts_total{{{app}}} 2"),
+            format!(r#"proxy_connections_refused_total{{{app},limit="global"}} 1"#),
+            format!(r#"proxy_connections_refused_total{{{app},limit="per_app"}} 0"#),
+            format!(r#"proxy_connections_plane_total{{{app},plane="copy"}} 1"#),
+            format!(r#"proxy_connections_plane_total{{{app},plane="none"}} 0"#),
+            "# TYPE proxy_connections_total counter".into(),
+            "proxy_config_reloads_total 0".into(),
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line} in:\n{text}");
+        }
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+        assert!(text.contains("\nprocess_resident_memory_bytes "));
+        assert!(text.contains("\nprocess_cpu_seconds_total "));
+        assert!(!text.contains("# EOF"));
     }
 }

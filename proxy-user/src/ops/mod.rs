@@ -1,6 +1,9 @@
-//! Operating the proxy: metrics, the admin listener, the access log, logs.
+//! Operating the proxy: metrics, readiness, the admin listener, the access
+//! log, logs.
 
 pub mod access_log;
 pub mod admin;
 pub mod logging;
 pub mod metrics;
+mod process;
+pub mod readiness;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
 use crate::dataplane::{CopyPlane, DataPlane, FastpathOptions, Mode};
@@ -23,14 +24,19 @@ use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
-use crate::ops::admin;
+use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
+use crate::ops::readiness::Readiness;
 use crate::upstream::connect::ConnectPolicy;
 use crate::upstream::health::HealthConfig;
+use crate::upstream::stats::TargetMetrics;
+use handle::Command;
+pub use handle::{Cutter, Handle};
 use lifecycle::{Request, Signals};
 use state::{State, Trigger};
 
 mod budget;
+mod handle;
 pub(crate) mod lifecycle;
 mod state;
 
@@ -108,102 +114,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a `Handle` asks of the running server.
-enum Command {
-    Reload(oneshot::Sender<()>),
-    Shutdown(&'static str, oneshot::Sender<()>),
-}
-
-/// A started server. Dropping it without `shutdown` leaves the server
-/// running in its runtime until that runtime ends.
-pub struct Handle {
-    commands: mpsc::Sender<Command>,
-    cutter: Cutter,
-    admin: Option<SocketAddr>,
-    listening: Vec<(String, SocketAddr)>,
-    steering: Option<SocketAddr>,
-}
-
-impl Handle {
-    /// The admin listener's address, when one was asked for.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin
-    }
-
-    /// Every listening socket at start: (app, address), by port.
-    pub fn listening(&self) -> &[(String, SocketAddr)] {
-        &self.listening
-    }
-
-    /// The one steered socket of `--steering sk_lookup`.
-    pub fn steering_addr(&self) -> Option<SocketAddr> {
-        self.steering
-    }
-
-    /// What cuts every live connection (RST both ways), usable while the
-    /// control task drains.
-    pub fn cutter(&self) -> Cutter {
-        self.cutter.clone()
-    }
-
-    /// Re-reads the config file, as SIGHUP does; returns once it was applied
-    /// or rejected (rejected: logged, the running config stays).
-    pub async fn reload(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.commands.send(Command::Reload(done)).await.is_ok() {
-            let _ = wait.await;
-        }
-    }
-
-    /// Stops accepting, drains live connections up to the drain timeout,
-    /// cuts the rest; returns when they are gone. `why` names the cause in
-    /// the log.
-    pub async fn shutdown(&self, why: &'static str) {
-        let (done, wait) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Shutdown(why, done))
-            .await
-            .is_ok()
-        {
-            let _ = wait.await;
-        }
-    }
-}
-
-/// Resets every live connection: the drain deadline, or a second signal.
-#[derive(Clone)]
-pub struct Cutter {
-    hard_stop: Arc<watch::Sender<bool>>,
-    tracker: Arc<Tracker>,
-}
-
-impl Cutter {
-    /// Tells every connection to reset both its sockets; waits up to `grace`
-    /// for them to finish.
-    pub async fn cut(&self, grace: Duration) {
-        let _ = self.hard_stop.send(true);
-        self.tracker.wait_idle(grace).await;
-    }
-}
-
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
-    let metrics = Arc::new(Metrics::default());
+    let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
             let l = admin::bind(addr).await?;
             let local = l.local_addr().context("admin listener address")?;
             tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
-            tokio::spawn(admin::serve(l, metrics.clone()));
+            tokio::spawn(admin::serve(l, published.clone()));
             Some(local)
         }
         None => None,
     };
     let access_log = match &settings.access_log {
-        Some(path) => Some(AccessLog::open(path, metrics.clone())?),
+        Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone())?),
         None => None,
     };
     // Stamp before reading: a change in between is seen as a change.
@@ -254,6 +181,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         steer: None,
         last_text: Some(text),
         closing: Vec::new(),
+        published,
+        target_metrics,
     };
     if settings.steering == Steering::SkLookup {
         state.steer = Some(state::start_steering(&settings, settings.steering_port, &shared).context(
@@ -264,7 +193,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     // as a whole rather than leaving a half-working proxy.
     let bound = state::bind_new(&state, &config, &settings)?;
     state::apply(&mut state, &config, bound, &shared, &settings);
-    shared.metrics.set_ready(true);
+    state.published.readiness().set(true);
     let listening: Vec<(String, SocketAddr)> = state
         .listeners
         .values()
@@ -299,6 +228,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         listening,
         steering,
     })
+}
+
+/// Each component registers its own series; the admin listener renders
+/// them all from the one registry.
+fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let targets = TargetMetrics::register(&mut registry);
+    let readiness = Readiness::register(&mut registry);
+    (
+        metrics,
+        targets,
+        Arc::new(AdminState::new(registry, readiness)),
+    )
 }
 
 fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config, shared: &Shared) {
@@ -382,7 +325,7 @@ impl Control {
             "shutting down: closed listeners, draining live connections"
         );
         // Draining: /readyz turns 503 so load balancers stop sending here.
-        self.shared.metrics.set_ready(false);
+        self.state.published.readiness().set(false);
         state::stop_accepting(&mut self.state).await;
         if tracker.wait_idle(drain_timeout).await {
             tracing::info!("drained, all connections finished");

@@ -18,7 +18,9 @@ use crate::config::{App, Config};
 use crate::edge::listener::{self, listen_addr};
 use crate::edge::steering::{self, PortTable, SkLookupSteering};
 use crate::edge::{AppRuntime, AppSlot, Shared};
+use crate::ops::admin::AdminState;
 use crate::upstream::balancer::Balancer;
+use crate::upstream::stats::TargetMetrics;
 
 pub(super) struct AppHandle {
     pub(super) spec: App,
@@ -51,6 +53,12 @@ pub(super) struct State {
     /// Accept loops of removed ports, told to stop: awaited before the next
     /// reload, so a port removed and added back is free to bind again.
     pub(super) closing: Vec<JoinHandle<()>>,
+    /// Where `apply` publishes the config in force and its balancers, for
+    /// `/config` and `/targets`; readiness too.
+    pub(super) published: Arc<AdminState>,
+    /// The per-target series: new targets get theirs, removed ones lose
+    /// theirs.
+    pub(super) target_metrics: TargetMetrics,
 }
 
 pub(super) struct SteerState {
@@ -205,16 +213,20 @@ pub(super) fn apply(
                     ),
                     None => (Arc::new(Semaphore::new(settings.max_per_app)), Vec::new()),
                 };
-                if let Some(h) = old {
-                    let _ = h.probes.send(true);
-                    tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
-                }
                 let balancer = Arc::new(Balancer::reusing(
                     &spec.name,
                     spec.balance,
                     &spec.targets,
                     &previous,
+                    &state.target_metrics,
                 ));
+                if let Some(h) = old {
+                    let _ = h.probes.send(true);
+                    h.runtime
+                        .balancer
+                        .retire(Some(&balancer), &state.target_metrics);
+                    tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
+                }
                 let (probes, probes_rx) = watch::channel(false);
                 balancer.spawn_probes(settings.health, probes_rx);
                 AppHandle {
@@ -233,12 +245,13 @@ pub(super) fn apply(
     }
     for (name, gone) in state.apps.drain() {
         let _ = gone.probes.send(true);
+        gone.runtime.balancer.retire(None, &state.target_metrics);
         tracing::info!(app = %name, "app removed");
     }
     state.apps = apps;
     shared.apps.store(config.apps.len(), Ordering::Relaxed);
-    shared.metrics.set_config(config);
-    shared.metrics.set_balancers(
+    state.published.publish(
+        config,
         state
             .apps
             .values()
@@ -358,7 +371,7 @@ pub(super) fn reload(
         Ok((config, bound)) => {
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             apply(state, &config, bound, shared, settings);
-            shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.reloads_ok.inc();
             tracing::info!(
                 trigger = trigger_name,
                 apps = config.apps.len(),
@@ -368,10 +381,7 @@ pub(super) fn reload(
             );
         }
         Err(e) => {
-            shared
-                .metrics
-                .reloads_failed
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.reloads_failed.inc();
             tracing::error!(trigger = trigger_name, error = %format!("{e:#}"), "config reload rejected; still running the previous config");
         }
     }

@@ -9,37 +9,36 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::health::{self, Health, HealthConfig};
-use super::stats::TargetStats;
+use super::health::{self, Health, HealthConfig, HealthSeries};
+use super::stats::{TargetMetrics, TargetStats};
 use crate::config::{Balance, Target};
 
 #[derive(Debug)]
 pub struct Backend {
     pub target: Target,
-    /// Connections currently using (or connecting to) this target.
-    pub active: AtomicUsize,
     pub health: Health,
-    /// Connect counters and latency; kept with the backend across reloads.
+    /// Connect counters, latency and the active count; kept with the
+    /// backend across reloads.
     pub stats: TargetStats,
 }
 
 impl Backend {
-    pub fn new(target: Target) -> Self {
+    fn new(target: Target, (stats, health): (TargetStats, HealthSeries)) -> Self {
         Backend {
             target,
-            active: AtomicUsize::new(0),
-            health: Health::new(),
-            stats: TargetStats::default(),
+            health: Health::new(health),
+            stats,
         }
     }
 
+    /// Connections currently using (or connecting to) this target.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        usize::try_from(self.stats.active.get()).unwrap_or(0)
     }
 
     /// Counts a connection against this target until the guard drops.
     pub fn acquire(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.inc();
         ActiveGuard(self.clone())
     }
 }
@@ -55,7 +54,7 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.active.dec();
     }
 }
 
@@ -70,20 +69,21 @@ pub struct Balancer {
 impl Balancer {
     #[cfg(test)]
     pub fn new(app: &str, policy: Balance, targets: &[Target]) -> Self {
-        Balancer::reusing(app, policy, targets, &[])
+        Balancer::reusing(app, policy, targets, &[], &TargetMetrics::unregistered())
     }
 
     /// Like `new`, but targets also in `previous` keep their `Backend` (its
-    /// health and active count) across a reload.
+    /// health, active count and series) across a reload; new targets get
+    /// their series from `metrics`.
     pub fn reusing(
         app: &str,
         policy: Balance,
         targets: &[Target],
         previous: &[Arc<Backend>],
+        metrics: &TargetMetrics,
     ) -> Self {
+        let app: Arc<str> = app.into();
         Balancer {
-            app: app.into(),
-            policy,
             backends: targets
                 .iter()
                 .map(|t| {
@@ -91,12 +91,28 @@ impl Balancer {
                         .iter()
                         .find(|b| b.target == *t)
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Backend::new(t.clone())))
+                        .unwrap_or_else(|| {
+                            Arc::new(Backend::new(t.clone(), metrics.series(&app, t)))
+                        })
                 })
                 .collect(),
+            app,
+            policy,
             // Start round robin at a random offset so restarts don't always
             // hit the first target first.
             rr: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    /// This balancer was replaced by `next` (None: its app is gone): the
+    /// targets `next` did not keep leave the metrics. Kept ones share their
+    /// backend with `next`, series and all.
+    pub fn retire(&self, next: Option<&Balancer>, metrics: &TargetMetrics) {
+        for old in &self.backends {
+            let kept = next.is_some_and(|n| n.backends.iter().any(|b| Arc::ptr_eq(b, old)));
+            if !kept {
+                metrics.remove(&self.app, &old.target);
+            }
         }
     }
 
@@ -234,11 +250,65 @@ mod tests {
             old.backends[1].target.clone(),
             parse_target("10.0.0.1:1").unwrap(),
         ];
-        let new = Balancer::reusing("t", Balance::LeastConn, &targets, &old.backends);
+        let new = Balancer::reusing(
+            "t",
+            Balance::LeastConn,
+            &targets,
+            &old.backends,
+            &TargetMetrics::unregistered(),
+        );
         assert!(Arc::ptr_eq(&new.backends[0], &old.backends[1]));
         assert_eq!(new.backends[0].active(), 1);
         assert!(!new.backends[0].health.is_up());
         assert_eq!(new.backends[1].active(), 0);
+    }
+
+    #[test]
+    fn reload_drops_series_of_removed_targets_only() {
+        use prometheus_client::encoding::prometheus_text::encode;
+        use prometheus_client::registry::Registry;
+        use std::time::Duration;
+
+        let mut registry = Registry::default();
+        let metrics = TargetMetrics::register(&mut registry);
+        let [gone, kept, added] =
+            ["10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"].map(|t| parse_target(t).unwrap());
+        let old = Balancer::reusing(
+            "a",
+            Balance::LeastConn,
+            &[gone, kept.clone()],
+            &[],
+            &metrics,
+        );
+        for b in &old.backends {
+            b.stats.attempt(Duration::from_millis(1), None);
+        }
+        let new = Balancer::reusing(
+            "a",
+            Balance::LeastConn,
+            &[kept, added],
+            &old.backends,
+            &metrics,
+        );
+        old.retire(Some(&new), &metrics);
+        let render = || {
+            let mut out = String::new();
+            encode(&mut out, &registry).unwrap();
+            out
+        };
+        let text = render();
+        assert!(!text.contains("10.0.0.1:1"), "{text}");
+        for line in [
+            r#"proxy_target_connect_attempts_total{app="a",target="10.0.0.2:2"} 1"#,
+            r#"proxy_target_connect_duration_seconds_count{app="a",target="10.0.0.2:2"} 1"#,
+            r#"proxy_target_connect_attempts_total{app="a",target="10.0.0.3:3"} 0"#,
+            r#"proxy_target_up{app="a",target="10.0.0.3:3"} 1"#,
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line} in:\n{text}");
+        }
+        // The app is removed: nothing of it is left.
+        new.retire(None, &metrics);
+        assert!(!render().contains("proxy_target"), "{}", render());
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! pay for a target that just refused); only probes bring it back, so one
 //! lucky connection cannot flap it up.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::dial;
@@ -24,7 +25,7 @@ pub struct HealthConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transition {
     Up,
     Down,
@@ -37,17 +38,24 @@ struct Streaks {
     fail: u32,
 }
 
-/// Health of one target. `up` is an atomic so the balancer's hot path never
-/// takes the lock; the lock only guards the streak counters.
+/// A target's health as metrics: `proxy_target_up` and the transitions to
+/// up and to down (`proxy_target_health_transitions_total`: flapping shows
+/// there even when every scrape happens to see the target up). Handles into
+/// the per-target families (`stats::TargetMetrics`), or standalone ones.
+#[derive(Debug, Clone, Default)]
+pub struct HealthSeries {
+    pub up: Gauge,
+    pub went_up: Counter,
+    pub went_down: Counter,
+}
+
+/// Health of one target. The `up` gauge doubles as the balancer's lock-free
+/// read, so the hot path never takes the lock and the metric cannot
+/// disagree with what the balancer sees; the lock only guards the streaks.
 #[derive(Debug)]
 pub struct Health {
-    up: AtomicBool,
     streaks: Mutex<Streaks>,
-    /// Transitions to up and to down since the target appeared, for the
-    /// `proxy_target_health_transitions_total` counter (flapping shows here
-    /// even when every scrape happens to see the target up).
-    went_up: AtomicU64,
-    went_down: AtomicU64,
+    series: HealthSeries,
 }
 
 /// A point-in-time view of one target's health, for `/targets`.
@@ -62,26 +70,19 @@ pub struct Snapshot {
     pub went_down: u64,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Health {
     /// Targets start up: assuming down would refuse all traffic for
     /// `rise * interval` after every start; a dead target is found by the
     /// first failed connect anyway.
-    pub fn new() -> Self {
+    pub fn new(series: HealthSeries) -> Self {
+        series.up.set(1);
         Health {
-            up: AtomicBool::new(true),
             streaks: Mutex::new(Streaks {
                 up: true,
                 ok: 0,
                 fail: 0,
             }),
-            went_up: AtomicU64::new(0),
-            went_down: AtomicU64::new(0),
+            series,
         }
     }
 
@@ -91,20 +92,24 @@ impl Health {
             up: s.up,
             successes: s.ok,
             failures: s.fail,
-            went_up: self.went_up.load(Ordering::Relaxed),
-            went_down: self.went_down.load(Ordering::Relaxed),
+            went_up: self.series.went_up.get(),
+            went_down: self.series.went_down.get(),
         }
     }
 
     fn set(&self, s: &mut Streaks, up: bool) {
         s.up = up;
-        self.up.store(up, Ordering::Relaxed);
-        let counter = if up { &self.went_up } else { &self.went_down };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.series.up.set(i64::from(up));
+        let counter = if up {
+            &self.series.went_up
+        } else {
+            &self.series.went_down
+        };
+        counter.inc();
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.series.up.get() != 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Streaks> {
@@ -193,7 +198,7 @@ mod tests {
 
     #[test]
     fn fall_needs_consecutive_failures() {
-        let h = Health::new();
+        let h = Health::new(HealthSeries::default());
         assert!(h.is_up());
         assert_eq!(h.probe(false, 2, 3), None);
         assert_eq!(h.probe(false, 2, 3), None);
@@ -207,7 +212,7 @@ mod tests {
 
     #[test]
     fn rise_needs_consecutive_successes() {
-        let h = Health::new();
+        let h = Health::new(HealthSeries::default());
         assert_eq!(h.passive_failure(), Some(Transition::Down));
         assert_eq!(h.passive_failure(), None);
         assert_eq!(h.probe(true, 2, 3), None);
@@ -223,7 +228,7 @@ mod tests {
 
     #[test]
     fn passive_failure_resets_rise_progress() {
-        let h = Health::new();
+        let h = Health::new(HealthSeries::default());
         h.passive_failure();
         assert_eq!(h.probe(true, 2, 3), None);
         h.passive_failure();

@@ -1,11 +1,22 @@
-//! Connect counters and latency of one target, kept with its backend
-//! across reloads and read by the metrics renderer.
+//! The per-target series (`proxy_target_*`). The upstream side owns them:
+//! `TargetMetrics` registers the families, each `Backend` holds handles to
+//! its own series, and a reload that removes a target removes its series
+//! (a target that stays keeps its backend, so its counters go on).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use super::dial::FailureReason;
+use super::health::{HealthSeries, Transition};
+use crate::config::Target;
+use crate::metric::registered;
 
 /// Upper bounds of the connect latency buckets, in seconds: loopback
 /// connects land in the first buckets, cross-region ones around 0.1 s, and
@@ -14,102 +25,223 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// A fixed-bucket histogram of durations; the sum is kept in nanoseconds so
-/// it stays an atomic integer.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
-            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Writes `_bucket` (cumulative), `_sum` and `_count` lines.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+impl EncodeLabelValue for FailureReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 
-/// Connect counters of one target (client connects only, not probes).
-#[derive(Debug, Default)]
+/// The `to` label: the state a health transition entered.
+impl EncodeLabelValue for Transition {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let to = match self {
+            Transition::Up => "up",
+            Transition::Down => "down",
+        };
+        EncodeLabelValue::encode(&to, encoder)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TargetLabels {
+    app: Arc<str>,
+    /// As configured (`host:port`), not the resolved address.
+    target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabels {
+    #[prometheus(flatten)]
+    of: TargetLabels,
+    reason: FailureReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransitionLabels {
+    #[prometheus(flatten)]
+    of: TargetLabels,
+    to: Transition,
+}
+
+type LatencyFamily = Family<TargetLabels, Histogram, fn() -> Histogram>;
+
+/// The per-target families. Cloning shares them (handles, not copies).
+#[derive(Debug, Clone)]
+pub struct TargetMetrics {
+    active: Family<TargetLabels, Gauge>,
+    up: Family<TargetLabels, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    attempts: Family<TargetLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    latency: LatencyFamily,
+}
+
+impl TargetMetrics {
+    /// Families no registry renders: for balancers built in tests.
+    #[cfg(test)]
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
+    pub fn register(r: &mut Registry) -> Self {
+        TargetMetrics {
+            active: registered(
+                r,
+                "proxy_target_active_connections",
+                "Connections using or connecting to each target",
+            ),
+            up: registered(
+                r,
+                "proxy_target_up",
+                "1 if the target is considered healthy, 0 if down",
+            ),
+            transitions: registered(
+                r,
+                "proxy_target_health_transitions",
+                "Health state changes of each target, by the state entered",
+            ),
+            attempts: registered(
+                r,
+                "proxy_target_connect_attempts",
+                "Connect attempts to each target on behalf of clients (health probes not included)",
+            ),
+            failures: registered(
+                r,
+                "proxy_target_connect_failures",
+                "Failed connect attempts to each target, by reason",
+            ),
+            latency: {
+                let f = LatencyFamily::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+                r.register(
+                    "proxy_target_connect_duration_seconds",
+                    "Time to establish a connection to each target, DNS included; \
+                     successful attempts only",
+                    f.clone(),
+                );
+                f
+            },
+        }
+    }
+
+    /// Creates every series of a new target (so each `reason` and `to`
+    /// shows 0 before its first use) and hands out its handles.
+    pub fn series(&self, app: &Arc<str>, target: &Target) -> (TargetStats, HealthSeries) {
+        let of = labels(app, target);
+        let failure = |reason| FailureLabels {
+            of: of.clone(),
+            reason,
+        };
+        let transition = |to| TransitionLabels { of: of.clone(), to };
+        let stats = TargetStats {
+            active: self.active.get_or_create_owned(&of),
+            attempts: self.attempts.get_or_create_owned(&of),
+            failures: FailureReason::ALL.map(|r| self.failures.get_or_create_owned(&failure(r))),
+            latency: self.latency.get_or_create_owned(&of),
+        };
+        let health = HealthSeries {
+            up: self.up.get_or_create_owned(&of),
+            went_up: self
+                .transitions
+                .get_or_create_owned(&transition(Transition::Up)),
+            went_down: self
+                .transitions
+                .get_or_create_owned(&transition(Transition::Down)),
+        };
+        (stats, health)
+    }
+
+    /// Drops every series of a target that left the config. Connections
+    /// still using it keep their handles; they just are not rendered.
+    pub fn remove(&self, app: &Arc<str>, target: &Target) {
+        let of = labels(app, target);
+        self.active.remove(&of);
+        self.up.remove(&of);
+        self.attempts.remove(&of);
+        self.latency.remove(&of);
+        for to in [Transition::Up, Transition::Down] {
+            self.transitions
+                .remove(&TransitionLabels { of: of.clone(), to });
+        }
+        for reason in FailureReason::ALL {
+            self.failures.remove(&FailureLabels {
+                of: of.clone(),
+                reason,
+            });
+        }
+    }
+}
+
+fn labels(app: &Arc<str>, target: &Target) -> TargetLabels {
+    TargetLabels {
+        app: app.clone(),
+        target: target.to_string(),
+    }
+}
+
+/// One target's connect series (client connects only, not probes).
+#[derive(Debug)]
 pub struct TargetStats {
-    pub attempts: AtomicU64,
-    failures: [AtomicU64; FailureReason::ALL.len()],
+    /// Connections using or connecting to the target. Also what least-conn
+    /// balances on, so the metric is exactly what the balancer saw.
+    pub active: Gauge,
+    attempts: Counter,
+    failures: [Counter; FailureReason::ALL.len()],
     /// Time to an established connection, successful attempts only (a
     /// failure's time is mostly the timeout, which would swamp the buckets).
-    pub latency: Histogram,
+    latency: Histogram,
 }
 
 impl TargetStats {
     /// One connect attempt took `took`; `failure` names why it failed.
     pub fn attempt(&self, took: Duration, failure: Option<FailureReason>) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
+        self.attempts.inc();
         match failure {
-            None => self.latency.observe(took),
+            None => self.latency.observe(took.as_secs_f64()),
             Some(reason) => {
-                self.failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+                self.failures[reason as usize].inc();
             }
         }
-    }
-
-    pub fn failures(&self, reason: FailureReason) -> u64 {
-        self.failures[reason as usize].load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_target;
+    use prometheus_client::encoding::prometheus_text::encode;
 
-    #[test]
-    fn histogram_is_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(10));
+    fn render(registry: &Registry) -> String {
         let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.05\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"2.5\"} 2\n"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
-        assert!(out.contains("x_count{a=\"b\"} 3\n"));
+        encode(&mut out, registry).unwrap();
+        out
     }
 
     #[test]
-    fn connect_failures_by_reason() {
-        let t = TargetStats::default();
-        t.attempt(Duration::from_millis(1), None);
+    fn histogram_is_cumulative_and_failures_go_by_reason() {
+        let mut registry = Registry::default();
+        let m = TargetMetrics::register(&mut registry);
+        let (t, _) = m.series(&"a".into(), &parse_target("h:1").unwrap());
+        t.attempt(Duration::from_micros(300), None);
+        t.attempt(Duration::from_millis(30), None);
+        t.attempt(Duration::from_secs(10), None);
         t.attempt(Duration::from_millis(1), Some(FailureReason::Refused));
         t.attempt(Duration::from_millis(1), Some(FailureReason::Other));
-        assert_eq!(t.attempts.load(Ordering::Relaxed), 3);
-        assert_eq!(t.failures(FailureReason::Refused), 1);
-        assert_eq!(t.failures(FailureReason::Other), 1);
-        assert_eq!(t.latency.count(), 1);
+        let out = render(&registry);
+        let l = r#"app="a",target="h:1""#;
+        for line in [
+            format!(r#"proxy_target_connect_duration_seconds_bucket{{{l},le="0.0005"}} 1"#),
+            format!(r#"proxy_target_connect_duration_seconds_bucket{{{l},le="0.05"}} 2"#),
+            format!(r#"proxy_target_connect_duration_seconds_bucket{{{l},le="1"}} 2"#),
+            format!(r#"proxy_target_connect_duration_seconds_bucket{{{l},le="2.5"}} 2"#),
+            format!(r#"proxy_target_connect_duration_seconds_bucket{{{l},le="+Inf"}} 3"#),
+            format!("proxy_target_connect_duration_seconds_count{{{l}}} 3"),
+            format!("proxy_target_connect_attempts_total{{{l}}} 5"),
+            format!(r#"proxy_target_connect_failures_total{{{l},reason="refused"}} 1"#),
+            format!(r#"proxy_target_connect_failures_total{{{l},reason="other"}} 1"#),
+            format!(r#"proxy_target_connect_failures_total{{{l},reason="timeout"}} 0"#),
+            format!(r#"proxy_target_health_transitions_total{{{l},to="down"}} 0"#),
+        ] {
+            assert!(out.contains(&format!("{line}\n")), "{line} in:\n{out}");
+        }
     }
 }

@@ -1,0 +1,100 @@
+//! Resource usage of this process, read from /proc at each scrape, under
+//! the names the official Prometheus clients use, so standard dashboards
+//! work.
+//!
+//! Hand-made because prometheus-client has no process collector (other
+//! clients do); a `Collector` reads the values when `/metrics` is asked
+//! for, rather than a task refreshing gauges that nobody may read.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+#[derive(Debug)]
+pub struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    /// A value that cannot be read is left out rather than reported as 0.
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauges = [
+            (
+                "process_open_fds",
+                "Open file descriptors (clients, upstreams, listeners, BPF maps).",
+                open_fds(),
+            ),
+            ("process_max_fds", "Soft RLIMIT_NOFILE.", max_fds()),
+            (
+                "process_resident_memory_bytes",
+                "Resident set size.",
+                resident_bytes(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                encode(&mut encoder, name, help, &ConstGauge::new(v))?;
+            }
+        }
+        if let Some(secs) = cpu_seconds() {
+            // Registered without `_total`: the encoder appends it.
+            let help = "User and system CPU time.";
+            encode(
+                &mut encoder,
+                "process_cpu_seconds",
+                help,
+                &ConstCounter::new(secs),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn encode(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(m)
+}
+
+fn open_fds() -> Option<u64> {
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?;
+    // Minus one: the directory handle read_dir itself holds.
+    Some((fds.count() as u64).saturating_sub(1))
+}
+
+fn max_fds() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+fn resident_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads a system constant.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page)
+}
+
+/// utime + stime from /proc/self/stat. Fields are counted after the last
+/// ')' because the command name may contain spaces.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
+        Ok(t @ 1..) => t,
+        _ => return None,
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // After ')': state is field 3; utime is 14 and stime 15 (1-based).
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks as f64)
+}

@@ -1,0 +1,89 @@
+//! What the code that started a server holds: its addresses and the ways
+//! to reload, drain or cut it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::edge::tracker::Tracker;
+
+/// What a `Handle` asks of the running server.
+pub(super) enum Command {
+    Reload(oneshot::Sender<()>),
+    Shutdown(&'static str, oneshot::Sender<()>),
+}
+
+/// A started server. Dropping it without `shutdown` leaves the server
+/// running in its runtime until that runtime ends.
+pub struct Handle {
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) cutter: Cutter,
+    pub(super) admin: Option<SocketAddr>,
+    pub(super) listening: Vec<(String, SocketAddr)>,
+    pub(super) steering: Option<SocketAddr>,
+}
+
+impl Handle {
+    /// The admin listener's address, when one was asked for.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// Every listening socket at start: (app, address), by port.
+    pub fn listening(&self) -> &[(String, SocketAddr)] {
+        &self.listening
+    }
+
+    /// The one steered socket of `--steering sk_lookup`.
+    pub fn steering_addr(&self) -> Option<SocketAddr> {
+        self.steering
+    }
+
+    /// What cuts every live connection (RST both ways), usable while the
+    /// control task drains.
+    pub fn cutter(&self) -> Cutter {
+        self.cutter.clone()
+    }
+
+    /// Re-reads the config file, as SIGHUP does; returns once it was applied
+    /// or rejected (rejected: logged, the running config stays).
+    pub async fn reload(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Reload(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Stops accepting, drains live connections up to the drain timeout,
+    /// cuts the rest; returns when they are gone. `why` names the cause in
+    /// the log.
+    pub async fn shutdown(&self, why: &'static str) {
+        let (done, wait) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown(why, done))
+            .await
+            .is_ok()
+        {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// Resets every live connection: the drain deadline, or a second signal.
+#[derive(Clone)]
+pub struct Cutter {
+    pub(super) hard_stop: Arc<watch::Sender<bool>>,
+    pub(super) tracker: Arc<Tracker>,
+}
+
+impl Cutter {
+    /// Tells every connection to reset both its sockets; waits up to `grace`
+    /// for them to finish.
+    pub async fn cut(&self, grace: Duration) {
+        let _ = self.hard_stop.send(true);
+        self.tracker.wait_idle(grace).await;
+    }
+}
