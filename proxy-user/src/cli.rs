@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::dataplane::{CopyPlane, FastpathOptions, Mode};
+use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
 use crate::server::Settings;
@@ -93,6 +93,13 @@ pub struct Cli {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
+    /// Kernel send and receive buffer of every proxied socket (the kernel doubles it), so a slow reader
+    /// holds at most about 4x this in kernel memory; 0 = kernel autotuning (up to tcp_wmem/tcp_rmem max,
+    /// about 10 MB per slow reader). Raise it for fast clients far away: one connection's throughput
+    /// is at most about this size per round trip.
+    #[arg(long, default_value = "256KiB", value_parser = parse_socket_buffer)]
+    pub socket_buffer: u32,
+
     /// Admin HTTP listener, e.g. 127.0.0.1:9100 (default: off): /metrics, /healthz, /readyz, /config, /targets.
     // `--metrics-address` was its name while it only served /metrics; kept
     // as an alias so existing command lines keep working.
@@ -161,6 +168,9 @@ impl Cli {
                 // A probe slower than the interval would overlap the next one.
                 timeout: self.connect_timeout.min(self.health_interval),
             },
+            socket_buffers: SocketBuffers {
+                size: (self.socket_buffer > 0).then_some(self.socket_buffer),
+            },
             max_connections: self.max_connections,
             max_per_app: self.max_connections_per_app as usize,
             drain_timeout: self.drain_timeout,
@@ -199,6 +209,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m` (1 KiB to 64 MiB).
 pub fn parse_size(s: &str) -> Result<usize, String> {
     parse_size_within(s, 1 << 10, 64 << 20).map(|n| n as usize)
+}
+
+/// `0` (kernel autotuning) or a size from 4 KiB to 64 MiB.
+pub fn parse_socket_buffer(s: &str) -> Result<u32, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size_within(s, 4 << 10, 64 << 20).map(|n| n as u32)
 }
 
 /// Like `parse_size`, for the fastpath's in-kernel bound (64 KiB to 4 GiB).

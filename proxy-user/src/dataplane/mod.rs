@@ -156,6 +156,29 @@ impl Plane {
     }
 }
 
+/// Kernel buffer sizes of every proxied socket (`--socket-buffer`). A
+/// reader slower than its sender leaves the difference queued in the
+/// kernel: with autotuning that is up to tcp_wmem's max on the socket to the
+/// reader plus tcp_rmem's max on the socket from the sender (about 10 MB per
+/// slow reader here), which a few thousand slow readers turn into the whole
+/// machine. A fixed size bounds it; the kernel doubles the value asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// None: kernel autotuning.
+    pub size: Option<u32>,
+}
+
+impl SocketBuffers {
+    pub fn apply(&self, sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        if let Some(size) = self.size {
+            let sock = socket2::SockRef::from(sock);
+            sock.set_send_buffer_size(size as usize)?;
+            sock.set_recv_buffer_size(size as usize)?;
+        }
+        Ok(())
+    }
+}
+
 /// Which data plane to use, from `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {

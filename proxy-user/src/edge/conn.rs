@@ -107,6 +107,10 @@ impl Conn {
             target: c.guard.backend().target.to_string(),
             attempts: c.attempts,
         };
+        // Before the target's first byte: the window it sees is this one.
+        if let Err(e) = shared.socket_buffers.apply(&c.stream) {
+            tracing::debug!(conn = self.id, error = %e, "cannot set upstream socket buffers");
+        }
         if let Some(version) = self.app.proxy_protocol {
             if let Err(e) = send_proxy_header(&client, &mut c.stream, self.client, version).await {
                 tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");

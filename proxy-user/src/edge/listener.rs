@@ -10,13 +10,17 @@ use tokio::sync::watch;
 
 use super::admission::admit;
 use super::{AppSlot, RateLimit, Shared};
+use crate::dataplane::SocketBuffers;
 use crate::upstream::dial::is_local_resource_error;
 
 /// Backlog per listener: large enough to absorb bursts while we back off
 /// from fd exhaustion, small enough not to hide a dead proxy for long.
 const BACKLOG: u32 = 1024;
 
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// A listening socket on `addr`. Accepted sockets inherit `buffers`
+/// (SO_SNDBUF/SO_RCVBUF), set before any handshake so the window they
+/// advertise matches.
+pub fn bind(addr: SocketAddr, buffers: SocketBuffers) -> anyhow::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -32,6 +36,9 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
             .set_only_v6(false)
             .context("cannot clear IPV6_V6ONLY")?;
     }
+    buffers
+        .apply(&sock)
+        .context("cannot set the socket buffer sizes")?;
     sock.bind(addr)
         .with_context(|| format!("cannot bind {addr}"))?;
     sock.listen(BACKLOG)

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::ProxyProtocol;
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, SocketBuffers};
 use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{AppMetrics, Metrics};
 use crate::upstream::balancer::Balancer;
@@ -30,6 +30,8 @@ pub struct Shared {
     pub plane: DataPlane,
     pub policy: ConnectPolicy,
     pub idle_timeout: Option<Duration>,
+    /// Set on every upstream socket (client sockets inherit the listener's).
+    pub socket_buffers: SocketBuffers,
     pub tracker: Arc<Tracker>,
     /// Global connection cap.
     pub global: Arc<Semaphore>,

@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
-use crate::dataplane::{CopyPlane, DataPlane, FastpathOptions, Mode};
+use crate::dataplane::{CopyPlane, DataPlane, FastpathOptions, Mode, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{RateLimit, Shared};
@@ -59,6 +59,7 @@ pub struct Settings {
     /// None: connections are never closed for being idle.
     pub idle_timeout: Option<Duration>,
     pub health: HealthConfig,
+    pub socket_buffers: SocketBuffers,
     /// None: as many as the fd limit carries (`budget`).
     pub max_connections: Option<u32>,
     pub max_per_app: usize,
@@ -163,6 +164,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         plane,
         policy: settings.connect,
         idle_timeout: settings.idle_timeout,
+        socket_buffers: settings.socket_buffers,
         tracker: tracker.clone(),
         global: Arc::new(Semaphore::new(max_connections as usize)),
         global_cap: max_connections as usize,

@@ -119,7 +119,7 @@ pub(super) fn start_steering(
     steering::check_support()?;
     let ip = listen_addr(&settings.listen_address, 0)?.ip();
     let (bind_addr, steer_config) = steering::addresses(ip, port);
-    let l = listener::bind(bind_addr)?;
+    let l = listener::bind(bind_addr, settings.socket_buffers)?;
     let addr = l.local_addr().context("steering listener address")?;
     let bpf = SkLookupSteering::load(&l, steer_config)?;
     let table: PortTable = Arc::default();
@@ -182,7 +182,7 @@ pub(super) fn bind_new(
             continue;
         }
         let addr = listen_addr(&settings.listen_address, port)?;
-        let l = listener::bind(addr)
+        let l = listener::bind(addr, settings.socket_buffers)
             .with_context(|| format!("app {:?} port {port}", config.apps[app_idx].name))?;
         bound.push((port, l));
     }
