@@ -464,3 +464,34 @@ async fn bad_requests_get_4xx() {
     })
     .await;
 }
+
+/// Hundreds of idle connections on the admin port (a scanner, a broken
+/// client) must not starve liveness and readiness probes: an orchestrator
+/// would restart a healthy proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_fast_beside_500_idle_admin_connections() {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::spawn(
+        "copy",
+        &[AppSpec::new("web", 1, vec![echo.target()])],
+        &["--admin-address", "127.0.0.1:0"],
+    )
+    .await;
+    let admin = admin_addr(&proxy);
+    bounded(30, "idle admin connections", async {
+        let mut idle = Vec::new();
+        for _ in 0..500 {
+            idle.push(TcpStream::connect(admin.as_str()).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for path in ["/healthz", "/readyz", "/healthz"] {
+            let started = Instant::now();
+            let (code, _) = http_get(&admin, path).await.unwrap();
+            let took = started.elapsed();
+            assert_eq!(code, 200, "{path}");
+            assert!(took < Duration::from_millis(100), "{path} took {took:?}");
+        }
+        drop(idle);
+    })
+    .await;
+}

@@ -7,8 +7,9 @@
 //! time and concurrency, so the admin port cannot be used to exhaust the
 //! proxy.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,22 +17,27 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 
 use crate::config::{Config, ProxyProtocol};
 use crate::ops::metrics;
 use crate::ops::readiness::Readiness;
 use crate::upstream::balancer::Balancer;
+use http::{Head, Response};
 
-/// Largest request head accepted; ours are one line plus a few headers.
-const MAX_HEAD: usize = 8 * 1024;
-/// Whole exchange, so a client that sends nothing or reads nothing cannot
-/// hold a task and an fd for long.
+mod http;
+
+/// Time to send the request head; a probe sends it with the connect.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections waiting for their head at once; beyond it the oldest goes.
+const MAX_WAITING: usize = 1024;
+/// Requests answered at once (rendering /metrics is the costly one).
+const MAX_BUSY: usize = 64;
+/// Answering one request, so a client that reads nothing cannot hold a task
+/// and an fd for long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent admin connections; beyond this new ones are closed at once.
-const MAX_CONNS: usize = 64;
 
 /// What the endpoints answer from: every registered metric, readiness,
 /// and what the server last published as in force (on start and on each
@@ -71,58 +77,86 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves admin requests until the task is dropped.
+///
+/// A connection first waits for its request head (at most `HEAD_TIMEOUT`);
+/// up to `MAX_WAITING` may wait at once, and beyond that the one that has
+/// waited longest is dropped to make room. Probes send their head at once,
+/// so idle or slow connections, however many, cannot keep `/healthz` from
+/// answering. Answering is then limited to `MAX_BUSY` at a time.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNS));
+    let busy = Arc::new(Semaphore::new(MAX_BUSY));
+    let waiting: Arc<Mutex<Waiting>> = Arc::default();
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             // Out of fds: the data path matters more; try again shortly.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // dropping `sock` closes it
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, exchange(sock, &state)).await;
-            drop(slot);
+        let (state, busy, queue) = (state.clone(), busy.clone(), waiting.clone());
+        let id = lock(&waiting).next_id();
+        let task = tokio::spawn(async move {
+            let _waiting = Waited(queue.clone(), id);
+            let head = tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&sock)).await;
+            drop(_waiting);
+            let Ok(Ok(head)) = head else { return };
+            let Ok(_permit) = busy.acquire().await else {
+                return;
+            };
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(sock, head, &state)).await;
         });
+        lock(&waiting).push(id, task.abort_handle());
     }
 }
 
-struct Response {
-    status: &'static str,
-    content_type: &'static str,
-    body: String,
-    allow: bool,
+/// Connections still waiting for their request head, oldest first.
+#[derive(Default)]
+struct Waiting {
+    last_id: u64,
+    conns: VecDeque<(u64, AbortHandle)>,
 }
 
-impl Response {
-    fn text(status: &'static str, body: impl Into<String>) -> Response {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            allow: false,
+impl Waiting {
+    fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    fn push(&mut self, id: u64, task: AbortHandle) {
+        if task.is_finished() {
+            return;
+        }
+        self.conns.push_back((id, task));
+        if self.conns.len() > MAX_WAITING {
+            if let Some((_, oldest)) = self.conns.pop_front() {
+                oldest.abort();
+            }
         }
     }
 
-    fn json(v: &Value) -> Response {
-        Response {
-            status: "200 OK",
-            content_type: "application/json",
-            body: format!("{v:#}\n"),
-            allow: false,
+    fn remove(&mut self, id: u64) {
+        if let Some(i) = self.conns.iter().position(|(c, _)| *c == id) {
+            self.conns.remove(i);
         }
     }
 }
 
-async fn exchange(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    let (resp, head_only) = match read_head(&mut sock).await? {
-        Head::Complete(head) => {
-            let head_only = head.starts_with(b"HEAD ");
-            (route(&head, state), head_only)
-        }
+/// Takes a connection off the waiting list however its wait ends.
+struct Waited(Arc<Mutex<Waiting>>, u64);
+
+impl Drop for Waited {
+    fn drop(&mut self) {
+        lock(&self.0).remove(self.1);
+    }
+}
+
+fn lock(w: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    // The list is consistent after every call; a panic cannot break it.
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn answer(mut sock: TcpStream, head: Head, state: &AdminState) -> std::io::Result<()> {
+    let (resp, head_only) = match head {
+        Head::Complete(head) => (route(&head, state), head.starts_with(b"HEAD ")),
         Head::TooLarge => (
             Response::text(
                 "431 Request Header Fields Too Large",
@@ -132,74 +166,7 @@ async fn exchange(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()
         ),
         Head::Closed => return Ok(()),
     };
-    let mut out = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        resp.status,
-        resp.content_type,
-        resp.body.len()
-    );
-    if resp.allow {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    if !head_only {
-        out.push_str(&resp.body);
-    }
-    sock.write_all(out.as_bytes()).await?;
-    sock.shutdown().await?;
-    // Lingering close: closing with unread request bytes (a body, an
-    // oversized head) makes the kernel send RST, which can destroy the
-    // response before the client reads it. Drain a bounded amount first.
-    let mut sink = [0u8; 4096];
-    let mut left = 1usize << 20;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Ok(n @ 1..) = sock.read(&mut sink).await {
-            left = left.saturating_sub(n);
-            if left == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(())
-}
-
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    /// The client closed before finishing its request: nothing to answer.
-    Closed,
-}
-
-/// Reads up to the blank line ending the request head; a body, if any, is
-/// ignored (no endpoint takes one).
-async fn read_head(sock: &mut TcpStream) -> std::io::Result<Head> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    loop {
-        if let Some(end) = find_end(&head) {
-            head.truncate(end);
-            return Ok(Head::Complete(head));
-        }
-        if head.len() > MAX_HEAD {
-            return Ok(Head::TooLarge);
-        }
-        let n = sock.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(Head::Closed);
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-}
-
-/// End of the head: CRLF CRLF, or bare LF LF from hand-typed requests.
-fn find_end(b: &[u8]) -> Option<usize> {
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = b.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    http::respond(&mut sock, &resp, head_only).await
 }
 
 fn route(head: &[u8], state: &AdminState) -> Response {
@@ -361,12 +328,5 @@ mod tests {
         let c = Config::parse(text, "t").unwrap();
         let again = Config::parse(&config_json(&c).to_string(), "t").unwrap();
         assert_eq!(c, again);
-    }
-
-    #[test]
-    fn head_end() {
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(14));
-        assert_eq!(find_end(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n"), None);
     }
 }
