@@ -75,7 +75,7 @@ pub struct Cli {
 
     /// Maximum concurrent client connections over all apps; beyond it new ones are reset. Default: as
     /// many as RLIMIT_NOFILE carries on the chosen plane (2 fds per connection, 6 on splice), at most
-    /// 10000. The last tenth is kept for apps under their fair share, so a flood on some apps cannot
+    /// 10000. Its last tenth is shared out equally between the apps, so a flood on some apps cannot
     /// take every slot.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,

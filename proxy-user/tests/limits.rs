@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 planes!(
     flood_on_one_app_does_not_starve_another,
+    fifteen_thousand_idle_connections_leave_other_apps_served,
     recovers_from_fd_exhaustion
 );
 
@@ -82,7 +83,9 @@ async fn recovers_from_fd_exhaustion(mode: &str) {
     let mut proxy = Proxy::spawn_with_nofile(
         mode,
         &[AppSpec::new("a", 1, vec![echo.target()])],
-        &["--health-interval", "10s"],
+        // Above what 64 fds carry (the default would follow the fd limit):
+        // this test is about running out of fds anyway.
+        &["--health-interval", "10s", "--max-connections", "1000"],
         64,
     )
     .await;
@@ -142,4 +145,59 @@ fn cpu_ticks(pid: i32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     n(11) + n(12)
+}
+
+/// With the default limits and RLIMIT_NOFILE 20,000, 15,000 idle clients
+/// spread over three apps: fds never run out (the global limit follows the
+/// fd limit and refuses with a reset), and a fourth app is still served.
+async fn fifteen_thousand_idle_connections_leave_other_apps_served(mode: &str) {
+    // The planes take turns: this process's own 20,000 fds hold one flood.
+    static ONE_FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_FLOOD.lock().await;
+    // The flooded apps' targets never accept: the kernel completes each
+    // handshake into the accept queue, so this process (RLIMIT_NOFILE 20,000
+    // too, holding the 15,000 clients) spends no fd on the target side.
+    let holders: Vec<tokio::net::TcpListener> = (0..3).map(|_| never_accepting()).collect();
+    let quiet = Backend::echo("quiet").await;
+    let apps: Vec<AppSpec> = holders
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let target = h.local_addr().unwrap().to_string();
+            AppSpec::new(&format!("flooded{i}"), 1, vec![target])
+        })
+        .chain([AppSpec::new("quiet", 1, vec![quiet.target()])])
+        .collect();
+    let proxy = Proxy::spawn_with_nofile(mode, &apps, &[], 20_000).await;
+    bounded(180, "15,000 idle connections", async {
+        let mut idle = Vec::with_capacity(15_000);
+        for i in 0..15_000 {
+            // Refused ones may be reset before connect() returns.
+            if let Ok(s) = TcpStream::connect(proxy.addr(i % 3, 0)).await {
+                idle.push(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..20 {
+            echo_check(proxy.addr(3, 0), i, 10_000)
+                .await
+                .unwrap_or_else(|e| panic!("{mode}: the quiet app is not served: {e}"));
+        }
+        drop(idle);
+    })
+    .await;
+    let log = proxy.log();
+    assert!(
+        !log.contains("out of resources"),
+        "{mode}: fds ran out under the default limits"
+    );
+    assert!(log.contains("connection limit reached"), "{mode}");
+    drop(holders);
+}
+
+/// A listener with the deepest accept queue the kernel allows, never accepted from.
+fn never_accepting() -> tokio::net::TcpListener {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    sock.listen(4096).unwrap()
 }

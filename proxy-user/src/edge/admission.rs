@@ -1,7 +1,8 @@
 //! Admission: a client is let in only while both its app's and the global
 //! connection limits have room; otherwise it is reset at once. The last
-//! tenth of the global limit goes only to apps under their fair share
-//! (global limit / apps), so a flood on some apps leaves the others served.
+//! tenth of the global limit is shared out equally between the apps: once
+//! the rest is taken, an app gets a connection only while it holds fewer than
+//! its part of that tenth, so a flood on some apps leaves the others served.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -49,16 +50,17 @@ pub(super) fn admit(
     tokio::spawn(conn.serve(sock, shared));
 }
 
-/// The global limit is nearly reached and `app` holds more than its share of
-/// it. Called with this connection's permits already taken.
+/// Only the reserved tenth of the global limit is left, and `app` already
+/// holds its part of it. Called with this connection's permits taken.
 fn over_fair_share(app: &AppRuntime, shared: &Shared) -> bool {
-    let free = shared.global.available_permits();
-    if free >= shared.global_cap / 10 {
+    let reserve = shared.global_cap / 10;
+    if shared.global.available_permits() >= reserve {
         return false;
     }
     let apps = shared.apps.load(Ordering::Relaxed).max(1);
+    // Counts this connection, whose permit is already taken.
     let active = shared
         .per_app_cap
         .saturating_sub(app.permits.available_permits());
-    active > shared.global_cap / apps
+    active > (reserve / apps).max(1)
 }
