@@ -82,7 +82,7 @@ impl Conn {
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
         let connected = tokio::select! {
-            r = connect::connect(balancer, &shared.policy) => r,
+            r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = hard_stop.wait_for(|s| *s) => {
                 return self.close(&shared, Upstream::NONE, &Transfer::none(EndReason::DrainTimeout));
             }
@@ -90,7 +90,10 @@ impl Conn {
         let mut c = match connected {
             Ok(c) => c,
             Err(failed) => {
-                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, closing client");
+                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, resetting client");
+                // A reset, not a FIN: the client must not take "no target"
+                // for an empty answer.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
                 drop(client);
                 let upstream = Upstream {
                     attempts: failed.attempts,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::dial;
+use super::loop_guard::LoopGuard;
 use crate::config::Target;
 
 #[derive(Debug, Clone, Copy)]
@@ -165,6 +166,7 @@ pub async fn probe_loop(
     target: &Target,
     health: &Health,
     cfg: HealthConfig,
+    guard: &LoopGuard,
     mut stop: watch::Receiver<bool>,
 ) {
     let jitter = cfg.interval.mul_f64(fastrand::f64());
@@ -176,7 +178,7 @@ pub async fn probe_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let result = dial::probe(target, cfg.timeout).await;
+        let result = dial::probe(target, cfg.timeout, guard).await;
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
             let why = match &result {
                 Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
