@@ -1,4 +1,5 @@
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -21,7 +22,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(server::run(cli.settings())) {
+    let result = rt.block_on(server::run(cli.settings()));
+    // Not the runtime's drop, which waits for every blocking task: a stop
+    // during start-up can leave one stuck (an open() on a FIFO nobody
+    // reads), and waiting for it would undo the prompt exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Plain stderr, not the logger: startup errors (config problems

@@ -133,3 +133,39 @@ async fn bad_reload_keeps_running_config(mode: &str) {
     );
     drop(taken);
 }
+
+/// A config path turned into a FIFO is refused at once, by the file watch
+/// and by SIGHUP alike; reading it used to block the reload for good, and
+/// with it every later signal, SIGTERM included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_a_fifo_at_once_and_still_stops() {
+    let a = Backend::identify("a").await;
+    let mut proxy = Proxy::spawn("copy", &[AppSpec::new("one", 1, vec![a.target()])], &[]).await;
+    let port = proxy.ports[0][0];
+    std::fs::remove_file(&proxy.config_path).unwrap();
+    let c = std::ffi::CString::new(proxy.config_path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo only reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    bounded(5, "reload onto a FIFO", async {
+        wait_log(&proxy, "config reload rejected", 1).await;
+        proxy.signal(libc::SIGHUP);
+        wait_log(&proxy, "config reload rejected", 2).await;
+    })
+    .await;
+    let log = proxy.log();
+    assert!(
+        log.contains("is a FIFO (named pipe), not a regular file")
+            && log.contains("\"trigger\":\"file change\"")
+            && log.contains("\"trigger\":\"SIGHUP\""),
+        "{log}"
+    );
+    bounded(5, "still serving", async {
+        assert_eq!(id_via(port).await.unwrap().0, "a");
+    })
+    .await;
+    proxy.signal(libc::SIGTERM);
+    assert!(
+        proxy.wait_exit(5).await.is_some(),
+        "still running 5 s after SIGTERM"
+    );
+}

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 planes!(
@@ -343,4 +343,63 @@ async fn recovered_target_rejoins_after_rise_probes(mode: &str) {
     let log = proxy.log();
     assert_eq!(log.matches("target is down").count(), 1, "{log}");
     assert_eq!(log.matches("target is up").count(), 1, "{log}");
+}
+
+/// A target name that resolves to the proxy's own listener (validation
+/// refuses addresses and `localhost`, and resolves no names): the attempt
+/// is refused with reason `loop` before connecting, the client is reset,
+/// and no internal connection is made. It used to chain connections
+/// through the proxy until something ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_resolving_to_the_proxy_is_refused_at_connect() {
+    let port = free_ports(1)[0];
+    // `127.1` is no address to validation; inet_aton reads it as 127.0.0.1.
+    let target = format!("127.1:{port}");
+    let config = write_temp(
+        "loop.json",
+        &format!(r#"{{"Apps":[{{"Name":"self","Ports":[{port}],"Targets":["{target}"]}}]}}"#),
+    );
+    let log = write_temp("loop.log", "");
+    let child = std::process::Command::new(PROXY)
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen-address", "127.0.0.1", "--mode", "copy"])
+        .args(["--log-format", "json", "--admin-address", "127.0.0.1:0"])
+        .args(["--health-interval", "100ms"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut proxy = Proxy::from_child(child, log, config, "copy");
+    proxy.wait_ready().await.expect("starts");
+    bounded(20, "connect through a loop", async {
+        // The reset can come before connect() returns.
+        let r = match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(mut s) => s.read(&mut [0u8; 1]).await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "client got {r:?}, not a reset"
+        );
+        proxy.wait_conn_lines(1, 5).await;
+        // Time for internal connections to show, were there any.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lines = proxy.conn_lines();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(lines[0]["end"], "connect_failed");
+        let (_, text) = http_get(&admin_addr(&proxy), "/metrics").await.unwrap();
+        let accepted = r#"proxy_connections_accepted_total{app="self"}"#;
+        assert_eq!(metric(&text, accepted), 1.0, "{text}");
+        let looped = format!(
+            r#"proxy_target_connect_failures_total{{app="self",target="{target}",reason="loop"}}"#
+        );
+        assert!(metric(&text, &looped) >= 1.0, "{text}");
+    })
+    .await;
+    let log = proxy.log();
+    assert!(
+        log.contains("connect attempt refused: the target is this proxy")
+            && log.contains("a listener of this proxy"),
+        "{log}"
+    );
 }

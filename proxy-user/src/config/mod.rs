@@ -1,21 +1,26 @@
 //! Loading and validating `config.json` (Fly's format).
 //!
-//! Validation is done in one pure pass over the parsed JSON before anything
-//! is bound or spawned, so a later hot reload can call `Config::load` and
-//! reject a bad file without disturbing the running proxy. Every problem is
-//! reported with its field path (`Apps[1].Ports[2]`), the bad value and a fix.
+//! The file is read with limits (`file`), parsed refusing duplicate keys
+//! (`json`) and validated in one pure pass before anything is bound or
+//! spawned, so a hot reload can reject a bad file without disturbing the
+//! running proxy. Every problem is reported with its field path
+//! (`Apps[1].Ports[2]`), the bad value and a fix.
 
 use std::fmt;
 
-use serde_json::Value;
-
+pub mod file;
+mod json;
+pub mod own;
+mod ports;
+mod target;
 #[cfg(test)]
 mod tests;
 mod validate;
 pub mod watch;
 
+pub use own::Listen;
 #[cfg(test)]
-pub use validate::parse_target;
+pub use target::parse_target;
 
 /// Largest port range accepted in one entry with one listener per port, so
 /// a typo like `"1-65535"` must not silently open 65k sockets.
@@ -83,24 +88,47 @@ impl Balance {
     }
 }
 
+/// What validation needs to know about the proxy that will run the config.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Largest port range one `Ports` entry may cover.
+    pub max_range: u32,
+    /// Where our listeners are reached: a target there on one of our ports
+    /// is the proxy itself.
+    pub listen: Listen,
+    /// Ports of ours that are not in the config (a fixed `--steering-port`).
+    pub extra_ports: Vec<u16>,
+}
+
+impl Default for Context {
+    /// The defaults of the flags: one listener per port on 0.0.0.0.
+    fn default() -> Self {
+        Context {
+            max_range: MAX_RANGE_PORTS,
+            listen: Listen::default(),
+            extra_ports: Vec::new(),
+        }
+    }
+}
+
 impl Config {
     /// Parses config text; `source` names the file in error messages.
     #[cfg(test)]
     pub fn parse(text: &str, source: &str) -> anyhow::Result<Config> {
-        Config::parse_with(text, source, MAX_RANGE_PORTS)
+        Config::parse_with(text, source, &Context::default())
     }
 
-    /// Like `parse`, allowing port ranges of up to `max_range` ports each.
-    pub fn parse_with(text: &str, source: &str, max_range: u32) -> anyhow::Result<Config> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
+    /// Like `parse`, for a proxy described by `ctx`.
+    pub fn parse_with(text: &str, source: &str, ctx: &Context) -> anyhow::Result<Config> {
+        let mut errors = Vec::new();
+        let value = json::parse(text, &mut errors).map_err(|e| {
             anyhow::anyhow!(
                 "{source}: invalid JSON at line {} column {}: {e}",
                 e.line(),
                 e.column()
             )
         })?;
-        let mut errors = Vec::new();
-        let config = validate::validate(&value, &mut errors, max_range);
+        let config = validate::validate(&value, &mut errors, ctx);
         if errors.is_empty() {
             if let Some(config) = config {
                 return Ok(config);

@@ -161,6 +161,89 @@ fn rejects_each_kind_of_bad_config() {
             r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"]},{"Name":"a","Ports":[6],"Targets":["h:1"]}]}"#,
             &["Apps[1].Name", "unique"],
         ),
+        // Duplicate keys: serde_json alone keeps the last one silently.
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"]}],"Apps":[]}"#,
+            &["top level: field `Apps` appears twice", "keep one"],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["h:1"]},{"Name":"b","Ports":[6],"Targets":["h:1"],"Targets":["h:2"]}]}"#,
+            &["Apps[1]: field `Targets` appears twice"],
+        ),
+        // App names: what goes into every log line and metric label.
+        (
+            "{\"Apps\":[{\"Name\":\"a\\nb\",\"Ports\":[5],\"Targets\":[\"h:1\"]}]}",
+            &[
+                "Apps[0].Name",
+                "\"a\\nb\"",
+                "character '\\n' (at 2)",
+                "letters, digits, '.', '_' and '-'",
+            ],
+        ),
+        (
+            r#"{"Apps":[{"Name":"my \"app\"","Ports":[5],"Targets":["h:1"]}]}"#,
+            &["Apps[0].Name", "character ' ' (at 3)"],
+        ),
+        (
+            r#"{"Apps":[{"Name":"","Ports":[5],"Targets":["h:1"]}]}"#,
+            &["Apps[0].Name", "app name is empty"],
+        ),
+        (
+            r#"{"Apps":[{"Name":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","Ports":[5],"Targets":["h:1"]}]}"#,
+            &["Apps[0].Name", "64 characters long", "1 to 63"],
+        ),
+        (
+            r#"{"Apps":[{"Name":5,"Ports":[5],"Targets":["h:1"]}]}"#,
+            &["Apps[0].Name", "must be a string"],
+        ),
+        // Targets: a URL, and characters no host name has.
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["http://127.0.0.1:80/x"]}]}"#,
+            &[
+                "Apps[0].Targets[0]",
+                "has a scheme (http://)",
+                "without a scheme",
+                "write \"127.0.0.1:80\"",
+            ],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["tcp://backend"]}]}"#,
+            &["without a scheme", "\"backend\" with its port"],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["a\"b:80"]}]}"#,
+            &["Apps[0].Targets[0]", "character '\"' in its host"],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5],"Targets":["[backend]:80"]}]}"#,
+            &["Apps[0].Targets[0]", "brackets are for IPv6"],
+        ),
+        // Self-loops: a target that is one of our listeners (0.0.0.0 here).
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5000],"Targets":["127.0.0.1:5000"]}]}"#,
+            &[
+                "Apps[0].Targets[0]",
+                "target \"127.0.0.1:5000\" of app \"a\" is this proxy itself",
+                "port 5000 of app \"a\" at Apps[0].Ports[0]",
+                "loop",
+            ],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5000],"Targets":["h:1"]},{"Name":"b","Ports":[6000],"Targets":["h:1","localhost:5000"]}]}"#,
+            &["Apps[1].Targets[1]", "app \"b\"", "port 5000 of app \"a\""],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":["4990-5010"],"Targets":["[::ffff:127.0.0.2]:5005"]}]}"#,
+            &[
+                "Apps[0].Targets[0]",
+                "Apps[0].Ports[0]",
+                "this proxy itself",
+            ],
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[5000],"Targets":["0.0.0.0:5000"]}]}"#,
+            &["Apps[0].Targets[0]", "this proxy itself"],
+        ),
     ];
     for (text, needles) in cases {
         let err = match Config::parse(text, "test.json") {
@@ -184,12 +267,16 @@ fn steering_accepts_large_ranges() {
         err.contains("10000 ports") && err.contains("--steering sk_lookup"),
         "{err}"
     );
-    let c = Config::parse_with(text, "t.json", ANY_RANGE).unwrap();
+    let steering = Context {
+        max_range: ANY_RANGE,
+        ..Context::default()
+    };
+    let c = Config::parse_with(text, "t.json", &steering).unwrap();
     assert_eq!(c.listeners().count(), 20_000);
     assert!(Config::parse_with(
         r#"{"Apps":[{"Name":"a","Ports":["1-65535"],"Targets":["h:1"]}]}"#,
         "t.json",
-        ANY_RANGE
+        &steering
     )
     .is_ok());
 }
@@ -203,4 +290,68 @@ fn reports_all_problems_at_once() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("2 problems"), "{err}");
+}
+
+/// Which targets are the proxy itself depends on where it listens.
+#[test]
+fn self_loops_follow_the_listen_address() {
+    let on = |ip: &str, host: &[&str], extra: &[u16]| Context {
+        listen: Listen::new(
+            ip.parse().unwrap(),
+            host.iter().map(|h| h.parse().unwrap()).collect(),
+        ),
+        extra_ports: extra.to_vec(),
+        ..Context::default()
+    };
+    let app = |target: &str| {
+        format!(r#"{{"Apps":[{{"Name":"a","Ports":[5000],"Targets":["{target}"]}}]}}"#)
+    };
+    // (target, context, is a loop)
+    let cases = [
+        ("127.0.0.1:5000", on("127.0.0.1", &[], &[]), true),
+        ("127.0.0.2:5000", on("127.0.0.1", &[], &[]), false),
+        ("127.0.0.1:5001", on("0.0.0.0", &[], &[]), false),
+        ("[::1]:5000", on("0.0.0.0", &[], &[]), false),
+        ("[::1]:5000", on("::", &[], &[]), true),
+        ("10.1.2.3:5000", on("0.0.0.0", &["10.1.2.3"], &[]), true),
+        ("10.1.2.3:5000", on("127.0.0.1", &["10.1.2.3"], &[]), false),
+        ("10.1.2.3:5000", on("10.1.2.3", &[], &[]), true),
+        ("LOCALHOST.:5000", on("::1", &[], &[]), true),
+        ("localhost:5000", on("10.1.2.3", &[], &[]), false),
+        // Names are resolved at connect time, where the guard checks them.
+        ("backend:5000", on("0.0.0.0", &[], &[]), false),
+        ("127.0.0.1:7000", on("0.0.0.0", &[], &[7000]), true),
+    ];
+    for (target, ctx, looped) in cases {
+        let got = Config::parse_with(&app(target), "t.json", &ctx);
+        match (got, looped) {
+            (Ok(_), false) => {}
+            (Err(e), true) => {
+                let e = format!("{e:#}");
+                assert!(e.contains("is this proxy itself"), "{target}: {e}");
+                if ctx.extra_ports.contains(&7000) {
+                    assert!(e.contains("--steering-port 7000"), "{e}");
+                }
+            }
+            (got, _) => panic!("{target} on {:?}: {got:?}", ctx.listen),
+        }
+    }
+}
+
+#[test]
+fn duplicate_keys_are_reported_with_other_problems() {
+    let err = format!(
+        "{:#}",
+        Config::parse(
+            r#"{"Apps":[{"Name":"a","Name":"b","Ports":[0],"Targets":["h:1"]}]}"#,
+            "f.json"
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("2 problems"), "{err}");
+    assert!(
+        err.contains("f.json: Apps[0]: field `Name` appears twice"),
+        "{err}"
+    );
+    assert!(err.contains("Apps[0].Ports[0]"), "{err}");
 }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{App, Balance, Config, ProxyProtocol, Target};
+use super::ports::parse_port_entry;
+use super::target::parse_target;
+use super::{App, Balance, Config, Context, ProxyProtocol, Target};
 
 const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance", "ProxyProtocol"];
 
@@ -21,7 +23,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -> Option<Config> {
+pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) -> Option<Config> {
     let Some(obj) = root.as_object() else {
         errors.push(format!(
             "top level must be an object like {{\"Apps\": [...]}}, found {}",
@@ -32,7 +34,8 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
     for key in obj.keys() {
         if key != "Apps" {
             errors.push(format!(
-                "unknown top-level field `{key}`; the only field is `Apps` (field names are case-sensitive)"
+                "unknown top-level field `{}`; the only field is `Apps` (field names are case-sensitive)",
+                key.escape_debug()
             ));
         }
     }
@@ -55,6 +58,8 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
     // port -> (app name, field path) of its first use, to name both apps on a clash.
     let mut port_owner: HashMap<u16, (String, String)> = HashMap::new();
     let mut names: HashMap<String, usize> = HashMap::new();
+    // (field path, app name, target) of every target, for the loop check.
+    let mut all_targets: Vec<(String, String, Target)> = Vec::new();
     for (i, app_v) in apps_arr.iter().enumerate() {
         let at = format!("Apps[{i}]");
         let Some(app_obj) = app_v.as_object() else {
@@ -67,7 +72,8 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
         for key in app_obj.keys() {
             if !APP_FIELDS.contains(&key.as_str()) {
                 errors.push(format!(
-                    "{at}: unknown field `{key}`; expected one of {} (case-sensitive)",
+                    "{at}: unknown field `{}`; expected one of {} (case-sensitive)",
+                    key.escape_debug(),
                     APP_FIELDS.join(", ")
                 ));
             }
@@ -79,9 +85,16 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
                 ));
                 format!("#{i}")
             }
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(s)) => {
+                if let Err(msg) = check_name(s) {
+                    errors.push(format!("{at}.Name: {msg}"));
+                }
+                s.clone()
+            }
             Some(v) => {
-                errors.push(format!("{at}.Name: must be a non-empty string, found {v}"));
+                errors.push(format!(
+                    "{at}.Name: must be a string like \"my-app\", found {v}"
+                ));
                 format!("#{i}")
             }
         };
@@ -132,7 +145,7 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
                 }
                 for (j, pv) in list.iter().enumerate() {
                     let pat = format!("{at}.Ports[{j}]");
-                    match parse_port_entry(pv, max_range) {
+                    match parse_port_entry(pv, ctx.max_range) {
                         Ok(range) => {
                             for port in range {
                                 if let Some((owner, owner_at)) = port_owner.get(&port) {
@@ -182,6 +195,7 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
                                         "{tat}: target {s:?} is listed twice; remove one"
                                     ));
                                 } else {
+                                    all_targets.push((tat, name.clone(), t.clone()));
                                     targets.push(t);
                                 }
                             }
@@ -207,99 +221,63 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, max_range: u32) -
             proxy_protocol,
         });
     }
+    check_loops(&all_targets, &port_owner, ctx, errors);
     Some(Config { apps })
 }
 
-/// One `Ports` entry: an integer, a string "N", or a string range "A-B".
-fn parse_port_entry(v: &Value, max_range: u32) -> Result<std::ops::RangeInclusive<u16>, String> {
-    match v {
-        Value::Number(n) => {
-            let Some(p) = n.as_u64() else {
-                return Err(format!(
-                    "port {n} is not a whole number; use an integer between 1 and 65535"
-                ));
-            };
-            let p = check_port(p, &n.to_string())?;
-            Ok(p..=p)
-        }
-        Value::String(s) => {
-            let s = s.trim();
-            if let Some((a, b)) = s.split_once('-') {
-                let a = parse_port_str(a.trim(), s)?;
-                let b = parse_port_str(b.trim(), s)?;
-                if a > b {
-                    return Err(format!(
-                        "range {s:?} is backwards; write the lower port first, e.g. \"{b}-{a}\""
-                    ));
-                }
-                let count = u32::from(b) - u32::from(a) + 1;
-                if count > max_range {
-                    return Err(format!(
-                        "range {s:?} covers {count} ports; at most {max_range} per range are allowed because each port gets its own listener; split it, narrow it, or run with --steering sk_lookup (one socket for any number of ports)"
-                    ));
-                }
-                Ok(a..=b)
-            } else {
-                let p = parse_port_str(s, s)?;
-                Ok(p..=p)
+/// Longest app name: a DNS label, as Fly app names are.
+const NAME_MAX: usize = 63;
+
+/// App names go into log lines and metric labels: a newline or a quote
+/// there splits or forges a line.
+fn check_name(name: &str) -> Result<(), String> {
+    let allowed = format!("app names may use letters, digits, '.', '_' and '-', 1 to {NAME_MAX} of them, e.g. \"my-app\"");
+    if name.is_empty() {
+        return Err(format!("app name is empty; {allowed}"));
+    }
+    if let Some((i, c)) = name
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "app name {name:?} has the character {c:?} (at {}); {allowed}",
+            i + 1
+        ));
+    }
+    if name.len() > NAME_MAX {
+        return Err(format!(
+            "app name {name:?} is {} characters long; {allowed}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A target that names one of our own listeners by address turns each
+/// client into an endless chain of connections through the proxy. Names
+/// are not resolved here (targets resolve at connect time); the connect
+/// path refuses those that resolve to us.
+fn check_loops(
+    targets: &[(String, String, Target)],
+    port_owner: &HashMap<u16, (String, String)>,
+    ctx: &Context,
+    errors: &mut Vec<String>,
+) {
+    for (at, app, target) in targets {
+        let owner = match port_owner.get(&target.port) {
+            Some((name, pat)) => format!("port {} of app {name:?} at {pat}", target.port),
+            None if ctx.extra_ports.contains(&target.port) => {
+                format!("--steering-port {}", target.port)
             }
-        }
-        other => Err(format!(
-            "must be a port number or a \"A-B\" range string, found {other}"
-        )),
-    }
-}
-
-fn parse_port_str(s: &str, whole: &str) -> Result<u16, String> {
-    let n: u64 = s.parse().map_err(|_| {
-        format!("{whole:?} is not a port; use an integer 1-65535 or a range like \"6000-6010\"")
-    })?;
-    check_port(n, s)
-}
-
-fn check_port(n: u64, shown: &str) -> Result<u16, String> {
-    match u16::try_from(n) {
-        Ok(p) if p >= 1 => Ok(p),
-        _ => Err(format!(
-            "port {shown} is out of range; use a port between 1 and 65535"
-        )),
-    }
-}
-
-/// Parses `host:port` or `[v6addr]:port`.
-pub fn parse_target(s: &str) -> Result<Target, String> {
-    let fix = "targets must be \"host:port\", e.g. \"127.0.0.1:8080\", \"app.internal:80\" or \"[::1]:80\"";
-    if s.trim().is_empty() {
-        return Err(format!("target is empty; {fix}"));
-    }
-    if s.chars().any(char::is_whitespace) {
-        return Err(format!("target {s:?} contains whitespace; {fix}"));
-    }
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let Some((h, p)) = rest.split_once("]:") else {
-            return Err(format!("target {s:?} is malformed; {fix}"));
+            None => continue,
         };
-        (h, p)
-    } else {
-        let Some((h, p)) = s.rsplit_once(':') else {
-            return Err(format!("target {s:?} has no port; {fix}"));
-        };
-        if h.contains(':') {
-            return Err(format!(
-                "target {s:?} looks like an IPv6 address without brackets; write \"[addr]:port\""
+        let ips = target.fixed_ips();
+        if ips.iter().any(|ip| ctx.listen.reaches_us(*ip)) {
+            errors.push(format!(
+                "{at}: target \"{target}\" of app {app:?} is this proxy itself (--listen-address {}, {owner}), so every connection would loop back into the proxy; point the target at the backend, not at the proxy",
+                ctx.listen.ip()
             ));
         }
-        (h, p)
-    };
-    if host.is_empty() {
-        return Err(format!("target {s:?} has an empty host; {fix}"));
     }
-    let port: u64 = port
-        .parse()
-        .map_err(|_| format!("target {s:?} has a bad port {port:?}; {fix}"))?;
-    let port = check_port(port, &port.to_string()).map_err(|e| format!("target {s:?}: {e}"))?;
-    Ok(Target {
-        host: host.to_string(),
-        port,
-    })
 }

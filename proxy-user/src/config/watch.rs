@@ -8,7 +8,9 @@
 //! is reported once the stamps held still for one more poll, so a file
 //! caught half-written is not reloaded (and rejected) before the writer is
 //! done. The reload itself skips content it has already tried, so one bad
-//! file logs one error, however often it is touched.
+//! file logs one error, however often it is touched. Only `stat` happens
+//! here, which never blocks; whatever the path now names (a FIFO, a
+//! device) is refused by the reload's read (`config::file`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

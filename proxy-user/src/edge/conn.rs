@@ -82,7 +82,7 @@ impl Conn {
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
         let connected = tokio::select! {
-            r = connect::connect(balancer, &shared.policy) => r,
+            r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = hard_stop.wait_for(|s| *s) => {
                 arm_reset(&client);
                 return self.close(&shared, Upstream::NONE, &Transfer::none(EndReason::DrainTimeout));

@@ -16,6 +16,7 @@ use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{AppMetrics, Metrics};
 use crate::upstream::balancer::Balancer;
 use crate::upstream::connect::ConnectPolicy;
+use crate::upstream::loop_guard::LoopGuard;
 
 mod admission;
 mod conn;
@@ -29,6 +30,8 @@ use tracker::Tracker;
 pub struct Shared {
     pub plane: DataPlane,
     pub policy: ConnectPolicy,
+    /// Refuses targets that resolve to our own listeners.
+    pub loop_guard: Arc<LoopGuard>,
     pub idle_timeout: Option<Duration>,
     /// Set on every upstream socket (client sockets inherit the listener's).
     pub socket_buffers: SocketBuffers,

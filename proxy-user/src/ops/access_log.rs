@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::time::SystemTime;
@@ -56,8 +57,16 @@ pub struct AccessLog {
 impl AccessLog {
     /// Opens (creates, appends to) `path` now, so a bad path fails startup,
     /// and starts the writer thread; lines it has to drop count in `dropped`.
-    pub fn open(path: &Path, dropped: Counter) -> anyhow::Result<AccessLog> {
-        let file = open_append(path)?;
+    /// A FIFO's open waits for its reader, so it runs on a blocking thread:
+    /// start-up still answers signals.
+    pub async fn open(path: &Path, dropped: Counter) -> anyhow::Result<AccessLog> {
+        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+            tracing::info!(path = %path.display(), "--access-log is a FIFO: waiting for its reader");
+        }
+        let owned = path.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || open_append(&owned))
+            .await
+            .with_context(|| format!("opening --access-log {} failed", path.display()))??;
         let (tx, rx) = sync_channel(QUEUE);
         let path = path.to_path_buf();
         std::thread::Builder::new()
@@ -158,13 +167,13 @@ mod tests {
         assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
     }
 
-    #[test]
-    fn writes_lines_and_reopens() {
+    #[tokio::test]
+    async fn writes_lines_and_reopens() {
         let dir = std::env::temp_dir().join(format!("access-log-test-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("a.log");
         let _ = std::fs::remove_file(&path);
-        let log = AccessLog::open(&path, Counter::default()).unwrap();
+        let log = AccessLog::open(&path, Counter::default()).await.unwrap();
         let entry = |conn| Entry {
             ts: rfc3339(SystemTime::now()),
             conn,

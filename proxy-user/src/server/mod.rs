@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
-use crate::dataplane::{CopyPlane, DataPlane, FastpathOptions, Mode, SocketBuffers};
+use crate::dataplane::DataPlane;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{RateLimit, Shared};
@@ -27,8 +26,7 @@ use crate::ops::access_log::AccessLog;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
-use crate::upstream::connect::ConnectPolicy;
-use crate::upstream::health::HealthConfig;
+use crate::upstream::loop_guard::LoopGuard;
 use crate::upstream::stats::TargetMetrics;
 use handle::Command;
 pub use handle::{Cutter, Handle};
@@ -38,7 +36,10 @@ use state::{State, Trigger};
 mod budget;
 mod handle;
 pub(crate) mod lifecycle;
+mod settings;
 mod state;
+
+pub use settings::Settings;
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -47,48 +48,15 @@ const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
 /// resets before the process exits.
 const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(500);
 
-/// Everything a server needs to start; `Cli::settings` fills it from flags.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub config: PathBuf,
-    pub listen_address: String,
-    pub mode: Mode,
-    pub copy: CopyPlane,
-    pub fastpath: FastpathOptions,
-    pub connect: ConnectPolicy,
-    /// None: connections are never closed for being idle.
-    pub idle_timeout: Option<Duration>,
-    pub health: HealthConfig,
-    pub socket_buffers: SocketBuffers,
-    /// None: as many as the fd limit carries (`budget`).
-    pub max_connections: Option<u32>,
-    pub max_per_app: usize,
-    pub drain_timeout: Duration,
-    pub admin_address: Option<SocketAddr>,
-    pub access_log: Option<PathBuf>,
-    pub steering: Steering,
-    pub steering_port: u16,
-    /// Zero: reload on SIGHUP (`Handle::reload`) only.
-    pub watch_config: Duration,
-}
-
-impl Settings {
-    /// Largest port range one `Ports` entry may cover.
-    fn max_range(&self) -> u32 {
-        match self.steering {
-            Steering::Listeners => config::MAX_RANGE_PORTS,
-            Steering::SkLookup => config::ANY_RANGE,
-        }
-    }
-}
-
 /// Runs a server until SIGTERM or SIGINT, then drains it; SIGHUP reloads.
 /// A second stop signal during the drain exits the process at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Before anything can fail slowly: a SIGTERM during startup must not
     // hit the default action.
     let mut signals = Signals::register()?;
-    let server = start(settings).await?;
+    let Some(server) = start_unless_stopped(settings, &mut signals).await? else {
+        return Ok(());
+    };
     let sig = loop {
         match signals.next().await {
             Request::Shutdown(sig) => break sig,
@@ -115,6 +83,37 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `start`, raced against the signals: a stop signal while starting (an
+/// access log FIFO waiting for its reader, a slow config read) ends the
+/// process now rather than once started; a SIGHUP reloads once started.
+/// None: stopped before serving.
+async fn start_unless_stopped(
+    settings: Settings,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<Handle>> {
+    let starting = start(settings);
+    tokio::pin!(starting);
+    let mut reload = false;
+    loop {
+        tokio::select! {
+            started = &mut starting => {
+                let server = started?;
+                if reload {
+                    server.reload().await;
+                }
+                return Ok(Some(server));
+            }
+            request = signals.next() => match request {
+                Request::Shutdown(sig) => {
+                    tracing::warn!(signal = sig, "stop signal during start-up; exiting without serving");
+                    return Ok(None);
+                }
+                Request::Reload => reload = true,
+            },
+        }
+    }
+}
+
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
@@ -131,17 +130,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         None => None,
     };
     let access_log = match &settings.access_log {
-        Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone())?),
+        Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone()).await?),
         None => None,
     };
     // Stamp before reading: a change in between is seen as a change.
     let stamp = config_watch::stamp(&settings.config);
-    let text = state::read_config(&settings.config)?;
-    let config = Config::parse_with(
-        &text,
-        &settings.config.display().to_string(),
-        settings.max_range(),
-    )?;
+    let text = config::file::read(&settings.config).await?;
+    let (config, listen) = settings.parse_config(&text)?;
     let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
     let nofile = match lifecycle::raise_fd_limit() {
         Ok(nofile) => nofile,
@@ -163,6 +158,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let shared = Arc::new(Shared {
         plane,
         policy: settings.connect,
+        loop_guard: Arc::new(LoopGuard::new(listen)),
         idle_timeout: settings.idle_timeout,
         socket_buffers: settings.socket_buffers,
         tracker: tracker.clone(),
@@ -314,7 +310,7 @@ async fn control(
 impl Control {
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
-        state::reload(&mut self.state, &self.settings, &self.shared, trigger);
+        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
     }
 
     async fn drain(mut self, why: &'static str) {

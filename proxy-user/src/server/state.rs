@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::Settings;
-use crate::config::{App, Config};
+use super::settings::Settings;
+use crate::config::{self, App, Config};
 use crate::edge::listener::{self, listen_addr};
 use crate::edge::steering::{self, PortTable, SkLookupSteering};
 use crate::edge::{AppRuntime, AppSlot, Shared};
@@ -102,11 +102,6 @@ pub(super) async fn closed(state: &mut State) {
     for task in state.closing.drain(..) {
         let _ = task.await;
     }
-}
-
-pub(super) fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))
 }
 
 /// Binds the one socket, loads and attaches the sk_lookup program, and
@@ -228,7 +223,7 @@ pub(super) fn apply(
                     tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
                 }
                 let (probes, probes_rx) = watch::channel(false);
-                balancer.spawn_probes(settings.health, probes_rx);
+                balancer.spawn_probes(settings.health, &shared.loop_guard, probes_rx);
                 AppHandle {
                     spec: spec.clone(),
                     runtime: Arc::new(AppRuntime {
@@ -259,10 +254,16 @@ pub(super) fn apply(
             .collect(),
     );
 
+    let ports = config.listeners().map(|(_, port)| port);
     if let Some(steer) = &mut state.steer {
+        let steered = steer.addr.port();
+        shared
+            .loop_guard
+            .set_ports(ports.chain(std::iter::once(steered)));
         apply_steering(steer, config, &state.apps);
         return;
     }
+    shared.loop_guard.set_ports(ports);
 
     // Listeners: point kept ports at their (possibly new) app, start new
     // ones, stop removed ones. Live connections on a removed port go on.
@@ -329,7 +330,7 @@ fn targets_str(app: &App) -> String {
 
 /// SIGHUP or a file change: load and validate the file, bind new ports,
 /// then switch. Any failure leaves the running config untouched.
-pub(super) fn reload(
+pub(super) async fn reload(
     state: &mut State,
     settings: &Settings,
     shared: &Arc<Shared>,
@@ -343,18 +344,15 @@ pub(super) fn reload(
         Trigger::Signal => "SIGHUP",
         Trigger::FileChange => "file change",
     };
-    let result = read_config(&settings.config).and_then(|text| {
+    let text = config::file::read(&settings.config).await;
+    let result = text.and_then(|text| {
         if trigger == Trigger::FileChange && state.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
         }
         state.last_text = Some(text.clone());
-        let config = Config::parse_with(
-            &text,
-            &settings.config.display().to_string(),
-            settings.max_range(),
-        )?;
+        let (config, listen) = settings.parse_config(&text)?;
         let bound = bind_new(state, &config, settings)?;
-        Ok(Some((config, bound)))
+        Ok(Some((config, listen, bound)))
     });
     let result = match result {
         Ok(None) => {
@@ -368,8 +366,9 @@ pub(super) fn reload(
         Err(e) => Err(e),
     };
     match result {
-        Ok((config, bound)) => {
+        Ok((config, listen, bound)) => {
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
+            shared.loop_guard.set_listen(listen);
             apply(state, &config, bound, shared, settings);
             shared.metrics.reloads_ok.inc();
             tracing::info!(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::health::{self, Health, HealthConfig, HealthSeries};
+use super::loop_guard::LoopGuard;
 use super::stats::{TargetMetrics, TargetStats};
 use crate::config::{Balance, Target};
 
@@ -117,12 +118,18 @@ impl Balancer {
     }
 
     /// One probe task per target, until `stop` flips to true.
-    pub fn spawn_probes(&self, cfg: HealthConfig, stop: watch::Receiver<bool>) {
+    pub fn spawn_probes(
+        &self,
+        cfg: HealthConfig,
+        guard: &Arc<LoopGuard>,
+        stop: watch::Receiver<bool>,
+    ) {
         for backend in self.backends.iter().cloned() {
             let app = self.app.clone();
-            let stop = stop.clone();
+            let (guard, stop) = (guard.clone(), stop.clone());
             tokio::spawn(async move {
-                health::probe_loop(&app, &backend.target, &backend.health, cfg, stop).await;
+                let (target, health) = (&backend.target, &backend.health);
+                health::probe_loop(&app, target, health, cfg, &guard, stop).await;
             });
         }
     }

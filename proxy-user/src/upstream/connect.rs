@@ -13,8 +13,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::balancer::{ActiveGuard, Balancer};
-use super::dial::dial;
+use super::dial::{dial, FailureReason};
 use super::health;
+use super::loop_guard::LoopGuard;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectPolicy {
@@ -44,6 +45,7 @@ pub struct ConnectFailed {
 pub async fn connect(
     balancer: &Balancer,
     policy: &ConnectPolicy,
+    loops: &LoopGuard,
 ) -> Result<Connected, ConnectFailed> {
     let deadline = Instant::now() + policy.deadline;
     let max_attempts = policy.attempts.max(1) as usize;
@@ -65,7 +67,7 @@ pub async fn connect(
         let guard = backend.acquire();
         let budget = policy.timeout.min(deadline - now);
         let started = Instant::now();
-        let result = dial(&backend.target, budget).await;
+        let result = dial(&backend.target, budget, loops).await;
         backend
             .stats
             .attempt(started.elapsed(), result.as_ref().err().map(|e| e.reason));
@@ -79,7 +81,12 @@ pub async fn connect(
                 })
             }
             Err(e) => {
-                tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
+                if e.reason == FailureReason::Loop {
+                    // A config mistake rather than a flaky target: loud.
+                    tracing::warn!(app = %balancer.app, target = %backend.target, reason = e.reason.as_str(), error = %format!("{:#}", e.err), "connect attempt refused: the target is this proxy");
+                } else {
+                    tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
+                }
                 // A timeout on a budget cut short by the overall deadline
                 // says little about the target; a full-length one does.
                 let unfair_timeout = e.timed_out() && budget < policy.timeout;
@@ -130,7 +137,7 @@ mod tests {
             parse_target(&good.local_addr().unwrap().to_string()).unwrap(),
         ];
         let b = Balancer::new("t", Balance::RoundRobin, &targets);
-        let c = connect(&b, &policy())
+        let c = connect(&b, &policy(), &LoopGuard::default())
             .await
             .expect("the good target is reached");
         assert_eq!(c.peer, good.local_addr().unwrap());
@@ -152,7 +159,9 @@ mod tests {
             .map(|_| parse_target(&format!("127.0.0.1:{}", dead_port())).unwrap())
             .collect();
         let b = Balancer::new("t", Balance::LeastConn, &targets);
-        let err = connect(&b, &policy()).await.unwrap_err();
+        let err = connect(&b, &policy(), &LoopGuard::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.attempts, 3);
         assert!(
             format!("{:#}", err.last_error).contains("refused"),
@@ -160,5 +169,45 @@ mod tests {
             err.last_error
         );
         assert_eq!(b.backends.iter().filter(|x| !x.health.is_up()).count(), 3);
+    }
+
+    /// A name resolving to one of our listeners fails with `loop` before
+    /// any connection is made, and the next target is tried.
+    #[tokio::test]
+    async fn refuses_targets_that_resolve_to_us() {
+        let ours = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = ours.local_addr().unwrap().port();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let loops = LoopGuard::new(crate::config::Listen::new(
+            "127.0.0.1".parse().unwrap(),
+            Vec::new(),
+        ));
+        loops.set_ports([port]);
+        let targets = [
+            // Not an address to validation; inet_aton reads it as 127.0.0.1.
+            parse_target(&format!("127.1:{port}")).unwrap(),
+            parse_target(&good.local_addr().unwrap().to_string()).unwrap(),
+        ];
+        let b = Balancer::new("t", Balance::RoundRobin, &targets);
+        let policy = ConnectPolicy {
+            attempts: 1,
+            ..policy()
+        };
+        let mut reasons = Vec::new();
+        for _ in 0..2 {
+            match connect(&b, &policy, &loops).await {
+                Ok(c) => assert_eq!(c.peer, good.local_addr().unwrap()),
+                Err(e) => reasons.push(format!("{:#}", e.last_error)),
+            }
+        }
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            reasons[0].contains("a listener of this proxy"),
+            "{reasons:?}"
+        );
+        assert_eq!(b.backends[0].stats.failures(FailureReason::Loop), 1);
+        assert!(!b.backends[0].health.is_up());
+        let nothing = tokio::time::timeout(Duration::from_millis(50), ours.accept()).await;
+        assert!(nothing.is_err(), "a connection reached our own listener");
     }
 }

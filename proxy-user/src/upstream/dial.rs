@@ -11,6 +11,7 @@ use anyhow::anyhow;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
+use super::loop_guard::LoopGuard;
 use crate::config::Target;
 
 /// Why a connect attempt failed: the `reason` label of
@@ -25,17 +26,20 @@ pub enum FailureReason {
     Resolve,
     /// Our own fds, memory or ports ran out.
     LocalResource,
+    /// The target is this proxy itself (`loop_guard`); not connected.
+    Loop,
     Other,
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 7] = [
+    pub const ALL: [FailureReason; 8] = [
         FailureReason::Refused,
         FailureReason::Reset,
         FailureReason::Unreachable,
         FailureReason::Timeout,
         FailureReason::Resolve,
         FailureReason::LocalResource,
+        FailureReason::Loop,
         FailureReason::Other,
     ];
 
@@ -47,6 +51,7 @@ impl FailureReason {
             FailureReason::Timeout => "timeout",
             FailureReason::Resolve => "resolve",
             FailureReason::LocalResource => "local_resource",
+            FailureReason::Loop => "loop",
             FailureReason::Other => "other",
         }
     }
@@ -94,8 +99,12 @@ impl DialError {
 }
 
 /// One attempt: resolve (targets can move, so every time), then try each
-/// address in turn within `budget`.
-pub async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, SocketAddr), DialError> {
+/// address that is not the proxy itself in turn within `budget`.
+pub async fn dial(
+    target: &Target,
+    budget: Duration,
+    guard: &LoopGuard,
+) -> Result<(TcpStream, SocketAddr), DialError> {
     let end = Instant::now() + budget;
     let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
     let addrs = match tokio::time::timeout_at(end, lookup).await {
@@ -117,7 +126,13 @@ pub async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, Socke
         anyhow!("{target} resolved to no addresses"),
         FailureReason::Resolve,
     );
+    // Said over any other address's failure: it is the config's mistake.
+    let mut looped = None;
     for addr in addrs {
+        if guard.is_ours(addr) {
+            looped = Some(loop_error(target, addr));
+            continue;
+        }
         match tokio::time::timeout_at(end, connect_addr(addr)).await {
             Err(_) => {
                 return Err(DialError::new(
@@ -125,7 +140,15 @@ pub async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, Socke
                     FailureReason::Timeout,
                 ))
             }
-            Ok(Ok(s)) => return Ok((s, addr)),
+            Ok(Ok(s)) => {
+                if s.local_addr()
+                    .is_ok_and(|local| guard.connected_to_us(local, addr))
+                {
+                    looped = Some(loop_error(target, addr));
+                    continue;
+                }
+                return Ok((s, addr));
+            }
             Ok(Err(e)) => {
                 let reason = FailureReason::of(&e);
                 last = DialError::new(
@@ -138,7 +161,14 @@ pub async fn dial(target: &Target, budget: Duration) -> Result<(TcpStream, Socke
             }
         }
     }
-    Err(last)
+    Err(looped.unwrap_or(last))
+}
+
+fn loop_error(target: &Target, addr: SocketAddr) -> DialError {
+    DialError::new(
+        anyhow!("{target} resolves to {addr}, a listener of this proxy: a connection there would loop back into the proxy, so none is made; point the target at the backend"),
+        FailureReason::Loop,
+    )
 }
 
 async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -154,8 +184,8 @@ async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// A health probe: a full TCP handshake, then close.
-pub async fn probe(target: &Target, timeout: Duration) -> anyhow::Result<()> {
-    let (stream, _) = dial(target, timeout).await.map_err(|e| e.err)?;
+pub async fn probe(target: &Target, timeout: Duration, guard: &LoopGuard) -> anyhow::Result<()> {
+    let (stream, _) = dial(target, timeout, guard).await.map_err(|e| e.err)?;
     drop(stream);
     Ok(())
 }

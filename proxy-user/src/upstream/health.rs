@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::dial;
+use super::loop_guard::LoopGuard;
 use crate::config::Target;
 
 #[derive(Debug, Clone, Copy)]
@@ -170,6 +171,7 @@ pub async fn probe_loop(
     target: &Target,
     health: &Health,
     cfg: HealthConfig,
+    guard: &LoopGuard,
     mut stop: watch::Receiver<bool>,
 ) {
     let jitter = cfg.interval.mul_f64(fastrand::f64());
@@ -181,7 +183,7 @@ pub async fn probe_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let result = dial::probe(target, cfg.timeout).await;
+        let result = dial::probe(target, cfg.timeout, guard).await;
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
             let why = match &result {
                 Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),

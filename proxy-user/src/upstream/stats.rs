@@ -202,6 +202,11 @@ impl TargetStats {
             }
         }
     }
+
+    #[cfg(test)]
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.failures[reason as usize].get()
+    }
 }
 
 #[cfg(test)]

@@ -580,20 +580,7 @@ async fn spawn_child(
         .stdout(Stdio::null())
         .stderr(log);
     if let Some(n) = nofile {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        set_rlimit(&mut cmd, libc::RLIMIT_NOFILE, n);
     }
     let mut child = cmd.spawn().expect("spawn proxy");
     match wait_child_ready(&mut child, log_path).await {
@@ -603,6 +590,24 @@ async fn spawn_child(
             let _ = child.wait();
             Err(log)
         }
+    }
+}
+
+/// Sets the child's `resource` limit (soft and hard) to `n` before it runs.
+pub fn set_rlimit(cmd: &mut Command, resource: libc::__rlimit_resource_t, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -1,0 +1,65 @@
+//! What a server is started with, and what validating a config for it
+//! needs to know about it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{self, Config, Listen};
+use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
+use crate::edge::listener::listen_addr;
+use crate::edge::steering::Steering;
+use crate::upstream::connect::ConnectPolicy;
+use crate::upstream::health::HealthConfig;
+
+/// Everything a server needs to start; `Cli::settings` fills it from flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: PathBuf,
+    pub listen_address: String,
+    pub mode: Mode,
+    pub copy: CopyPlane,
+    pub fastpath: FastpathOptions,
+    pub connect: ConnectPolicy,
+    /// None: connections are never closed for being idle.
+    pub idle_timeout: Option<Duration>,
+    pub health: HealthConfig,
+    pub socket_buffers: SocketBuffers,
+    /// None: as many as the fd limit carries (`budget`).
+    pub max_connections: Option<u32>,
+    pub max_per_app: usize,
+    pub drain_timeout: Duration,
+    pub admin_address: Option<SocketAddr>,
+    pub access_log: Option<PathBuf>,
+    pub steering: Steering,
+    pub steering_port: u16,
+    /// Zero: reload on SIGHUP (`Handle::reload`) only.
+    pub watch_config: Duration,
+}
+
+impl Settings {
+    /// Validates `text` as the config of this proxy; also returns where the
+    /// proxy is reached, as read now (the host's addresses may have changed
+    /// since the last reload).
+    pub(super) fn parse_config(&self, text: &str) -> anyhow::Result<(Config, Listen)> {
+        let ip = listen_addr(&self.listen_address, 0)?.ip();
+        let (max_range, extra_ports) = match self.steering {
+            Steering::Listeners => (config::MAX_RANGE_PORTS, Vec::new()),
+            // The steered socket's port is ours too, when it is known now.
+            Steering::SkLookup => (
+                config::ANY_RANGE,
+                Some(self.steering_port)
+                    .filter(|p| *p != 0)
+                    .into_iter()
+                    .collect(),
+            ),
+        };
+        let ctx = config::Context {
+            max_range,
+            listen: Listen::on(ip),
+            extra_ports,
+        };
+        let config = Config::parse_with(text, &self.config.display().to_string(), &ctx)?;
+        Ok((config, ctx.listen))
+    }
+}
