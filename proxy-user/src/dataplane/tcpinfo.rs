@@ -52,8 +52,14 @@ pub struct Handed {
     pub closed: bool,
 }
 
-/// `tcpi_state` value for a closed socket (include/net/tcp_states.h).
+/// `tcpi_state` values (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
+
+/// In TCP_ESTABLISHED: neither a FIN nor a reset has arrived.
+pub fn is_established(sock: &impl AsRawFd) -> bool {
+    tcp_info(sock.as_raw_fd()).is_ok_and(|(info, _)| info[0] == TCP_ESTABLISHED)
+}
 
 /// `tcpi_bytes_acked` sits at this offset of `struct tcp_info` (linux/tcp.h,
 /// stable since 4.1); the libc crate's struct stops before it.

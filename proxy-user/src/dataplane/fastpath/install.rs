@@ -85,12 +85,21 @@ impl FastpathPlane {
                     .insert(src.cookie, FlowState::default(), 0)
                     .context("STATE map insert")?;
             }
-            maps.peers
-                .insert(pair.client.cookie, client.as_raw_fd(), 0)
-                .context("inserting the client socket into PEERS")?;
-            maps.peers
-                .insert(pair.upstream.cookie, upstream.as_raw_fd(), 0)
-                .context("inserting the upstream socket into PEERS")?;
+            for (side, sock, which) in [
+                (&pair.client, client, "client"),
+                (&pair.upstream, upstream, "upstream"),
+            ] {
+                if let Err(e) = maps.peers.insert(side.cookie, sock.as_raw_fd(), 0) {
+                    // The map takes established sockets only: one that got
+                    // its FIN or RST since the pre-install copy looked is a
+                    // race, not a fault, and the copy pump carries it.
+                    if !tcpinfo::is_established(sock) {
+                        anyhow::bail!("the {which} socket closed before the install");
+                    }
+                    return Err(e)
+                        .with_context(|| format!("inserting the {which} socket into PEERS"));
+                }
+            }
             Ok(())
         })();
         if let Err(e) = result {
