@@ -26,11 +26,6 @@ fn socket_fds(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-fn base_port() -> u16 {
-    // Below the ephemeral range (32768+), so no client port is ever steered.
-    10_000 + fastrand::u16(..10_000)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_ports_one_listener() {
     let a = Backend::identify("a").await;

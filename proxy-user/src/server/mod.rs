@@ -38,6 +38,7 @@ mod handle;
 pub(crate) mod lifecycle;
 mod settings;
 mod state;
+mod steer;
 
 pub use settings::Settings;
 
@@ -183,14 +184,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         target_metrics,
     };
     if settings.steering == Steering::SkLookup {
-        state.steer = Some(state::start_steering(&settings, settings.steering_port, &shared).context(
-            "--steering sk_lookup: cannot steer ports with sk_lookup (use --steering listeners to run without it)",
-        )?);
+        let ports: Vec<u16> = config.listeners().map(|(_, port)| port).collect();
+        state.steer = Some(steer::start(&settings, &ports, &shared)?);
     }
     // Bind everything before serving anything: a port clash fails startup
     // as a whole rather than leaving a half-working proxy.
     let bound = state::bind_new(&state, &config, &settings)?;
     state::apply(&mut state, &config, bound, &shared, &settings);
+    if let Some(steer) = &mut state.steer {
+        // Ready means every port reaches us, not just that PORTS says so.
+        steer
+            .verify(steer::START_WAIT)
+            .await
+            .context("--steering sk_lookup: not every configured port reaches this proxy")?;
+    }
     state.published.readiness().set(true);
     let listening: Vec<(String, SocketAddr)> = state
         .listeners
@@ -311,6 +318,13 @@ impl Control {
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
         state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+        if let Some(steer) = &mut self.state.steer {
+            // The reload is applied by now: ports another program takes are
+            // reported, not rolled back (the rest of the change stands).
+            if let Err(e) = steer.verify(Duration::ZERO).await {
+                tracing::error!(error = %format!("{e:#}"), "sk_lookup: ports added by this reload do not reach this proxy");
+            }
+        }
     }
 
     async fn drain(mut self, why: &'static str) {

@@ -14,9 +14,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::settings::Settings;
+use super::steer::SteerState;
 use crate::config::{self, App, Config};
 use crate::edge::listener::{self, listen_addr};
-use crate::edge::steering::{self, PortTable, SkLookupSteering};
 use crate::edge::{AppRuntime, AppSlot, Shared};
 use crate::ops::admin::AdminState;
 use crate::upstream::balancer::Balancer;
@@ -61,14 +61,6 @@ pub(super) struct State {
     pub(super) target_metrics: TargetMetrics,
 }
 
-pub(super) struct SteerState {
-    pub(super) bpf: SkLookupSteering,
-    pub(super) table: PortTable,
-    pub(super) addr: std::net::SocketAddr,
-    pub(super) stop: watch::Sender<bool>,
-    pub(super) task: JoinHandle<()>,
-}
-
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Trigger {
@@ -88,12 +80,8 @@ pub(super) async fn stop_accepting(state: &mut State) {
     for (_, l) in std::mem::take(&mut state.listeners) {
         let _ = l.task.await;
     }
-    if let Some(mut steer) = state.steer.take() {
-        // Detach first: new connections to steered ports are refused by the
-        // kernel rather than queued on a socket about to close.
-        steer.bpf.detach();
-        let _ = steer.stop.send(true);
-        let _ = steer.task.await;
+    if let Some(steer) = state.steer.take() {
+        steer.stop().await;
     }
 }
 
@@ -104,63 +92,6 @@ pub(super) async fn closed(state: &mut State) {
     }
 }
 
-/// Binds the one socket, loads and attaches the sk_lookup program, and
-/// starts accepting; `PORTS` is filled by `apply`.
-pub(super) fn start_steering(
-    settings: &Settings,
-    port: u16,
-    shared: &Arc<Shared>,
-) -> anyhow::Result<SteerState> {
-    steering::check_support()?;
-    let ip = listen_addr(&settings.listen_address, 0)?.ip();
-    let (bind_addr, steer_config) = steering::addresses(ip, port);
-    let l = listener::bind(bind_addr, settings.socket_buffers)?;
-    let addr = l.local_addr().context("steering listener address")?;
-    let bpf = SkLookupSteering::load(&l, steer_config)?;
-    let table: PortTable = Arc::default();
-    let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(steering::accept_loop(
-        l,
-        table.clone(),
-        shared.clone(),
-        stop_rx,
-    ));
-    Ok(SteerState {
-        bpf,
-        table,
-        addr,
-        stop,
-        task,
-    })
-}
-
-/// Steering mode's half of `apply`: the port table first gains the new
-/// ports (so nothing steered finds no app), then `PORTS` changes, then the
-/// table drops the removed ports. Live connections hold their own app.
-fn apply_steering(steer: &mut SteerState, config: &Config, apps: &HashMap<String, AppHandle>) {
-    let mut wanted = HashMap::new();
-    let mut table = HashMap::new();
-    for (app_idx, port) in config.listeners() {
-        wanted.insert(port, app_idx as u32);
-        table.insert(port, apps[&config.apps[app_idx].name].runtime.clone());
-    }
-    let mut both = (**steer.table.load()).clone();
-    both.extend(table.iter().map(|(p, r)| (*p, r.clone())));
-    steer.table.store(Arc::new(both));
-    match steer.bpf.update(&wanted) {
-        Ok((upserted, removed)) => tracing::info!(
-            ports = wanted.len(),
-            upserted,
-            removed,
-            "sk_lookup ports updated"
-        ),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "updating the sk_lookup PORTS map failed; the next reload retries")
-        }
-    }
-    steer.table.store(Arc::new(table));
-}
-
 /// Binds every port of `config` that is not already listening. All or
 /// nothing: on any failure the sockets bound so far are closed again.
 pub(super) fn bind_new(
@@ -169,7 +100,9 @@ pub(super) fn bind_new(
     settings: &Settings,
 ) -> anyhow::Result<Vec<(u16, TcpListener)>> {
     let mut bound = Vec::new();
-    if state.steer.is_some() {
+    if let Some(steer) = &state.steer {
+        let ports: Vec<u16> = config.listeners().map(|(_, port)| port).collect();
+        steer.check_new_ports(&ports)?;
         return Ok(bound);
     }
     for (app_idx, port) in config.listeners() {
@@ -260,7 +193,13 @@ pub(super) fn apply(
         shared
             .loop_guard
             .set_ports(ports.chain(std::iter::once(steered)));
-        apply_steering(steer, config, &state.apps);
+        let mut wanted = HashMap::new();
+        let mut table = HashMap::new();
+        for (app_idx, port) in config.listeners() {
+            wanted.insert(port, app_idx as u32);
+            table.insert(port, state.apps[&config.apps[app_idx].name].runtime.clone());
+        }
+        steer.apply(&wanted, table);
         return;
     }
     shared.loop_guard.set_ports(ports);

@@ -17,12 +17,38 @@ pub fn loopback_ip() -> String {
     format!("127.0.0.{}", 2 + (base + n * 37) % 253)
 }
 
+/// A first port for a test's ranges: below the ephemeral range (32768+),
+/// so no client port is ever steered, with room for 20,000 ports above it.
+pub fn base_port() -> u16 {
+    10_000 + fastrand::u16(..10_000)
+}
+
 /// Spawns the proxy on `config` (JSON text) with `args`; waits for "proxy ready".
 pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
+    match try_spawn_proxy(config, args).await {
+        Ok(proxy) => proxy,
+        Err(log) => panic!("proxy exited before ready; log:\n{log}"),
+    }
+}
+
+/// Like `spawn_proxy`; `Err(log)` when the proxy exits before "proxy ready".
+pub async fn try_spawn_proxy(config: &str, args: &[&str]) -> Result<Proxy, String> {
+    try_spawn_proxy_with(config, args, |_| {}).await
+}
+
+/// `try_spawn_proxy`, with `setup` applied to the command first (to drop
+/// capabilities, say).
+pub async fn try_spawn_proxy_with(
+    config: &str,
+    args: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Result<Proxy, String> {
     let config_path = write_temp("config.json", config);
     let log_path = write_temp("proxy.log", "");
     let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(PROXY)
+    let mut cmd = Command::new(PROXY);
+    setup(&mut cmd);
+    let child = cmd
         .arg("--config")
         .arg(&config_path)
         .args([
@@ -43,10 +69,8 @@ pub async fn spawn_proxy(config: &str, args: &[&str]) -> Proxy {
         .and_then(|i| args.get(i + 1))
         .unwrap_or(&"auto");
     let mut proxy = Proxy::from_child(child, log_path, config_path, mode);
-    if let Err(log) = proxy.wait_ready().await {
-        panic!("proxy exited before ready; log:\n{log}");
-    }
-    proxy
+    proxy.wait_ready().await?;
+    Ok(proxy)
 }
 
 /// Replaces the config file the way editors do: write a temp file, rename over.
