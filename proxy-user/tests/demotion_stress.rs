@@ -140,7 +140,9 @@ fn checker_catches_zeros_and_a_short_clean_stream() {
     let mut s = stream(50_000);
     s[8_000..9_000].fill(0);
     let e = checked(&[&s], 50_000).unwrap_err();
-    assert!(e.contains("offset 8000") && e.contains("not of this stream"), "{e}");
+    // A zero can be right by chance (the low byte of a word), so the hole is
+    // found within its first word.
+    assert!(e.contains("wrong byte at offset 800") && e.contains("not of this stream"), "{e}");
     let s = stream(50_000);
     let e = checked(&[&s[..49_992]], 50_000).unwrap_err();
     assert!(e.contains("49992 bytes of 50000"), "{e}");

@@ -174,7 +174,10 @@ impl Drop for CpuHog {
 // ------------------------------------------------------------- the workload
 
 /// What one stream does; the client says which in a 24-byte header
-/// (kind, length, tag), which the backend reads before anything else.
+/// (kind, length, tag). The backend answers `!`, the client pauses and sends
+/// `g`, and only then does the payload start: both sides quiet at once is
+/// when the fastpath installs a pair (a sender that never pauses keeps it on
+/// the pre-install copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Client sends, the backend checks and answers `OK` or `ERR ...`.
@@ -215,6 +218,9 @@ pub async fn seq_backend(mut s: TcpStream) -> std::io::Result<()> {
     let word = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().unwrap_or_default());
     let (kind, len, tag) = (Kind::from_code(word(0)), word(1), word(2));
     let slow = tag & 1 == 1;
+    s.write_all(b"!").await?;
+    let mut go = [0u8; 1];
+    s.read_exact(&mut go).await?;
     match kind {
         Some(Kind::Upload) => {
             let mut check = SeqCheck::new(tag);
@@ -309,6 +315,14 @@ pub async fn run_stream(addr: std::net::SocketAddr, kind: Kind, len: u64, tag: u
     }
     if let Err(e) = w.write_all(&header).await {
         return Outcome::Loud(format!("header: {e}"));
+    }
+    let mut greeting = [0u8; 1];
+    if let Err(e) = r.read_exact(&mut greeting).await {
+        return Outcome::Loud(format!("greeting: {e}"));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Err(e) = w.write_all(b"g").await {
+        return Outcome::Loud(format!("go: {e}"));
     }
     let slow = tag & 1 == 1;
     match kind {
