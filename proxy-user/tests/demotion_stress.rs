@@ -29,7 +29,14 @@ async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
     let calm = stress(proxy.addr(0, 0), streams / 2, 4, max_len, seed).await;
     let hogged = {
         let _hog = CpuHog::new(2, Duration::from_secs(600));
-        stress(proxy.addr(0, 0), streams - streams / 2, 4, max_len, seed + 1).await
+        stress(
+            proxy.addr(0, 0),
+            streams - streams / 2,
+            4,
+            max_len,
+            seed + 1,
+        )
+        .await
     };
     let log = proxy.log();
     let demotions = log
@@ -114,14 +121,20 @@ fn checker_passes_an_exact_stream_in_odd_pieces() {
 fn checker_catches_a_dropped_segment() {
     let s = stream(200_000);
     let e = checked(&[&s[..65_000], &s[65_000 + 1_448..]], 200_000).unwrap_err();
-    assert!(e.contains("offset 65000") && e.contains("1448 bytes missing"), "{e}");
+    assert!(
+        e.contains("offset 65000") && e.contains("1448 bytes missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn checker_catches_a_duplicated_segment() {
     let s = stream(200_000);
     let e = checked(&[&s[..70_000], &s[60_000..70_000], &s[70_000..]], 200_000).unwrap_err();
-    assert!(e.contains("offset 70000") && e.contains("10000 bytes from earlier"), "{e}");
+    assert!(
+        e.contains("offset 70000") && e.contains("10000 bytes from earlier"),
+        "{e}"
+    );
 }
 
 /// A replay with the exact byte count: what a SHA of a repeated pattern or
@@ -132,7 +145,10 @@ fn checker_catches_a_replay_with_the_exact_count() {
     let (early, late) = s.split_at_mut(150_000);
     late[..65_480].copy_from_slice(&early[19_000..19_000 + 65_480]);
     let e = checked(&[&s], 300_000).unwrap_err();
-    assert!(e.contains("offset 150000") && e.contains("131000 bytes from earlier"), "{e}");
+    assert!(
+        e.contains("offset 150000") && e.contains("131000 bytes from earlier"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -142,7 +158,10 @@ fn checker_catches_zeros_and_a_short_clean_stream() {
     let e = checked(&[&s], 50_000).unwrap_err();
     // A zero can be right by chance (the low byte of a word), so the hole is
     // found within its first word.
-    assert!(e.contains("wrong byte at offset 800") && e.contains("not of this stream"), "{e}");
+    assert!(
+        e.contains("wrong byte at offset 800") && e.contains("not of this stream"),
+        "{e}"
+    );
     let s = stream(50_000);
     let e = checked(&[&s[..49_992]], 50_000).unwrap_err();
     assert!(e.contains("49992 bytes of 50000"), "{e}");

@@ -75,7 +75,10 @@ async fn redirect_is_exact_both_ways_under_hog() {
         ),
     )
     .await;
-    assert!(!proxy.log().contains(DEMOTED), "nothing may be demoted at a 4 GiB bound");
+    assert!(
+        !proxy.log().contains(DEMOTED),
+        "nothing may be demoted at a 4 GiB bound"
+    );
     let lines = proxy.wait_conn_lines(4, 10).await;
     assert!(
         lines.iter().all(|l| l["plane"] == "fastpath"),
@@ -94,7 +97,13 @@ async fn fin_follows_the_last_redirected_byte_under_hog() {
     let mut rng = fastrand::Rng::with_seed(0xf1);
     let kinds = [Kind::Upload, Kind::Download, Kind::Echo];
     let streams: Vec<_> = (0..90u64)
-        .map(|i| (kinds[i as usize % 3], rng.u64(1..=512 * 1024), (0x40 + i) << 41))
+        .map(|i| {
+            (
+                kinds[i as usize % 3],
+                rng.u64(1..=512 * 1024),
+                (0x40 + i) << 41,
+            )
+        })
         .collect();
     for batch in streams.chunks(10) {
         bounded(30, "short streams", all_exact(&proxy, batch)).await;
@@ -115,13 +124,20 @@ async fn demoted_reads_are_exact_under_hog() {
     // Odd tags: slow readers on the receiving end.
     let streams: Vec<_> = (0..8u64)
         .map(|i| {
-            let kind = if i % 2 == 0 { Kind::Upload } else { Kind::Download };
+            let kind = if i % 2 == 0 {
+                Kind::Upload
+            } else {
+                Kind::Download
+            };
             (kind, 12 * mb + i * 1_001, ((0x80 + i) << 41) | 1)
         })
         .collect();
     bounded(50, "demoted bulk", all_exact(&proxy, &streams)).await;
     let demotions = proxy.log().matches(DEMOTED).count();
-    assert!(demotions >= 4, "the slow readers must force demotions; saw {demotions}");
+    assert!(
+        demotions >= 4,
+        "the slow readers must force demotions; saw {demotions}"
+    );
 }
 
 /// Demotion with bytes in flight both ways: echo streams with a slow echo,
@@ -139,5 +155,8 @@ async fn demotion_with_bytes_in_flight_is_exact() {
         .collect();
     bounded(50, "demoted echo", all_exact(&proxy, &streams)).await;
     let demotions = proxy.log().matches(DEMOTED).count();
-    assert!(demotions >= 2, "echo streams must be demoted; saw {demotions}");
+    assert!(
+        demotions >= 2,
+        "echo streams must be demoted; saw {demotions}"
+    );
 }

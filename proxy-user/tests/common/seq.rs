@@ -152,7 +152,9 @@ impl CpuHog {
                     let mut x = 0u64;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                         for _ in 0..100_000 {
-                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                            );
                         }
                     }
                 })
@@ -215,7 +217,8 @@ pub enum Outcome {
 pub async fn seq_backend(mut s: TcpStream) -> std::io::Result<()> {
     let mut header = [0u8; 24];
     s.read_exact(&mut header).await?;
-    let word = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let word =
+        |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().unwrap_or_default());
     let (kind, len, tag) = (Kind::from_code(word(0)), word(1), word(2));
     let slow = tag & 1 == 1;
     s.write_all(b"!").await?;
