@@ -20,13 +20,36 @@ const DEMOTED: &str = "receiver fell a bound behind; direction continues in user
 /// The FIN ledger's error line.
 const LEDGER: &str = "lost or duplicated bytes";
 
-async fn fastpath_proxy(backend: &Backend, inflight: &str) -> Proxy {
-    Proxy::start(
+/// A seq backend, a fastpath proxy at `inflight` in front of it, and a CPU
+/// hog for the length of a test.
+struct Rig {
+    proxy: Proxy,
+    _backend: Backend,
+    _hog: CpuHog,
+}
+
+async fn rig(inflight: &str) -> Rig {
+    let backend = Backend::with("seq", seq_backend).await;
+    let proxy = Proxy::start(
         "fastpath",
         &[AppSpec::new("seq", 1, vec![backend.target()])],
         &["--fastpath-inflight", inflight],
     )
-    .await
+    .await;
+    Rig {
+        proxy,
+        _backend: backend,
+        _hog: CpuHog::new(2, Duration::from_secs(50)),
+    }
+}
+
+/// Fails unless at least `least` directions were demoted.
+fn assert_demoted(proxy: &Proxy, least: usize) {
+    let demotions = proxy.log().matches(DEMOTED).count();
+    assert!(
+        demotions >= least,
+        "the slow readers must force {least} demotions; saw {demotions}"
+    );
 }
 
 /// Runs the streams at once and fails with every stream that was not exact.
@@ -57,15 +80,13 @@ async fn all_exact(proxy: &Proxy, streams: &[(Kind, u64, u64)]) {
 /// peer once, in order, under a CPU hog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redirect_is_exact_both_ways_under_hog() {
-    let backend = Backend::with("seq", seq_backend).await;
-    let proxy = fastpath_proxy(&backend, "4GiB").await;
-    let _hog = CpuHog::new(2, Duration::from_secs(50));
+    let Rig { proxy, .. } = &rig("4GiB").await;
     let mb = 1 << 20;
     bounded(
         50,
         "bulk both ways",
         all_exact(
-            &proxy,
+            proxy,
             &[
                 (Kind::Upload, 48 * mb, 0x10 << 41),
                 (Kind::Download, 48 * mb, 0x12 << 41),
@@ -91,9 +112,7 @@ async fn redirect_is_exact_both_ways_under_hog() {
 /// must follow the last byte, never overtake it or cut it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fin_follows_the_last_redirected_byte_under_hog() {
-    let backend = Backend::with("seq", seq_backend).await;
-    let proxy = fastpath_proxy(&backend, "4GiB").await;
-    let _hog = CpuHog::new(2, Duration::from_secs(50));
+    let Rig { proxy, .. } = &rig("4GiB").await;
     let mut rng = fastrand::Rng::with_seed(0xf1);
     let kinds = [Kind::Upload, Kind::Download, Kind::Echo];
     let streams: Vec<_> = (0..90u64)
@@ -106,7 +125,7 @@ async fn fin_follows_the_last_redirected_byte_under_hog() {
         })
         .collect();
     for batch in streams.chunks(10) {
-        bounded(30, "short streams", all_exact(&proxy, batch)).await;
+        bounded(30, "short streams", all_exact(proxy, batch)).await;
     }
 }
 
@@ -117,9 +136,7 @@ async fn fin_follows_the_last_redirected_byte_under_hog() {
 /// `SK_PASS` for). Every byte must arrive once, in order, under a CPU hog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demoted_reads_are_exact_under_hog() {
-    let backend = Backend::with("seq", seq_backend).await;
-    let proxy = fastpath_proxy(&backend, "256KiB").await;
-    let _hog = CpuHog::new(2, Duration::from_secs(50));
+    let Rig { proxy, .. } = &rig("256KiB").await;
     let mb = 1 << 20;
     // Odd tags: slow readers on the receiving end.
     let streams: Vec<_> = (0..8u64)
@@ -132,12 +149,8 @@ async fn demoted_reads_are_exact_under_hog() {
             (kind, 12 * mb + i * 1_001, ((0x80 + i) << 41) | 1)
         })
         .collect();
-    bounded(50, "demoted bulk", all_exact(&proxy, &streams)).await;
-    let demotions = proxy.log().matches(DEMOTED).count();
-    assert!(
-        demotions >= 4,
-        "the slow readers must force demotions; saw {demotions}"
-    );
+    bounded(50, "demoted bulk", all_exact(proxy, &streams)).await;
+    assert_demoted(proxy, 4);
 }
 
 /// Demotion with bytes in flight both ways: echo streams with a slow echo,
@@ -146,17 +159,11 @@ async fn demoted_reads_are_exact_under_hog() {
 /// must follow the last redirected one exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demotion_with_bytes_in_flight_is_exact() {
-    let backend = Backend::with("seq", seq_backend).await;
-    let proxy = fastpath_proxy(&backend, "256KiB").await;
-    let _hog = CpuHog::new(2, Duration::from_secs(50));
+    let Rig { proxy, .. } = &rig("256KiB").await;
     let mb = 1 << 20;
     let streams: Vec<_> = (0..6u64)
         .map(|i| (Kind::Echo, 8 * mb + i * 4_099, ((0xc0 + i) << 41) | (i & 1)))
         .collect();
-    bounded(50, "demoted echo", all_exact(&proxy, &streams)).await;
-    let demotions = proxy.log().matches(DEMOTED).count();
-    assert!(
-        demotions >= 2,
-        "echo streams must be demoted; saw {demotions}"
-    );
+    bounded(50, "demoted echo", all_exact(proxy, &streams)).await;
+    assert_demoted(proxy, 2);
 }
