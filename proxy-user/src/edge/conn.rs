@@ -114,7 +114,9 @@ impl Conn {
         if let Some(version) = self.app.proxy_protocol {
             if let Err(e) = send_proxy_header(&client, &mut c.stream, self.client, version).await {
                 tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
+                // Both: the target may hold part of a header, the client nothing.
                 arm_reset(&client);
+                arm_reset(&c.stream);
                 return self.close(&shared, upstream, &Transfer::none(EndReason::TargetReset));
             }
         }
