@@ -93,8 +93,7 @@ pub struct Cli {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
-    /// Kernel send and receive buffer of every proxied socket on copy and splice (the kernel doubles it; the
-    /// fastpath keeps autotuning and is bounded by --fastpath-inflight), so a slow reader
+    /// Kernel send and receive buffer of every proxied socket (the kernel doubles it), so a slow reader
     /// holds at most about 4x this in kernel memory; 0 = kernel autotuning (up to tcp_wmem/tcp_rmem max,
     /// about 10 MB per slow reader). Raise it for fast clients far away: one connection's throughput
     /// is at most about this size per round trip.

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
-use crate::dataplane::{DataPlane, Plane};
+use crate::dataplane::DataPlane;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{RateLimit, Shared};
@@ -118,7 +118,7 @@ async fn start_unless_stopped(
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
-pub async fn start(mut settings: Settings) -> anyhow::Result<Handle> {
+pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
@@ -139,15 +139,6 @@ pub async fn start(mut settings: Settings) -> anyhow::Result<Handle> {
     let text = config::file::read(&settings.config).await?;
     let (config, listen) = settings.parse_config(&text)?;
     let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
-    if plane.plane() == Plane::Fastpath && settings.socket_buffers.size.is_some() {
-        // The fastpath keeps kernel autotuning: with a fixed receive buffer,
-        // bytes a demoted direction's verdict passes (SK_PASS) wait in the
-        // psock backlog once it is full, and on 6.18 nothing retries them
-        // when the reader frees room (a 64 MiB echo stalled for good). Its
-        // memory bound is --fastpath-inflight instead.
-        tracing::info!("--socket-buffer does not apply to the fastpath; kernel autotuning stays");
-        settings.socket_buffers.size = None;
-    }
     let nofile = match lifecycle::raise_fd_limit() {
         Ok(nofile) => nofile,
         Err(e) => {
