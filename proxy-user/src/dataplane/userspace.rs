@@ -125,16 +125,10 @@ pub(super) async fn supervise(
         let (result, from_client) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, true) }
             r = &mut down, if !down_done => { down_done = true; (r, false) }
-            e = failed(client) => (DirEnd::ReadFailed(e), true),
-            e = failed(upstream) => (DirEnd::ReadFailed(e), false),
+            end = cut_short(client, upstream, conn) => return end,
             _ = &mut idle => {
                 cut_if_owed(client, upstream, conn);
                 return EndReason::IdleTimeout;
-            }
-            _ = conn.hard_stopped() => {
-                arm_reset(client);
-                arm_reset(upstream);
-                return EndReason::DrainTimeout;
             }
         };
         let client_failed = match result {
@@ -155,6 +149,35 @@ pub(super) async fn supervise(
         }
         arm_reset(client);
         return EndReason::TargetReset;
+    }
+}
+
+/// Resolves when a connection must end whatever its pumps are doing: an
+/// error on either socket (its peer's reset; the other side gets one too),
+/// or the drain deadline (both get one). The fastpath also watches this
+/// while its pre-install copy may be blocked writing to a side that does
+/// not read.
+pub(super) async fn cut_short(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+) -> EndReason {
+    tokio::select! {
+        e = failed(client) => {
+            tracing::debug!(conn = conn.id, error = %e, "client socket failed");
+            arm_reset(upstream);
+            EndReason::ClientReset
+        }
+        e = failed(upstream) => {
+            tracing::debug!(conn = conn.id, error = %e, "upstream socket failed");
+            arm_reset(client);
+            EndReason::TargetReset
+        }
+        _ = conn.hard_stopped() => {
+            arm_reset(client);
+            arm_reset(upstream);
+            EndReason::DrainTimeout
+        }
     }
 }
 

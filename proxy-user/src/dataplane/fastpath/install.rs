@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -231,9 +232,9 @@ pub(super) async fn forward_ready(
     dst: &TcpStream,
     me: usize,
     quiet: &Quiet,
+    moved: &AtomicU64,
 ) -> Early {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut moved = 0;
     let end = loop {
         match src.try_read(&mut buf) {
             Ok(0) => break EarlyEnd::Eof,
@@ -241,7 +242,7 @@ pub(super) async fn forward_ready(
                 if write_all(dst, &buf[..n]).await.is_err() {
                     break EarlyEnd::WriteFailed;
                 }
-                moved += n as u64;
+                moved.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if quiet.rest(me) {
@@ -265,7 +266,10 @@ pub(super) async fn forward_ready(
     };
     // A finished direction counts as idle for good.
     quiet.rest(me);
-    Early { moved, end }
+    Early {
+        moved: moved.load(Ordering::Relaxed),
+        end,
+    }
 }
 
 /// One socket of an installed pair.

@@ -39,7 +39,7 @@ use aya::{
 };
 use tokio::{net::TcpStream, time::Instant};
 
-use super::userspace::{arm_reset, set_nodelay, supervise};
+use super::userspace::{arm_reset, cut_short, set_nodelay, supervise};
 use super::{ConnInfo, CopyPlane, EndReason, Plane, Transfer};
 use crate::bpf::{self, take_map};
 use direction::{Direction, IdleWatch};
@@ -123,10 +123,28 @@ impl FastpathPlane {
         set_nodelay(&client, &upstream);
         // Whatever arrived before the install goes first, by the copy path.
         let quiet = Quiet::default();
-        let (up, down) = tokio::join!(
-            forward_ready(&client, &upstream, 0, &quiet),
-            forward_ready(&upstream, &client, 1, &quiet)
-        );
+        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        let copied = async {
+            tokio::join!(
+                forward_ready(&client, &upstream, 0, &quiet, &moved[0]),
+                forward_ready(&upstream, &client, 1, &quiet, &moved[1])
+            )
+        };
+        // The copy can block writing to a side that does not read: a reset
+        // or the drain deadline must still end the connection then.
+        let (up, down) = tokio::select! {
+            r = copied => r,
+            end = cut_short(&client, &upstream, conn) => {
+                let (c2t, t2c) = (moved[0].load(Ordering::Relaxed), moved[1].load(Ordering::Relaxed));
+                return Transfer {
+                    client_to_target: c2t,
+                    target_to_client: t2c,
+                    userspace_bytes: c2t + t2c,
+                    end,
+                    plane: Plane::CopyFallback,
+                };
+            }
+        };
         let early = [up.moved, down.moved];
         // A reset seen here must reach the other side as a reset: the error
         // is consumed by the read that saw it, so no later reader would know.
