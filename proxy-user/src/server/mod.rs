@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // are reset first (a FIN from exit would pass for their end), with a
     // short grace for their tasks to do it and log.
     let cut = server.cutter();
+    let forced = Arc::new(AtomicBool::new(false));
+    let second = forced.clone();
     tokio::spawn(async move {
         loop {
             if let Request::Shutdown(sig) = signals.next().await {
@@ -75,12 +77,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     signal = sig,
                     "second signal, resetting live connections and exiting"
                 );
+                second.store(true, Ordering::SeqCst);
                 cut.cut(SECOND_SIGNAL_GRACE).await;
                 std::process::exit(1);
             }
         }
     });
     server.shutdown(sig).await;
+    // The resets can finish the drain before the task above exits: a forced
+    // stop still ends with a failure status.
+    anyhow::ensure!(
+        !forced.load(Ordering::SeqCst),
+        "stopped by a second signal: live connections were reset"
+    );
     Ok(())
 }
 
