@@ -93,7 +93,13 @@ async fn recovers_from_fd_exhaustion(mode: &str) {
     bounded(60, "fd exhaustion", async {
         let mut held = Vec::new();
         for _ in 0..100 {
-            held.push(TcpStream::connect(proxy.addr(0, 0)).await.unwrap());
+            // A client the proxy could not connect upstream for lack of fds
+            // is reset, sometimes before connect() returns.
+            match TcpStream::connect(proxy.addr(0, 0)).await {
+                Ok(s) => held.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("{mode}: connect: {e}"),
+            }
         }
         // Give the proxy time to hit EMFILE.
         let deadline = Instant::now() + Duration::from_secs(5);
