@@ -21,24 +21,12 @@ pub struct Handle {
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) cutter: Cutter,
     pub(super) admin: Option<SocketAddr>,
-    pub(super) listening: Vec<(String, SocketAddr)>,
-    pub(super) steering: Option<SocketAddr>,
 }
 
 impl Handle {
     /// The admin listener's address, when one was asked for.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
-    }
-
-    /// Every listening socket at start: (app, address), by port.
-    pub fn listening(&self) -> &[(String, SocketAddr)] {
-        &self.listening
-    }
-
-    /// The one steered socket of `--steering sk_lookup`.
-    pub fn steering_addr(&self) -> Option<SocketAddr> {
-        self.steering
     }
 
     /// What cuts every live connection (RST both ways), usable while the

@@ -213,7 +213,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         .values()
         .map(|l| (l.app.clone(), l.addr))
         .collect();
-    let steering = state.steer.as_ref().map(|s| s.addr);
     log_ready(&state, &listening, &config, &shared);
 
     let (commands, rx) = mpsc::channel(4);
@@ -239,8 +238,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             tracker,
         },
         admin,
-        listening,
-        steering,
     })
 }
 

@@ -916,8 +916,15 @@ pub async fn read_id(s: &mut TcpStream) -> std::io::Result<String> {
 
 // ------------------------------------------------------------------- admin
 
-/// The admin listener's address, from the proxy's startup log line.
+/// The admin listener's address: the server's handle says it in-process,
+/// a child's startup log line otherwise.
 pub fn admin_addr(proxy: &Proxy) -> String {
+    if let Run::InProcess { handle, .. } = &proxy.run {
+        return handle
+            .admin_addr()
+            .expect("an admin address (start with --admin-address 127.0.0.1:0)")
+            .to_string();
+    }
     proxy
         .log_lines()
         .into_iter()
