@@ -16,6 +16,11 @@ pub struct FlowControl {
     /// When `FlowState::redirected` reaches this, wake userspace (ring buffer)
     /// to compare what was redirected with what the peer acknowledged.
     pub check_at: u64,
+    /// Nonzero: the direction is demoted. The verdict returns `SK_PASS` for
+    /// its bytes, which then wait on the source socket's own receive queue
+    /// (charged to its rmem, so TCP's window closes) until userspace reads
+    /// them. The socket stays in `SOCKETS`: taking it out could drop an skb.
+    pub pass: u64,
 }
 
 /// Written by the verdict program only, read by userspace.
@@ -28,6 +33,8 @@ pub struct FlowState {
     pub dropped: u64,
     /// The `FlowControl::check_at` already reported, so each is reported once.
     pub notified: u64,
+    /// Bytes left on the source's receive queue for userspace (`pass` set).
+    pub passed: u64,
 }
 
 /// What the verdict program tells userspace through the ring buffer: this

@@ -5,8 +5,9 @@
 //!   `SOCKETS` receives is redirected out of its peer (found in `PEERS` by the
 //!   cookie userspace wrote into `CONTROL`). It counts what it redirects and
 //!   wakes userspace every so many bytes, so userspace can move a direction
-//!   off the kernel when the peer's receiver falls behind. `frame` is an
-//!   optional stream parser next to it;
+//!   off the kernel when the peer's receiver falls behind: it sets that
+//!   direction's `CONTROL.pass`, and from then on the verdict returns
+//!   `SK_PASS` for it. `frame` is an optional stream parser next to it;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
 //!   to any configured port to the proxy's one listening socket.
 #![no_std]
@@ -34,10 +35,12 @@ use proxy_common::{
 // CONTROL, STATE, EVENTS. Steering (`steer`): PORTS, STEER_SOCKET,
 // STEER_CONFIG.
 
-/// Sockets whose received bytes the verdict forwards; the verdict is attached
-/// here. Userspace takes a socket out when its receiver falls a bound behind
-/// and copies the rest of that direction itself; it never puts one back
-/// (re-adding a socket replayed stale bytes on kernel 6.18).
+/// Sockets whose received bytes the verdict sees; the verdict is attached
+/// here. A socket stays in until its pair is torn down, even once its
+/// direction is demoted (`FlowControl::pass`): the kernel clears the verdict
+/// before it restores `data_ready` on removal, and an skb arriving in between
+/// is dropped (`sk_psock_verdict_recv` starts from `__SK_DROP`). Userspace
+/// never puts a socket back (re-adding one replayed stale bytes on 6.18).
 #[map]
 static SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
@@ -96,6 +99,13 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // Verdicts for one socket run one at a time under its lock, so this
     // read-modify-write of the socket's own state does not race.
     let state = unsafe { &mut *state };
+    // Demoted: the skb goes to this socket's own receive queue, in order
+    // behind the ones already there, where userspace reads it once every
+    // byte redirected before it has left the peer.
+    if control.pass != 0 {
+        state.passed += len;
+        return SK_PASS;
+    }
     let mut peer = control.peer;
     if PEERS.redirect_skb(&ctx, &mut peer, 0) != i64::from(SK_PASS) {
         // The peer was closed: the pair is being torn down and there is no

@@ -29,6 +29,10 @@ pub(super) enum DirEnd {
     ReadFailed(io::Error),
     /// Writing the destination failed (usually EPIPE/ECONNRESET).
     WriteFailed(io::Error),
+    /// Bytes of this direction were lost or duplicated on the way: both
+    /// sides get a reset, as neither stream can be trusted to be whole (the
+    /// sender of a lost upload would otherwise see a clean close).
+    Lost(io::Error),
 }
 
 /// Last time any byte moved, in ms since the transfer started.
@@ -141,6 +145,16 @@ pub(super) async fn supervise(
             DirEnd::WriteFailed(e) => {
                 tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
                 !from_client
+            }
+            DirEnd::Lost(e) => {
+                tracing::debug!(conn = conn.id, error = %e, from_client, "bytes lost: resetting both sides");
+                arm_reset(client);
+                arm_reset(upstream);
+                return if from_client {
+                    EndReason::ClientReset
+                } else {
+                    EndReason::TargetReset
+                };
             }
         };
         if client_failed {

@@ -1,6 +1,8 @@
 //! Shared test harness: backends, the proxy as a subprocess, payload hashing.
 #![allow(dead_code)]
 
+pub mod seq;
+
 use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;

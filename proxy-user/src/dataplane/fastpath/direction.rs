@@ -1,12 +1,14 @@
 //! One direction of an installed pair, from install to its end: the verdict
-//! carries it until the receiver falls a bound behind, then userspace does;
-//! its FIN passes only once every redirected byte is out.
+//! carries it until the receiver falls a bound behind, then userspace does
+//! (the verdict passes the bytes to the source's own receive queue); its FIN
+//! passes only once every redirected byte is out.
 
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use proxy_common::FlowControl;
 use socket2::SockRef;
 use tokio::{net::TcpStream, time::Instant};
 
@@ -18,6 +20,10 @@ use crate::dataplane::userspace::{write_all, DirEnd};
 /// How often a direction waiting for the kernel to drain looks again.
 const POLL: Duration = Duration::from_millis(1);
 
+/// How long EOF may be reported while passed bytes are still owed, with no
+/// byte arriving, before the FIN ledger judges the direction.
+const PASSED_BYTES_PATIENCE: Duration = Duration::from_secs(10);
+
 /// One direction of a spliced pair: bytes arriving on `src` leave from `dst`.
 pub(super) struct Direction<'a> {
     plane: &'a FastpathPlane,
@@ -25,9 +31,10 @@ pub(super) struct Direction<'a> {
     dst: &'a TcpStream,
     src_side: &'a Side,
     dst_side: &'a Side,
-    /// The verdict forwards `src`'s bytes (false: demoted, or never linked).
+    /// The verdict redirects `src`'s bytes (false: demoted, or never linked).
     linked: bool,
-    /// Taken out of `SOCKETS` because the receiver fell a bound behind.
+    /// The receiver fell a bound behind: the verdict passes `src`'s bytes to
+    /// its own receive queue, and userspace forwards them.
     pub(super) demoted: bool,
     /// Bytes userspace wrote into `dst` since the install.
     user: &'a AtomicU64,
@@ -35,6 +42,8 @@ pub(super) struct Direction<'a> {
     drained: u64,
     /// Bytes userspace forwarded before the install.
     early: u64,
+    /// Bytes read from `src` since the demotion: the verdict's passed ones.
+    read_passed: u64,
     buf: Vec<u8>,
 }
 
@@ -59,6 +68,7 @@ impl<'a> Direction<'a> {
             user,
             drained: 0,
             early,
+            read_passed: 0,
             buf: Vec::new(),
         }
     }
@@ -90,8 +100,12 @@ impl<'a> Direction<'a> {
     }
 
     /// While linked the verdict takes every byte, so a read finds only EOF or
-    /// an error; unlinked, userspace forwards what it reads. `Ok(false)`: FIN.
+    /// an error; demoted (or never linked), userspace forwards what it reads,
+    /// each piece only after every byte redirected before it is out (the
+    /// verdict ran for the redirected ones first, so reading the counter
+    /// after the read sees them all). `Ok(false)`: FIN.
     async fn read_available(&mut self) -> Result<bool, DirEnd> {
+        let mut owed_since: Option<Instant> = None;
         loop {
             if self.buf.is_empty() {
                 self.buf = vec![0; self.plane.fallback.buffer_size.max(1)];
@@ -104,9 +118,24 @@ impl<'a> Direction<'a> {
                     if let Ok(Some(e)) = self.src.take_error() {
                         return Err(DirEnd::ReadFailed(e));
                     }
+                    // tcp_bpf's recvmsg reports EOF once the FIN is in while
+                    // passed skbs can still wait in the psock's backlog (behind
+                    // skbs redirected out of this socket, for its slow reader):
+                    // they reach the receive queue later, so read again.
+                    if self.passed_owed()? {
+                        let since = *owed_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() < PASSED_BYTES_PATIENCE {
+                            tokio::time::sleep(POLL).await;
+                            continue;
+                        }
+                    }
                     return Ok(false);
                 }
                 Ok(n) => {
+                    owed_since = None;
+                    if self.demoted {
+                        self.read_passed += n as u64;
+                    }
                     if self.linked {
                         tracing::warn!(
                             bytes = n,
@@ -124,6 +153,18 @@ impl<'a> Direction<'a> {
                 Err(e) => return Err(DirEnd::ReadFailed(e)),
             }
         }
+    }
+
+    /// Demoted, and the verdict passed bytes that userspace has not read yet.
+    fn passed_owed(&self) -> Result<bool, DirEnd> {
+        if !self.demoted {
+            return Ok(false);
+        }
+        let state = self
+            .plane
+            .state(self.src_side.cookie)
+            .map_err(DirEnd::ReadFailed)?;
+        Ok(state.passed > self.read_passed)
     }
 
     /// The source sent FIN: pass it on once every redirected byte is out.
@@ -144,11 +185,10 @@ impl<'a> Direction<'a> {
     /// At the source's FIN: everything its TCP received must have gone
     /// somewhere exactly once (forwarded before the install, redirected or
     /// dropped for a closed peer by the verdict, or forwarded by userspace).
-    /// On kernel 6.18 a direction moved off the verdict can lose an skb in
-    /// the kernel (212 and 65,483 bytes seen in the bench, always in demoted
-    /// directions).
-    /// Those bytes cannot be brought back, so the receiver gets a reset
-    /// instead of a FIN that would vouch for a stream with a hole in it.
+    /// When demotion took the socket out of `SOCKETS`, kernel 6.18 lost skbs
+    /// here (212 to 65,483 bytes); demotion now keeps it in, and this check
+    /// stays as the proof. Lost bytes cannot be brought back, so both sides
+    /// get a reset instead of a FIN that would vouch for a stream with a hole.
     /// (Only at the FIN: mid-stream, SIOCINQ on a socket with a psock counts
     /// the psock's queue, not TCP's, so unread bytes cannot be told apart.)
     fn check_nothing_lost(&self) -> Result<(), DirEnd> {
@@ -170,7 +210,7 @@ impl<'a> Direction<'a> {
             forwarded = accounted,
             "the kernel fastpath lost or duplicated bytes of this direction (sockmap race on this kernel); resetting the connection"
         );
-        Err(DirEnd::ReadFailed(io::Error::other(format!(
+        Err(DirEnd::Lost(io::Error::other(format!(
             "fastpath forwarded {accounted} bytes of {received} received"
         ))))
     }
@@ -196,10 +236,19 @@ impl<'a> Direction<'a> {
             .map_err(DirEnd::ReadFailed)?;
         let delivered = self.delivered().map_err(DirEnd::WriteFailed)?;
         let inflight = state.redirected.saturating_sub(delivered);
-        if inflight >= self.plane.bound && self.plane.unlink(self.src_side.cookie) {
-            // From here the source's bytes wait in its own receive queue (the
-            // window closes); `read_available` drains the kernel's share
-            // first (`wait_drained`), then copies.
+        if inflight >= self.plane.bound {
+            // The socket stays in SOCKETS (removal can drop an skb). From the
+            // next skb on, the verdict passes the bytes to the source's own
+            // receive queue, charged to its rmem so the window closes;
+            // `read_available` forwards them once the kernel's share is out.
+            let pass = FlowControl {
+                peer: self.dst_side.cookie,
+                check_at: u64::MAX,
+                pass: 1,
+            };
+            self.plane
+                .set_control(self.src_side.cookie, pass)
+                .map_err(DirEnd::ReadFailed)?;
             self.linked = false;
             self.demoted = true;
             tracing::debug!(
@@ -210,12 +259,13 @@ impl<'a> Direction<'a> {
             );
             return Ok(());
         }
+        let next = FlowControl {
+            peer: self.dst_side.cookie,
+            check_at: state.redirected + self.plane.bound / 4,
+            pass: 0,
+        };
         self.plane
-            .set_check_at(
-                self.src_side.cookie,
-                self.dst_side.cookie,
-                state.redirected + self.plane.bound / 4,
-            )
+            .set_control(self.src_side.cookie, next)
             .map_err(DirEnd::ReadFailed)
     }
 

@@ -78,6 +78,7 @@ impl FastpathPlane {
                 let control = FlowControl {
                     peer: dst.cookie,
                     check_at: self.bound / 4,
+                    pass: 0,
                 };
                 maps.control
                     .insert(src.cookie, control, 0)
@@ -129,10 +130,6 @@ impl FastpathPlane {
         true
     }
 
-    pub(super) fn unlink(&self, cookie: u64) -> bool {
-        lock(&self.maps).sockets.remove(&cookie).is_ok()
-    }
-
     pub(super) fn uninstall(&self, pair: &Pair) {
         let mut waiters = lock(&self.waiters);
         let mut maps = lock(&self.maps);
@@ -155,10 +152,10 @@ impl FastpathPlane {
             .map_err(|e| io::Error::other(format!("STATE lookup: {e}")))
     }
 
-    pub(super) fn set_check_at(&self, cookie: u64, peer: u64, check_at: u64) -> io::Result<()> {
+    pub(super) fn set_control(&self, cookie: u64, control: FlowControl) -> io::Result<()> {
         lock(&self.maps)
             .control
-            .insert(cookie, FlowControl { peer, check_at }, 0)
+            .insert(cookie, control, 0)
             .map_err(|e| io::Error::other(format!("CONTROL update: {e}")))
     }
 }

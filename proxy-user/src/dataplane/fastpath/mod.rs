@@ -8,21 +8,24 @@
 //!   `SOCKETS` (where the verdict is attached) and sweeps its receive queue
 //!   through the verdict (SO_RCVLOWAT runs data_ready). Bytes that arrived in
 //!   between are the oldest in the queue, so the sweep forwards them first.
-//!   Userspace never reads a socket the verdict has seen bytes of: reading a
-//!   psock's queues next to the verdict (pass mode) replayed stale or zeroed
-//!   bytes on kernel 6.18, caught by a sequence-numbered stream.
+//!   Userspace reads a linked socket only after the verdict was told to pass
+//!   its bytes (demotion, below), never while it redirects them.
 //! - **Backpressure.** Redirected skbs leave the source's receive accounting,
 //!   so TCP's window never closes by itself: a fast sender into a slow
 //!   receiver would queue without bound inside the kernel (the prototype held
 //!   360 MB for one connection). The verdict wakes userspace every quarter of
 //!   the in-flight bound; when the bytes redirected but not yet acknowledged
-//!   by the receiver reach the bound, userspace takes the source out of
-//!   `SOCKETS`, waits until the kernel has handed every redirected byte to the
-//!   peer, and copies the rest of that direction itself, where the socket
-//!   buffers bound memory and the window closes as behind a copy proxy. The
-//!   direction is not put back: on kernel 6.18 re-adding a socket (and
-//!   reading a psock next to the verdict) replayed stale or zeroed bytes in a
-//!   sequence-numbered stream, so each direction changes plane at most once.
+//!   by the receiver reach the bound, userspace sets the direction's
+//!   `CONTROL.pass`, and the verdict returns `SK_PASS` for its skbs: they
+//!   queue on the source's own receive queue (charged to its rmem, so the
+//!   window closes as behind a copy proxy), and userspace reads and forwards
+//!   them once the kernel has handed every redirected byte to the peer. The
+//!   socket never leaves `SOCKETS` while the pair lives: removal clears the
+//!   verdict before `data_ready` is restored and the kernel drops an skb
+//!   arriving in between (lost 212 to 65,483 bytes per demotion before).
+//!   Reads after `SK_PASS` are exact on 6.18.44 (tests/kernel_contract.rs;
+//!   older 6.18 kernels replayed stale bytes, before the copied_seq fixes).
+//!   A direction is never re-armed: it changes plane at most once.
 //! - **Half-close.** A FIN still reaches userspace as EOF. The peer gets its
 //!   FIN only after every byte redirected before it was handed to the peer's
 //!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
@@ -245,6 +248,8 @@ impl FastpathPlane {
             kernel_c2t = client_state.redirected,
             kernel_t2c = upstream_state.redirected,
             dropped = client_state.dropped + upstream_state.dropped,
+            passed_c2t = client_state.passed,
+            passed_t2c = upstream_state.passed,
             demoted_c2t = up.demoted,
             demoted_t2c = down.demoted,
             elapsed_ms = start.elapsed().as_millis() as u64,

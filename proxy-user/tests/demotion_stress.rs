@@ -1,0 +1,168 @@
+//! Sequence-numbered bulk, download and echo streams through `--mode
+//! fastpath` with a 256 KiB in-flight bound, so directions are demoted to
+//! userspace all the time, with and without a CPU hog. Every byte is checked
+//! by position (see `common::seq`): a loss, duplicate or replay fails the
+//! run even when the byte count is right.
+//!
+//! The short run is part of the suite. The long one is run by hand:
+//! `STRESS_STREAMS=400 cargo test --release -p proxy-user --test demotion_stress -- --ignored --nocapture`
+//! (half the streams under the hog).
+
+#[macro_use]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::seq::*;
+use common::*;
+
+/// Runs `streams` streams (half under a CPU hog) and fails on any error.
+async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
+    let backend = Backend::with("seq", seq_backend).await;
+    let proxy = Proxy::start(
+        "fastpath",
+        &[AppSpec::new("seq", 1, vec![backend.target()])],
+        &["--fastpath-inflight", "256KiB"],
+    )
+    .await;
+    let start = Instant::now();
+    let calm = stress(proxy.addr(0, 0), streams / 2, 4, max_len, seed).await;
+    let hogged = {
+        let _hog = CpuHog::new(2, Duration::from_secs(600));
+        stress(
+            proxy.addr(0, 0),
+            streams - streams / 2,
+            4,
+            max_len,
+            seed + 1,
+        )
+        .await
+    };
+    let log = proxy.log();
+    let demotions = log
+        .matches("receiver fell a bound behind; direction continues in userspace")
+        .count();
+    let ledger = log.matches("lost or duplicated bytes").count();
+    let mut bad = Vec::new();
+    for (name, t) in [("calm", &calm), ("hog", &hogged)] {
+        eprintln!(
+            "{name}: {} streams, {} exact, {} silent errors, {} loud errors, {} MB",
+            t.streams,
+            t.exact,
+            t.silent.len(),
+            t.loud.len(),
+            t.bytes / 1_000_000
+        );
+        bad.extend(t.silent.iter().map(|e| format!("{name} silent: {e}")));
+        bad.extend(t.loud.iter().map(|e| format!("{name} loud: {e}")));
+    }
+    eprintln!(
+        "total: {streams} streams, {demotions} demotions, {ledger} FIN-ledger failures, {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {streams} streams failed ({demotions} demotions, {ledger} FIN-ledger failures): {bad:#?}; log at {}",
+        bad.len(),
+        proxy.log_path.display()
+    );
+}
+
+/// The short version, part of every test run (well under a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demoted_directions_lose_nothing() {
+    bounded(
+        90,
+        "short demotion stress",
+        stress_fastpath(60, 8 << 20, 0x5a),
+    )
+    .await;
+}
+
+/// The long version: `STRESS_STREAMS` streams (default 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn demoted_directions_lose_nothing_long() {
+    let streams = std::env::var("STRESS_STREAMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let seed = std::env::var("STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x77);
+    stress_fastpath(streams, 16 << 20, seed).await;
+}
+
+// ------------------------------------------ the checker catches what it must
+
+fn checked(pieces: &[&[u8]], len: u64) -> Result<(), String> {
+    let mut c = SeqCheck::new(0xabc0);
+    for p in pieces {
+        c.feed(p);
+    }
+    c.finish(len)
+}
+
+fn stream(len: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    SeqGen::new(0xabc0, len).fill(&mut buf);
+    buf
+}
+
+#[test]
+fn checker_passes_an_exact_stream_in_odd_pieces() {
+    let s = stream(100_003);
+    let pieces: Vec<&[u8]> = s.chunks(4_999).collect();
+    assert_eq!(checked(&pieces, 100_003), Ok(()));
+}
+
+#[test]
+fn checker_catches_a_dropped_segment() {
+    let s = stream(200_000);
+    let e = checked(&[&s[..65_000], &s[65_000 + 1_448..]], 200_000).unwrap_err();
+    assert!(
+        e.contains("offset 65000") && e.contains("1448 bytes missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn checker_catches_a_duplicated_segment() {
+    let s = stream(200_000);
+    let e = checked(&[&s[..70_000], &s[60_000..70_000], &s[70_000..]], 200_000).unwrap_err();
+    assert!(
+        e.contains("offset 70000") && e.contains("10000 bytes from earlier"),
+        "{e}"
+    );
+}
+
+/// A replay with the exact byte count: what a SHA of a repeated pattern or
+/// the FIN ledger cannot see.
+#[test]
+fn checker_catches_a_replay_with_the_exact_count() {
+    let mut s = stream(300_000);
+    let (early, late) = s.split_at_mut(150_000);
+    late[..65_480].copy_from_slice(&early[19_000..19_000 + 65_480]);
+    let e = checked(&[&s], 300_000).unwrap_err();
+    assert!(
+        e.contains("offset 150000") && e.contains("131000 bytes from earlier"),
+        "{e}"
+    );
+}
+
+#[test]
+fn checker_catches_zeros_and_a_short_clean_stream() {
+    let mut s = stream(50_000);
+    s[8_000..9_000].fill(0);
+    let e = checked(&[&s], 50_000).unwrap_err();
+    // A zero can be right by chance (the low byte of a word), so the hole is
+    // found within its first word.
+    assert!(
+        e.contains("wrong byte at offset 800") && e.contains("not of this stream"),
+        "{e}"
+    );
+    let s = stream(50_000);
+    let e = checked(&[&s[..49_992]], 50_000).unwrap_err();
+    assert!(e.contains("49992 bytes of 50000"), "{e}");
+}
