@@ -16,6 +16,15 @@ pub struct FlowControl {
     /// When `FlowState::redirected` reaches this, wake userspace (ring buffer)
     /// to compare what was redirected with what the peer acknowledged.
     pub check_at: u64,
+    /// The verdict redirects while `FlowState::redirected` stays within this;
+    /// the first skb that would cross it is passed (see `pass`), and so is
+    /// every skb after it. Userspace moves it to what the receiver has
+    /// acknowledged plus the in-flight bound at every check, so the kernel
+    /// itself holds the bound: a late or starved userspace cannot let the
+    /// source's rmem grow past what its TCP can take (past about twice
+    /// SO_RCVBUF, every segment that arrives while the socket is busy, ACKs
+    /// included, is dropped at the backlog).
+    pub limit: u64,
     /// Nonzero: the direction is demoted. The verdict returns `SK_PASS` for
     /// its bytes, which then wait on the source socket's own receive queue
     /// (charged to its rmem, so TCP's window closes) until userspace reads

@@ -5,9 +5,11 @@
 //!   `SOCKETS` receives is redirected out of its peer (found in `PEERS` by the
 //!   cookie userspace wrote into `CONTROL`). It counts what it redirects and
 //!   wakes userspace every so many bytes, so userspace can move a direction
-//!   off the kernel when the peer's receiver falls behind: it sets that
-//!   direction's `CONTROL.pass`, and from then on the verdict returns
-//!   `SK_PASS` for it. `frame` is an optional stream parser next to it;
+//!   move a direction's `CONTROL.limit` along with what the peer's receiver
+//!   acknowledged. An skb that would take the direction past its limit (or
+//!   any skb once userspace sets `CONTROL.pass`) is passed, `SK_PASS`, to
+//!   the socket's own receive queue, and so is every later one: userspace
+//!   carries that direction from then on. `frame` is an optional stream parser next to it;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
 //!   to any configured port to the proxy's one listening socket.
 #![no_std]
@@ -101,8 +103,14 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     let state = unsafe { &mut *state };
     // Demoted: the skb goes to this socket's own receive queue, in order
     // behind the ones already there, where userspace reads it once every
-    // byte redirected before it has left the peer.
-    if control.pass != 0 {
+    // byte redirected before it has left the peer. Passing is for good once
+    // one skb was passed: redirecting a later one would overtake it.
+    if control.pass != 0 || state.passed != 0 || state.redirected + len > control.limit {
+        if state.passed == 0 && control.pass == 0 {
+            // The verdict demoted the direction itself (the bound): wake
+            // userspace, which reads the passed bytes from now on.
+            let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
+        }
         state.passed += len;
         return SK_PASS;
     }

@@ -110,9 +110,9 @@ pub struct Cli {
     #[arg(long)]
     pub access_log: Option<PathBuf>,
 
-    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
-    #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]
-    pub fastpath_inflight: u64,
+    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default: twice --socket-buffer (4MiB with --socket-buffer 0); at most three times it.
+    #[arg(long, value_parser = parse_inflight)]
+    pub fastpath_inflight: Option<u64>,
 
     /// Fastpath only: also attach a stream parser next to the verdict (the kernel then reads
     /// through strparser instead of tcp_read_skb). Off by default: see NOTES.md for the comparison.
@@ -153,6 +153,7 @@ impl Cli {
             },
             fastpath: FastpathOptions {
                 inflight: self.fastpath_inflight,
+                socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
                 parser: self.fastpath_parser || std::env::var_os("PARSER").is_some(),
             },
             connect: ConnectPolicy {
@@ -306,10 +307,7 @@ mod tests {
     #[test]
     fn defaults_match_the_measured_ones() {
         let cli = Cli::parse_from(["proxy"]);
-        assert_eq!(
-            cli.fastpath_inflight,
-            crate::dataplane::DEFAULT_INFLIGHT_BOUND
-        );
+        assert_eq!(cli.fastpath_inflight, None);
         assert_eq!(cli.copy_buffer, crate::dataplane::DEFAULT_BUFFER);
     }
 

@@ -13,7 +13,7 @@ pub use copy::CopyPlane;
 pub use fastpath::Options as FastpathOptions;
 pub use userspace::arm_reset;
 #[cfg(test)]
-pub use {copy::DEFAULT_BUFFER, fastpath::DEFAULT_INFLIGHT_BOUND};
+pub use copy::DEFAULT_BUFFER;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -84,6 +84,10 @@ impl<'a> Direction<'a> {
                     if let Err(e) = r {
                         return DirEnd::ReadFailed(e);
                     }
+                    // Bytes to read while linked: the verdict passed them.
+                    if let Err(end) = self.check_inflight() {
+                        return end;
+                    }
                     match self.read_available().await {
                         Ok(true) => {}
                         Ok(false) => return self.finish().await,
@@ -224,8 +228,10 @@ impl<'a> Direction<'a> {
             .saturating_sub(self.user_bytes()))
     }
 
-    /// Demotes the direction to userspace copy when the receiver is a bound
-    /// behind; otherwise asks the verdict for the next checkpoint.
+    /// Moves the verdict's limit along with what the receiver acknowledged,
+    /// and notices when the verdict demoted the direction (it passes every
+    /// skb from the first that would cross the limit); then userspace
+    /// carries it, reading the passed bytes from `src`.
     fn check_inflight(&mut self) -> Result<(), DirEnd> {
         if !self.linked {
             return Ok(());
@@ -234,34 +240,21 @@ impl<'a> Direction<'a> {
             .plane
             .state(self.src_side.cookie)
             .map_err(DirEnd::ReadFailed)?;
-        let delivered = self.delivered().map_err(DirEnd::WriteFailed)?;
-        let inflight = state.redirected.saturating_sub(delivered);
-        if inflight >= self.plane.bound {
-            // The socket stays in SOCKETS (removal can drop an skb). From the
-            // next skb on, the verdict passes the bytes to the source's own
-            // receive queue, charged to its rmem so the window closes;
-            // `read_available` forwards them once the kernel's share is out.
-            let pass = FlowControl {
-                peer: self.dst_side.cookie,
-                check_at: u64::MAX,
-                pass: 1,
-            };
-            self.plane
-                .set_control(self.src_side.cookie, pass)
-                .map_err(DirEnd::ReadFailed)?;
+        if state.passed > 0 {
             self.linked = false;
             self.demoted = true;
             tracing::debug!(
                 cookie = self.src_side.cookie,
-                inflight,
                 redirected = state.redirected,
                 "receiver fell a bound behind; direction continues in userspace"
             );
             return Ok(());
         }
+        let delivered = self.delivered().map_err(DirEnd::WriteFailed)?;
         let next = FlowControl {
             peer: self.dst_side.cookie,
             check_at: state.redirected + self.plane.bound / 4,
+            limit: delivered + self.plane.bound,
             pass: 0,
         };
         self.plane

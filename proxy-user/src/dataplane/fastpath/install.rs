@@ -78,6 +78,7 @@ impl FastpathPlane {
                 let control = FlowControl {
                     peer: dst.cookie,
                     check_at: self.bound / 4,
+                    limit: self.bound,
                     pass: 0,
                 };
                 maps.control

@@ -13,13 +13,16 @@
 //! - **Backpressure.** Redirected skbs leave the source's receive accounting,
 //!   so TCP's window never closes by itself: a fast sender into a slow
 //!   receiver would queue without bound inside the kernel (the prototype held
-//!   360 MB for one connection). The verdict wakes userspace every quarter of
-//!   the in-flight bound; when the bytes redirected but not yet acknowledged
-//!   by the receiver reach the bound, userspace sets the direction's
-//!   `CONTROL.pass`, and the verdict returns `SK_PASS` for its skbs: they
-//!   queue on the source's own receive queue (charged to its rmem, so the
-//!   window closes as behind a copy proxy), and userspace reads and forwards
-//!   them once the kernel has handed every redirected byte to the peer. The
+//!   360 MB for one connection). So the verdict redirects a direction's
+//!   skbs only while they stay within its `CONTROL.limit`: the bytes the
+//!   receiver acknowledged plus the in-flight bound, which userspace moves
+//!   along every quarter of the bound (the verdict wakes it). The first skb
+//!   that would cross the limit, and every one after it, gets `SK_PASS`:
+//!   they queue on the source's own receive queue (charged to its rmem, so
+//!   the window closes as behind a copy proxy), and userspace reads and
+//!   forwards them once the kernel has handed every redirected byte to the
+//!   peer. The kernel enforces the bound, so a starved userspace cannot
+//!   let it overshoot (see `inflight_bound` for why it must not). The
 //!   socket never leaves `SOCKETS` while the pair lives: removal clears the
 //!   verdict before `data_ready` is restored and the kernel drops an skb
 //!   arriving in between (lost 212 to 65,483 bytes per demotion before).
@@ -52,20 +55,45 @@ mod direction;
 mod events;
 mod install;
 
-/// Default bound on one direction's bytes inside the kernel (redirected but
-/// not yet acknowledged by the receiver).
-// The flag's default is written as text in cli.rs; a test holds the two equal.
-#[cfg_attr(not(test), allow(dead_code))]
-pub const DEFAULT_INFLIGHT_BOUND: u64 = 4 << 20;
+/// Bound on one direction's bytes inside the kernel (redirected but not yet
+/// acknowledged by the receiver) with kernel autotuning (`--socket-buffer 0`).
+pub const AUTOTUNED_INFLIGHT_BOUND: u64 = 4 << 20;
 
 /// Fastpath knobs from the command line.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Most bytes one direction may have inside the kernel (redirected, not
-    /// yet acknowledged by the receiver) before it moves to userspace.
-    pub inflight: u64,
+    /// yet acknowledged by the receiver) before it moves to userspace; None:
+    /// derived from the socket buffers (`inflight_bound`).
+    pub inflight: Option<u64>,
+    /// The fixed SO_RCVBUF/SO_SNDBUF asked for (None: autotuning).
+    pub socket_buffer: Option<u32>,
     /// Also attach the `frame` stream parser (see proxy-ebpf).
     pub parser: bool,
+}
+
+/// The in-flight bound to use. Bytes the verdict redirected stay charged to
+/// the source socket's rmem until the peer's TCP takes them, and bytes it
+/// passed stay there until userspace reads them (up to about SO_RCVBUF,
+/// doubled by the kernel, plus one skb). Past the backlog's limit (twice the
+/// doubled SO_RCVBUF plus half the doubled SO_SNDBUF plus 64 KiB) the kernel
+/// drops every segment that arrives while the socket is busy, ACKs included,
+/// and with both directions full that stalled a 64 MiB echo for good. So
+/// with fixed buffers of B bytes the bound may be at most 3B; the default is 2B.
+pub fn inflight_bound(options: &Options) -> Result<u64> {
+    let Some(buffer) = options.socket_buffer.map(u64::from) else {
+        return Ok(options.inflight.unwrap_or(AUTOTUNED_INFLIGHT_BOUND));
+    };
+    match options.inflight {
+        None => Ok(2 * buffer),
+        Some(bound) if bound <= 3 * buffer => Ok(bound),
+        Some(bound) => anyhow::bail!(
+            "--fastpath-inflight {bound} is more than the fixed socket buffers can hold: \
+             with --socket-buffer {buffer} it may be at most {} (three times the buffer); \
+             raise --socket-buffer, lower --fastpath-inflight, or leave it out (default: twice the buffer)",
+            3 * buffer
+        ),
+    }
 }
 
 pub struct FastpathPlane {
@@ -82,6 +110,7 @@ impl FastpathPlane {
     /// Loads and attaches the verdict program and proves on a loopback pair
     /// that this kernel accepts sockets into the map. Must run inside tokio.
     pub fn load(fallback: CopyPlane, options: Options) -> Result<Self> {
+        let bound = inflight_bound(&options)?;
         let mut ebpf = bpf::load(&mut EbpfLoader::new())?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => events::spawn_bpf_logger(logger)?,
@@ -117,7 +146,7 @@ impl FastpathPlane {
             maps: Mutex::new(maps),
             waiters,
             fallback,
-            bound: options.inflight,
+            bound,
             _ebpf: Mutex::new(ebpf),
         })
     }
