@@ -110,7 +110,7 @@ pub struct Cli {
     #[arg(long)]
     pub access_log: Option<PathBuf>,
 
-    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default: twice --socket-buffer (4MiB with --socket-buffer 0); at most three times it.
+    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default 4MiB: twice the fastpath's socket buffers (--socket-buffer, raised to 2MiB on fastpath sockets); at most three times them.
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 

@@ -33,7 +33,14 @@ async fn rig(inflight: &str) -> Rig {
     let proxy = Proxy::start(
         "fastpath",
         &[AppSpec::new("seq", 1, vec![backend.target()])],
-        &["--fastpath-inflight", inflight],
+        // A bound past three times the fixed socket buffers is refused, so
+        // the never-demoted rigs run on autotuned ones.
+        &[
+            "--fastpath-inflight",
+            inflight,
+            "--socket-buffer",
+            if inflight == "4GiB" { "0" } else { "256KiB" },
+        ],
     )
     .await;
     Rig {

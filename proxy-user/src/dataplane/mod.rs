@@ -10,10 +10,10 @@ mod tcpinfo;
 mod userspace;
 
 pub use copy::CopyPlane;
-pub use fastpath::Options as FastpathOptions;
-pub use userspace::arm_reset;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
+pub use fastpath::Options as FastpathOptions;
+pub use userspace::arm_reset;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
