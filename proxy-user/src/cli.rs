@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
+use crate::dataplane::{CopyPlane, FastpathOptions, Mode, Promotion, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
 use crate::server::Settings;
@@ -114,6 +114,14 @@ pub struct Cli {
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 
+    /// --mode auto with BPF: a connection still open after this long, that moved less than --promote-below per second over it, moves into the kernel fastpath (checked again every period); 0 = never, auto stays in userspace.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub promote_after: Duration,
+
+    /// --mode auto with BPF: most bytes per second (both ways together) over --promote-after for a move into the kernel; busier connections stay on splice, which carries bulk best.
+    #[arg(long, default_value = "1MiB", value_parser = parse_inflight)]
+    pub promote_below: u64,
+
     /// Fastpath only: also attach a stream parser next to the verdict (the kernel then reads
     /// through strparser instead of tcp_read_skb). Off by default: see NOTES.md for the comparison.
     #[arg(long)]
@@ -155,6 +163,10 @@ impl Cli {
                 inflight: self.fastpath_inflight,
                 socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
                 parser: self.fastpath_parser || std::env::var_os("PARSER").is_some(),
+                promotion: (!self.promote_after.is_zero()).then_some(Promotion {
+                    after: self.promote_after,
+                    below: self.promote_below,
+                }),
             },
             connect: ConnectPolicy {
                 timeout: self.connect_timeout,

@@ -16,13 +16,35 @@ use std::time::{Duration, Instant};
 use common::seq::*;
 use common::*;
 
+/// `--mode fastpath` with a bound that demotes all the time.
+const FASTPATH: (&str, &[&str]) = ("fastpath", &["--fastpath-inflight", "256KiB"]);
+
+/// `--mode auto` moving every stream into the kernel 20 ms in, mid-transfer
+/// (no rate is too high), with the same bound: each stream changes plane
+/// once or twice while bytes flow.
+const AUTO: (&str, &[&str]) = (
+    "auto",
+    &[
+        "--fastpath-inflight",
+        "256KiB",
+        "--promote-after",
+        "20ms",
+        "--promote-below",
+        "4GiB",
+    ],
+);
+
 /// Runs `streams` streams (half under a CPU hog) and fails on any error.
 async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
+    stress_mode(FASTPATH, streams, max_len, seed).await
+}
+
+async fn stress_mode((mode, extra): (&str, &[&str]), streams: usize, max_len: u64, seed: u64) {
     let backend = Backend::with("seq", seq_backend).await;
     let proxy = Proxy::start(
-        "fastpath",
+        mode,
         &[AppSpec::new("seq", 1, vec![backend.target()])],
-        &["--fastpath-inflight", "256KiB"],
+        extra,
     )
     .await;
     let start = Instant::now();
@@ -43,6 +65,11 @@ async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
         .matches("receiver fell a bound behind; direction continues in userspace")
         .count();
     let ledger = log.matches("lost or duplicated bytes").count();
+    let promoted = proxy
+        .conn_lines()
+        .iter()
+        .filter(|l| l["promoted_ms"].is_u64())
+        .count();
     let mut bad = Vec::new();
     for (name, t) in [("calm", &calm), ("hog", &hogged)] {
         eprintln!(
@@ -57,7 +84,7 @@ async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
         bad.extend(t.loud.iter().map(|e| format!("{name} loud: {e}")));
     }
     eprintln!(
-        "total: {streams} streams, {demotions} demotions, {ledger} FIN-ledger failures, {:.1} s",
+        "total ({mode}): {streams} streams, {promoted} promoted, {demotions} demotions, {ledger} FIN-ledger failures, {:.1} s",
         start.elapsed().as_secs_f64()
     );
     assert!(
@@ -66,6 +93,14 @@ async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
         bad.len(),
         proxy.log_path.display()
     );
+    if mode == "auto" {
+        // Streams shorter than 20 ms end in userspace; most are longer.
+        assert!(
+            promoted >= streams / 4,
+            "only {promoted} of {streams} streams moved into the kernel; log at {}",
+            proxy.log_path.display()
+        );
+    }
 }
 
 /// The short version, part of every test run (well under a minute).
@@ -79,19 +114,38 @@ async fn demoted_directions_lose_nothing() {
     .await;
 }
 
+/// The same through `--mode auto`, every stream promoted mid-transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promoted_streams_lose_nothing() {
+    bounded(
+        90,
+        "short promotion stress",
+        stress_mode(AUTO, 60, 8 << 20, 0x5b),
+    )
+    .await;
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The long version: `STRESS_STREAMS` streams (default 400).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore]
 async fn demoted_directions_lose_nothing_long() {
-    let streams = std::env::var("STRESS_STREAMS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
-    let seed = std::env::var("STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x77);
-    stress_fastpath(streams, 16 << 20, seed).await;
+    let streams = env_or("STRESS_STREAMS", 400) as usize;
+    stress_fastpath(streams, 16 << 20, env_or("STRESS_SEED", 0x77)).await;
+}
+
+/// The long version through `--mode auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn promoted_streams_lose_nothing_long() {
+    let streams = env_or("STRESS_STREAMS", 400) as usize;
+    stress_mode(AUTO, streams, 16 << 20, env_or("STRESS_SEED", 0x78)).await;
 }
 
 // ------------------------------------------ the checker catches what it must

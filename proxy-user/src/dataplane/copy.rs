@@ -11,7 +11,9 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::userspace::{self, first_bytes, pass_fin, DirEnd, Pump, Tally};
+use super::userspace::{
+    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
+};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -52,13 +54,13 @@ pub(super) async fn pump(
     buf_size: usize,
     tally: Tally<'_>,
 ) -> DirEnd {
-    if let Err(e) = first_bytes(src).await {
-        return DirEnd::ReadFailed(e);
+    if let Err(end) = first_bytes_or_pause(src, &tally).await {
+        return end;
     }
     let mut buf = vec![0u8; buf_size.max(1)];
     loop {
-        if let Err(e) = src.readable().await {
-            return DirEnd::ReadFailed(e);
+        if let Err(end) = readable_or_pause(src, &tally).await {
+            return end;
         }
         let n = match src.try_read(&mut buf) {
             Ok(0) => {

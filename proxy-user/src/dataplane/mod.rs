@@ -3,12 +3,14 @@
 //! plane decides *how* (userspace copy, userspace splice(2), or the kernel
 //! sockmap fastpath).
 
+mod adaptive;
 mod copy;
 mod fastpath;
 mod splice;
 mod tcpinfo;
 mod userspace;
 
+pub use adaptive::Promotion;
 pub use copy::CopyPlane;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
@@ -105,7 +107,15 @@ pub struct Transfer {
     /// rest the kernel carried. Equal to the sum of both directions on the
     /// copy plane, near zero on the fastpath.
     pub userspace_bytes: u64,
+    /// The plane that carried it last (`fastpath` once promoted).
     pub plane: Plane,
+    /// `--mode auto`: how long the connection was carried in userspace
+    /// before the kernel took it (None: never promoted).
+    pub promoted_after: Option<Duration>,
+    /// Directions the kernel handed back to userspace (0 to 2).
+    pub demoted: u8,
+    /// The FIN ledger found bytes lost or duplicated; both sides were reset.
+    pub lost: bool,
 }
 
 impl Transfer {
@@ -117,7 +127,15 @@ impl Transfer {
             userspace_bytes: 0,
             end,
             plane: Plane::None,
+            promoted_after: None,
+            demoted: 0,
+            lost: false,
         }
+    }
+
+    /// The same, carried by `plane`.
+    pub fn on(self, plane: Plane) -> Transfer {
+        Transfer { plane, ..self }
     }
 }
 
@@ -182,9 +200,9 @@ impl SocketBuffers {
 /// Which data plane to use, from `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// splice(2) if it works here, else userspace copy (warns once); never touches BPF.
+    /// Adaptive: connections start on splice(2) (else copy) and quiet ones move into the kernel fastpath where BPF loads (root); without BPF, splice (else copy) only.
     Auto,
-    /// Kernel fastpath or exit with the reason.
+    /// Kernel fastpath for every connection, or exit with the reason.
     Fastpath,
     /// Userspace copy only; never touches BPF.
     Copy,
@@ -197,23 +215,20 @@ pub enum DataPlane {
     Splice(splice::SplicePlane),
     // Boxed: its maps and program handles are large, and it exists once.
     Fastpath(Box<fastpath::FastpathPlane>),
+    Adaptive(Box<adaptive::AdaptivePlane>),
 }
 
 impl DataPlane {
-    /// `auto` is splice(2), else copy: in `cargo xtask bench` splice tied or
-    /// beat the fastpath on throughput, CPU per GB, memory per connection and
-    /// connection rate, and on this kernel the fastpath lost or duplicated
-    /// bytes in rare demoted bulk transfers (NOTES.md). The fastpath wins
-    /// round-trip latency; it is chosen explicitly with `--mode fastpath`.
+    /// `auto` is the adaptive plane where the fastpath loads (NOTES.md §2:
+    /// splice wins bulk and churn, the kernel wins quiet and interactive
+    /// connections), else splice(2), else copy.
     pub fn select(
         mode: Mode,
         copy: copy::CopyPlane,
         fastpath: fastpath::Options,
     ) -> anyhow::Result<DataPlane> {
-        let load_fastpath = |copy: &copy::CopyPlane| {
-            fastpath::FastpathPlane::load(copy.clone(), fastpath)
-                .map(|p| DataPlane::Fastpath(Box::new(p)))
-        };
+        let load_fastpath =
+            |copy: &copy::CopyPlane| fastpath::FastpathPlane::load(copy.clone(), fastpath);
         let load_splice =
             |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
         match mode {
@@ -221,13 +236,34 @@ impl DataPlane {
             Mode::Splice => load_splice(&copy).map_err(|e| {
                 e.context("--mode splice: cannot use splice(2) (use --mode copy to run without it)")
             }),
-            Mode::Fastpath => load_fastpath(&copy).map_err(|e| {
+            Mode::Fastpath => load_fastpath(&copy).map(|p| DataPlane::Fastpath(Box::new(p))).map_err(|e| {
                 e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
             }),
-            Mode::Auto => load_splice(&copy).or_else(|e| {
-                tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
-                Ok(DataPlane::Copy(copy))
-            }),
+            Mode::Auto => {
+                let userspace = load_splice(&copy).or_else(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
+                    Ok::<_, anyhow::Error>(DataPlane::Copy(copy.clone()))
+                })?;
+                let Some(promotion) = fastpath.promotion else {
+                    return Ok(userspace);
+                };
+                let fastpath = match load_fastpath(&copy) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!(reason = %format!("{e:#}"), "kernel fastpath unavailable; --mode auto carries every connection in userspace");
+                        return Ok(userspace);
+                    }
+                };
+                let start = match userspace {
+                    DataPlane::Splice(p) => adaptive::Start::Splice(p),
+                    _ => adaptive::Start::Copy(copy),
+                };
+                Ok(DataPlane::Adaptive(Box::new(adaptive::AdaptivePlane {
+                    start,
+                    fastpath,
+                    promotion,
+                })))
+            }
         }
     }
 
@@ -237,6 +273,7 @@ impl DataPlane {
             DataPlane::Copy(_) => Plane::Copy,
             DataPlane::Splice(_) => Plane::Splice,
             DataPlane::Fastpath(_) => Plane::Fastpath,
+            DataPlane::Adaptive(p) => p.start.plane(),
         }
     }
 
@@ -245,6 +282,7 @@ impl DataPlane {
             DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
             DataPlane::Splice(p) => p.carry(client, upstream, conn).await,
             DataPlane::Fastpath(p) => p.carry(client, upstream, conn).await,
+            DataPlane::Adaptive(p) => p.carry(client, upstream, conn).await,
         }
     }
 }

@@ -22,7 +22,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy::{self, CopyPlane};
-use super::userspace::{self, first_bytes, pass_fin, DirEnd, Pump, Tally};
+use super::userspace::{
+    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
+};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -195,8 +197,8 @@ async fn pump(
     conn_id: u64,
 ) -> DirEnd {
     // Made when the direction first has data: an idle connection holds no pipe.
-    if let Err(e) = first_bytes(src).await {
-        return DirEnd::ReadFailed(e);
+    if let Err(end) = first_bytes_or_pause(src, &tally).await {
+        return end;
     }
     let pipe = match Pipe::new(pipe_size) {
         Ok(pipe) => pipe,
@@ -206,8 +208,8 @@ async fn pump(
         }
     };
     loop {
-        if let Err(e) = src.readable().await {
-            return DirEnd::ReadFailed(e);
+        if let Err(end) = readable_or_pause(src, &tally).await {
+            return end;
         }
         let pending = match pipe.fill(src) {
             Ok(0) => {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{tcpinfo, ConnInfo, EndReason, Plane, Transfer};
@@ -33,6 +34,27 @@ pub(super) enum DirEnd {
     /// sides get a reset, as neither stream can be trusted to be whole (the
     /// sender of a lost upload would otherwise see a clean close).
     Lost(io::Error),
+    /// Stopped at a safe point (everything read was written) because the
+    /// connection moves to the kernel; the socket still holds what came since.
+    Paused,
+}
+
+/// What `supervise` saw: the connection ended, or both directions stopped
+/// at a safe point for a promotion (a direction that ended first stays ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Ended(EndReason),
+    Paused,
+}
+
+impl Outcome {
+    /// For planes whose directions never pause.
+    pub(super) fn ended(self) -> EndReason {
+        match self {
+            Outcome::Ended(end) => end,
+            Outcome::Paused => EndReason::Closed,
+        }
+    }
 }
 
 /// Last time any byte moved, in ms since the transfer started.
@@ -75,6 +97,27 @@ impl Activity {
 /// allocate its per-direction buffer (or pipe) at once.
 pub(super) async fn first_bytes(src: &TcpStream) -> io::Result<()> {
     src.peek(&mut [0u8; 1]).await.map(|_| ())
+}
+
+/// Waits for `src`'s first byte like `first_bytes`, or ends with `Paused`
+/// when the connection is asked to move to the kernel first.
+pub(super) async fn first_bytes_or_pause(src: &TcpStream, tally: &Tally<'_>) -> Result<(), DirEnd> {
+    tokio::select! {
+        biased;
+        _ = tally.pause_asked() => Err(DirEnd::Paused),
+        r = first_bytes(src) => r.map_err(DirEnd::ReadFailed),
+    }
+}
+
+/// Waits until `src` is readable, or ends with `Paused` when the connection
+/// is asked to move to the kernel first. Pumps call it only where every byte
+/// they read was written, so pausing here leaves nothing behind in userspace.
+pub(super) async fn readable_or_pause(src: &TcpStream, tally: &Tally<'_>) -> Result<(), DirEnd> {
+    tokio::select! {
+        biased;
+        _ = tally.pause_asked() => Err(DirEnd::Paused),
+        r = src.readable() => r.map_err(DirEnd::ReadFailed),
+    }
 }
 
 /// Both sides: a proxy must not add Nagle delay to small writes.
@@ -120,24 +163,33 @@ pub(super) async fn supervise(
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
-) -> EndReason {
+) -> Outcome {
     let mut up = pin!(up);
     let mut down = pin!(down);
     let mut idle = pin!(idle);
-    let (mut up_done, mut down_done) = (false, false);
+    let (mut up_done, mut down_done, mut paused) = (false, false, false);
     loop {
         let (result, from_client) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, true) }
             r = &mut down, if !down_done => { down_done = true; (r, false) }
-            end = cut_short(client, upstream, conn) => return end,
+            end = cut_short(client, upstream, conn) => return Outcome::Ended(end),
             _ = &mut idle => {
                 cut_if_owed(client, upstream, conn);
-                return EndReason::IdleTimeout;
+                return Outcome::Ended(EndReason::IdleTimeout);
             }
         };
+        if matches!(result, DirEnd::Paused) {
+            paused = true;
+        }
         let client_failed = match result {
-            DirEnd::Eof if up_done && down_done => return EndReason::Closed,
-            DirEnd::Eof => continue,
+            DirEnd::Eof | DirEnd::Paused if up_done && down_done => {
+                return if paused {
+                    Outcome::Paused
+                } else {
+                    Outcome::Ended(EndReason::Closed)
+                };
+            }
+            DirEnd::Eof | DirEnd::Paused => continue,
             DirEnd::ReadFailed(e) => {
                 tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
                 from_client
@@ -150,19 +202,19 @@ pub(super) async fn supervise(
                 tracing::debug!(conn = conn.id, error = %e, from_client, "bytes lost: resetting both sides");
                 arm_reset(client);
                 arm_reset(upstream);
-                return if from_client {
+                return Outcome::Ended(if from_client {
                     EndReason::ClientReset
                 } else {
                     EndReason::TargetReset
-                };
+                });
             }
         };
         if client_failed {
             arm_reset(upstream);
-            return EndReason::ClientReset;
+            return Outcome::Ended(EndReason::ClientReset);
         }
         arm_reset(client);
-        return EndReason::TargetReset;
+        return Outcome::Ended(EndReason::TargetReset);
     }
 }
 
@@ -245,9 +297,22 @@ pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<(
 pub(super) struct Tally<'a> {
     moved: &'a AtomicU64,
     activity: &'a Activity,
+    /// Set: the connection may be asked to move to the kernel.
+    pause: Option<&'a watch::Sender<bool>>,
 }
 
 impl Tally<'_> {
+    /// Resolves once the connection is asked to move to the kernel; the
+    /// pump returns `DirEnd::Paused` when it sees this at a safe point.
+    pub(super) async fn pause_asked(&self) {
+        match self.pause {
+            Some(pause) => {
+                let _ = pause.subscribe().wait_for(|asked| *asked).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Bytes arrived from the source.
     pub(super) fn read(&self) {
         self.activity.touch();
@@ -276,44 +341,45 @@ pub(super) async fn carry<P: Pump>(
     upstream: TcpStream,
     conn: &ConnInfo,
 ) -> Transfer {
-    set_nodelay(&client, &upstream);
-    let c2t = AtomicU64::new(0);
-    let t2c = AtomicU64::new(0);
-    let activity = Activity::new();
-    let end = supervise(
-        pump.pump(
-            &client,
-            &upstream,
-            Tally {
-                moved: &c2t,
-                activity: &activity,
-            },
-            conn,
-        ),
-        pump.pump(
-            &upstream,
-            &client,
-            Tally {
-                moved: &t2c,
-                activity: &activity,
-            },
-            conn,
-        ),
-        activity.idle(conn.idle_timeout),
-        &client,
-        &upstream,
-        conn,
-    )
-    .await;
+    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+    let outcome = carry_until(pump, &client, &upstream, conn, None, &moved).await;
     drop(client);
     drop(upstream);
-    let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
+    let [c2t, t2c] = moved.map(|m| m.into_inner());
     Transfer {
         // Userspace moved these, even when splice(2) never mapped them.
         userspace_bytes: c2t + t2c,
         client_to_target: c2t,
         target_to_client: t2c,
-        end,
-        plane: P::PLANE,
+        ..Transfer::none(outcome.ended()).on(P::PLANE)
     }
+}
+
+/// Like `carry`, but the connection may also stop for a move to the kernel
+/// when `pause` says so. `moved` counts the bytes written each way
+/// (client→target, target→client) as they go.
+pub(super) async fn carry_until<P: Pump>(
+    pump: &P,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+    pause: Option<&watch::Sender<bool>>,
+    moved: &[AtomicU64; 2],
+) -> Outcome {
+    set_nodelay(client, upstream);
+    let activity = Activity::new();
+    let tally = |moved| Tally {
+        moved,
+        activity: &activity,
+        pause,
+    };
+    supervise(
+        pump.pump(client, upstream, tally(&moved[0]), conn),
+        pump.pump(upstream, client, tally(&moved[1]), conn),
+        activity.idle(conn.idle_timeout),
+        client,
+        upstream,
+        conn,
+    )
+    .await
 }

@@ -176,6 +176,8 @@ impl Conn {
             userspace_bytes = t.userspace_bytes,
             duration_ms,
             plane = t.plane.as_str(),
+            promoted_ms = t.promoted_after.map(|d| d.as_millis() as u64),
+            demoted = t.demoted,
             end = t.end.as_str(),
             "connection closed"
         );

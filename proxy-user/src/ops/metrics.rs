@@ -108,6 +108,9 @@ pub struct AppMetrics {
     active: Gauge,
     bytes: [Counter; Direction::ALL.len()],
     connect_attempts: Counter,
+    promotions: Counter,
+    demotions: Counter,
+    ledger_failures: Counter,
 }
 
 impl AppMetrics {
@@ -133,6 +136,13 @@ impl AppMetrics {
         self.bytes[Direction::ClientToTarget as usize].inc_by(t.client_to_target);
         self.bytes[Direction::TargetToClient as usize].inc_by(t.target_to_client);
         self.connect_attempts.inc_by(u64::from(attempts));
+        if t.promoted_after.is_some() {
+            self.promotions.inc();
+        }
+        self.demotions.inc_by(u64::from(t.demoted));
+        if t.lost {
+            self.ledger_failures.inc();
+        }
     }
 }
 
@@ -154,6 +164,9 @@ pub struct Metrics {
     active: Family<AppLabels, Gauge>,
     bytes: Family<DirectionLabels, Counter>,
     connect_attempts: Family<AppLabels, Counter>,
+    promotions: Family<AppLabels, Counter>,
+    demotions: Family<AppLabels, Counter>,
+    ledger_failures: Family<AppLabels, Counter>,
     pub accept_resource_errors: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
@@ -207,6 +220,24 @@ impl Metrics {
                 "Upstream connect attempts of finished connections, by app \
                  (more than connections = failovers)",
             ),
+            promotions: registered(
+                r,
+                "proxy_promotions",
+                "Finished connections that --mode auto moved from userspace into the \
+                 kernel fastpath, by app",
+            ),
+            demotions: registered(
+                r,
+                "proxy_demotions",
+                "Directions of finished fastpath connections that the kernel handed back \
+                 to userspace (their receiver fell the in-flight bound behind), by app",
+            ),
+            ledger_failures: registered(
+                r,
+                "proxy_fin_ledger_failures",
+                "Fastpath connections reset because the FIN ledger found bytes of a \
+                 direction lost or duplicated, by app (expected 0)",
+            ),
             accept_resource_errors: registered(
                 r,
                 "proxy_accept_resource_errors",
@@ -253,6 +284,9 @@ impl Metrics {
                 })
             }),
             connect_attempts: self.connect_attempts.get_or_create_owned(&of),
+            promotions: self.promotions.get_or_create_owned(&of),
+            demotions: self.demotions.get_or_create_owned(&of),
+            ledger_failures: self.ledger_failures.get_or_create_owned(&of),
         }
     }
 }
@@ -284,8 +318,7 @@ mod tests {
                 client_to_target: 10,
                 target_to_client: 20,
                 userspace_bytes: 30,
-                end: EndReason::Closed,
-                plane: Plane::Copy,
+                ..Transfer::none(EndReason::Closed).on(Plane::Copy)
             },
             2,
         );

@@ -343,7 +343,7 @@ impl Proxy {
     /// userspace planes, as a child for the fastpath (BPF programs belong to
     /// a process of their own).
     pub async fn start(mode: &str, apps: &[AppSpec], extra: &[&str]) -> Proxy {
-        let at = if mode == "fastpath" {
+        let at = if mode == "fastpath" || mode == "auto" {
             Where::Child
         } else {
             Where::InProcess
@@ -532,7 +532,8 @@ impl Proxy {
         let Some(mode) = &self.mode else { return };
         let allowed: &[&str] = match mode.as_str() {
             "fastpath" => &["fastpath", "copy-fallback"],
-            "auto" => &["splice"],
+            // Adaptive: splice until promoted; a promoted pair may fall back.
+            "auto" => &["splice", "fastpath", "copy-fallback"],
             other => &[other][..],
         };
         let planes: Vec<String> = self
@@ -548,7 +549,7 @@ impl Proxy {
                 self.log_path.display()
             );
         }
-        if mode == "fastpath" {
+        if mode == "fastpath" || mode == "auto" {
             let failed: Vec<String> = self
                 .log_lines()
                 .iter()

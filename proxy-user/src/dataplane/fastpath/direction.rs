@@ -36,6 +36,8 @@ pub(super) struct Direction<'a> {
     /// The receiver fell a bound behind: the verdict passes `src`'s bytes to
     /// its own receive queue, and userspace forwards them.
     pub(super) demoted: bool,
+    /// The FIN ledger found this direction's bytes lost or duplicated.
+    pub(super) lost: bool,
     /// Bytes userspace wrote into `dst` since the install.
     user: &'a AtomicU64,
     /// Redirected bytes already known to be handed to `dst`'s TCP.
@@ -65,6 +67,7 @@ impl<'a> Direction<'a> {
             dst_side,
             linked: src_side.linked,
             demoted: false,
+            lost: false,
             user,
             drained: 0,
             early,
@@ -195,7 +198,7 @@ impl<'a> Direction<'a> {
     /// get a reset instead of a FIN that would vouch for a stream with a hole.
     /// (Only at the FIN: mid-stream, SIOCINQ on a socket with a psock counts
     /// the psock's queue, not TCP's, so unread bytes cannot be told apart.)
-    fn check_nothing_lost(&self) -> Result<(), DirEnd> {
+    fn check_nothing_lost(&mut self) -> Result<(), DirEnd> {
         let received = tcpinfo::bytes_received(self.src).map_err(DirEnd::ReadFailed)?;
         let state = self
             .plane
@@ -208,6 +211,7 @@ impl<'a> Direction<'a> {
         if received == accounted {
             return Ok(());
         }
+        self.lost = true;
         tracing::error!(
             cookie = self.src_side.cookie,
             received,

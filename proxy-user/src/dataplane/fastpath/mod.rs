@@ -70,6 +70,8 @@ pub struct Options {
     pub socket_buffer: Option<u32>,
     /// Also attach the `frame` stream parser (see proxy-ebpf).
     pub parser: bool,
+    /// `--mode auto`: when a connection moves into the kernel (None: never).
+    pub promotion: Option<super::Promotion>,
 }
 
 /// The socket buffers a fixed `--socket-buffer` gets on a socket the
@@ -194,6 +196,19 @@ impl FastpathPlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        self.carry_from(client, upstream, conn, [0, 0]).await
+    }
+
+    /// Carries a connection whose first `before` bytes each way
+    /// (client→target, target→client) another plane already forwarded, all
+    /// of them written out: the FIN ledger counts them as forwarded.
+    pub async fn carry_from(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &ConnInfo,
+        before: [u64; 2],
+    ) -> Transfer {
         set_nodelay(&client, &upstream);
         for sock in [&client, &upstream] {
             if let Err(e) = raise_socket_buffers(sock, self.socket_buffer) {
@@ -214,17 +229,17 @@ impl FastpathPlane {
         let (up, down) = tokio::select! {
             r = copied => r,
             end = cut_short(&client, &upstream, conn) => {
-                let (c2t, t2c) = (moved[0].load(Ordering::Relaxed), moved[1].load(Ordering::Relaxed));
+                let c2t = before[0] + moved[0].load(Ordering::Relaxed);
+                let t2c = before[1] + moved[1].load(Ordering::Relaxed);
                 return Transfer {
                     client_to_target: c2t,
                     target_to_client: t2c,
                     userspace_bytes: c2t + t2c,
-                    end,
-                    plane: Plane::CopyFallback,
+                    ..Transfer::none(end).on(Plane::CopyFallback)
                 };
             }
         };
-        let early = [up.moved, down.moved];
+        let early = [before[0] + up.moved, before[1] + down.moved];
         // A reset seen here must reach the other side as a reset: the error
         // is consumed by the read that saw it, so no later reader would know.
         let reset = match (&up.end, &down.end) {
@@ -310,7 +325,9 @@ impl FastpathPlane {
                 }
             }
         };
-        let end = supervise(up.run(), down.run(), idle, client, upstream, conn).await;
+        let end = supervise(up.run(), down.run(), idle, client, upstream, conn)
+            .await
+            .ended();
         let user = [
             user[0].load(Ordering::Relaxed),
             user[1].load(Ordering::Relaxed),
@@ -336,6 +353,9 @@ impl FastpathPlane {
             target_to_client: upstream_state.redirected + user[1],
             userspace_bytes: user[0] + user[1],
             end,
+            promoted_after: None,
+            demoted: u8::from(up.demoted) + u8::from(down.demoted),
+            lost: up.lost || down.lost,
             plane: if pair.client.linked || pair.upstream.linked {
                 Plane::Fastpath
             } else {

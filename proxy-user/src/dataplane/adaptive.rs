@@ -1,0 +1,136 @@
+//! `--mode auto` where BPF loads: one adaptive plane. Every connection
+//! starts in userspace (splice, else copy): cheap to set up, and the best
+//! plane for bulk transfers and for short connections, which never pay for
+//! an install. A connection that is still open after `--promote-after` and
+//! moved fewer than `--promote-below` bytes per second over that time
+//! (interactive or mostly idle: where the kernel's per-skb hop beats two
+//! syscalls per message) moves into the kernel fastpath. Its userspace
+//! pumps stop where everything they read was written, so nothing is in
+//! flight in userspace at the move; the fastpath forwards whatever arrived
+//! since and installs the pair. From then on the fastpath's own rules hold:
+//! a direction whose receiver falls the in-flight bound behind is handed
+//! back to userspace by the verdict itself, losslessly, and the FIN ledger
+//! checks every byte each way, counting the ones userspace moved first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::copy::CopyPlane;
+use super::fastpath::FastpathPlane;
+use super::splice::SplicePlane;
+use super::userspace::{carry_until, Outcome, Pump};
+use super::{ConnInfo, Plane, Transfer};
+
+/// When a connection moves into the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promotion {
+    /// How long a connection is watched (and re-watched) in userspace.
+    pub after: Duration,
+    /// Most bytes per second, both ways together, over `after` for a move.
+    pub below: u64,
+}
+
+impl Promotion {
+    /// Resolves once the connection moved no more than the allowed bytes
+    /// over one whole watch period.
+    async fn quiet(&self, moved: &[AtomicU64; 2]) {
+        let allowed = (self.below as f64 * self.after.as_secs_f64()) as u64;
+        let total = || moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed);
+        let mut last = total();
+        loop {
+            tokio::time::sleep(self.after).await;
+            let now = total();
+            if now - last <= allowed {
+                return;
+            }
+            last = now;
+        }
+    }
+}
+
+/// The userspace plane connections start on.
+pub enum Start {
+    Splice(SplicePlane),
+    Copy(CopyPlane),
+}
+
+impl Start {
+    pub fn plane(&self) -> Plane {
+        match self {
+            Start::Splice(_) => Plane::Splice,
+            Start::Copy(_) => Plane::Copy,
+        }
+    }
+}
+
+pub struct AdaptivePlane {
+    pub start: Start,
+    pub fastpath: FastpathPlane,
+    pub promotion: Promotion,
+}
+
+impl AdaptivePlane {
+    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        let began = Instant::now();
+        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        let (pause, _) = watch::channel(false);
+        let userspace = async {
+            match &self.start {
+                Start::Splice(p) => run(p, &client, &upstream, conn, &pause, &moved).await,
+                Start::Copy(p) => run(p, &client, &upstream, conn, &pause, &moved).await,
+            }
+        };
+        let ask = async {
+            self.promotion.quiet(&moved).await;
+            pause.send_replace(true);
+            std::future::pending::<()>().await
+        };
+        let outcome = tokio::select! {
+            outcome = userspace => outcome,
+            _ = ask => unreachable!("asking for a pause never ends"),
+        };
+        let before = [
+            moved[0].load(Ordering::Relaxed),
+            moved[1].load(Ordering::Relaxed),
+        ];
+        match outcome {
+            Outcome::Ended(end) => Transfer {
+                client_to_target: before[0],
+                target_to_client: before[1],
+                userspace_bytes: before[0] + before[1],
+                ..Transfer::none(end).on(self.start.plane())
+            },
+            Outcome::Paused => {
+                let after = began.elapsed();
+                tracing::debug!(
+                    conn = conn.id,
+                    after_ms = after.as_millis() as u64,
+                    c2t = before[0],
+                    t2c = before[1],
+                    "quiet connection moves into the kernel fastpath"
+                );
+                let mut transfer = self
+                    .fastpath
+                    .carry_from(client, upstream, conn, before)
+                    .await;
+                transfer.promoted_after = Some(after);
+                transfer
+            }
+        }
+    }
+}
+
+async fn run<P: Pump>(
+    pump: &P,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+    pause: &watch::Sender<bool>,
+    moved: &[AtomicU64; 2],
+) -> Outcome {
+    carry_until(pump, client, upstream, conn, Some(pause), moved).await
+}
