@@ -50,7 +50,9 @@ impl Endpoint {
 }
 
 /// Our proxy's endpoints in the bench: name and the flags that select it.
-pub const OUR_PLANES: [(&str, &[&str]); 4] = [
+pub const OUR_PLANES: [(&str, &[&str]); 5] = [
+    // The default: adaptive (splice, quiet connections move into the kernel).
+    ("auto", &["--mode", "auto"]),
     ("fastpath", &["--mode", "fastpath"]),
     // Same fastpath with the stream parser attached: the comparison behind
     // --fastpath-parser's default (NOTES.md).
@@ -298,7 +300,7 @@ fn write_report(json_path: &Path, md_path: &Path, rss: &[(String, u64)]) -> Resu
         report["duration_s"]
     )?;
     md.push_str(&table);
-    md.push_str("\n## Against the best peer\n\nRatio of each of our planes to the best of HAProxy and nginx for that load (>1 is better for throughput and rate, <1 is better for latency).\n\n| load | best peer | fastpath | fastpath-parser | splice | copy |\n|---|---|---|---|---|---|\n");
+    md.push_str("\n## Against the best peer\n\nRatio of each of our planes to the best of HAProxy and nginx for that load (>1 is better for throughput and rate, <1 is better for latency).\n\n| load | best peer | auto | fastpath | fastpath-parser | splice | copy |\n|---|---|---|---|---|---|---|\n");
     let peers = ["haproxy", "haproxy-splice", "nginx"];
     for load in &loads {
         let (metric, higher_better) = metric_of(load);
@@ -323,7 +325,8 @@ fn write_report(json_path: &Path, md_path: &Path, rss: &[(String, u64)]) -> Resu
         };
         writeln!(
             md,
-            "| {load} | {best_name} ({best_value:.2}) | {} | {} | {} | {} |",
+            "| {load} | {best_name} ({best_value:.2}) | {} | {} | {} | {} | {} |",
+            ratio("auto"),
             ratio("fastpath"),
             ratio("fastpath-parser"),
             ratio("splice"),

@@ -93,7 +93,7 @@ fn run(cli: Cli) -> Result<()> {
                 duration,
                 rounds,
                 loads,
-                ours: &["fastpath", "fastpath-parser", "splice", "copy"],
+                ours: &["auto", "fastpath", "fastpath-parser", "splice", "copy"],
                 peers: true,
                 report: true,
             })
@@ -173,7 +173,7 @@ fn test() -> Result<()> {
     }
     cmd("go").args(["vet", "./..."]).dir(&go).run()?;
     cmd("go").args(["test", "./..."]).dir(&go).run()?;
-    for mode in ["copy", "splice", "fastpath"] {
+    for mode in ["copy", "splice", "fastpath", "auto"] {
         e2e::check_config(mode)?;
     }
     println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");

@@ -1,0 +1,145 @@
+//! `--mode auto` with BPF (root): the adaptive plane. Connections start on
+//! splice; quiet ones move into the kernel; bulk ones and short ones stay
+//! in userspace. Every byte is checked by position (`common::seq`), and the
+//! close lines say which plane carried each connection and when it moved.
+
+#[macro_use]
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::seq::{SeqCheck, SeqGen};
+use common::*;
+
+/// Watch periods short enough for a test, and the default rate.
+const FAST: &[&str] = &["--promote-after", "200ms", "--admin-address", "127.0.0.1:0"];
+
+async fn auto_proxy(backend: &Backend, extra: &[&str]) -> Proxy {
+    Proxy::start(
+        "auto",
+        &[AppSpec::new("app", 1, vec![backend.target()])],
+        extra,
+    )
+    .await
+}
+
+/// One echo connection that the client drives through phases: `(pieces,
+/// piece size, pause between pieces)`. Everything it sends is one
+/// sequence-numbered stream, checked as it comes back; then a half-close,
+/// and the echo must end exactly at the stream's end.
+async fn echo_phases(addr: SocketAddr, tag: u64, phases: &[(usize, usize, Duration)]) {
+    let total: u64 = phases.iter().map(|&(n, size, _)| (n * size) as u64).sum();
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut check = SeqCheck::new(tag);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.expect("read the echo");
+            if n == 0 {
+                break;
+            }
+            check.feed(&buf[..n]);
+        }
+        check.finish(total)
+    });
+    let mut gen = SeqGen::new(tag, total);
+    for &(pieces, size, pause) in phases {
+        let mut piece = vec![0u8; size];
+        for _ in 0..pieces {
+            let n = gen.fill(&mut piece);
+            w.write_all(&piece[..n]).await.expect("write");
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+    w.shutdown().await.expect("half-close");
+    let result = reader.await.expect("reader task");
+    assert_eq!(result, Ok(()), "the echo must come back exact");
+}
+
+/// The close line of the only connection.
+fn only_conn(proxy: &Proxy) -> serde_json::Value {
+    let lines = proxy.conn_lines();
+    assert_eq!(lines.len(), 1, "one connection: {lines:?}");
+    lines[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_connection_moves_into_the_kernel_and_back_out_exact() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    // Interactive (a small message every 20 ms, long past the 200 ms watch),
+    // then bulk (16 MiB as fast as it goes, through a promoted pair), then
+    // interactive again.
+    let chat = (40, 200, Duration::from_millis(20));
+    let bulk = (256, 64 * 1024, Duration::ZERO);
+    bounded(60, "interactive, bulk, interactive", async {
+        echo_phases(proxy.addr(0, 0), 0x7100, &[chat, bulk, chat]).await
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "fastpath", "promoted: {line}");
+    assert_eq!(line["end"], "closed", "{line}");
+    let after = line["promoted_ms"].as_u64().expect("promoted_ms");
+    assert!(after >= 200, "not before the first watch period: {line}");
+    let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_promotions_total{app="app"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, r#"proxy_fin_ledger_failures_total{app="app"}"#),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_connection_stays_in_userspace() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    // 1 MiB every 10 ms for well over a second: far above 1 MiB/s.
+    let busy = (150, 1 << 20, Duration::from_millis(10));
+    bounded(60, "busy echo", async {
+        echo_phases(proxy.addr(0, 0), 0x7200, &[busy]).await
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "splice", "bulk stays on splice: {line}");
+    assert!(line["promoted_ms"].is_null(), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_connections_never_pay_an_install() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    let addr = proxy.addr(0, 0);
+    bounded(60, "200 short exchanges", async {
+        for i in 0..200u64 {
+            echo_phases(addr, 0x7300 + i, &[(1, 100, Duration::ZERO)]).await;
+        }
+    })
+    .await;
+    proxy.wait_conn_lines(200, 10).await;
+    for line in proxy.conn_lines() {
+        assert_eq!(line["plane"], "splice", "{line}");
+    }
+}
+
+/// Without `--promote-after` auto never touches the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_after_zero_keeps_auto_in_userspace() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, &["--promote-after", "0"]).await;
+    let chat = (20, 100, Duration::from_millis(10));
+    bounded(30, "chat", echo_phases(proxy.addr(0, 0), 0x7400, &[chat])).await;
+    proxy.wait_conn_lines(1, 10).await;
+    assert_eq!(only_conn(&proxy)["plane"], "splice");
+}
