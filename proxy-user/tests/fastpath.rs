@@ -93,6 +93,18 @@ async fn fastpath_userspace_reads_no_payload_for_1gib() {
 /// 360 MB for one connection), then the receiver speeds up and every byte of
 /// 1 GiB must arrive, in order.
 async fn slow_receiver_stays_bounded(mode: &str) {
+    slow_receiver_bounded_with(mode, &[]).await
+}
+
+/// `--mode auto` with a connection moved into the kernel 50 ms in (no rate
+/// is too high), so the slow receiver meets a promoted pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_slow_receiver_stays_bounded() {
+    let promote_early = ["--promote-after", "50ms", "--promote-below", "4GiB"];
+    slow_receiver_bounded_with("auto", &promote_early).await
+}
+
+async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     // MemAvailable is system-wide: the planes take turns, and this test binary
     // holds nothing else heavy while they run.
     let _alone = MEMORY_TEST.lock().await;
@@ -123,7 +135,7 @@ async fn slow_receiver_stays_bounded(mode: &str) {
         s.shutdown().await
     })
     .await;
-    let proxy = Proxy::start(mode, &[AppSpec::new("slow", 1, vec![sink.target()])], &[]).await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("slow", 1, vec![sink.target()])], extra).await;
     let before = mem_available();
     let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
     let (mut r, mut w) = s.into_split();
@@ -133,12 +145,28 @@ async fn slow_receiver_stays_bounded(mode: &str) {
     // an unbounded queue grows the whole time (hundreds of MB per second),
     // while another process's passing allocation shows in a sample or two.
     let mut grew = Vec::new();
+    // The proxy's own sockets, where a child runs it (the kernel planes):
+    // exact, where MemAvailable also moves with every other process.
+    let mut held = Vec::new();
+    let child = proxy.is_child().then(|| proxy.pid());
     let start = Instant::now();
     while start.elapsed() < SLOW_PHASE {
         grew.push(before.saturating_sub(mem_available()) / 1024);
+        if let Some(pid) = child {
+            held.push(proxy_socket_mem(pid) >> 20);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     grew.sort_unstable();
+    held.sort_unstable();
+    if let (Some(median), Some(most)) = (held.get(held.len() / 2), held.last()) {
+        eprintln!("{mode}: the proxy's sockets held {median} MiB (median), {most} MiB (most)");
+        // The bound for the kernel planes: at most 64 MiB.
+        assert!(
+            *most <= 64,
+            "{mode}: the proxy's sockets held up to {most} MiB while the receiver read 10 MB/s"
+        );
+    }
     let grew_mib = grew[grew.len() / 2];
     let most_mib = grew[grew.len() - 1];
     eprintln!("{mode}: kernel memory grew by {grew_mib} MiB (median), {most_mib} MiB (most) during the slow phase");
@@ -150,6 +178,13 @@ async fn slow_receiver_stays_bounded(mode: &str) {
     let mut answer = String::new();
     r.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer.trim(), format!("{LEN} {}", sha_hex(&sent)));
+    if !extra.is_empty() {
+        let line = &proxy.wait_conn_lines(1, 10).await[0];
+        assert!(
+            line["promoted_ms"].is_u64(),
+            "the pair must have moved into the kernel: {line}"
+        );
+    }
     // Socket buffers on three sockets (a few MiB each) plus the in-flight
     // bound fit easily; an unbounded queue grows by the sender's full rate
     // (hundreds of MB per second) and fails this.

@@ -44,36 +44,6 @@ const SLOW_PHASE: Duration = Duration::from_secs(8);
 /// The targets' write size: the payload generator's output depends on it.
 const CHUNK: usize = 64 * 1024;
 
-/// Kernel memory queued on the proxy's own TCP sockets: received but not
-/// read (`r`) plus written but not yet acknowledged (`w`), from `ss -tmnp`.
-/// The clients' and targets' sockets share the machine but not the bound.
-fn proxy_socket_mem(pid: i32) -> u64 {
-    let out = std::process::Command::new("ss")
-        .args(["-tmnpH"])
-        .output()
-        .expect("ss (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let owner = format!("pid={pid},");
-    let mut total = 0;
-    let mut ours = false;
-    for line in text.lines() {
-        if let Some(mem) = line.trim().strip_prefix("skmem:(") {
-            if ours {
-                for field in mem.trim_end_matches(')').split(',') {
-                    let digits = field.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-                    let name = &field[..field.len() - digits.len()];
-                    if name == "r" || name == "w" {
-                        total += digits.parse::<u64>().unwrap_or(0);
-                    }
-                }
-            }
-        } else {
-            ours = line.contains(&owner);
-        }
-    }
-    total
-}
-
 /// Reads `s` at about 100 KB/s for `slow`, then as fast as it can; returns
 /// the byte count and SHA-256 of everything.
 async fn slow_then_fast(mut s: TcpStream, slow: Duration) -> std::io::Result<(u64, Sha)> {

@@ -464,6 +464,11 @@ impl Proxy {
         }
     }
 
+    /// Runs as a process of its own (fastpath, auto, `Proxy::spawn`).
+    pub fn is_child(&self) -> bool {
+        matches!(self.run, Run::Child(_))
+    }
+
     pub fn pid(&self) -> i32 {
         match &self.run {
             Run::Child(child) => child.id() as i32,
@@ -970,4 +975,34 @@ pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// Kernel memory queued on the proxy's own TCP sockets: received but not
+/// read (`r`) plus written but not yet acknowledged (`w`), from `ss -tmnp`.
+/// The clients' and targets' sockets share the machine but not the bound.
+pub fn proxy_socket_mem(pid: i32) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnpH"])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let owner = format!("pid={pid},");
+    let mut total = 0;
+    let mut ours = false;
+    for line in text.lines() {
+        if let Some(mem) = line.trim().strip_prefix("skmem:(") {
+            if ours {
+                for field in mem.trim_end_matches(')').split(',') {
+                    let digits = field.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+                    let name = &field[..field.len() - digits.len()];
+                    if name == "r" || name == "w" {
+                        total += digits.parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        } else {
+            ours = line.contains(&owner);
+        }
+    }
+    total
 }
