@@ -30,6 +30,11 @@ pub struct FlowControl {
     /// (charged to its rmem, so TCP's window closes) until userspace reads
     /// them. The socket stays in `SOCKETS`: taking it out could drop an skb.
     pub pass: u64,
+    /// Fault injection for the tests that prove the checks catch a loss
+    /// (`--fastpath-fault-drop-at`, hidden): nonzero, the verdict drops the
+    /// first skb that arrives once this many bytes were redirected, and
+    /// counts it nowhere, as the kernel's own loss would be. 0 in service.
+    pub fault_drop_at: u64,
 }
 
 /// Written by the verdict program only, read by userspace.
@@ -44,6 +49,8 @@ pub struct FlowState {
     pub notified: u64,
     /// Bytes left on the source's receive queue for userspace (`pass` set).
     pub passed: u64,
+    /// Skbs dropped by `FlowControl::fault_drop_at` (0 or 1).
+    pub faults: u64,
 }
 
 /// What the verdict program tells userspace through the ring buffer: this

@@ -114,6 +114,11 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         state.passed += len;
         return SK_PASS;
     }
+    // Test-only fault (never set in service): one skb vanishes.
+    if control.fault_drop_at != 0 && state.redirected >= control.fault_drop_at && state.faults == 0 {
+        state.faults = 1;
+        return SK_DROP;
+    }
     let mut peer = control.peer;
     if PEERS.redirect_skb(&ctx, &mut peer, 0) != i64::from(SK_PASS) {
         // The peer was closed: the pair is being torn down and there is no

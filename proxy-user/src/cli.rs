@@ -122,6 +122,10 @@ pub struct Cli {
     #[arg(long, default_value = "1MiB", value_parser = parse_inflight)]
     pub promote_below: u64,
 
+    /// Tests only: the verdict drops one skb of each direction after this many redirected bytes (proves the FIN ledger and the checkers catch a kernel loss).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub fastpath_fault_drop_at: u64,
+
     /// Fastpath only: also attach a stream parser next to the verdict (the kernel then reads
     /// through strparser instead of tcp_read_skb). Off by default: see NOTES.md for the comparison.
     #[arg(long)]
@@ -163,6 +167,7 @@ impl Cli {
                 inflight: self.fastpath_inflight,
                 socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
                 parser: self.fastpath_parser || std::env::var_os("PARSER").is_some(),
+                fault_drop_at: self.fastpath_fault_drop_at,
                 promotion: (!self.promote_after.is_zero()).then_some(Promotion {
                     after: self.promote_after,
                     below: self.promote_below,

@@ -174,3 +174,54 @@ async fn demotion_with_bytes_in_flight_is_exact() {
     bounded(50, "demoted echo", all_exact(proxy, &streams)).await;
     assert_demoted(proxy, 2);
 }
+
+/// The suite's own proof: the same redirect check run against a verdict
+/// told to drop one skb per direction (`--fastpath-fault-drop-at`, a test
+/// hook) must fail, loudly: the FIN ledger sees the hole and resets both
+/// sides, and the sequence checker never reports the stream exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_skb_is_caught() {
+    let backend = Backend::with("seq", seq_backend).await;
+    let proxy = Proxy::start(
+        "fastpath",
+        &[AppSpec::new("seq", 1, vec![backend.target()])],
+        &[
+            "--fastpath-inflight",
+            "4GiB",
+            "--socket-buffer",
+            "0",
+            "--fastpath-fault-drop-at",
+            "1048576",
+        ],
+    )
+    .await;
+    let mb = 1 << 20;
+    let streams = [
+        (Kind::Upload, 8 * mb, 0x70 << 41),
+        (Kind::Download, 8 * mb, 0x72 << 41),
+        (Kind::Echo, 8 * mb, 0x74 << 41),
+    ];
+    for (kind, len, tag) in streams {
+        let outcome = bounded(
+            30,
+            "a stream with a hole",
+            run_stream(proxy.addr(0, 0), kind, len, tag),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Outcome::Loud(_)),
+            "{kind:?}: a dropped skb must end the stream with an error, not {outcome:?}"
+        );
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains(LEDGER),
+        "the FIN ledger must name the loss; log at {}",
+        proxy.log_path.display()
+    );
+    let lines = proxy.wait_conn_lines(3, 10).await;
+    assert!(
+        lines.iter().all(|l| l["end"] != "closed"),
+        "a stream with a hole must not close cleanly: {lines:?}"
+    );
+}

@@ -260,6 +260,7 @@ impl<'a> Direction<'a> {
             check_at: state.redirected + self.plane.bound / 4,
             limit: delivered + self.plane.bound,
             pass: 0,
+            fault_drop_at: self.plane.fault_drop_at,
         };
         self.plane
             .set_control(self.src_side.cookie, next)

@@ -80,6 +80,7 @@ impl FastpathPlane {
                     check_at: self.bound / 4,
                     limit: self.bound,
                     pass: 0,
+                    fault_drop_at: self.fault_drop_at,
                 };
                 maps.control
                     .insert(src.cookie, control, 0)

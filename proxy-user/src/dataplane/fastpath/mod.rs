@@ -72,6 +72,8 @@ pub struct Options {
     pub parser: bool,
     /// `--mode auto`: when a connection moves into the kernel (None: never).
     pub promotion: Option<super::Promotion>,
+    /// Tests only: see `FlowControl::fault_drop_at` (0: off).
+    pub fault_drop_at: u64,
 }
 
 /// The socket buffers a fixed `--socket-buffer` gets on a socket the
@@ -145,6 +147,7 @@ pub struct FastpathPlane {
     fallback: CopyPlane,
     bound: u64,
     socket_buffer: Option<u32>,
+    fault_drop_at: u64,
     /// Owns the loaded program; dropping it would detach the verdict.
     _ebpf: Mutex<Ebpf>,
 }
@@ -191,6 +194,7 @@ impl FastpathPlane {
             fallback,
             bound,
             socket_buffer: options.socket_buffer,
+            fault_drop_at: options.fault_drop_at,
             _ebpf: Mutex::new(ebpf),
         })
     }
