@@ -11,7 +11,7 @@ mod userspace;
 
 pub use copy::CopyPlane;
 pub use fastpath::Options as FastpathOptions;
-pub use userspace::arm_reset;
+pub use userspace::{arm_reset, Parking};
 #[cfg(test)]
 pub use {copy::DEFAULT_BUFFER, fastpath::DEFAULT_INFLIGHT_BOUND};
 

@@ -12,11 +12,13 @@ use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{tcpinfo, ConnInfo, EndReason, Plane, Transfer};
@@ -225,24 +227,95 @@ pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// One direction's bookkeeping: the bytes it wrote, and the activity clock
+/// One direction's bookkeeping: the bytes it wrote, the bytes it holds
+/// (read, not yet written: its buffer or pipe), and the activity clock
 /// both directions share.
 #[derive(Clone, Copy)]
 pub(super) struct Tally<'a> {
     moved: &'a AtomicU64,
+    held: &'a AtomicU64,
     activity: &'a Activity,
 }
 
 impl Tally<'_> {
-    /// Bytes arrived from the source.
-    pub(super) fn read(&self) {
+    /// `n` bytes arrived from the source.
+    pub(super) fn read(&self, n: usize) {
+        self.held.fetch_add(n as u64, Ordering::Relaxed);
         self.activity.touch();
     }
 
     /// `n` bytes went out to the destination.
     pub(super) fn wrote(&self, n: usize) {
         self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.held.fetch_sub(n as u64, Ordering::Relaxed);
         self.activity.touch();
+    }
+}
+
+tokio::task_local! {
+    /// Set by the connection's owner when it may move the connection to
+    /// another process (an upgrade): `carry` then parks at a safe point.
+    static PARKING: Arc<Parking>;
+}
+
+/// Upgrade hook: lets a userspace connection stop at a safe point (neither
+/// direction holds a byte: buffers written out, pipes empty) and give its
+/// two sockets and counters back instead of closing them. Pumps are only
+/// ever dropped between polls, so "holds nothing" checked between polls
+/// stays true until they are gone; a direction that already passed its
+/// FIN is harmless to restart (it reads EOF again and passes it again).
+pub struct Parking {
+    requested: watch::Receiver<bool>,
+    parked: Mutex<Option<Parked>>,
+}
+
+/// A connection stopped at a safe point.
+pub struct Parked {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Bytes moved each way by the `carry` that parked it.
+    pub client_to_target: u64,
+    pub target_to_client: u64,
+}
+
+impl Parking {
+    /// `requested` turning true asks the connection to park; false again
+    /// (the other process is gone, or the wait is over) lets it run on.
+    pub fn new(requested: watch::Receiver<bool>) -> Arc<Parking> {
+        Arc::new(Parking {
+            requested,
+            parked: Mutex::new(None),
+        })
+    }
+
+    /// Runs `carry` (of a userspace plane) so that it can park.
+    pub async fn scope<F: Future>(self: &Arc<Self>, carry: F) -> F::Output {
+        PARKING.scope(self.clone(), carry).await
+    }
+
+    /// What `carry` left when it parked, if it did.
+    pub fn take(&self) -> Option<Parked> {
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Resolves at the first safe point after a park request.
+    async fn safe_point(&self, held: &[AtomicU64; 2]) {
+        let mut requested = self.requested.clone();
+        loop {
+            if requested.wait_for(|r| *r).await.is_err() {
+                return std::future::pending().await;
+            }
+            while *requested.borrow() {
+                if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) {
+                    return;
+                }
+                // A pump mid-write: look again shortly.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 }
 
@@ -265,13 +338,16 @@ pub(super) async fn carry<P: Pump>(
     set_nodelay(&client, &upstream);
     let c2t = AtomicU64::new(0);
     let t2c = AtomicU64::new(0);
+    let held = [AtomicU64::new(0), AtomicU64::new(0)];
     let activity = Activity::new();
-    let end = supervise(
+    let parking = PARKING.try_with(Arc::clone).ok();
+    let supervised = supervise(
         pump.pump(
             &client,
             &upstream,
             Tally {
                 moved: &c2t,
+                held: &held[0],
                 activity: &activity,
             },
             conn,
@@ -281,6 +357,7 @@ pub(super) async fn carry<P: Pump>(
             &client,
             Tally {
                 moved: &t2c,
+                held: &held[1],
                 activity: &activity,
             },
             conn,
@@ -289,11 +366,37 @@ pub(super) async fn carry<P: Pump>(
         &client,
         &upstream,
         conn,
-    )
-    .await;
+    );
+    let end = match &parking {
+        None => Some(supervised.await),
+        Some(p) => tokio::select! {
+            biased;
+            end = supervised => Some(end),
+            () = p.safe_point(&held) => None,
+        },
+    };
+    let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
+    let Some(end) = end else {
+        // Parked (only with `parking`): the pumps are dropped, the sockets
+        // go to the owner.
+        if let Some(p) = &parking {
+            *p.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Parked {
+                client,
+                upstream,
+                client_to_target: c2t,
+                target_to_client: t2c,
+            });
+        }
+        return Transfer {
+            userspace_bytes: c2t + t2c,
+            client_to_target: c2t,
+            target_to_client: t2c,
+            end: EndReason::Closed,
+            plane: P::PLANE,
+        };
+    };
     drop(client);
     drop(upstream);
-    let (c2t, t2c) = (c2t.load(Ordering::Relaxed), t2c.load(Ordering::Relaxed));
     Transfer {
         // Userspace moved these, even when splice(2) never mapped them.
         userspace_bytes: c2t + t2c,

@@ -20,21 +20,26 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::config::{self, watch as config_watch, Config};
 use crate::dataplane::DataPlane;
 use crate::edge::steering::Steering;
+use crate::dataplane::Plane;
+use crate::edge::handover::Handover;
 use crate::edge::tracker::Tracker;
-use crate::edge::{RateLimit, Shared};
+use crate::edge::{AppRuntime, RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
+use crate::ops::sd_notify;
 use crate::upstream::loop_guard::LoopGuard;
 use crate::upstream::stats::TargetMetrics;
 use handle::Command;
 pub use handle::{Cutter, Handle};
+use handoff::{HandoffSocket, Takeover};
 use lifecycle::{Request, Signals};
 use state::{State, Trigger};
 
 mod budget;
 mod handle;
+mod handoff;
 pub(crate) mod lifecycle;
 mod settings;
 mod state;
@@ -55,15 +60,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Before anything can fail slowly: a SIGTERM during startup must not
     // hit the default action.
     let mut signals = Signals::register()?;
+    let handoff_path = settings.handoff_socket.clone();
     let Some(server) = start_unless_stopped(settings, &mut signals).await? else {
         return Ok(());
     };
+    // MAINPID too: after a takeover systemd must follow this process.
+    sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     let sig = loop {
-        match signals.next().await {
+        let request = tokio::select! {
+            r = signals.next() => r,
+            // Handed over to a new process and drained.
+            () = server.finished() => return Ok(()),
+        };
+        match request {
             Request::Shutdown(sig) => break sig,
-            Request::Reload => server.reload().await,
+            Request::Reload => {
+                sd_notify::reloading();
+                server.reload().await;
+                sd_notify::notify("READY=1");
+            }
+            Request::Upgrade => upgrade(handoff_path.as_deref()),
+            Request::Ignored(sig) => {
+                tracing::info!(signal = sig, "ignored (SIGHUP reloads the config and reopens --access-log; SIGUSR2 upgrades)")
+            }
         }
     };
+    sd_notify::notify("STOPPING=1");
     // A second signal means "now": do not wait for the drain. Live streams
     // are reset first (a FIN from exit would pass for their end), with a
     // short grace for their tasks to do it and log.
@@ -93,6 +115,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--check`: reads and validates the config file as this proxy would,
+/// binding nothing; a summary, or every problem found.
+pub async fn check(settings: &Settings) -> anyhow::Result<String> {
+    let text = config::file::read(&settings.config).await?;
+    let (config, _) = settings.parse_config(&text)?;
+    Ok(format!(
+        "{} apps, {} ports",
+        config.apps.len(),
+        config.listeners().count()
+    ))
+}
+
+/// SIGUSR2: starts the successor, which connects back to our handoff
+/// socket; this process serves on until it says it is ready.
+fn upgrade(handoff: Option<&std::path::Path>) {
+    let Some(path) = handoff else {
+        tracing::warn!(signal = "SIGUSR2", "ignored: upgrades need --handoff-socket PATH");
+        return;
+    };
+    match handoff::successor::spawn(path) {
+        Ok(pid) => tracing::info!(successor = pid, "SIGUSR2: started the new process; serving until it is ready"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGUSR2: cannot start the new process; still serving"),
+    }
+}
+
 /// `start`, raced against the signals: a stop signal while starting (an
 /// access log FIFO waiting for its reader, a slow config read) ends the
 /// process now rather than once started; a SIGHUP reloads once started.
@@ -119,6 +166,8 @@ async fn start_unless_stopped(
                     return Ok(None);
                 }
                 Request::Reload => reload = true,
+                Request::Upgrade => tracing::warn!(signal = "SIGUSR2", "ignored during start-up"),
+                Request::Ignored(sig) => tracing::info!(signal = sig, "ignored"),
             },
         }
     }
@@ -127,6 +176,8 @@ async fn start_unless_stopped(
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
+/// With `takeover`, the listening sockets come from the running proxy,
+/// which serves until this one is ready (`handoff`).
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
@@ -141,6 +192,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     };
     let access_log = match &settings.access_log {
         Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone()).await?),
+        None => None,
+    };
+    let mut takeover = match &settings.takeover {
+        Some(path) => Some(Takeover::connect(path).await?),
         None => None,
     };
     // Stamp before reading: a change in between is seen as a change.
@@ -164,6 +219,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
     let (hard_tx, hard_rx) = watch::channel(false);
     let hard_tx = Arc::new(hard_tx);
+    let (accepting, accepting_rx) = watch::channel(false);
+    let (finished_tx, finished) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
         plane,
@@ -177,6 +234,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         per_app_cap: settings.max_per_app,
         apps: AtomicUsize::new(config.apps.len()),
         hard_stop: hard_rx,
+        accepting: accepting_rx,
+        handover: Handover::default(),
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
         metrics,
@@ -194,18 +253,55 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     };
     if settings.steering == Steering::SkLookup {
         let ports: Vec<u16> = config.listeners().map(|(_, port)| port).collect();
-        state.steer = Some(steer::start(&settings, &ports, &shared)?);
+        let inherited = takeover.as_mut().and_then(|t| t.steer.take());
+        state.steer = Some(steer::start(&settings, &ports, &shared, inherited)?);
     }
     // Bind everything before serving anything: a port clash fails startup
     // as a whole rather than leaving a half-working proxy.
-    let bound = state::bind_new(&state, &config, &settings)?;
+    let bound = state::bind_new(&state, &config, &settings, takeover.as_mut().map(|t| &mut t.ports))?;
+    // Not on a takeover: the old process still holds the path until it
+    // stopped accepting.
+    let mut handoff = match (&settings.handoff_socket, &takeover) {
+        (Some(path), None) => Some(HandoffSocket::bind(path)?),
+        _ => None,
+    };
     state::apply(&mut state, &config, bound, &shared, &settings);
-    if let Some(steer) = &mut state.steer {
-        // Ready means every port reaches us, not just that PORTS says so.
-        steer
-            .verify(steer::START_WAIT)
-            .await
-            .context("--steering sk_lookup: not every configured port reaches this proxy")?;
+    match takeover {
+        None => {
+            let _ = accepting.send(true);
+            if let Some(steer) = &mut state.steer {
+                // Ready means every port reaches us, not just that PORTS says so.
+                steer
+                    .verify(steer::START_WAIT)
+                    .await
+                    .context("--steering sk_lookup: not every configured port reaches this proxy")?;
+            }
+        }
+        Some(t) => {
+            // Nothing can fail from here: the old process stops accepting,
+            // and we start (the connections in between wait in the backlog).
+            let takes_conns = matches!(shared.plane.plane(), Plane::Copy | Plane::Splice);
+            let taken = t.commit(takes_conns).await;
+            let _ = accepting.send(true);
+            let apps: HashMap<String, Arc<AppRuntime>> = state
+                .apps
+                .iter()
+                .map(|(name, a)| (name.clone(), a.runtime.clone()))
+                .collect();
+            tokio::spawn(taken.receive_conns(shared.clone(), apps));
+            if let Some(path) = &settings.handoff_socket {
+                match HandoffSocket::bind(path) {
+                    Ok(h) => handoff = Some(h),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "no handoff socket: this process cannot be upgraded in place"),
+                }
+            }
+            if let Some(steer) = &mut state.steer {
+                // The old program steered to this same socket until now.
+                if let Err(e) = steer.verify(steer::START_WAIT).await {
+                    tracing::error!(error = %format!("{e:#}"), "--steering sk_lookup: not every configured port reaches this proxy");
+                }
+            }
+        }
     }
     state.published.readiness().set(true);
     let listening: Vec<(String, SocketAddr)> = state
@@ -227,9 +323,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 hard_stop: hard_tx.clone(),
                 tracker: tracker.clone(),
             },
+            handoff,
+            _accepting: accepting,
         },
         rx,
         file_changes,
+        finished_tx,
     ));
     Ok(Handle {
         commands,
@@ -238,6 +337,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             tracker,
         },
         admin,
+        finished,
     })
 }
 
@@ -288,39 +388,99 @@ struct Control {
     settings: Settings,
     shared: Arc<Shared>,
     cutter: Cutter,
+    /// `--handoff-socket`: where a successor connects.
+    handoff: Option<HandoffSocket>,
+    /// Kept open: accept loops end when it closes.
+    _accepting: watch::Sender<bool>,
+}
+
+/// Why the control loop ended.
+enum Stop {
+    Shutdown(&'static str, Option<tokio::sync::oneshot::Sender<()>>),
+    HandedOver(handoff::Given),
 }
 
 /// Applies reloads (asked for, or a settled file change) one at a time until
-/// a shutdown, then drains.
+/// a shutdown or a handoff, then drains.
 async fn control(
     mut c: Control,
     mut commands: mpsc::Receiver<Command>,
     mut file_changes: Option<mpsc::Receiver<()>>,
+    finished: watch::Sender<bool>,
 ) {
-    let (why, done) = loop {
+    let stop = loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::Reload(done)) => {
                     c.reload(Trigger::Signal).await;
                     let _ = done.send(());
                 }
-                Some(Command::Shutdown(why, done)) => break (why, Some(done)),
+                Some(Command::Shutdown(why, done)) => break Stop::Shutdown(why, Some(done)),
                 // Every handle is gone: nobody can ask for a drain any more.
-                None => break ("handle dropped", None),
+                None => break Stop::Shutdown("handle dropped", None),
             },
             Some(()) = async { match &mut file_changes {
                 Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
             } } => c.reload(Trigger::FileChange).await,
+            link = async { match &c.handoff {
+                Some(h) => h.accept().await,
+                None => std::future::pending().await,
+            } } => match link {
+                Ok(link) => if let Some(given) = c.give(link).await {
+                    break Stop::HandedOver(given);
+                },
+                Err(e) => tracing::warn!(error = %e, "handoff socket: accept failed"),
+            },
         }
     };
-    c.drain(why).await;
-    if let Some(done) = done {
-        let _ = done.send(());
+    match stop {
+        Stop::Shutdown(why, done) => {
+            c.drain(why).await;
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+        Stop::HandedOver(given) => c.hand_over(given).await,
     }
+    let _ = finished.send(true);
 }
 
 impl Control {
+    /// Offers this server's listening sockets to a successor; Some once it
+    /// is ready to serve. Until then (and on any error) we serve on.
+    async fn give(&mut self, link: handoff::Link) -> Option<handoff::Given> {
+        let listeners: Vec<_> = self
+            .state
+            .listeners
+            .iter()
+            .map(|(port, l)| (*port, l.fd))
+            .collect();
+        let steer = self.state.steer.as_ref().map(|s| s.fd);
+        match handoff::give(link, listeners, steer).await {
+            Ok(given) => Some(given),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "handoff: the new process did not get ready; still serving");
+                None
+            }
+        }
+    }
+
+    /// The successor is ready: stop accepting, hand it the connections
+    /// that can move, drain the rest.
+    async fn hand_over(mut self, given: handoff::Given) {
+        // Before this process can exit: systemd follows the new one.
+        sd_notify::notify(&format!("MAINPID={}", given.pid));
+        tracing::info!(successor = given.pid, "handoff: the new process is ready; stopping accepting");
+        self.state.published.readiness().set(false);
+        state::stop_accepting(&mut self.state).await;
+        if let Some(h) = self.handoff.take() {
+            h.close();
+        }
+        given.finish(&self.shared).await;
+        self.drain("handed over").await;
+    }
+
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
         state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
@@ -340,6 +500,7 @@ impl Control {
             signal = why,
             live = tracker.live(),
             drain_timeout_ms = drain_timeout.as_millis() as u64,
+            pid = std::process::id(),
             "shutting down: closed listeners, draining live connections"
         );
         // Draining: /readyz turns 503 so load balancers stop sending here.

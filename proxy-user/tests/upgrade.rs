@@ -1,0 +1,333 @@
+//! Upgrades through the real binary: `--handoff-socket` on the running
+//! proxy, `--takeover` (or SIGUSR2) for the new one. Long-lived
+//! sequence-checked streams and a new-connection load run throughout; no
+//! connection may be refused or reset, no byte lost or reordered.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One proxy generation: its process, log and the flags it was started with.
+struct Gen {
+    proxy: Proxy,
+}
+
+struct Setup {
+    mode: &'static str,
+    config: PathBuf,
+    handoff: PathBuf,
+    addr: SocketAddr,
+    _backend: Backend,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.handoff);
+    }
+}
+
+fn scratch(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "proxy-upgrade-{}-{}-{what}",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
+}
+
+impl Setup {
+    async fn new(mode: &'static str) -> Setup {
+        let backend = Backend::echo("echo").await;
+        let port = free_ports(1)[0];
+        let apps = [AppSpec::new("app", 1, vec![backend.target()])];
+        let config = write_temp("config.json", &config_json(&apps, &[vec![port]]));
+        Setup {
+            mode,
+            config,
+            handoff: scratch("handoff.sock"),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _backend: backend,
+        }
+    }
+
+    fn args(&self, config: &Path, takeover: bool) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--config",
+            &config.display().to_string(),
+            "--listen-address",
+            "127.0.0.1",
+            "--mode",
+            self.mode,
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "--drain-timeout",
+            "20s",
+            "--handoff-socket",
+            &self.handoff.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if takeover {
+            a.extend(["--takeover".into(), self.handoff.display().to_string()]);
+        }
+        a
+    }
+
+    /// Starts `bin`; returns once it logged "proxy ready" (Err(log) if it
+    /// exited first).
+    async fn launch(&self, bin: &Path, config: &Path, takeover: bool) -> Result<Gen, String> {
+        let log_path = scratch("proxy.log");
+        let child = Command::new(bin)
+            .args(self.args(config, takeover))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("spawn proxy");
+        // Not the config: generations share it (`Setup` removes it).
+        let mut proxy = Proxy::from_child(child, log_path, scratch("unused"), self.mode);
+        proxy.wait_ready().await?;
+        Ok(Gen { proxy })
+    }
+}
+
+/// A second binary to alternate with: a copy of the same build under
+/// another path (a different build is not available to a test).
+fn second_binary() -> PathBuf {
+    let p = scratch("proxy-b");
+    std::fs::copy(PROXY, &p).expect("copy the proxy binary");
+    p
+}
+
+// ------------------------------------------------------------ the traffic
+
+/// Word `k` of stream `seed`: sequence-checked, so a lost, duplicated or
+/// reordered byte shows at its offset.
+fn word(seed: u64, k: u64) -> [u8; 8] {
+    (seed << 40 | k).to_le_bytes()
+}
+
+/// A long-lived stream through an echo backend: writes 1 KiB every 20 ms
+/// until `stop`, then FIN; reads back concurrently and checks every word.
+/// Returns the bytes sent (= received and checked).
+async fn long_stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>) -> Result<u64, String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("stream {seed}: connect: {e}"))?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut k = 0u64;
+        let mut buf = Vec::with_capacity(1024);
+        while !stop.load(Ordering::Relaxed) {
+            buf.clear();
+            for _ in 0..128 {
+                buf.extend_from_slice(&word(seed, k));
+                k += 1;
+            }
+            w.write_all(&buf).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.shutdown().await?;
+        Ok::<u64, std::io::Error>(k * 8)
+    });
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = r
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("stream {seed}: read after {got} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        let whole = pending.len() / 8 * 8;
+        for chunk in pending[..whole].chunks(8) {
+            let k = got / 8;
+            if chunk != word(seed, k) {
+                return Err(format!("stream {seed}: word {k} out of sequence"));
+            }
+            got += 8;
+        }
+        pending.drain(..whole);
+    }
+    let sent = writer
+        .await
+        .map_err(|e| format!("stream {seed}: writer: {e}"))?
+        .map_err(|e| format!("stream {seed}: write: {e}"))?;
+    if !pending.is_empty() || got != sent {
+        return Err(format!(
+            "stream {seed}: sent {sent} bytes, got back {got} (+{} partial)",
+            pending.len()
+        ));
+    }
+    Ok(sent)
+}
+
+/// New connections, one after another on each of `workers` tasks: connect,
+/// 64 bytes each way, close. Counts successes; failures are kept.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, workers: usize, stop: Arc<AtomicBool>) -> Load {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..workers)
+            .map(|w| {
+                let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        match one_exchange(addr, (w as u64) << 32 | i).await {
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failures,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let f = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), f)
+    }
+}
+
+async fn one_exchange(addr: SocketAddr, seed: u64) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let msg: Vec<u8> = (0..8).flat_map(|k| word(seed, k)).collect();
+    s.write_all(&msg).await.map_err(|e| format!("write: {e}"))?;
+    s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    if back != msg {
+        return Err(format!("echo of {} bytes came back as {}", msg.len(), back.len()));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------- the tests
+
+const STREAMS: u64 = 100;
+const LOAD_WORKERS: usize = 8;
+
+/// `upgrades` handoffs in a row, alternating two binaries, under the
+/// streams and the load. Returns the streams' total bytes.
+async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
+    let s = Setup::new(mode).await;
+    let first = s
+        .launch(Path::new(PROXY), &s.config, false)
+        .await
+        .unwrap_or_else(|log| panic!("first proxy failed:\n{log}"));
+    let bins = [second_binary(), PathBuf::from(PROXY)];
+    let stop_streams = Arc::new(AtomicBool::new(false));
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| tokio::spawn(long_stream(s.addr, i + 1, stop_streams.clone())))
+        .collect();
+    let load = Load::start(s.addr, LOAD_WORKERS, stop_load.clone());
+    let started = Instant::now();
+    let mut cur = first;
+    let mut exits = Vec::new();
+    let mut moved = 0u64;
+    let mut kept = Vec::new();
+    for i in 0..upgrades {
+        // Let the streams and the load run on each generation.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let next = s
+            .launch(&bins[i % 2], &s.config, true)
+            .await
+            .unwrap_or_else(|log| panic!("upgrade {i}: new proxy failed:\n{log}"));
+        let t = Instant::now();
+        let status = cur.proxy.wait_exit(10).await;
+        let log = cur.proxy.log();
+        assert!(
+            status.is_some_and(|st| st.success()),
+            "upgrade {i}: old proxy did not exit cleanly within 10 s ({status:?}); log:\n{log}"
+        );
+        exits.push(t.elapsed());
+        moved += log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "handoff: done; the connections that did not move drain here")
+            .filter_map(|v| v["moved"].as_u64())
+            .sum::<u64>();
+        // Kept (exited) until the end: its log is checked at drop.
+        kept.push(std::mem::replace(&mut cur, next).proxy);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    let (ok, failures) = bounded(20, "load", load.finish()).await;
+    stop_streams.store(true, Ordering::Relaxed);
+    let mut bytes = 0u64;
+    for st in streams {
+        let r = bounded(20, "stream", st).await.expect("stream task");
+        bytes += r.unwrap_or_else(|e| panic!("{e}; final log {}", cur.proxy.log_path.display()));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let slowest = exits.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{mode}: {upgrades} upgrades in {secs:.1} s; {STREAMS} streams, {bytes} bytes checked; \
+         {ok} new connections ({:.0}/s), {} failed; {moved} established connections moved; \
+         old process gone at most {slowest:?} after the new one was ready",
+        ok as f64 / secs,
+        failures.len()
+    );
+    assert!(failures.is_empty(), "new connections failed: {:?}", &failures[..failures.len().min(10)]);
+    assert!(moved >= STREAMS * upgrades as u64, "only {moved} connections moved in {upgrades} upgrades");
+    // Every stream's one close line, written by the last process, names
+    // every process that carried it.
+    let lines = cur.proxy.wait_conn_lines(STREAMS as usize, 10).await;
+    let long: Vec<_> = lines
+        .iter()
+        .filter(|l| l["carried_by"].as_str().is_some_and(|c| c.split(',').count() == upgrades))
+        .collect();
+    assert_eq!(long.len(), STREAMS as usize, "streams closed by the last process after {upgrades} moves");
+    assert!(long.iter().all(|l| l["end"] == "closed"));
+    cur.proxy.signal(libc::SIGTERM);
+    assert!(cur.proxy.wait_exit(10).await.is_some());
+    let _ = std::fs::remove_file(&bins[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_copy() {
+    bounded(60, "upgrades", upgrades_in_a_row("copy", 20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_splice() {
+    bounded(60, "upgrades", upgrades_in_a_row("splice", 20)).await;
+}
