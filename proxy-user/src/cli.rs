@@ -152,8 +152,8 @@ pub struct Cli {
 
     /// Validate a config file (default: --config) without binding anything; print every problem and
     /// exit 0 (valid) or 1.
-    #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
-    pub check: Option<PathBuf>,
+    #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1)]
+    pub check: Option<Option<PathBuf>>,
 
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]

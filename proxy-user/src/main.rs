@@ -24,12 +24,15 @@ fn main() -> ExitCode {
     };
     if let Some(file) = &cli.check {
         let mut settings = cli.settings();
-        if !file.as_os_str().is_empty() {
+        if let Some(file) = file {
             settings.config = file.clone();
         }
         return match rt.block_on(server::check(&settings)) {
             Ok(summary) => {
-                println!("proxy: {}: config ok ({summary})", settings.config.display());
+                println!(
+                    "proxy: {}: config ok ({summary})",
+                    settings.config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

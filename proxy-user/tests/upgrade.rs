@@ -88,18 +88,24 @@ impl Setup {
     /// Starts `bin`; returns once it logged "proxy ready" (Err(log) if it
     /// exited first).
     async fn launch(&self, bin: &Path, config: &Path, takeover: bool) -> Result<Gen, String> {
+        let mut proxy = self.spawn(bin, config, takeover, &[]);
+        proxy.wait_ready().await?;
+        Ok(Gen { proxy })
+    }
+
+    /// Starts `bin` and returns at once.
+    fn spawn(&self, bin: &Path, config: &Path, takeover: bool, extra: &[&str]) -> Proxy {
         let log_path = scratch("proxy.log");
         let child = Command::new(bin)
             .args(self.args(config, takeover))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
             .expect("spawn proxy");
         // Not the config: generations share it (`Setup` removes it).
-        let mut proxy = Proxy::from_child(child, log_path, scratch("unused"), self.mode);
-        proxy.wait_ready().await?;
-        Ok(Gen { proxy })
+        Proxy::from_child(child, log_path, scratch("unused"), self.mode)
     }
 }
 
@@ -234,7 +240,11 @@ async fn one_exchange(addr: SocketAddr, seed: u64) -> Result<(), String> {
         .await
         .map_err(|e| format!("read: {e}"))?;
     if back != msg {
-        return Err(format!("echo of {} bytes came back as {}", msg.len(), back.len()));
+        return Err(format!(
+            "echo of {} bytes came back as {}",
+            msg.len(),
+            back.len()
+        ));
     }
     Ok(())
 }
@@ -282,7 +292,9 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
         moved += log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == "handoff: done; the connections that did not move drain here")
+            .filter(|v| {
+                v["message"] == "handoff: done; the connections that did not move drain here"
+            })
             .filter_map(|v| v["moved"].as_u64())
             .sum::<u64>();
         // Kept (exited) until the end: its log is checked at drop.
@@ -306,16 +318,31 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
         ok as f64 / secs,
         failures.len()
     );
-    assert!(failures.is_empty(), "new connections failed: {:?}", &failures[..failures.len().min(10)]);
-    assert!(moved >= STREAMS * upgrades as u64, "only {moved} connections moved in {upgrades} upgrades");
+    assert!(
+        failures.is_empty(),
+        "new connections failed: {:?}",
+        &failures[..failures.len().min(10)]
+    );
+    assert!(
+        moved >= STREAMS * upgrades as u64,
+        "only {moved} connections moved in {upgrades} upgrades"
+    );
     // Every stream's one close line, written by the last process, names
     // every process that carried it.
     let lines = cur.proxy.wait_conn_lines(STREAMS as usize, 10).await;
     let long: Vec<_> = lines
         .iter()
-        .filter(|l| l["carried_by"].as_str().is_some_and(|c| c.split(',').count() == upgrades))
+        .filter(|l| {
+            l["carried_by"]
+                .as_str()
+                .is_some_and(|c| c.split(',').count() == upgrades)
+        })
         .collect();
-    assert_eq!(long.len(), STREAMS as usize, "streams closed by the last process after {upgrades} moves");
+    assert_eq!(
+        long.len(),
+        STREAMS as usize,
+        "streams closed by the last process after {upgrades} moves"
+    );
     assert!(long.iter().all(|l| l["end"] == "closed"));
     cur.proxy.signal(libc::SIGTERM);
     assert!(cur.proxy.wait_exit(10).await.is_some());
@@ -330,4 +357,205 @@ async fn twenty_upgrades_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_splice() {
     bounded(60, "upgrades", upgrades_in_a_row("splice", 20)).await;
+}
+
+async fn wait_log(p: &Proxy, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !p.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in {}s; log:\n{}",
+            secs,
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A new process that fails mid-handoff leaves the old one serving
+/// everything: one rejects its config after receiving the sockets; one
+/// hangs with them in hand (its --access-log FIFO has no reader) and is
+/// killed. Then a good one takes over, and every stream completes.
+async fn failed_successors(mode: &'static str) {
+    let s = Setup::new(mode).await;
+    let mut a = s
+        .launch(Path::new(PROXY), &s.config, false)
+        .await
+        .unwrap_or_else(|log| panic!("first proxy failed:\n{log}"));
+    let stop_streams = Arc::new(AtomicBool::new(false));
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(long_stream(s.addr, i + 1, stop_streams.clone())))
+        .collect();
+    let load = Load::start(s.addr, 4, stop_load.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 1. Bad config: it exits with the config error; the old one serves on.
+    let bad = write_temp(
+        "bad.json",
+        r#"{"Apps":[{"Name":"x","Ports":[0],"Targets":[]}]}"#,
+    );
+    let log = match s.launch(Path::new(PROXY), &bad, true).await {
+        Ok(_) => panic!("a proxy with a bad config took over"),
+        Err(log) => log,
+    };
+    let _ = std::fs::remove_file(&bad);
+    assert!(log.contains("problem"), "bad config not reported:\n{log}");
+    wait_log(&a.proxy, "did not get ready; still serving", 10).await;
+    assert!(a.proxy.is_running());
+
+    // 2. Killed mid-handoff, holding every listening socket.
+    let fifo = scratch("access.fifo");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut hung = s.spawn(
+        Path::new(PROXY),
+        &s.config,
+        true,
+        &["--access-log", &fifo.display().to_string()],
+    );
+    wait_log(&a.proxy, "handoff: successor connected", 10).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        hung.is_running(),
+        "the hung successor exited:\n{}",
+        hung.log()
+    );
+    hung.signal(libc::SIGKILL);
+    assert!(hung.wait_exit(5).await.is_some());
+    let _ = std::fs::remove_file(&fifo);
+    let failures_logged = |p: &Proxy| p.log().matches("did not get ready; still serving").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures_logged(&a.proxy) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "old proxy did not notice the kill:\n{}",
+            a.proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(a.proxy.is_running());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 3. A good one takes over after all.
+    let b = s
+        .launch(Path::new(PROXY), &s.config, true)
+        .await
+        .unwrap_or_else(|log| panic!("good successor failed:\n{log}"));
+    assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    let (ok, failures) = bounded(20, "load", load.finish()).await;
+    stop_streams.store(true, Ordering::Relaxed);
+    for st in streams {
+        bounded(20, "stream", st)
+            .await
+            .expect("stream task")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(failures.is_empty(), "new connections failed: {failures:?}");
+    assert!(ok > 0);
+    drop(hung);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_successor_leaves_the_old_one_serving() {
+    bounded(60, "failed successors", failed_successors("splice")).await;
+}
+
+/// SIGUSR2 restarts the same binary through the same path; SIGUSR1 is
+/// logged and ignored, never fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usr2_restarts_and_usr1_is_ignored() {
+    let s = Setup::new("copy").await;
+    let mut a = s
+        .launch(Path::new(PROXY), &s.config, false)
+        .await
+        .unwrap_or_else(|log| panic!("first proxy failed:\n{log}"));
+    a.proxy.signal(libc::SIGUSR1);
+    wait_log(&a.proxy, "ignored", 5).await;
+    one_exchange(s.addr, 1).await.unwrap();
+    assert!(a.proxy.is_running(), "SIGUSR1 killed the proxy");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = tokio::spawn(long_stream(s.addr, 7, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.proxy.signal(libc::SIGUSR2);
+    // The successor inherits stderr: both write to this log.
+    assert!(
+        a.proxy.wait_exit(15).await.is_some_and(|st| st.success()),
+        "old proxy did not hand over; log:\n{}",
+        a.proxy.log()
+    );
+    let log = a.proxy.log();
+    let successor: i32 = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
+        .and_then(|v| v["successor"].as_i64())
+        .expect("successor pid logged") as i32;
+    assert_eq!(log.matches("proxy ready").count(), 2, "log:\n{log}");
+    for i in 0..20 {
+        one_exchange(s.addr, 100 + i).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    bounded(10, "stream", stream).await.unwrap().unwrap();
+    // SAFETY: plain kill(2) of the successor this test caused.
+    unsafe { libc::kill(successor, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(successor, 0) } == 0 {
+        assert!(Instant::now() < deadline, "successor did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--check` / `-t` validates without binding: it passes while another
+/// socket holds the config's port, and lists every problem of a bad file.
+#[test]
+fn check_validates_without_binding() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let good = write_temp(
+        "good.json",
+        &format!(r#"{{"Apps":[{{"Name":"a","Ports":[{port}],"Targets":["127.0.0.1:1"]}}]}}"#),
+    );
+    let out = Command::new(PROXY)
+        .args(["--listen-address", "127.0.0.1", "--check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config ok"));
+    let out = Command::new(PROXY)
+        .args(["--listen-address", "127.0.0.1", "-t", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = write_temp(
+        "bad.json",
+        r#"{"Apps":[{"Name":"","Ports":[0],"Targets":["nope"]}]}"#,
+    );
+    let out = Command::new(PROXY)
+        .arg("-t")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 problems"), "every problem listed: {err}");
+    let _ = std::fs::remove_file(&good);
+    let _ = std::fs::remove_file(&bad);
 }

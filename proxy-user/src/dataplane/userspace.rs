@@ -295,10 +295,7 @@ impl Parking {
 
     /// What `carry` left when it parked, if it did.
     pub fn take(&self) -> Option<Parked> {
-        self.parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Resolves at the first safe point after a park request.

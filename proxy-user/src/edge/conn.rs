@@ -119,7 +119,10 @@ impl Conn {
             target: m.meta.target.clone(),
             attempts: m.meta.attempts,
         };
-        if let Some(t) = self.carry(&shared, m.client, m.upstream, &info, m.meta).await {
+        if let Some(t) = self
+            .carry(&shared, m.client, m.upstream, &info, m.meta)
+            .await
+        {
             self.close(&shared, upstream, &t);
         }
     }

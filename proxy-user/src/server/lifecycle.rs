@@ -62,10 +62,8 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("cannot register SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot register SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("cannot register SIGHUP handler")?,
-            usr1: signal(SignalKind::user_defined1())
-                .context("cannot register SIGUSR1 handler")?,
-            usr2: signal(SignalKind::user_defined2())
-                .context("cannot register SIGUSR2 handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("cannot register SIGUSR1 handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot register SIGUSR2 handler")?,
         })
     }
 

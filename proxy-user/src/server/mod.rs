@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
 use crate::dataplane::DataPlane;
-use crate::edge::steering::Steering;
 use crate::dataplane::Plane;
 use crate::edge::handover::Handover;
+use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
 use crate::edge::{AppRuntime, RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
@@ -131,12 +131,20 @@ pub async fn check(settings: &Settings) -> anyhow::Result<String> {
 /// socket; this process serves on until it says it is ready.
 fn upgrade(handoff: Option<&std::path::Path>) {
     let Some(path) = handoff else {
-        tracing::warn!(signal = "SIGUSR2", "ignored: upgrades need --handoff-socket PATH");
+        tracing::warn!(
+            signal = "SIGUSR2",
+            "ignored: upgrades need --handoff-socket PATH"
+        );
         return;
     };
     match handoff::successor::spawn(path) {
-        Ok(pid) => tracing::info!(successor = pid, "SIGUSR2: started the new process; serving until it is ready"),
-        Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGUSR2: cannot start the new process; still serving"),
+        Ok(pid) => tracing::info!(
+            successor = pid,
+            "SIGUSR2: started the new process; serving until it is ready"
+        ),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGUSR2: cannot start the new process; still serving")
+        }
     }
 }
 
@@ -179,23 +187,29 @@ async fn start_unless_stopped(
 /// With `takeover`, the listening sockets come from the running proxy,
 /// which serves until this one is ready (`handoff`).
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
+    // First: the old process's sockets include the admin listener.
+    let mut takeover = match &settings.takeover {
+        Some(path) => Some(Takeover::connect(path).await?),
+        None => None,
+    };
     let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
-            let l = admin::bind(addr).await?;
+            let handed = takeover.as_mut().and_then(|t| t.admin.take());
+            let l = match handed.filter(|l| l.local_addr().ok() == Some(addr) || addr.port() == 0) {
+                Some(l) => l,
+                None => admin::bind(addr).await?,
+            };
             let local = l.local_addr().context("admin listener address")?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
             tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
-            tokio::spawn(admin::serve(l, published.clone()));
-            Some(local)
+            let task = tokio::spawn(admin::serve(l, published.clone()));
+            Some((local, fd, task))
         }
         None => None,
     };
     let access_log = match &settings.access_log {
         Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone()).await?),
-        None => None,
-    };
-    let mut takeover = match &settings.takeover {
-        Some(path) => Some(Takeover::connect(path).await?),
         None => None,
     };
     // Stamp before reading: a change in between is seen as a change.
@@ -258,7 +272,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     }
     // Bind everything before serving anything: a port clash fails startup
     // as a whole rather than leaving a half-working proxy.
-    let bound = state::bind_new(&state, &config, &settings, takeover.as_mut().map(|t| &mut t.ports))?;
+    let bound = state::bind_new(
+        &state,
+        &config,
+        &settings,
+        takeover.as_mut().map(|t| &mut t.ports),
+    )?;
     // Not on a takeover: the old process still holds the path until it
     // stopped accepting.
     let mut handoff = match (&settings.handoff_socket, &takeover) {
@@ -271,10 +290,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             let _ = accepting.send(true);
             if let Some(steer) = &mut state.steer {
                 // Ready means every port reaches us, not just that PORTS says so.
-                steer
-                    .verify(steer::START_WAIT)
-                    .await
-                    .context("--steering sk_lookup: not every configured port reaches this proxy")?;
+                steer.verify(steer::START_WAIT).await.context(
+                    "--steering sk_lookup: not every configured port reaches this proxy",
+                )?;
             }
         }
         Some(t) => {
@@ -292,7 +310,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             if let Some(path) = &settings.handoff_socket {
                 match HandoffSocket::bind(path) {
                     Ok(h) => handoff = Some(h),
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "no handoff socket: this process cannot be upgraded in place"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "no handoff socket: this process cannot be upgraded in place")
+                    }
                 }
             }
             if let Some(steer) = &mut state.steer {
@@ -324,6 +344,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 tracker: tracker.clone(),
             },
             handoff,
+            admin: admin
+                .as_ref()
+                .map(|(_, fd, task)| (*fd, task.abort_handle())),
             _accepting: accepting,
         },
         rx,
@@ -336,7 +359,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             hard_stop: hard_tx,
             tracker,
         },
-        admin,
+        admin: admin.map(|(addr, _, _)| addr),
         finished,
     })
 }
@@ -390,6 +413,8 @@ struct Control {
     cutter: Cutter,
     /// `--handoff-socket`: where a successor connects.
     handoff: Option<HandoffSocket>,
+    /// The admin listener's fd (open while its task runs) and task.
+    admin: Option<(std::os::fd::RawFd, tokio::task::AbortHandle)>,
     /// Kept open: accept loops end when it closes.
     _accepting: watch::Sender<bool>,
 }
@@ -457,7 +482,8 @@ impl Control {
             .map(|(port, l)| (*port, l.fd))
             .collect();
         let steer = self.state.steer.as_ref().map(|s| s.fd);
-        match handoff::give(link, listeners, steer).await {
+        let admin = self.admin.as_ref().map(|(fd, _)| *fd);
+        match handoff::give(link, listeners, steer, admin).await {
             Ok(given) => Some(given),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "handoff: the new process did not get ready; still serving");
@@ -471,11 +497,18 @@ impl Control {
     async fn hand_over(mut self, given: handoff::Given) {
         // Before this process can exit: systemd follows the new one.
         sd_notify::notify(&format!("MAINPID={}", given.pid));
-        tracing::info!(successor = given.pid, "handoff: the new process is ready; stopping accepting");
+        tracing::info!(
+            successor = given.pid,
+            "handoff: the new process is ready; stopping accepting"
+        );
         self.state.published.readiness().set(false);
         state::stop_accepting(&mut self.state).await;
         if let Some(h) = self.handoff.take() {
             h.close();
+        }
+        // The new process answers /readyz and /metrics from here on.
+        if let Some((_, task)) = self.admin.take() {
+            task.abort();
         }
         given.finish(&self.shared).await;
         self.drain("handed over").await;

@@ -40,13 +40,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Sends every listening socket (`listeners`: port and fd; `steer`: the
-/// sk_lookup socket) and waits for the successor's `Ready`. The fds stay
+/// sk_lookup socket; `admin`: the admin listener) and waits for the successor's `Ready`. The fds stay
 /// open and served here throughout: an error leaves this process as it
 /// was. The caller keeps them open until this returns.
 pub async fn give(
     link: Link,
     listeners: Vec<(u16, RawFd)>,
     steer: Option<RawFd>,
+    admin: Option<RawFd>,
 ) -> anyhow::Result<Given> {
     let link = Arc::new(link);
     blocking(&link, move |l| {
@@ -55,7 +56,12 @@ pub async fn give(
             Msg::Hello { pid } => pid,
             other => bail!("expected hello, got {other:?}"),
         };
-        tracing::info!(successor = pid, ports = listeners.len(), steer = steer.is_some(), "handoff: successor connected; sending listening sockets");
+        tracing::info!(
+            successor = pid,
+            ports = listeners.len(),
+            steer = steer.is_some(),
+            "handoff: successor connected; sending listening sockets"
+        );
         let chunks: Vec<&[(u16, RawFd)]> = if listeners.is_empty() {
             vec![&[]]
         } else {
@@ -66,11 +72,14 @@ pub async fn give(
             let last = i + 1 == n;
             let mut fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| *fd).collect();
             let steer_here = steer.filter(|_| last);
+            let admin_here = admin.filter(|_| last);
             fds.extend(steer_here);
+            fds.extend(admin_here);
             l.send(
                 &Msg::Listeners {
                     ports: chunk.iter().map(|(p, _)| *p).collect(),
                     steer: steer_here.is_some(),
+                    admin: admin_here.is_some(),
                     last,
                 },
                 &fds,
@@ -178,11 +187,7 @@ fn chunked(mut all: Vec<Moving>) -> Vec<Vec<Moving>> {
 /// Sends one batch; the connections the successor did not take (or all,
 /// on an error) carry on here. Returns how many moved and whether the
 /// link still works.
-async fn send_conns(
-    link: &Arc<Link>,
-    batch: Vec<Moving>,
-    shared: &Arc<Shared>,
-) -> (u64, bool) {
+async fn send_conns(link: &Arc<Link>, batch: Vec<Moving>, shared: &Arc<Shared>) -> (u64, bool) {
     let metas: Vec<_> = batch.iter().map(|m| m.meta.clone()).collect();
     let fds: Vec<RawFd> = batch
         .iter()

@@ -9,7 +9,7 @@
 //! ```text
 //! taker                                  giver (serving all along)
 //! Hello{pid}                       ->
-//!                                  <-    Listeners{ports, steer, last} + fds  (batches)
+//!                                  <-    Listeners{ports, steer, admin, last} + fds
 //! (bind what is new, validate, load, attach; accept loops wait on a gate)
 //! Ready{takes_conns}               ->
 //!                                        stop accepting (close its copies,
@@ -38,9 +38,9 @@ mod taker;
 mod wire;
 
 pub(super) use giver::{give, Given};
-pub(super) use wire::Link;
 pub(super) use socket::HandoffSocket;
 pub(super) use taker::Takeover;
+pub(super) use wire::Link;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,10 +49,12 @@ enum Msg {
         pid: u32,
     },
     /// The fds are the listening sockets of `ports`, in order, then the
-    /// sk_lookup socket when `steer`.
+    /// sk_lookup socket when `steer`, then the admin listener when `admin`.
     Listeners {
         ports: Vec<u16>,
         steer: bool,
+        #[serde(default)]
+        admin: bool,
         last: bool,
     },
     /// `takes_conns`: the taker resumes established connections (it runs a

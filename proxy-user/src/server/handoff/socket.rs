@@ -30,17 +30,16 @@ impl HandoffSocket {
                     path.display()
                 );
             }
-            std::fs::remove_file(path).with_context(|| format!("{}: removing the stale socket", what()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("{}: removing the stale socket", what()))?;
         }
         let sock = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)
             .with_context(|| format!("{}: creating the socket", what()))?;
         let addr = SockAddr::unix(path).with_context(what)?;
-        sock.bind(&addr).with_context(|| format!("{}: cannot bind", what()))?;
+        sock.bind(&addr)
+            .with_context(|| format!("{}: cannot bind", what()))?;
         // Only the proxy's own user may hand a proxy its replacement.
-        let _ = std::fs::set_permissions(
-            path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        );
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         sock.listen(4).with_context(what)?;
         sock.set_nonblocking(true).with_context(what)?;
         let meta = std::fs::metadata(path).with_context(what)?;

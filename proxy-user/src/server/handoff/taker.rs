@@ -26,13 +26,16 @@ pub struct Takeover {
     pub ports: HashMap<u16, TcpListener>,
     /// The sk_lookup socket (`--steering sk_lookup`).
     pub steer: Option<TcpListener>,
+    /// The admin listener (`--admin-address`).
+    pub admin: Option<TcpListener>,
 }
 
 fn listener(fd: OwnedFd) -> anyhow::Result<TcpListener> {
     let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true)?;
     let l = TcpListener::from_std(l)?;
-    l.local_addr().context("a handed-over socket is not a TCP socket")?;
+    l.local_addr()
+        .context("a handed-over socket is not a TCP socket")?;
     Ok(l)
 }
 
@@ -54,13 +57,19 @@ impl Takeover {
             let mut got = Vec::new();
             loop {
                 let (msg, fds) = link.expect("sending its listeners")?;
-                let Msg::Listeners { ports, steer, last } = msg else {
+                let Msg::Listeners {
+                    ports,
+                    steer,
+                    admin,
+                    last,
+                } = msg
+                else {
                     bail!("expected listeners, got {msg:?}");
                 };
-                if fds.len() != ports.len() + usize::from(steer) {
+                if fds.len() != ports.len() + usize::from(steer) + usize::from(admin) {
                     bail!("{} ports but {} fds", ports.len(), fds.len());
                 }
-                got.push((ports, steer, fds));
+                got.push((ports, steer, admin, fds));
                 if last {
                     return Ok((link, got));
                 }
@@ -73,15 +82,22 @@ impl Takeover {
             link: Arc::new(link),
             ports: HashMap::new(),
             steer: None,
+            admin: None,
         };
-        for (ports, steer, fds) in got {
+        for (ports, steer, admin, fds) in got {
             let mut fds = fds.into_iter();
             for (port, fd) in ports.into_iter().zip(fds.by_ref()) {
-                t.ports.insert(port, listener(fd).with_context(|| what.clone())?);
+                t.ports
+                    .insert(port, listener(fd).with_context(|| what.clone())?);
             }
             if steer {
                 if let Some(fd) = fds.next() {
                     t.steer = Some(listener(fd).with_context(|| what.clone())?);
+                }
+            }
+            if admin {
+                if let Some(fd) = fds.next() {
+                    t.admin = Some(listener(fd).with_context(|| what.clone())?);
                 }
             }
         }

@@ -49,7 +49,8 @@ impl Link {
     /// How long `recv` waits; None: for ever.
     pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.sock.set_read_timeout(t)?;
-        self.sock.set_write_timeout(t.or(Some(Duration::from_secs(10))))
+        self.sock
+            .set_write_timeout(t.or(Some(Duration::from_secs(10))))
     }
 
     pub fn send<M: Serialize>(&self, msg: &M, fds: &[RawFd]) -> anyhow::Result<()> {
