@@ -8,13 +8,12 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::streams::{long_stream, one_exchange, Load};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// One proxy generation: its process, log and the flags it was started with.
 struct Gen {
@@ -117,142 +116,27 @@ fn second_binary() -> PathBuf {
     p
 }
 
-// ------------------------------------------------------------ the traffic
-
-/// Word `k` of stream `seed`: sequence-checked, so a lost, duplicated or
-/// reordered byte shows at its offset.
-fn word(seed: u64, k: u64) -> [u8; 8] {
-    (seed << 40 | k).to_le_bytes()
-}
-
-/// A long-lived stream through an echo backend: writes 1 KiB every 20 ms
-/// until `stop`, then FIN; reads back concurrently and checks every word.
-/// Returns the bytes sent (= received and checked).
-async fn long_stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>) -> Result<u64, String> {
-    let s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("stream {seed}: connect: {e}"))?;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let mut k = 0u64;
-        let mut buf = Vec::with_capacity(1024);
-        while !stop.load(Ordering::Relaxed) {
-            buf.clear();
-            for _ in 0..128 {
-                buf.extend_from_slice(&word(seed, k));
-                k += 1;
-            }
-            w.write_all(&buf).await?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        w.shutdown().await?;
-        Ok::<u64, std::io::Error>(k * 8)
-    });
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = r
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("stream {seed}: read after {got} bytes: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        pending.extend_from_slice(&buf[..n]);
-        let whole = pending.len() / 8 * 8;
-        for chunk in pending[..whole].chunks(8) {
-            let k = got / 8;
-            if chunk != word(seed, k) {
-                return Err(format!("stream {seed}: word {k} out of sequence"));
-            }
-            got += 8;
-        }
-        pending.drain(..whole);
-    }
-    let sent = writer
-        .await
-        .map_err(|e| format!("stream {seed}: writer: {e}"))?
-        .map_err(|e| format!("stream {seed}: write: {e}"))?;
-    if !pending.is_empty() || got != sent {
-        return Err(format!(
-            "stream {seed}: sent {sent} bytes, got back {got} (+{} partial)",
-            pending.len()
-        ));
-    }
-    Ok(sent)
-}
-
-/// New connections, one after another on each of `workers` tasks: connect,
-/// 64 bytes each way, close. Counts successes; failures are kept.
-struct Load {
-    ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, workers: usize, stop: Arc<AtomicBool>) -> Load {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..workers)
-            .map(|w| {
-                let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        i += 1;
-                        match one_exchange(addr, (w as u64) << 32 | i).await {
-                            Ok(()) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => failures.lock().unwrap().push(e),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            ok,
-            failures,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (u64, Vec<String>) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        let f = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), f)
-    }
-}
-
-async fn one_exchange(addr: SocketAddr, seed: u64) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let msg: Vec<u8> = (0..8).flat_map(|k| word(seed, k)).collect();
-    s.write_all(&msg).await.map_err(|e| format!("write: {e}"))?;
-    s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
-    if back != msg {
-        return Err(format!(
-            "echo of {} bytes came back as {}",
-            msg.len(),
-            back.len()
-        ));
-    }
-    Ok(())
-}
-
 // ------------------------------------------------------------- the tests
 
+/// Slow streams (1 KiB every 20 ms) and bulk ones (64 KiB every ms: they
+/// are mostly mid-write when asked to park).
 const STREAMS: u64 = 100;
-const LOAD_WORKERS: usize = 8;
+const BULK: u64 = 4;
+const LOAD_WORKERS: usize = 16;
+
+fn slow(
+    addr: SocketAddr,
+    i: u64,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<u64, String>> {
+    tokio::spawn(long_stream(
+        addr,
+        i,
+        128,
+        Duration::from_millis(20),
+        stop.clone(),
+    ))
+}
 
 /// `upgrades` handoffs in a row, alternating two binaries, under the
 /// streams and the load. Returns the streams' total bytes.
@@ -265,9 +149,19 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
     let bins = [second_binary(), PathBuf::from(PROXY)];
     let stop_streams = Arc::new(AtomicBool::new(false));
     let stop_load = Arc::new(AtomicBool::new(false));
-    let streams: Vec<_> = (0..STREAMS)
-        .map(|i| tokio::spawn(long_stream(s.addr, i + 1, stop_streams.clone())))
+    let mut streams: Vec<_> = (0..STREAMS)
+        .map(|i| slow(s.addr, i + 1, &stop_streams))
         .collect();
+    streams.extend((0..BULK).map(|i| {
+        let (addr, stop) = (s.addr, stop_streams.clone());
+        tokio::spawn(long_stream(
+            addr,
+            1000 + i,
+            8192,
+            Duration::from_millis(1),
+            stop,
+        ))
+    }));
     let load = Load::start(s.addr, LOAD_WORKERS, stop_load.clone());
     let started = Instant::now();
     let mut cur = first;
@@ -312,7 +206,7 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
     let secs = started.elapsed().as_secs_f64();
     let slowest = exits.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "{mode}: {upgrades} upgrades in {secs:.1} s; {STREAMS} streams, {bytes} bytes checked; \
+        "{mode}: {upgrades} upgrades in {secs:.1} s; {STREAMS}+{BULK} streams, {bytes} bytes checked; \
          {ok} new connections ({:.0}/s), {} failed; {moved} established connections moved; \
          old process gone at most {slowest:?} after the new one was ready",
         ok as f64 / secs,
@@ -323,24 +217,35 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
         "new connections failed: {:?}",
         &failures[..failures.len().min(10)]
     );
+    let all = STREAMS + BULK;
     assert!(
-        moved >= STREAMS * upgrades as u64,
+        moved >= all * upgrades as u64,
         "only {moved} connections moved in {upgrades} upgrades"
     );
     // Every stream's one close line, written by the last process, names
-    // every process that carried it.
-    let lines = cur.proxy.wait_conn_lines(STREAMS as usize, 10).await;
-    let long: Vec<_> = lines
-        .iter()
-        .filter(|l| {
-            l["carried_by"]
-                .as_str()
-                .is_some_and(|c| c.split(',').count() == upgrades)
-        })
-        .collect();
+    // every process that carried it (the load's connections are moved at
+    // most once: accepted by a process in its last moments).
+    let carried_all = |l: &serde_json::Value| {
+        l["carried_by"]
+            .as_str()
+            .is_some_and(|c| c.split(',').count() == upgrades)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let long = loop {
+        let long: Vec<_> = cur
+            .proxy
+            .conn_lines()
+            .into_iter()
+            .filter(|l| carried_all(l))
+            .collect();
+        if long.len() >= all as usize || Instant::now() > deadline {
+            break long;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         long.len(),
-        STREAMS as usize,
+        all as usize,
         "streams closed by the last process after {upgrades} moves"
     );
     assert!(long.iter().all(|l| l["end"] == "closed"));
@@ -385,7 +290,7 @@ async fn failed_successors(mode: &'static str) {
     let stop_streams = Arc::new(AtomicBool::new(false));
     let stop_load = Arc::new(AtomicBool::new(false));
     let streams: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(long_stream(s.addr, i + 1, stop_streams.clone())))
+        .map(|i| slow(s.addr, i + 1, &stop_streams))
         .collect();
     let load = Load::start(s.addr, 4, stop_load.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -480,7 +385,7 @@ async fn usr2_restarts_and_usr1_is_ignored() {
     assert!(a.proxy.is_running(), "SIGUSR1 killed the proxy");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let stream = tokio::spawn(long_stream(s.addr, 7, stop.clone()));
+    let stream = slow(s.addr, 7, &stop);
     tokio::time::sleep(Duration::from_millis(100)).await;
     a.proxy.signal(libc::SIGUSR2);
     // The successor inherits stderr: both write to this log.

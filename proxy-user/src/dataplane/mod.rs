@@ -5,13 +5,15 @@
 
 mod copy;
 mod fastpath;
+mod parking;
 mod splice;
 mod tcpinfo;
 mod userspace;
 
 pub use copy::CopyPlane;
 pub use fastpath::Options as FastpathOptions;
-pub use userspace::{arm_reset, Parking};
+pub use parking::Parking;
+pub use userspace::arm_reset;
 #[cfg(test)]
 pub use {copy::DEFAULT_BUFFER, fastpath::DEFAULT_INFLIGHT_BOUND};
 

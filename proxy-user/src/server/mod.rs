@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,23 +28,24 @@ use crate::ops::access_log::AccessLog;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
-use crate::ops::sd_notify;
 use crate::upstream::loop_guard::LoopGuard;
 use crate::upstream::stats::TargetMetrics;
-use handle::Command;
+use control::Control;
 pub use handle::{Cutter, Handle};
 use handoff::{HandoffSocket, Takeover};
-use lifecycle::{Request, Signals};
-use state::{State, Trigger};
+use state::State;
 
 mod budget;
+mod control;
 mod handle;
 mod handoff;
 pub(crate) mod lifecycle;
+mod run;
 mod settings;
 mod state;
 mod steer;
 
+pub use run::{check, run};
 pub use settings::Settings;
 
 /// Time connections get to write their log line after a hard stop.
@@ -53,133 +54,6 @@ const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
 /// After a second stop signal: time live connections get to send their
 /// resets before the process exits.
 const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(500);
-
-/// Runs a server until SIGTERM or SIGINT, then drains it; SIGHUP reloads.
-/// A second stop signal during the drain exits the process at once.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    // Before anything can fail slowly: a SIGTERM during startup must not
-    // hit the default action.
-    let mut signals = Signals::register()?;
-    let handoff_path = settings.handoff_socket.clone();
-    let Some(server) = start_unless_stopped(settings, &mut signals).await? else {
-        return Ok(());
-    };
-    // MAINPID too: after a takeover systemd must follow this process.
-    sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
-    let sig = loop {
-        let request = tokio::select! {
-            r = signals.next() => r,
-            // Handed over to a new process and drained.
-            () = server.finished() => return Ok(()),
-        };
-        match request {
-            Request::Shutdown(sig) => break sig,
-            Request::Reload => {
-                sd_notify::reloading();
-                server.reload().await;
-                sd_notify::notify("READY=1");
-            }
-            Request::Upgrade => upgrade(handoff_path.as_deref()),
-            Request::Ignored(sig) => {
-                tracing::info!(signal = sig, "ignored (SIGHUP reloads the config and reopens --access-log; SIGUSR2 upgrades)")
-            }
-        }
-    };
-    sd_notify::notify("STOPPING=1");
-    // A second signal means "now": do not wait for the drain. Live streams
-    // are reset first (a FIN from exit would pass for their end), with a
-    // short grace for their tasks to do it and log.
-    let cut = server.cutter();
-    let forced = Arc::new(AtomicBool::new(false));
-    let second = forced.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Request::Shutdown(sig) = signals.next().await {
-                tracing::warn!(
-                    signal = sig,
-                    "second signal, resetting live connections and exiting"
-                );
-                second.store(true, Ordering::SeqCst);
-                cut.cut(SECOND_SIGNAL_GRACE).await;
-                std::process::exit(1);
-            }
-        }
-    });
-    server.shutdown(sig).await;
-    // The resets can finish the drain before the task above exits: a forced
-    // stop still ends with a failure status.
-    anyhow::ensure!(
-        !forced.load(Ordering::SeqCst),
-        "stopped by a second signal: live connections were reset"
-    );
-    Ok(())
-}
-
-/// `--check`: reads and validates the config file as this proxy would,
-/// binding nothing; a summary, or every problem found.
-pub async fn check(settings: &Settings) -> anyhow::Result<String> {
-    let text = config::file::read(&settings.config).await?;
-    let (config, _) = settings.parse_config(&text)?;
-    Ok(format!(
-        "{} apps, {} ports",
-        config.apps.len(),
-        config.listeners().count()
-    ))
-}
-
-/// SIGUSR2: starts the successor, which connects back to our handoff
-/// socket; this process serves on until it says it is ready.
-fn upgrade(handoff: Option<&std::path::Path>) {
-    let Some(path) = handoff else {
-        tracing::warn!(
-            signal = "SIGUSR2",
-            "ignored: upgrades need --handoff-socket PATH"
-        );
-        return;
-    };
-    match handoff::successor::spawn(path) {
-        Ok(pid) => tracing::info!(
-            successor = pid,
-            "SIGUSR2: started the new process; serving until it is ready"
-        ),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "SIGUSR2: cannot start the new process; still serving")
-        }
-    }
-}
-
-/// `start`, raced against the signals: a stop signal while starting (an
-/// access log FIFO waiting for its reader, a slow config read) ends the
-/// process now rather than once started; a SIGHUP reloads once started.
-/// None: stopped before serving.
-async fn start_unless_stopped(
-    settings: Settings,
-    signals: &mut Signals,
-) -> anyhow::Result<Option<Handle>> {
-    let starting = start(settings);
-    tokio::pin!(starting);
-    let mut reload = false;
-    loop {
-        tokio::select! {
-            started = &mut starting => {
-                let server = started?;
-                if reload {
-                    server.reload().await;
-                }
-                return Ok(Some(server));
-            }
-            request = signals.next() => match request {
-                Request::Shutdown(sig) => {
-                    tracing::warn!(signal = sig, "stop signal during start-up; exiting without serving");
-                    return Ok(None);
-                }
-                Request::Reload => reload = true,
-                Request::Upgrade => tracing::warn!(signal = "SIGUSR2", "ignored during start-up"),
-                Request::Ignored(sig) => tracing::info!(signal = sig, "ignored"),
-            },
-        }
-    }
-}
 
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
@@ -334,7 +208,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let (commands, rx) = mpsc::channel(4);
     let file_changes = (!settings.watch_config.is_zero())
         .then(|| config_watch::spawn(settings.config.clone(), stamp, settings.watch_config));
-    tokio::spawn(control(
+    tokio::spawn(control::control(
         Control {
             state,
             settings,
@@ -402,151 +276,5 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
             listening = %names.join(" "),
             "proxy ready"
         );
-    }
-}
-
-/// The running server, owned by its control task.
-struct Control {
-    state: State,
-    settings: Settings,
-    shared: Arc<Shared>,
-    cutter: Cutter,
-    /// `--handoff-socket`: where a successor connects.
-    handoff: Option<HandoffSocket>,
-    /// The admin listener's fd (open while its task runs) and task.
-    admin: Option<(std::os::fd::RawFd, tokio::task::AbortHandle)>,
-    /// Kept open: accept loops end when it closes.
-    _accepting: watch::Sender<bool>,
-}
-
-/// Why the control loop ended.
-enum Stop {
-    Shutdown(&'static str, Option<tokio::sync::oneshot::Sender<()>>),
-    HandedOver(handoff::Given),
-}
-
-/// Applies reloads (asked for, or a settled file change) one at a time until
-/// a shutdown or a handoff, then drains.
-async fn control(
-    mut c: Control,
-    mut commands: mpsc::Receiver<Command>,
-    mut file_changes: Option<mpsc::Receiver<()>>,
-    finished: watch::Sender<bool>,
-) {
-    let stop = loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                Some(Command::Reload(done)) => {
-                    c.reload(Trigger::Signal).await;
-                    let _ = done.send(());
-                }
-                Some(Command::Shutdown(why, done)) => break Stop::Shutdown(why, Some(done)),
-                // Every handle is gone: nobody can ask for a drain any more.
-                None => break Stop::Shutdown("handle dropped", None),
-            },
-            Some(()) = async { match &mut file_changes {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
-            } } => c.reload(Trigger::FileChange).await,
-            link = async { match &c.handoff {
-                Some(h) => h.accept().await,
-                None => std::future::pending().await,
-            } } => match link {
-                Ok(link) => if let Some(given) = c.give(link).await {
-                    break Stop::HandedOver(given);
-                },
-                Err(e) => tracing::warn!(error = %e, "handoff socket: accept failed"),
-            },
-        }
-    };
-    match stop {
-        Stop::Shutdown(why, done) => {
-            c.drain(why).await;
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-        }
-        Stop::HandedOver(given) => c.hand_over(given).await,
-    }
-    let _ = finished.send(true);
-}
-
-impl Control {
-    /// Offers this server's listening sockets to a successor; Some once it
-    /// is ready to serve. Until then (and on any error) we serve on.
-    async fn give(&mut self, link: handoff::Link) -> Option<handoff::Given> {
-        let listeners: Vec<_> = self
-            .state
-            .listeners
-            .iter()
-            .map(|(port, l)| (*port, l.fd))
-            .collect();
-        let steer = self.state.steer.as_ref().map(|s| s.fd);
-        let admin = self.admin.as_ref().map(|(fd, _)| *fd);
-        match handoff::give(link, listeners, steer, admin).await {
-            Ok(given) => Some(given),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "handoff: the new process did not get ready; still serving");
-                None
-            }
-        }
-    }
-
-    /// The successor is ready: stop accepting, hand it the connections
-    /// that can move, drain the rest.
-    async fn hand_over(mut self, given: handoff::Given) {
-        // Before this process can exit: systemd follows the new one.
-        sd_notify::notify(&format!("MAINPID={}", given.pid));
-        tracing::info!(
-            successor = given.pid,
-            "handoff: the new process is ready; stopping accepting"
-        );
-        self.state.published.readiness().set(false);
-        state::stop_accepting(&mut self.state).await;
-        if let Some(h) = self.handoff.take() {
-            h.close();
-        }
-        // The new process answers /readyz and /metrics from here on.
-        if let Some((_, task)) = self.admin.take() {
-            task.abort();
-        }
-        given.finish(&self.shared).await;
-        self.drain("handed over").await;
-    }
-
-    async fn reload(&mut self, trigger: Trigger) {
-        state::closed(&mut self.state).await;
-        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
-        if let Some(steer) = &mut self.state.steer {
-            // The reload is applied by now: ports another program takes are
-            // reported, not rolled back (the rest of the change stands).
-            if let Err(e) = steer.verify(Duration::ZERO).await {
-                tracing::error!(error = %format!("{e:#}"), "sk_lookup: ports added by this reload do not reach this proxy");
-            }
-        }
-    }
-
-    async fn drain(mut self, why: &'static str) {
-        let drain_timeout = self.settings.drain_timeout;
-        let tracker = &self.cutter.tracker;
-        tracing::info!(
-            signal = why,
-            live = tracker.live(),
-            drain_timeout_ms = drain_timeout.as_millis() as u64,
-            pid = std::process::id(),
-            "shutting down: closed listeners, draining live connections"
-        );
-        // Draining: /readyz turns 503 so load balancers stop sending here.
-        self.state.published.readiness().set(false);
-        state::stop_accepting(&mut self.state).await;
-        if tracker.wait_idle(drain_timeout).await {
-            tracing::info!("drained, all connections finished");
-        } else {
-            tracing::warn!(
-                live = tracker.live(),
-                "drain timeout reached, resetting remaining connections"
-            );
-            self.cutter.cut(HARD_STOP_GRACE).await;
-        }
     }
 }
