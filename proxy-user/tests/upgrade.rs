@@ -25,6 +25,7 @@ struct Setup {
     config: PathBuf,
     handoff: PathBuf,
     addr: SocketAddr,
+    extra: Vec<String>,
     _backend: Backend,
 }
 
@@ -45,12 +46,18 @@ fn scratch(what: &str) -> PathBuf {
 
 impl Setup {
     async fn new(mode: &'static str) -> Setup {
+        Setup::with(mode, &[]).await
+    }
+
+    /// `extra`: flags every generation gets.
+    async fn with(mode: &'static str, extra: &[&str]) -> Setup {
         let backend = Backend::echo("echo").await;
         let port = free_ports(1)[0];
         let apps = [AppSpec::new("app", 1, vec![backend.target()])];
         let config = write_temp("config.json", &config_json(&apps, &[vec![port]]));
         Setup {
             mode,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             config,
             handoff: scratch("handoff.sock"),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -78,6 +85,7 @@ impl Setup {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.extend(self.extra.iter().cloned());
         if takeover {
             a.extend(["--takeover".into(), self.handoff.display().to_string()]);
         }
@@ -140,8 +148,8 @@ fn slow(
 
 /// `upgrades` handoffs in a row, alternating two binaries, under the
 /// streams and the load. Returns the streams' total bytes.
-async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
-    let s = Setup::new(mode).await;
+async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) {
+    let s = Setup::with(mode, extra).await;
     let first = s
         .launch(Path::new(PROXY), &s.config, false)
         .await
@@ -256,12 +264,72 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_copy() {
-    bounded(60, "upgrades", upgrades_in_a_row("copy", 20)).await;
+    bounded(60, "upgrades", upgrades_in_a_row("copy", 20, &[])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_splice() {
-    bounded(60, "upgrades", upgrades_in_a_row("splice", 20)).await;
+    bounded(60, "upgrades", upgrades_in_a_row("splice", 20, &[])).await;
+}
+
+/// sk_lookup: the steered socket moves, and the new program steers to it
+/// before the old one is detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrades_with_sk_lookup_steering() {
+    let f = upgrades_in_a_row("splice", 5, &["--steering", "sk_lookup"]);
+    bounded(60, "upgrades", f).await;
+}
+
+/// Fastpath pairs do not move: they drain in the old process, whose close
+/// lines name it, while the new one takes every new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fastpath_connections_drain_in_the_old_process() {
+    bounded(60, "fastpath drain", fastpath_drain()).await;
+}
+
+async fn fastpath_drain() {
+    let s = Setup::new("fastpath").await;
+    let mut a = s
+        .launch(Path::new(PROXY), &s.config, false)
+        .await
+        .unwrap_or_else(|log| panic!("first proxy failed:\n{log}"));
+    let stop_streams = Arc::new(AtomicBool::new(false));
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..10)
+        .map(|i| slow(s.addr, i + 1, &stop_streams))
+        .collect();
+    let load = Load::start(s.addr, 4, stop_load.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s
+        .launch(Path::new(PROXY), &s.config, true)
+        .await
+        .unwrap_or_else(|log| panic!("new proxy failed:\n{log}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.proxy.is_running(),
+        "the old process left before its connections"
+    );
+    stop_load.store(true, Ordering::Relaxed);
+    let (ok, failures) = bounded(20, "load", load.finish()).await;
+    stop_streams.store(true, Ordering::Relaxed);
+    for st in streams {
+        bounded(20, "stream", st)
+            .await
+            .expect("stream task")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(failures.is_empty(), "new connections failed: {failures:?}");
+    assert!(ok > 0);
+    assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
+    let old_pid = a.proxy.pid() as u64;
+    let drained = a
+        .proxy
+        .conn_lines()
+        .into_iter()
+        .filter(|l| l["pid"].as_u64() == Some(old_pid) && l["duration_ms"].as_u64() > Some(500))
+        .count();
+    assert_eq!(drained, 10, "the streams' close lines in the old process");
+    drop(b);
 }
 
 async fn wait_log(p: &Proxy, what: &str, secs: u64) {
