@@ -30,7 +30,7 @@ and only then tells the old one to stop accepting; established copy/splice conne
 safe point, the rest (fastpath, or a stalled reader) drain in the old process, which exits. If the new process \
 fails to start, the old one never stopped serving. SIGUSR1 is logged and ignored. -t/--check validates a config \
 file and exits (0 valid, 1 not). Under systemd (Type=notify) READY, RELOADING, STOPPING and MAINPID are sent to \
-$NOTIFY_SOCKET; see proxy.service in the repository.";
+$NOTIFY_SOCKET; see deploy/systemd/proxy.service in the repository.";
 
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about = "Layer-4 TCP proxy", long_about = LONG_ABOUT)]

@@ -102,10 +102,22 @@ impl Setup {
 
     /// Starts `bin` and returns at once.
     fn spawn(&self, bin: &Path, config: &Path, takeover: bool, extra: &[&str]) -> Proxy {
+        self.spawn_env(bin, config, takeover, extra, &[])
+    }
+
+    fn spawn_env(
+        &self,
+        bin: &Path,
+        config: &Path,
+        takeover: bool,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Proxy {
         let log_path = scratch("proxy.log");
         let child = Command::new(bin)
             .args(self.args(config, takeover))
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
@@ -531,4 +543,44 @@ fn check_validates_without_binding() {
     assert!(err.contains("3 problems"), "every problem listed: {err}");
     let _ = std::fs::remove_file(&good);
     let _ = std::fs::remove_file(&bad);
+}
+
+/// systemd's view: READY with MAINPID at start, RELOADING then READY
+/// around a reload, MAINPID of the new process on an upgrade (from both),
+/// STOPPING at shutdown; all to $NOTIFY_SOCKET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tells_systemd_each_state() {
+    let s = Setup::new("copy").await;
+    let path = scratch("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let env = [("NOTIFY_SOCKET", path.as_path())];
+    let mut a = s.spawn_env(Path::new(PROXY), &s.config, false, &[], &env);
+    a.wait_ready().await.unwrap();
+    assert_eq!(next(), format!("READY=1\nMAINPID={}", a.pid()));
+    a.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1");
+    let mut b = s.spawn_env(Path::new(PROXY), &s.config, true, &[], &env);
+    b.wait_ready().await.unwrap();
+    let mainpid = format!("MAINPID={}", b.pid());
+    // The old one's MAINPID, then the new one's READY (in that order: the
+    // old one says it before it stops accepting).
+    assert_eq!(next(), mainpid);
+    assert_eq!(next(), format!("READY=1\n{mainpid}"));
+    assert!(a.wait_exit(10).await.is_some());
+    b.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
+    assert!(b.wait_exit(10).await.is_some());
+    let _ = std::fs::remove_file(&path);
 }
