@@ -168,7 +168,7 @@ impl Conn {
                 client: p.client,
                 upstream: p.upstream,
             };
-            match shared.handover.offer(moving) {
+            match shared.handover.offer(Box::new(moving)) {
                 Ok(()) => {
                     tracing::info!(
                         conn = self.id,

@@ -84,9 +84,9 @@ impl Handover {
     }
 
     /// A parked connection offers itself; `Err` gives it back to carry on.
-    pub(super) fn offer(&self, m: Moving) -> Result<(), Moving> {
+    pub(super) fn offer(&self, m: Box<Moving>) -> Result<(), Box<Moving>> {
         match &*self.taker.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(tx) => tx.send(m).map_err(|e| e.0),
+            Some(tx) => tx.send(*m).map_err(|e| Box::new(e.0)),
             None => Err(m),
         }
     }
