@@ -69,9 +69,10 @@ impl Handover {
     pub fn start(&self) -> mpsc::UnboundedReceiver<Moving> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.taker.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        if let Some(req) = &*self.request.lock().unwrap_or_else(|p| p.into_inner()) {
-            req.send_replace(true);
-        }
+        // Made here if no connection asked yet: later ones see the request.
+        let mut req = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        req.get_or_insert_with(|| watch::channel(false).0)
+            .send_replace(true);
         rx
     }
 
@@ -105,3 +106,22 @@ pub fn resume(shared: &Arc<Shared>, moving: Moving) {
 /// How long the old process waits for connections to reach a safe point:
 /// a connection whose reader stopped reading never does, and drains here.
 pub const PARK_WAIT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_follow_start_and_stop() {
+        let h = Handover::default();
+        // A connection that arrives after the start (none asked before)
+        // still sees the request.
+        let _rx = h.start();
+        assert!(*h.requests().borrow());
+        h.stop();
+        let req = h.requests();
+        assert!(!*req.borrow());
+        let _rx = h.start();
+        assert!(*req.borrow(), "an earlier subscriber sees the next start");
+    }
+}
