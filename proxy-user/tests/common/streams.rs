@@ -145,3 +145,75 @@ pub async fn one_exchange(addr: SocketAddr, seed: u64) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Slow streams (1 KiB every 20 ms), bulk streams (64 KiB every ms: mostly
+/// mid-write at any instant) and a new-connection load, all started at
+/// once and stopped by `finish`.
+pub struct Traffic {
+    stop_streams: Arc<AtomicBool>,
+    stop_load: Arc<AtomicBool>,
+    streams: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
+    load: Load,
+}
+
+/// What `Traffic::finish` saw: stream bytes checked, new connections that
+/// succeeded, and the failures.
+pub struct Seen {
+    pub bytes: u64,
+    pub ok: u64,
+    pub failures: Vec<String>,
+}
+
+impl Traffic {
+    pub fn start(addr: SocketAddr, slow: u64, bulk: u64, workers: usize) -> Traffic {
+        let stop_streams = Arc::new(AtomicBool::new(false));
+        let stop_load = Arc::new(AtomicBool::new(false));
+        let mut streams: Vec<_> = (0..slow)
+            .map(|i| {
+                let stop = stop_streams.clone();
+                tokio::spawn(long_stream(
+                    addr,
+                    i + 1,
+                    128,
+                    Duration::from_millis(20),
+                    stop,
+                ))
+            })
+            .collect();
+        streams.extend((0..bulk).map(|i| {
+            let stop = stop_streams.clone();
+            tokio::spawn(long_stream(
+                addr,
+                1000 + i,
+                8192,
+                Duration::from_millis(1),
+                stop,
+            ))
+        }));
+        let load = Load::start(addr, workers, stop_load.clone());
+        Traffic {
+            stop_streams,
+            stop_load,
+            streams,
+            load,
+        }
+    }
+
+    /// Stops the load, then the streams (each ends with its FIN and must
+    /// get every byte back). Panics on a stream error, naming `log`.
+    pub async fn finish(self, log: &std::path::Path) -> Seen {
+        self.stop_load.store(true, Ordering::Relaxed);
+        let (ok, failures) = super::bounded(20, "load", self.load.finish()).await;
+        self.stop_streams.store(true, Ordering::Relaxed);
+        let mut bytes = 0;
+        for st in self.streams {
+            let r = super::bounded(20, "stream", st).await.expect("stream task");
+            bytes += r.unwrap_or_else(|e| panic!("{e}; log {}", log.display()));
+        }
+        Seen {
+            bytes,
+            ok,
+            failures,
+        }
+    }
+}
