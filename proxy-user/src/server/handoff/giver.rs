@@ -116,7 +116,7 @@ impl Given {
             let deadline = Instant::now() + PARK_WAIT;
             let mut ok = true;
             while ok && Instant::now() < deadline {
-                let batch = next_batch(&mut parked, shared, deadline).await;
+                let batch = next_batch(&mut parked, deadline).await;
                 if batch.is_empty() {
                     if shared.tracker.live() == 0 {
                         break;
@@ -158,7 +158,6 @@ impl Given {
 /// then takes what else is there.
 async fn next_batch(
     parked: &mut mpsc::UnboundedReceiver<Moving>,
-    _shared: &Shared,
     deadline: Instant,
 ) -> Vec<Moving> {
     let tick = (Instant::now() + Duration::from_millis(20)).min(deadline);
