@@ -21,7 +21,16 @@ chosen (--mode fastpath), otherwise by splice(2) through a pipe, or a userspace 
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
-One log line per connection is written to stderr when it closes.";
+One log line per connection is written to stderr when it closes.\n\n\
+Upgrades and restarts without a refused connection: run with --handoff-socket PATH. Then either send SIGUSR2 \
+(the proxy starts the binary at its own path again, a newly installed one if you replaced it, with the same \
+arguments plus --takeover PATH), or start the new binary yourself with --takeover PATH. The new process receives \
+every listening socket (and the sk_lookup socket) over PATH, reads and validates its config, binds what is new \
+and only then tells the old one to stop accepting; established copy/splice connections then move to it at a \
+safe point, the rest (fastpath, or a stalled reader) drain in the old process, which exits. If the new process \
+fails to start, the old one never stopped serving. SIGUSR1 is logged and ignored. -t/--check validates a config \
+file and exits (0 valid, 1 not). Under systemd (Type=notify) READY, RELOADING, STOPPING and MAINPID are sent to \
+$NOTIFY_SOCKET; see deploy/systemd/proxy.service in the repository.";
 
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version, about = "Layer-4 TCP proxy", long_about = LONG_ABOUT)]
@@ -143,6 +152,21 @@ pub struct Cli {
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub watch_config: Duration,
 
+    /// Wait for upgrades on this Unix socket: a new process started with `--takeover PATH` (or by
+    /// SIGUSR2) takes over the listening sockets and established connections without refusing a client.
+    #[arg(long, value_name = "PATH")]
+    pub handoff_socket: Option<PathBuf>,
+
+    /// Start by taking over from the proxy waiting on this --handoff-socket PATH (it serves until this
+    /// one is ready; if this one fails, it goes on serving).
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
+
+    /// Validate a config file (default: --config) without binding anything; print every problem and
+    /// exit 0 (valid) or 1.
+    #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1)]
+    pub check: Option<Option<PathBuf>>,
+
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -197,6 +221,8 @@ impl Cli {
             steering: self.steering,
             steering_port: self.steering_port,
             watch_config: self.watch_config,
+            handoff_socket: self.handoff_socket.clone(),
+            takeover: self.takeover.clone(),
         }
     }
 }

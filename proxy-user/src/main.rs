@@ -22,6 +22,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(file) = &cli.check {
+        let mut settings = cli.settings();
+        if let Some(file) = file {
+            settings.config = file.clone();
+        }
+        return match rt.block_on(server::check(&settings)) {
+            Ok(summary) => {
+                println!(
+                    "proxy: {}: config ok ({summary})",
+                    settings.config.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("proxy: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = rt.block_on(server::run(cli.settings()));
     // Not the runtime's drop, which waits for every blocking task: a stop
     // during start-up can leave one stuck (an open() on a FIFO nobody

@@ -73,7 +73,7 @@ pub(super) async fn pump(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return DirEnd::ReadFailed(e),
         };
-        tally.read();
+        tally.read(n);
         let mut off = 0;
         while off < n {
             if let Err(e) = dst.writable().await {

@@ -6,6 +6,7 @@
 mod adaptive;
 mod copy;
 mod fastpath;
+mod parking;
 mod splice;
 mod tcpinfo;
 mod userspace;
@@ -15,6 +16,7 @@ pub use copy::CopyPlane;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
 pub use fastpath::Options as FastpathOptions;
+pub use parking::Parking;
 pub use userspace::arm_reset;
 
 use std::net::SocketAddr;

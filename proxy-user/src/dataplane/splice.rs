@@ -222,7 +222,7 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return DirEnd::ReadFailed(e),
         };
-        tally.read();
+        tally.read(pending);
         if let Err(e) = pipe.drain(dst, pending, |m| tally.wrote(m)).await {
             return DirEnd::WriteFailed(e);
         }

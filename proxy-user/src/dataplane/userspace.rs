@@ -12,6 +12,7 @@ use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::parking::{Parked, PARKING};
 use super::{tcpinfo, ConnInfo, EndReason, Plane, Transfer};
 
 #[derive(Debug)]
@@ -291,11 +293,13 @@ pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// One direction's bookkeeping: the bytes it wrote, and the activity clock
+/// One direction's bookkeeping: the bytes it wrote, the bytes it holds
+/// (read, not yet written: its buffer or pipe), and the activity clock
 /// both directions share.
 #[derive(Clone, Copy)]
 pub(super) struct Tally<'a> {
     moved: &'a AtomicU64,
+    held: &'a AtomicU64,
     activity: &'a Activity,
     /// Set: the connection may be asked to move to the kernel.
     pause: Option<&'a watch::Sender<bool>>,
@@ -313,14 +317,16 @@ impl Tally<'_> {
         }
     }
 
-    /// Bytes arrived from the source.
-    pub(super) fn read(&self) {
+    /// `n` bytes arrived from the source.
+    pub(super) fn read(&self, n: usize) {
+        self.held.fetch_add(n as u64, Ordering::Relaxed);
         self.activity.touch();
     }
 
     /// `n` bytes went out to the destination.
     pub(super) fn wrote(&self, n: usize) {
         self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.held.fetch_sub(n as u64, Ordering::Relaxed);
         self.activity.touch();
     }
 }
@@ -334,7 +340,9 @@ pub(super) trait Pump {
     async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd;
 }
 
-/// Carries a connection in userspace, one `pump` per direction.
+/// Carries a connection in userspace, one `pump` per direction. Under an
+/// upgrade's `Parking` it may instead stop where both directions hold
+/// nothing and hand its sockets to the new process.
 pub(super) async fn carry<P: Pump>(
     pump: &P,
     client: TcpStream,
@@ -342,16 +350,42 @@ pub(super) async fn carry<P: Pump>(
     conn: &ConnInfo,
 ) -> Transfer {
     let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-    let outcome = carry_until(pump, &client, &upstream, conn, None, &moved).await;
-    drop(client);
-    drop(upstream);
-    let [c2t, t2c] = moved.map(|m| m.into_inner());
+    let held = [AtomicU64::new(0), AtomicU64::new(0)];
+    let parking = PARKING.try_with(Arc::clone).ok();
+    let supervised = supervise_pumps(pump, &client, &upstream, conn, None, &moved, &held);
+    let outcome = match &parking {
+        None => Some(supervised.await),
+        Some(p) => tokio::select! {
+            biased;
+            outcome = supervised => Some(outcome),
+            () = p.safe_point(&held) => None,
+        },
+    };
+    let [c2t, t2c] = moved.map(AtomicU64::into_inner);
+    let end = match (outcome, &parking) {
+        (Some(outcome), _) => {
+            drop(client);
+            drop(upstream);
+            outcome.ended()
+        }
+        // Parked: the pumps are dropped, the sockets go to the owner.
+        (None, Some(p)) => {
+            p.park(Parked {
+                client,
+                upstream,
+                client_to_target: c2t,
+                target_to_client: t2c,
+            });
+            EndReason::Closed
+        }
+        (None, None) => unreachable!("only a parking connection stops at a safe point"),
+    };
     Transfer {
         // Userspace moved these, even when splice(2) never mapped them.
         userspace_bytes: c2t + t2c,
         client_to_target: c2t,
         target_to_client: t2c,
-        ..Transfer::none(outcome.ended()).on(P::PLANE)
+        ..Transfer::none(end).on(P::PLANE)
     }
 }
 
@@ -366,16 +400,31 @@ pub(super) async fn carry_until<P: Pump>(
     pause: Option<&watch::Sender<bool>>,
     moved: &[AtomicU64; 2],
 ) -> Outcome {
+    let held = [AtomicU64::new(0), AtomicU64::new(0)];
+    supervise_pumps(pump, client, upstream, conn, pause, moved, &held).await
+}
+
+/// Both directions' pumps under `supervise`.
+async fn supervise_pumps<P: Pump>(
+    pump: &P,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+    pause: Option<&watch::Sender<bool>>,
+    moved: &[AtomicU64; 2],
+    held: &[AtomicU64; 2],
+) -> Outcome {
     set_nodelay(client, upstream);
     let activity = Activity::new();
-    let tally = |moved| Tally {
-        moved,
+    let tally = |i: usize| Tally {
+        moved: &moved[i],
+        held: &held[i],
         activity: &activity,
         pause,
     };
     supervise(
-        pump.pump(client, upstream, tally(&moved[0]), conn),
-        pump.pump(upstream, client, tally(&moved[1]), conn),
+        pump.pump(client, upstream, tally(0), conn),
+        pump.pump(upstream, client, tally(1), conn),
         activity.idle(conn.idle_timeout),
         client,
         upstream,

@@ -13,19 +13,22 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::handover::{MovedMeta, Moving};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{arm_reset, ConnInfo, EndReason, Transfer};
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Plane, Transfer};
 use crate::ops::access_log;
 use crate::ops::metrics::ActiveConn;
 use crate::upstream::connect;
 use crate::upstream::proxy_protocol;
 
 /// What a connection holds until it is closed.
+/// (A connection moved here from another process holds permits only if
+/// there was room: it is established and must not be refused.)
 struct Held {
-    _app_permit: OwnedSemaphorePermit,
-    _global_permit: OwnedSemaphorePermit,
+    _app_permit: Option<OwnedSemaphorePermit>,
+    _global_permit: Option<OwnedSemaphorePermit>,
     _tracked: Tracked,
     _active: ActiveConn,
 }
@@ -36,6 +39,8 @@ pub(super) struct Conn {
     port: u16,
     app: Arc<AppRuntime>,
     started: Instant,
+    /// Processes that carried it before this one (an upgrade moved it).
+    carried_by: Vec<u32>,
     _held: Held,
 }
 
@@ -66,13 +71,119 @@ impl Conn {
             client,
             port,
             _held: Held {
-                _app_permit: app_permit,
-                _global_permit: global_permit,
+                _app_permit: Some(app_permit),
+                _global_permit: Some(global_permit),
                 _tracked: shared.tracker.track(),
                 _active: app.metrics.open(),
             },
             app,
             started: Instant::now(),
+            carried_by: Vec::new(),
+        }
+    }
+
+    /// A connection another process carried until now (`handover::resume`).
+    pub(super) fn resumed(meta: &MovedMeta, app: Arc<AppRuntime>, shared: &Shared) -> Conn {
+        let now = Instant::now();
+        Conn {
+            id: meta.id,
+            client: meta.client,
+            port: meta.port,
+            _held: Held {
+                _app_permit: app.permits.clone().try_acquire_owned().ok(),
+                _global_permit: shared.global.clone().try_acquire_owned().ok(),
+                _tracked: shared.tracker.track(),
+                _active: app.metrics.open(),
+            },
+            app,
+            started: now
+                .checked_sub(Duration::from_millis(meta.age_ms))
+                .unwrap_or(now),
+            carried_by: meta.carried_by.clone(),
+        }
+    }
+
+    /// Carries on a connection moved here, to its close line.
+    pub(super) async fn carry_resumed(self, m: Moving, shared: Arc<Shared>) {
+        let info = ConnInfo {
+            id: self.id,
+            app: self.app.balancer.app.clone(),
+            listen_port: self.port,
+            client: self.client,
+            target: m.meta.target.clone(),
+            upstream: m.meta.upstream,
+            idle_timeout: shared.idle_timeout,
+            hard_stop: shared.hard_stop.clone(),
+        };
+        let upstream = Upstream {
+            target: m.meta.target.clone(),
+            attempts: m.meta.attempts,
+        };
+        if let Some(t) = self
+            .carry(&shared, m.client, m.upstream, &info, m.meta)
+            .await
+        {
+            self.close(&shared, upstream, &t);
+        }
+    }
+
+    /// Carries the bytes. On the userspace planes the connection may park
+    /// for an upgrade and move to the new process: then None, and the new
+    /// process writes the close line.
+    async fn carry(
+        &self,
+        shared: &Arc<Shared>,
+        mut client: TcpStream,
+        mut upstream: TcpStream,
+        info: &ConnInfo,
+        mut meta: MovedMeta,
+    ) -> Option<Transfer> {
+        if !matches!(shared.plane.plane(), Plane::Copy | Plane::Splice) {
+            return Some(shared.plane.carry(client, upstream, info).await);
+        }
+        loop {
+            let parking = Parking::new(shared.handover.requests());
+            let t = parking
+                .scope(shared.plane.carry(client, upstream, info))
+                .await;
+            let Some(p) = parking.take() else {
+                return Some(Transfer {
+                    client_to_target: meta.client_to_target + t.client_to_target,
+                    target_to_client: meta.target_to_client + t.target_to_client,
+                    userspace_bytes: meta.userspace_bytes + t.userspace_bytes,
+                    ..t
+                });
+            };
+            meta.client_to_target += p.client_to_target;
+            meta.target_to_client += p.target_to_client;
+            meta.userspace_bytes += p.client_to_target + p.target_to_client;
+            meta.age_ms = self.started.elapsed().as_millis() as u64;
+            let mut out = meta.clone();
+            out.carried_by = (self.carried_by.iter().copied())
+                .chain([std::process::id()])
+                .collect();
+            let moving = Moving {
+                meta: out,
+                app: self.app.clone(),
+                client: p.client,
+                upstream: p.upstream,
+            };
+            match shared.handover.offer(Box::new(moving)) {
+                Ok(()) => {
+                    tracing::info!(
+                        conn = self.id,
+                        app = %self.app.balancer.app,
+                        client = %self.client,
+                        bytes_in = meta.client_to_target,
+                        bytes_out = meta.target_to_client,
+                        pid = std::process::id(),
+                        "connection handed over to the new process"
+                    );
+                    return None;
+                }
+                // Nobody takes it (any more): carry on here.
+                Err(back) => (client, upstream) = (back.client, back.upstream),
+            }
         }
     }
 
@@ -130,9 +241,25 @@ impl Conn {
             idle_timeout: shared.idle_timeout,
             hard_stop: shared.hard_stop.clone(),
         };
-        let transfer = shared.plane.carry(client, c.stream, &info).await;
+        let meta = MovedMeta {
+            id: self.id,
+            app: balancer.app.to_string(),
+            port: self.port,
+            client: self.client,
+            target: upstream.target.clone(),
+            upstream: c.peer,
+            attempts: upstream.attempts,
+            client_to_target: 0,
+            target_to_client: 0,
+            userspace_bytes: 0,
+            age_ms: 0,
+            carried_by: Vec::new(),
+        };
+        let transfer = self.carry(&shared, client, c.stream, &info, meta).await;
         drop(c.guard);
-        self.close(&shared, upstream, &transfer);
+        if let Some(transfer) = transfer {
+            self.close(&shared, upstream, &transfer);
+        }
     }
 
     /// The one record per connection: metrics, the access log and the log
@@ -147,6 +274,12 @@ impl Conn {
             upstream.target.as_str()
         };
         let duration_ms = self.started.elapsed().as_millis() as u64;
+        let carried_by = self
+            .carried_by
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         if let Some(log) = &shared.access_log {
             log.record(&access_log::Entry {
                 ts: access_log::rfc3339(std::time::SystemTime::now()),
@@ -179,6 +312,8 @@ impl Conn {
             promoted_ms = t.promoted_after.map(|d| d.as_millis() as u64),
             demoted = t.demoted,
             end = t.end.as_str(),
+            pid = std::process::id(),
+            carried_by = %carried_by,
             "connection closed"
         );
     }

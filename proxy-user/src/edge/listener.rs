@@ -89,6 +89,11 @@ pub(super) async fn accept_until_stopped(
 ) {
     let mut backoff = Duration::ZERO;
     let err_log = RateLimit::default();
+    let mut accepting = shared.accepting.clone();
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => return,
+        open = accepting.wait_for(|open| *open) => if open.is_err() { return },
+    }
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

@@ -20,6 +20,7 @@ use crate::upstream::loop_guard::LoopGuard;
 
 mod admission;
 mod conn;
+pub mod handover;
 pub mod listener;
 pub mod steering;
 pub mod tracker;
@@ -44,6 +45,11 @@ pub struct Shared {
     /// Apps in the config in force: sets the fair share of the global cap.
     pub apps: AtomicUsize,
     pub hard_stop: watch::Receiver<bool>,
+    /// Accept loops wait for this to turn true: at once on a plain start,
+    /// only once the old process stopped accepting on a takeover.
+    pub accepting: watch::Receiver<bool>,
+    /// Upgrades: parks userspace connections and hands them out.
+    pub handover: handover::Handover,
     pub next_id: AtomicU64,
     pub limit_log: RateLimit,
     pub metrics: Arc<Metrics>,

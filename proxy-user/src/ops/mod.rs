@@ -7,3 +7,4 @@ pub mod logging;
 pub mod metrics;
 mod process;
 pub mod readiness;
+pub mod sd_notify;

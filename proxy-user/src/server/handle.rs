@@ -21,6 +21,9 @@ pub struct Handle {
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) cutter: Cutter,
     pub(super) admin: Option<SocketAddr>,
+    /// Turns true when the server stopped serving: drained, or handed over
+    /// and drained.
+    pub(super) finished: watch::Receiver<bool>,
 }
 
 impl Handle {
@@ -33,6 +36,13 @@ impl Handle {
     /// control task drains.
     pub fn cutter(&self) -> Cutter {
         self.cutter.clone()
+    }
+
+    /// Resolves once the server stopped serving (after a shutdown, or a
+    /// handoff to a new process and its drain).
+    pub async fn finished(&self) {
+        let mut f = self.finished.clone();
+        let _ = f.wait_for(|done| *done).await;
     }
 
     /// Re-reads the config file, as SIGHUP does; returns once it was applied

@@ -37,15 +37,23 @@ pub enum Request {
     Reload,
     /// SIGTERM/SIGINT: drain and exit.
     Shutdown(&'static str),
+    /// SIGUSR2: start the binary anew with `--takeover` (an upgrade, or a
+    /// restart with the same binary).
+    Upgrade,
+    /// SIGUSR1: logged and ignored (nginx reopens logs on it; SIGHUP does
+    /// that here), rather than the default action, which kills.
+    Ignored(&'static str),
 }
 
-/// SIGTERM, SIGINT and SIGHUP, registered at startup so a signal that
+/// SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2, registered at startup so a signal that
 /// arrives before we wait on it is not fatal (the default action would kill
 /// us mid-drain).
 pub struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    usr1: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -54,6 +62,8 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("cannot register SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot register SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("cannot register SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("cannot register SIGUSR1 handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot register SIGUSR2 handler")?,
         })
     }
 
@@ -62,6 +72,8 @@ impl Signals {
             _ = self.term.recv() => Request::Shutdown("SIGTERM"),
             _ = self.int.recv() => Request::Shutdown("SIGINT"),
             _ = self.hup.recv() => Request::Reload,
+            _ = self.usr1.recv() => Request::Ignored("SIGUSR1"),
+            _ = self.usr2.recv() => Request::Upgrade,
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,27 +19,33 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::{self, watch as config_watch, Config};
 use crate::dataplane::DataPlane;
+use crate::dataplane::Plane;
+use crate::edge::handover::Handover;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
-use crate::edge::{RateLimit, Shared};
+use crate::edge::{AppRuntime, RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::upstream::loop_guard::LoopGuard;
 use crate::upstream::stats::TargetMetrics;
-use handle::Command;
+use control::Control;
 pub use handle::{Cutter, Handle};
-use lifecycle::{Request, Signals};
-use state::{State, Trigger};
+use handoff::{HandoffSocket, Takeover};
+use state::State;
 
 mod budget;
+mod control;
 mod handle;
+mod handoff;
 pub(crate) mod lifecycle;
+mod run;
 mod settings;
 mod state;
 mod steer;
 
+pub use run::{check, run};
 pub use settings::Settings;
 
 /// Time connections get to write their log line after a hard stop.
@@ -49,93 +55,30 @@ const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
 /// resets before the process exits.
 const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(500);
 
-/// Runs a server until SIGTERM or SIGINT, then drains it; SIGHUP reloads.
-/// A second stop signal during the drain exits the process at once.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    // Before anything can fail slowly: a SIGTERM during startup must not
-    // hit the default action.
-    let mut signals = Signals::register()?;
-    let Some(server) = start_unless_stopped(settings, &mut signals).await? else {
-        return Ok(());
-    };
-    let sig = loop {
-        match signals.next().await {
-            Request::Shutdown(sig) => break sig,
-            Request::Reload => server.reload().await,
-        }
-    };
-    // A second signal means "now": do not wait for the drain. Live streams
-    // are reset first (a FIN from exit would pass for their end), with a
-    // short grace for their tasks to do it and log.
-    let cut = server.cutter();
-    let forced = Arc::new(AtomicBool::new(false));
-    let second = forced.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Request::Shutdown(sig) = signals.next().await {
-                tracing::warn!(
-                    signal = sig,
-                    "second signal, resetting live connections and exiting"
-                );
-                second.store(true, Ordering::SeqCst);
-                cut.cut(SECOND_SIGNAL_GRACE).await;
-                std::process::exit(1);
-            }
-        }
-    });
-    server.shutdown(sig).await;
-    // The resets can finish the drain before the task above exits: a forced
-    // stop still ends with a failure status.
-    anyhow::ensure!(
-        !forced.load(Ordering::SeqCst),
-        "stopped by a second signal: live connections were reset"
-    );
-    Ok(())
-}
-
-/// `start`, raced against the signals: a stop signal while starting (an
-/// access log FIFO waiting for its reader, a slow config read) ends the
-/// process now rather than once started; a SIGHUP reloads once started.
-/// None: stopped before serving.
-async fn start_unless_stopped(
-    settings: Settings,
-    signals: &mut Signals,
-) -> anyhow::Result<Option<Handle>> {
-    let starting = start(settings);
-    tokio::pin!(starting);
-    let mut reload = false;
-    loop {
-        tokio::select! {
-            started = &mut starting => {
-                let server = started?;
-                if reload {
-                    server.reload().await;
-                }
-                return Ok(Some(server));
-            }
-            request = signals.next() => match request {
-                Request::Shutdown(sig) => {
-                    tracing::warn!(signal = sig, "stop signal during start-up; exiting without serving");
-                    return Ok(None);
-                }
-                Request::Reload => reload = true,
-            },
-        }
-    }
-}
-
 /// Starts a server: admin first (so `/readyz` says 503 while the rest comes
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
+/// With `takeover`, the listening sockets come from the running proxy,
+/// which serves until this one is ready (`handoff`).
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
+    // First: the old process's sockets include the admin listener.
+    let mut takeover = match &settings.takeover {
+        Some(path) => Some(Takeover::connect(path).await?),
+        None => None,
+    };
     let (metrics, target_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
-            let l = admin::bind(addr).await?;
+            let handed = takeover.as_mut().and_then(|t| t.admin.take());
+            let l = match handed.filter(|l| l.local_addr().ok() == Some(addr) || addr.port() == 0) {
+                Some(l) => l,
+                None => admin::bind(addr).await?,
+            };
             let local = l.local_addr().context("admin listener address")?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
             tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
-            tokio::spawn(admin::serve(l, published.clone()));
-            Some(local)
+            let task = tokio::spawn(admin::serve(l, published.clone()));
+            Some((local, fd, task))
         }
         None => None,
     };
@@ -164,6 +107,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
     let (hard_tx, hard_rx) = watch::channel(false);
     let hard_tx = Arc::new(hard_tx);
+    let (accepting, accepting_rx) = watch::channel(false);
+    let (finished_tx, finished) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {
         plane,
@@ -177,6 +122,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         per_app_cap: settings.max_per_app,
         apps: AtomicUsize::new(config.apps.len()),
         hard_stop: hard_rx,
+        accepting: accepting_rx,
+        handover: Handover::default(),
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
         metrics,
@@ -194,18 +141,61 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     };
     if settings.steering == Steering::SkLookup {
         let ports: Vec<u16> = config.listeners().map(|(_, port)| port).collect();
-        state.steer = Some(steer::start(&settings, &ports, &shared)?);
+        let inherited = takeover.as_mut().and_then(|t| t.steer.take());
+        state.steer = Some(steer::start(&settings, &ports, &shared, inherited)?);
     }
     // Bind everything before serving anything: a port clash fails startup
     // as a whole rather than leaving a half-working proxy.
-    let bound = state::bind_new(&state, &config, &settings)?;
+    let bound = state::bind_new(
+        &state,
+        &config,
+        &settings,
+        takeover.as_mut().map(|t| &mut t.ports),
+    )?;
+    // Not on a takeover: the old process still holds the path until it
+    // stopped accepting.
+    let mut handoff = match (&settings.handoff_socket, &takeover) {
+        (Some(path), None) => Some(HandoffSocket::bind(path)?),
+        _ => None,
+    };
     state::apply(&mut state, &config, bound, &shared, &settings);
-    if let Some(steer) = &mut state.steer {
-        // Ready means every port reaches us, not just that PORTS says so.
-        steer
-            .verify(steer::START_WAIT)
-            .await
-            .context("--steering sk_lookup: not every configured port reaches this proxy")?;
+    match takeover {
+        None => {
+            let _ = accepting.send(true);
+            if let Some(steer) = &mut state.steer {
+                // Ready means every port reaches us, not just that PORTS says so.
+                steer.verify(steer::START_WAIT).await.context(
+                    "--steering sk_lookup: not every configured port reaches this proxy",
+                )?;
+            }
+        }
+        Some(t) => {
+            // Nothing can fail from here: the old process stops accepting,
+            // and we start (the connections in between wait in the backlog).
+            let takes_conns = matches!(shared.plane.plane(), Plane::Copy | Plane::Splice);
+            let taken = t.commit(takes_conns).await;
+            let _ = accepting.send(true);
+            let apps: HashMap<String, Arc<AppRuntime>> = state
+                .apps
+                .iter()
+                .map(|(name, a)| (name.clone(), a.runtime.clone()))
+                .collect();
+            tokio::spawn(taken.receive_conns(shared.clone(), apps));
+            if let Some(path) = &settings.handoff_socket {
+                match HandoffSocket::bind(path) {
+                    Ok(h) => handoff = Some(h),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "no handoff socket: this process cannot be upgraded in place")
+                    }
+                }
+            }
+            if let Some(steer) = &mut state.steer {
+                // The old program steered to this same socket until now.
+                if let Err(e) = steer.verify(steer::START_WAIT).await {
+                    tracing::error!(error = %format!("{e:#}"), "--steering sk_lookup: not every configured port reaches this proxy");
+                }
+            }
+        }
     }
     state.published.readiness().set(true);
     let listening: Vec<(String, SocketAddr)> = state
@@ -218,7 +208,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let (commands, rx) = mpsc::channel(4);
     let file_changes = (!settings.watch_config.is_zero())
         .then(|| config_watch::spawn(settings.config.clone(), stamp, settings.watch_config));
-    tokio::spawn(control(
+    tokio::spawn(control::control(
         Control {
             state,
             settings,
@@ -227,9 +217,15 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 hard_stop: hard_tx.clone(),
                 tracker: tracker.clone(),
             },
+            handoff,
+            admin: admin
+                .as_ref()
+                .map(|(_, fd, task)| (*fd, task.abort_handle())),
+            _accepting: accepting,
         },
         rx,
         file_changes,
+        finished_tx,
     ));
     Ok(Handle {
         commands,
@@ -237,7 +233,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             hard_stop: hard_tx,
             tracker,
         },
-        admin,
+        admin: admin.map(|(addr, _, _)| addr),
+        finished,
     })
 }
 
@@ -279,80 +276,5 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
             listening = %names.join(" "),
             "proxy ready"
         );
-    }
-}
-
-/// The running server, owned by its control task.
-struct Control {
-    state: State,
-    settings: Settings,
-    shared: Arc<Shared>,
-    cutter: Cutter,
-}
-
-/// Applies reloads (asked for, or a settled file change) one at a time until
-/// a shutdown, then drains.
-async fn control(
-    mut c: Control,
-    mut commands: mpsc::Receiver<Command>,
-    mut file_changes: Option<mpsc::Receiver<()>>,
-) {
-    let (why, done) = loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                Some(Command::Reload(done)) => {
-                    c.reload(Trigger::Signal).await;
-                    let _ = done.send(());
-                }
-                Some(Command::Shutdown(why, done)) => break (why, Some(done)),
-                // Every handle is gone: nobody can ask for a drain any more.
-                None => break ("handle dropped", None),
-            },
-            Some(()) = async { match &mut file_changes {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
-            } } => c.reload(Trigger::FileChange).await,
-        }
-    };
-    c.drain(why).await;
-    if let Some(done) = done {
-        let _ = done.send(());
-    }
-}
-
-impl Control {
-    async fn reload(&mut self, trigger: Trigger) {
-        state::closed(&mut self.state).await;
-        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
-        if let Some(steer) = &mut self.state.steer {
-            // The reload is applied by now: ports another program takes are
-            // reported, not rolled back (the rest of the change stands).
-            if let Err(e) = steer.verify(Duration::ZERO).await {
-                tracing::error!(error = %format!("{e:#}"), "sk_lookup: ports added by this reload do not reach this proxy");
-            }
-        }
-    }
-
-    async fn drain(mut self, why: &'static str) {
-        let drain_timeout = self.settings.drain_timeout;
-        let tracker = &self.cutter.tracker;
-        tracing::info!(
-            signal = why,
-            live = tracker.live(),
-            drain_timeout_ms = drain_timeout.as_millis() as u64,
-            "shutting down: closed listeners, draining live connections"
-        );
-        // Draining: /readyz turns 503 so load balancers stop sending here.
-        self.state.published.readiness().set(false);
-        state::stop_accepting(&mut self.state).await;
-        if tracker.wait_idle(drain_timeout).await {
-            tracing::info!("drained, all connections finished");
-        } else {
-            tracing::warn!(
-                live = tracker.live(),
-                "drain timeout reached, resetting remaining connections"
-            );
-            self.cutter.cut(HARD_STOP_GRACE).await;
-        }
     }
 }

@@ -35,6 +35,10 @@ pub struct Settings {
     pub steering_port: u16,
     /// Zero: reload on SIGHUP (`Handle::reload`) only.
     pub watch_config: Duration,
+    /// Where this proxy waits for a successor (`handoff`).
+    pub handoff_socket: Option<std::path::PathBuf>,
+    /// Start by taking over from the proxy waiting at this path.
+    pub takeover: Option<std::path::PathBuf>,
 }
 
 impl Settings {

@@ -31,6 +31,8 @@ pub(super) struct AppHandle {
 
 pub(super) struct ListenerHandle {
     pub(super) app: String,
+    /// The socket's fd, open while `task` runs: what a handoff sends.
+    pub(super) fd: std::os::fd::RawFd,
     /// The bound address (the port as configured).
     pub(super) addr: SocketAddr,
     pub(super) slot: AppSlot,
@@ -98,6 +100,7 @@ pub(super) fn bind_new(
     state: &State,
     config: &Config,
     settings: &Settings,
+    mut inherited: Option<&mut HashMap<u16, TcpListener>>,
 ) -> anyhow::Result<Vec<(u16, TcpListener)>> {
     let mut bound = Vec::new();
     if let Some(steer) = &state.steer {
@@ -110,6 +113,12 @@ pub(super) fn bind_new(
             continue;
         }
         let addr = listen_addr(&settings.listen_address, port)?;
+        // A socket handed over from the old process, if it is this one.
+        let handed = inherited.as_mut().and_then(|h| h.remove(&port));
+        if let Some(l) = handed.filter(|l| l.local_addr().ok() == Some(addr)) {
+            bound.push((port, l));
+            continue;
+        }
         let l = listener::bind(addr, settings.socket_buffers)
             .with_context(|| format!("app {:?} port {port}", config.apps[app_idx].name))?;
         bound.push((port, l));
@@ -237,6 +246,7 @@ pub(super) fn apply(
         let addr = l
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::new([0, 0, 0, 0].into(), port));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         let slot: AppSlot = Arc::new(ArcSwap::new(runtime));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(listener::accept_loop(
@@ -250,6 +260,7 @@ pub(super) fn apply(
             port,
             ListenerHandle {
                 app: name.clone(),
+                fd,
                 addr,
                 slot,
                 stop,
@@ -290,7 +301,7 @@ pub(super) async fn reload(
         }
         state.last_text = Some(text.clone());
         let (config, listen) = settings.parse_config(&text)?;
-        let bound = bind_new(state, &config, settings)?;
+        let bound = bind_new(state, &config, settings, None)?;
         Ok(Some((config, listen, bound)))
     });
     let result = match result {

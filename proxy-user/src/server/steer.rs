@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -26,6 +27,8 @@ pub(super) struct SteerState {
     pub(super) table: PortTable,
     /// The one socket's address (port `--steering-port`).
     pub(super) addr: SocketAddr,
+    /// Its fd, open while `task` runs: what a handoff sends.
+    pub(super) fd: std::os::fd::RawFd,
     /// `--listen-address`: what the program steers (unspecified: every
     /// local address).
     steered: IpAddr,
@@ -38,11 +41,13 @@ pub(super) struct SteerState {
 
 /// Refuses ports a listener holds, then binds the one socket, loads and
 /// attaches the sk_lookup program, and starts accepting; `PORTS` is filled
-/// by `apply`, checked by `verify`.
+/// by `apply`, checked by `verify`. `inherited`: the old process's socket
+/// on a takeover, used instead of binding one.
 pub(super) fn start(
     settings: &Settings,
     ports: &[u16],
     shared: &Arc<Shared>,
+    inherited: Option<TcpListener>,
 ) -> anyhow::Result<SteerState> {
     let steered = listen_addr(&settings.listen_address, 0)?.ip();
     steering::check_listeners(steered, ports, None)
@@ -50,7 +55,10 @@ pub(super) fn start(
     let program = || -> anyhow::Result<_> {
         steering::check_support()?;
         let (bind_addr, steer_config) = steering::addresses(steered, settings.steering_port);
-        let l = listener::bind(bind_addr, settings.socket_buffers)?;
+        let l = match inherited {
+            Some(l) => l,
+            None => listener::bind(bind_addr, settings.socket_buffers)?,
+        };
         let bpf = SkLookupSteering::load(&l, steer_config)?;
         Ok((l, bpf))
     };
@@ -58,6 +66,7 @@ pub(super) fn start(
         "--steering sk_lookup: cannot steer ports with sk_lookup (use --steering listeners to run without it)",
     )?;
     let addr = l.local_addr().context("steering listener address")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
     let table: PortTable = Arc::default();
     let probes = Arc::new(Probes::default());
     let (stop, stop_rx) = watch::channel(false);
@@ -72,6 +81,7 @@ pub(super) fn start(
         bpf,
         table,
         addr,
+        fd,
         steered,
         probes,
         unverified: Vec::new(),

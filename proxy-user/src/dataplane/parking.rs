@@ -1,0 +1,82 @@
+//! Upgrade hook of the userspace planes (`userspace::carry`): a connection
+//! whose owner runs it in `Parking::scope` can stop at a safe point and
+//! hand back its sockets instead of closing them (`edge::handover` moves
+//! it to the new process). Nothing else in the planes changes: the pumps
+//! only report the bytes they hold (`Tally::read(n)`).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+tokio::task_local! {
+    /// Set by the connection's owner when it may move the connection to
+    /// another process (an upgrade): `carry` then parks at a safe point.
+    pub(super) static PARKING: Arc<Parking>;
+}
+
+/// Upgrade hook: lets a userspace connection stop at a safe point (neither
+/// direction holds a byte: buffers written out, pipes empty) and give its
+/// two sockets and counters back instead of closing them. Pumps are only
+/// ever dropped between polls, so "holds nothing" checked between polls
+/// stays true until they are gone; a direction that already passed its
+/// FIN is harmless to restart (it reads EOF again and passes it again).
+pub struct Parking {
+    requested: watch::Receiver<bool>,
+    parked: Mutex<Option<Parked>>,
+}
+
+/// A connection stopped at a safe point.
+pub struct Parked {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Bytes moved each way by the `carry` that parked it.
+    pub client_to_target: u64,
+    pub target_to_client: u64,
+}
+
+impl Parking {
+    /// `requested` turning true asks the connection to park; false again
+    /// (the other process is gone, or the wait is over) lets it run on.
+    pub fn new(requested: watch::Receiver<bool>) -> Arc<Parking> {
+        Arc::new(Parking {
+            requested,
+            parked: Mutex::new(None),
+        })
+    }
+
+    /// Runs `carry` (of a userspace plane) so that it can park.
+    pub async fn scope<F: Future>(self: &Arc<Self>, carry: F) -> F::Output {
+        PARKING.scope(self.clone(), carry).await
+    }
+
+    /// `carry` parked: the sockets and counters for the owner.
+    pub(super) fn park(&self, parked: Parked) {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(parked);
+    }
+
+    /// What `carry` left when it parked, if it did.
+    pub fn take(&self) -> Option<Parked> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Resolves at the first safe point after a park request.
+    pub(super) async fn safe_point(&self, held: &[AtomicU64; 2]) {
+        let mut requested = self.requested.clone();
+        loop {
+            if requested.wait_for(|r| *r).await.is_err() {
+                return std::future::pending().await;
+            }
+            while *requested.borrow() {
+                if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) {
+                    return;
+                }
+                // A pump mid-write: look again shortly.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}

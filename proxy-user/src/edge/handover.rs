@@ -1,0 +1,127 @@
+//! Established userspace connections moving to another process during an
+//! upgrade (`server::handoff` carries them over the handoff socket).
+//!
+//! The old process raises `request`; each connection on the copy or splice
+//! plane parks at its next safe point (`dataplane::Parking`) and offers
+//! itself through `offer`. While a successor takes connections the offer is
+//! accepted and the connection's task ends with a "handed over" line;
+//! otherwise (no successor, or it stopped taking) the connection simply
+//! carries on here, having lost nothing: it parked with no byte in hand.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::conn::Conn;
+use super::{AppRuntime, Shared};
+
+/// What a connection is, apart from its two sockets: enough for the taker
+/// to resume it and write the one close line at its end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MovedMeta {
+    pub id: u64,
+    pub app: String,
+    pub port: u16,
+    pub client: SocketAddr,
+    pub target: String,
+    pub upstream: SocketAddr,
+    pub attempts: u32,
+    /// Bytes moved so far, each way, and by userspace.
+    pub client_to_target: u64,
+    pub target_to_client: u64,
+    pub userspace_bytes: u64,
+    /// Age at the move, so the close line's duration covers its whole life.
+    pub age_ms: u64,
+    /// Processes that carried it before, oldest first.
+    pub carried_by: Vec<u32>,
+}
+
+/// A parked connection on its way out.
+pub struct Moving {
+    pub meta: MovedMeta,
+    /// Its app here (the taker looks it up by name).
+    pub app: Arc<AppRuntime>,
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+}
+
+/// The old process's side: asks connections to park and collects them.
+#[derive(Default)]
+pub struct Handover {
+    request: Mutex<Option<watch::Sender<bool>>>,
+    taker: Mutex<Option<mpsc::UnboundedSender<Moving>>>,
+}
+
+impl Handover {
+    /// What a connection watches for a park request.
+    pub fn requests(&self) -> watch::Receiver<bool> {
+        let mut req = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        req.get_or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// Starts collecting: every movable connection parks and arrives on
+    /// the returned channel until `stop`.
+    pub fn start(&self) -> mpsc::UnboundedReceiver<Moving> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.taker.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        // Made here if no connection asked yet: later ones see the request.
+        let mut req = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        req.get_or_insert_with(|| watch::channel(false).0)
+            .send_replace(true);
+        rx
+    }
+
+    /// Stops collecting: connections not parked yet carry on here.
+    pub fn stop(&self) {
+        *self.taker.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(req) = &*self.request.lock().unwrap_or_else(|p| p.into_inner()) {
+            req.send_replace(false);
+        }
+    }
+
+    /// A parked connection offers itself; `Err` gives it back to carry on.
+    pub(super) fn offer(&self, m: Box<Moving>) -> Result<(), Box<Moving>> {
+        match &*self.taker.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(*m).map_err(|e| Box::new(e.0)),
+            None => Err(m),
+        }
+    }
+}
+
+/// Resumes a connection moved here (or given back to this process when
+/// the successor could not take it): it counts against the limits as any
+/// other (without being refused for them: it is already established), and
+/// its close line continues the one it started.
+pub fn resume(shared: &Arc<Shared>, moving: Moving) {
+    let conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
+    let shared = shared.clone();
+    tokio::spawn(conn.carry_resumed(moving, shared));
+}
+
+/// How long the old process waits for connections to reach a safe point:
+/// a connection whose reader stopped reading never does, and drains here.
+pub const PARK_WAIT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_follow_start_and_stop() {
+        let h = Handover::default();
+        // A connection that arrives after the start (none asked before)
+        // still sees the request.
+        let _rx = h.start();
+        assert!(*h.requests().borrow());
+        h.stop();
+        let req = h.requests();
+        assert!(!*req.borrow());
+        let _rx = h.start();
+        assert!(*req.borrow(), "an earlier subscriber sees the next start");
+    }
+}

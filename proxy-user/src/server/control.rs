@@ -1,0 +1,161 @@
+//! The control task: owns the running server's state, applies reloads one
+//! at a time, gives the server to a successor (`handoff`), and drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::handle::{Command, Cutter};
+use super::handoff::{self, HandoffSocket};
+use super::settings::Settings;
+use super::state::{self, State, Trigger};
+use super::HARD_STOP_GRACE;
+use crate::edge::Shared;
+use crate::ops::sd_notify;
+
+/// The running server, owned by its control task.
+pub(super) struct Control {
+    pub(super) state: State,
+    pub(super) settings: Settings,
+    pub(super) shared: Arc<Shared>,
+    pub(super) cutter: Cutter,
+    /// `--handoff-socket`: where a successor connects.
+    pub(super) handoff: Option<HandoffSocket>,
+    /// The admin listener's fd (open while its task runs) and task.
+    pub(super) admin: Option<(std::os::fd::RawFd, tokio::task::AbortHandle)>,
+    /// Kept open: accept loops end when it closes.
+    pub(super) _accepting: watch::Sender<bool>,
+}
+
+/// Why the control loop ended.
+enum Stop {
+    Shutdown(&'static str, Option<tokio::sync::oneshot::Sender<()>>),
+    HandedOver(handoff::Given),
+}
+
+/// Applies reloads (asked for, or a settled file change) one at a time until
+/// a shutdown or a handoff, then drains.
+pub(super) async fn control(
+    mut c: Control,
+    mut commands: mpsc::Receiver<Command>,
+    mut file_changes: Option<mpsc::Receiver<()>>,
+    finished: watch::Sender<bool>,
+) {
+    let stop = loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(Command::Reload(done)) => {
+                    c.reload(Trigger::Signal).await;
+                    let _ = done.send(());
+                }
+                Some(Command::Shutdown(why, done)) => break Stop::Shutdown(why, Some(done)),
+                // Every handle is gone: nobody can ask for a drain any more.
+                None => break Stop::Shutdown("handle dropped", None),
+            },
+            Some(()) = async { match &mut file_changes {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            } } => c.reload(Trigger::FileChange).await,
+            link = async { match &c.handoff {
+                Some(h) => h.accept().await,
+                None => std::future::pending().await,
+            } } => match link {
+                Ok(link) => if let Some(given) = c.give(link).await {
+                    break Stop::HandedOver(given);
+                },
+                Err(e) => tracing::warn!(error = %e, "handoff socket: accept failed"),
+            },
+        }
+    };
+    match stop {
+        Stop::Shutdown(why, done) => {
+            c.drain(why).await;
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+        Stop::HandedOver(given) => c.hand_over(given).await,
+    }
+    let _ = finished.send(true);
+}
+
+impl Control {
+    /// Offers this server's listening sockets to a successor; Some once it
+    /// is ready to serve. Until then (and on any error) we serve on.
+    async fn give(&mut self, link: handoff::Link) -> Option<handoff::Given> {
+        let listeners: Vec<_> = self
+            .state
+            .listeners
+            .iter()
+            .map(|(port, l)| (*port, l.fd))
+            .collect();
+        let steer = self.state.steer.as_ref().map(|s| s.fd);
+        let admin = self.admin.as_ref().map(|(fd, _)| *fd);
+        match handoff::give(link, listeners, steer, admin).await {
+            Ok(given) => Some(given),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "handoff: the new process did not get ready; still serving");
+                None
+            }
+        }
+    }
+
+    /// The successor is ready: stop accepting, hand it the connections
+    /// that can move, drain the rest.
+    async fn hand_over(mut self, given: handoff::Given) {
+        // Before this process can exit: systemd follows the new one.
+        sd_notify::notify(&format!("MAINPID={}", given.pid));
+        tracing::info!(
+            successor = given.pid,
+            "handoff: the new process is ready; stopping accepting"
+        );
+        self.state.published.readiness().set(false);
+        state::stop_accepting(&mut self.state).await;
+        if let Some(h) = self.handoff.take() {
+            h.close();
+        }
+        // The new process answers /readyz and /metrics from here on.
+        if let Some((_, task)) = self.admin.take() {
+            task.abort();
+        }
+        given.finish(&self.shared).await;
+        self.drain("handed over").await;
+    }
+
+    async fn reload(&mut self, trigger: Trigger) {
+        state::closed(&mut self.state).await;
+        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+        if let Some(steer) = &mut self.state.steer {
+            // The reload is applied by now: ports another program takes are
+            // reported, not rolled back (the rest of the change stands).
+            if let Err(e) = steer.verify(Duration::ZERO).await {
+                tracing::error!(error = %format!("{e:#}"), "sk_lookup: ports added by this reload do not reach this proxy");
+            }
+        }
+    }
+
+    async fn drain(mut self, why: &'static str) {
+        let drain_timeout = self.settings.drain_timeout;
+        let tracker = &self.cutter.tracker;
+        tracing::info!(
+            signal = why,
+            live = tracker.live(),
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            pid = std::process::id(),
+            "shutting down: closed listeners, draining live connections"
+        );
+        // Draining: /readyz turns 503 so load balancers stop sending here.
+        self.state.published.readiness().set(false);
+        state::stop_accepting(&mut self.state).await;
+        if tracker.wait_idle(drain_timeout).await {
+            tracing::info!("drained, all connections finished");
+        } else {
+            tracing::warn!(
+                live = tracker.live(),
+                "drain timeout reached, resetting remaining connections"
+            );
+            self.cutter.cut(HARD_STOP_GRACE).await;
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The running proxy's side of a handoff.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::wire::{Link, MAX_FDS};
+use super::Msg;
+use crate::edge::handover::{self, Moving, PARK_WAIT};
+use crate::edge::Shared;
+
+/// How long a successor may take from connecting to `Ready` (reading its
+/// config, loading BPF, probing its ports). Past it the giver gives up on
+/// it and serves on.
+const READY_WAIT: Duration = Duration::from_secs(30);
+/// Per message once the successor is ready.
+const STEP_WAIT: Duration = Duration::from_secs(5);
+/// Connections per `Conns` message.
+const BATCH: usize = MAX_FDS / 2;
+
+/// A successor that said `Ready`: from here on the giver stops serving.
+pub struct Given {
+    link: Arc<Link>,
+    pub pid: u32,
+    takes_conns: bool,
+}
+
+async fn blocking<T: Send + 'static>(
+    link: &Arc<Link>,
+    f: impl FnOnce(&Link) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let link = link.clone();
+    tokio::task::spawn_blocking(move || f(&link))
+        .await
+        .context("handoff task failed")?
+}
+
+/// Sends every listening socket (`listeners`: port and fd; `steer`: the
+/// sk_lookup socket; `admin`: the admin listener) and waits for the successor's `Ready`. The fds stay
+/// open and served here throughout: an error leaves this process as it
+/// was. The caller keeps them open until this returns.
+pub async fn give(
+    link: Link,
+    listeners: Vec<(u16, RawFd)>,
+    steer: Option<RawFd>,
+    admin: Option<RawFd>,
+) -> anyhow::Result<Given> {
+    let link = Arc::new(link);
+    blocking(&link, move |l| {
+        l.set_timeout(Some(STEP_WAIT))?;
+        let pid = match l.expect("saying hello")?.0 {
+            Msg::Hello { pid } => pid,
+            other => bail!("expected hello, got {other:?}"),
+        };
+        tracing::info!(
+            successor = pid,
+            ports = listeners.len(),
+            steer = steer.is_some(),
+            "handoff: successor connected; sending listening sockets"
+        );
+        let chunks: Vec<&[(u16, RawFd)]> = if listeners.is_empty() {
+            vec![&[]]
+        } else {
+            listeners.chunks(MAX_FDS - 1).collect()
+        };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let mut fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| *fd).collect();
+            let steer_here = steer.filter(|_| last);
+            let admin_here = admin.filter(|_| last);
+            fds.extend(steer_here);
+            fds.extend(admin_here);
+            l.send(
+                &Msg::Listeners {
+                    ports: chunk.iter().map(|(p, _)| *p).collect(),
+                    steer: steer_here.is_some(),
+                    admin: admin_here.is_some(),
+                    last,
+                },
+                &fds,
+            )?;
+        }
+        l.set_timeout(Some(READY_WAIT))?;
+        match l.expect("getting ready")?.0 {
+            Msg::Ready { takes_conns } => Ok((pid, takes_conns)),
+            other => bail!("expected ready, got {other:?}"),
+        }
+    })
+    .await
+    .map(|(pid, takes_conns)| Given {
+        link,
+        pid,
+        takes_conns,
+    })
+}
+
+impl Given {
+    /// After this process stopped accepting: says so, moves the
+    /// established userspace connections that reach a safe point within
+    /// `PARK_WAIT`, and ends the exchange. Whatever does not move (or
+    /// comes back) carries on here and drains.
+    pub async fn finish(self, shared: &Arc<Shared>) {
+        let link = self.link;
+        if let Err(e) = blocking(&link, |l| l.send(&Msg::Stopped, &[])).await {
+            tracing::warn!(error = %format!("{e:#}"), "handoff: successor gone after ready; draining here");
+            return;
+        }
+        let mut moved = 0u64;
+        if self.takes_conns {
+            let mut parked = shared.handover.start();
+            let deadline = Instant::now() + PARK_WAIT;
+            let mut ok = true;
+            while ok && Instant::now() < deadline {
+                let batch = next_batch(&mut parked, deadline).await;
+                if batch.is_empty() {
+                    if shared.tracker.live() == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let (n, sent) = send_conns(&link, batch, shared).await;
+                moved += n;
+                ok = sent;
+            }
+            shared.handover.stop();
+            // Parked before the stop, not sent yet.
+            let mut rest = Vec::new();
+            while let Ok(m) = parked.try_recv() {
+                rest.push(m);
+            }
+            for chunk in chunked(rest) {
+                if ok {
+                    let (n, sent) = send_conns(&link, chunk, shared).await;
+                    moved += n;
+                    ok = sent;
+                } else {
+                    carry_on(chunk, shared);
+                }
+            }
+        }
+        let _ = blocking(&link, move |l| l.send(&Msg::Done { moved }, &[])).await;
+        tracing::info!(
+            successor = self.pid,
+            moved,
+            draining = shared.tracker.live(),
+            "handoff: done; the connections that did not move drain here"
+        );
+    }
+}
+
+/// Up to `BATCH` parked connections: waits for the first (until
+/// `deadline`, or a short tick so the caller can see the drain finish),
+/// then takes what else is there.
+async fn next_batch(
+    parked: &mut mpsc::UnboundedReceiver<Moving>,
+    deadline: Instant,
+) -> Vec<Moving> {
+    let tick = (Instant::now() + Duration::from_millis(20)).min(deadline);
+    let mut batch = Vec::new();
+    if let Ok(Some(m)) = tokio::time::timeout_at(tick, parked.recv()).await {
+        batch.push(m);
+        while batch.len() < BATCH {
+            match parked.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+    }
+    batch
+}
+
+fn chunked(mut all: Vec<Moving>) -> Vec<Vec<Moving>> {
+    let mut out = Vec::new();
+    while !all.is_empty() {
+        let rest = all.split_off(all.len().min(BATCH));
+        out.push(std::mem::replace(&mut all, rest));
+    }
+    out
+}
+
+/// Sends one batch; the connections the successor did not take (or all,
+/// on an error) carry on here. Returns how many moved and whether the
+/// link still works.
+async fn send_conns(link: &Arc<Link>, batch: Vec<Moving>, shared: &Arc<Shared>) -> (u64, bool) {
+    let metas: Vec<_> = batch.iter().map(|m| m.meta.clone()).collect();
+    let fds: Vec<RawFd> = batch
+        .iter()
+        .flat_map(|m| [m.client.as_raw_fd(), m.upstream.as_raw_fd()])
+        .collect();
+    // The fds stay open here (in `batch`) until the successor said which
+    // it took: one it did not, or a successor that died before saying,
+    // leaves them ours, intact.
+    let took = blocking(link, move |l| {
+        l.set_timeout(Some(STEP_WAIT))?;
+        l.send(&Msg::Conns { conns: metas }, &fds)?;
+        match l.expect("taking connections")?.0 {
+            Msg::Took { ids } => Ok(ids),
+            other => bail!("expected took, got {other:?}"),
+        }
+    })
+    .await;
+    let (ids, ok) = match took {
+        Ok(ids) => (ids, true),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "handoff: successor did not take connections; they carry on here");
+            (Vec::new(), false)
+        }
+    };
+    let (taken, kept): (Vec<Moving>, Vec<Moving>) =
+        batch.into_iter().partition(|m| ids.contains(&m.meta.id));
+    let n = taken.len() as u64;
+    // Closing our copies: the successor's keep the sockets open.
+    drop(taken);
+    carry_on(kept, shared);
+    (n, ok)
+}
+
+fn carry_on(kept: Vec<Moving>, shared: &Arc<Shared>) {
+    for m in kept {
+        handover::resume(shared, m);
+    }
+}

@@ -1,0 +1,78 @@
+//! Upgrades and restarts without a refused connection: the running proxy
+//! (the giver, `--handoff-socket PATH`) hands its listening sockets, and
+//! then its established userspace connections, to a new process (the
+//! taker, `--takeover PATH`) over a Unix seqpacket socket with SCM_RIGHTS.
+//!
+//! The exchange, one message per line (NOTES.md §"Upgrades" has the full
+//! story of who owns which fd when, and what happens if either dies):
+//!
+//! ```text
+//! taker                                  giver (serving all along)
+//! Hello{pid}                       ->
+//!                                  <-    Listeners{ports, steer, admin, last} + fds
+//! (bind what is new, validate, load, attach; accept loops wait on a gate)
+//! Ready{takes_conns}               ->
+//!                                        stop accepting (close its copies,
+//!                                        detach its sk_lookup program),
+//!                                        give up the handoff socket path
+//!                                  <-    Stopped
+//! (open the gate: accept; bind the handoff socket path)
+//!                                  <-    Conns{conns} + 2 fds each (batches)
+//! Took{ids}                        ->    (giver closes its copies; anything
+//!                                        not taken carries on in the giver)
+//!                                  <-    Done{moved}
+//!                                        (giver drains the rest, exits)
+//! ```
+//!
+//! Until `Ready` the giver never stopped serving: a taker that fails or
+//! dies before it leaves the giver exactly as it was.
+
+use serde::{Deserialize, Serialize};
+
+use crate::edge::handover::MovedMeta;
+
+mod giver;
+mod socket;
+pub(super) mod successor;
+mod taker;
+mod wire;
+
+pub(super) use giver::{give, Given};
+pub(super) use socket::HandoffSocket;
+pub(super) use taker::Takeover;
+pub(super) use wire::Link;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Msg {
+    Hello {
+        pid: u32,
+    },
+    /// The fds are the listening sockets of `ports`, in order, then the
+    /// sk_lookup socket when `steer`, then the admin listener when `admin`.
+    Listeners {
+        ports: Vec<u16>,
+        steer: bool,
+        #[serde(default)]
+        admin: bool,
+        last: bool,
+    },
+    /// `takes_conns`: the taker resumes established connections (it runs a
+    /// userspace plane).
+    Ready {
+        takes_conns: bool,
+    },
+    Stopped,
+    /// Two fds per connection: client, then upstream.
+    Conns {
+        conns: Vec<MovedMeta>,
+    },
+    /// Which of the last `Conns` the taker resumed (the giver carries on
+    /// the others).
+    Took {
+        ids: Vec<u64>,
+    },
+    Done {
+        moved: u64,
+    },
+}

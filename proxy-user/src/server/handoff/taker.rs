@@ -1,0 +1,225 @@
+//! The new process's side of a handoff (`--takeover PATH`).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::wire::Link;
+use super::Msg;
+use crate::edge::handover::{self, Moving};
+use crate::edge::{AppRuntime, Shared};
+
+/// How long the giver may take to stop accepting after `Ready`: it only
+/// closes its copies of the sockets, so seconds mean it is stuck; then we
+/// serve beside it (both accepting is harmless).
+const STOPPED_WAIT: Duration = Duration::from_secs(10);
+
+/// What the giver handed over, before this process is ready.
+pub struct Takeover {
+    link: Arc<Link>,
+    /// Listening sockets by port, as the giver had them.
+    pub ports: HashMap<u16, TcpListener>,
+    /// The sk_lookup socket (`--steering sk_lookup`).
+    pub steer: Option<TcpListener>,
+    /// The admin listener (`--admin-address`).
+    pub admin: Option<TcpListener>,
+}
+
+fn listener(fd: OwnedFd) -> anyhow::Result<TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    let l = TcpListener::from_std(l)?;
+    l.local_addr()
+        .context("a handed-over socket is not a TCP socket")?;
+    Ok(l)
+}
+
+impl Takeover {
+    /// Connects to the running proxy at `path` and receives its listening
+    /// sockets. Nothing changes for the giver until `commit`.
+    pub async fn connect(path: &Path) -> anyhow::Result<Takeover> {
+        let path = path.to_path_buf();
+        let what = format!("--takeover {}", path.display());
+        let (link, got) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let link = Link::connect(&path)?;
+            link.set_timeout(Some(Duration::from_secs(10)))?;
+            link.send(
+                &Msg::Hello {
+                    pid: std::process::id(),
+                },
+                &[],
+            )?;
+            let mut got = Vec::new();
+            loop {
+                let (msg, fds) = link.expect("sending its listeners")?;
+                let Msg::Listeners {
+                    ports,
+                    steer,
+                    admin,
+                    last,
+                } = msg
+                else {
+                    bail!("expected listeners, got {msg:?}");
+                };
+                if fds.len() != ports.len() + usize::from(steer) + usize::from(admin) {
+                    bail!("{} ports but {} fds", ports.len(), fds.len());
+                }
+                got.push((ports, steer, admin, fds));
+                if last {
+                    return Ok((link, got));
+                }
+            }
+        })
+        .await
+        .context("handoff task failed")?
+        .with_context(|| what.clone())?;
+        let mut t = Takeover {
+            link: Arc::new(link),
+            ports: HashMap::new(),
+            steer: None,
+            admin: None,
+        };
+        for (ports, steer, admin, fds) in got {
+            let mut fds = fds.into_iter();
+            for (port, fd) in ports.into_iter().zip(fds.by_ref()) {
+                t.ports
+                    .insert(port, listener(fd).with_context(|| what.clone())?);
+            }
+            if steer {
+                if let Some(fd) = fds.next() {
+                    t.steer = Some(listener(fd).with_context(|| what.clone())?);
+                }
+            }
+            if admin {
+                if let Some(fd) = fds.next() {
+                    t.admin = Some(listener(fd).with_context(|| what.clone())?);
+                }
+            }
+        }
+        tracing::info!(
+            ports = t.ports.len(),
+            steer = t.steer.is_some(),
+            "handoff: received the listening sockets"
+        );
+        Ok(t)
+    }
+
+    /// Everything fallible is done: tells the giver we are ready and waits
+    /// until it stopped accepting. From here this process serves whatever
+    /// happens to the giver (gone, or stuck: we serve beside it).
+    pub async fn commit(self, takes_conns: bool) -> Taken {
+        let link = self.link;
+        let l = link.clone();
+        let stopped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            l.send(&Msg::Ready { takes_conns }, &[])?;
+            l.set_timeout(Some(STOPPED_WAIT))?;
+            match l.expect("stopping")?.0 {
+                Msg::Stopped => Ok(()),
+                other => bail!("expected stopped, got {other:?}"),
+            }
+        })
+        .await;
+        match stopped {
+            Ok(Ok(())) => tracing::info!("handoff: the old process stopped accepting"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "handoff: the old process did not confirm it stopped; serving anyway")
+            }
+            Err(e) => tracing::warn!(error = %e, "handoff task failed; serving anyway"),
+        }
+        Taken { link }
+    }
+}
+
+/// After `commit`: the established connections still to come.
+pub struct Taken {
+    link: Arc<Link>,
+}
+
+impl Taken {
+    /// Resumes every connection the giver sends until its `Done`.
+    pub async fn receive_conns(self, shared: Arc<Shared>, apps: HashMap<String, Arc<AppRuntime>>) {
+        let mut moved = 0usize;
+        loop {
+            let l = self.link.clone();
+            let next = tokio::task::spawn_blocking(move || {
+                // Quiescing takes at most PARK_WAIT; a batch comes well within.
+                l.set_timeout(Some(Duration::from_secs(30)))?;
+                l.recv::<Msg>()
+            })
+            .await;
+            let (msg, fds) = match next {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "handoff: reading moved connections failed");
+                    break;
+                }
+                Err(_) => break,
+            };
+            let conns = match msg {
+                Msg::Conns { conns } => conns,
+                Msg::Done { moved } => {
+                    tracing::info!(moved, "handoff: complete");
+                    break;
+                }
+                other => {
+                    tracing::warn!(msg = ?other, "handoff: unexpected message");
+                    break;
+                }
+            };
+            let mut resumed = Vec::new();
+            let mut took = Vec::new();
+            let mut fds = fds.into_iter();
+            for meta in conns {
+                let (Some(c), Some(u)) = (fds.next(), fds.next()) else {
+                    break;
+                };
+                let Some(app) = apps.get(&meta.app) else {
+                    // Not ours to serve: the giver carries it on.
+                    continue;
+                };
+                match (stream(c), stream(u)) {
+                    (Ok(client), Ok(upstream)) => {
+                        took.push(meta.id);
+                        resumed.push(Moving {
+                            meta,
+                            app: app.clone(),
+                            client,
+                            upstream,
+                        });
+                    }
+                    (c, u) => {
+                        let e = c.err().or(u.err()).map(|e| e.to_string());
+                        tracing::warn!(conn = meta.id, error = ?e, "handoff: cannot adopt a moved connection; the old process keeps it");
+                    }
+                }
+            }
+            let l = self.link.clone();
+            let n = took.len();
+            let acked =
+                tokio::task::spawn_blocking(move || l.send(&Msg::Took { ids: took }, &[])).await;
+            if !matches!(acked, Ok(Ok(()))) {
+                // The giver did not hear us: it may carry them on too, so
+                // two processes would pump one stream. Leave them to it.
+                tracing::warn!("handoff: the old process went away before confirming; not resuming its last batch");
+                break;
+            }
+            moved += n;
+            for m in resumed {
+                handover::resume(&shared, m);
+            }
+        }
+        tracing::info!(moved, "handoff: resumed connections from the old process");
+    }
+}
+
+fn stream(fd: OwnedFd) -> std::io::Result<TcpStream> {
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    TcpStream::from_std(s)
+}

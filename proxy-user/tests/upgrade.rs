@@ -1,0 +1,177 @@
+//! Upgrades through the real binary: `--handoff-socket` on the running
+//! proxy, `--takeover` (or SIGUSR2) for the new one. Long-lived
+//! sequence-checked streams and a new-connection load run throughout; no
+//! connection may be refused or reset, no byte lost or reordered.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::generations::{second_binary, Setup};
+use common::streams::{Seen, Traffic};
+use common::*;
+
+/// Slow streams (1 KiB every 20 ms) and bulk ones (64 KiB every ms: they
+/// are mostly mid-write when asked to park).
+const STREAMS: u64 = 200;
+const BULK: u64 = 4;
+const LOAD_WORKERS: usize = 16;
+
+/// The runs below take turns: on 2 cores, three of them at once would
+/// measure the test client's share of the CPU, not the upgrade.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `upgrades` handoffs in a row, alternating two binaries, under the
+/// streams and the load. Returns the streams' total bytes.
+async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let s = Setup::with(mode, extra).await;
+    let first = s.first().await;
+    let bins = [second_binary(), PathBuf::from(PROXY)];
+    let traffic = Traffic::start(s.addr, STREAMS, BULK, LOAD_WORKERS);
+    let started = Instant::now();
+    let mut cur = first;
+    let mut exits = Vec::new();
+    let mut moved = 0u64;
+    let mut kept = Vec::new();
+    for i in 0..upgrades {
+        // Let the streams and the load run on each generation.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let next = s
+            .launch(&bins[i % 2], &s.config, true)
+            .await
+            .unwrap_or_else(|log| panic!("upgrade {i}: new proxy failed:\n{log}"));
+        let t = Instant::now();
+        let status = cur.proxy.wait_exit(10).await;
+        let log = cur.proxy.log();
+        assert!(
+            status.is_some_and(|st| st.success()),
+            "upgrade {i}: old proxy did not exit cleanly within 10 s ({status:?}); log:\n{log}"
+        );
+        exits.push(t.elapsed());
+        moved += log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["message"] == "handoff: done; the connections that did not move drain here"
+            })
+            .filter_map(|v| v["moved"].as_u64())
+            .sum::<u64>();
+        // Kept (exited) until the end: its log is checked at drop.
+        kept.push(std::mem::replace(&mut cur, next).proxy);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let Seen {
+        bytes,
+        ok,
+        failures,
+    } = traffic.finish(&cur.proxy.log_path).await;
+    let secs = started.elapsed().as_secs_f64();
+    let slowest = exits.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{mode}: {upgrades} upgrades in {secs:.1} s; {STREAMS}+{BULK} streams, {bytes} bytes checked; \
+         {ok} new connections ({:.0}/s), {} failed; {moved} established connections moved; \
+         old process gone at most {slowest:?} after the new one was ready",
+        ok as f64 / secs,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "new connections failed: {:?}",
+        &failures[..failures.len().min(10)]
+    );
+    let all = STREAMS + BULK;
+    assert!(
+        moved >= all * upgrades as u64,
+        "only {moved} connections moved in {upgrades} upgrades"
+    );
+    // Every stream's one close line, written by the last process, names
+    // every process that carried it (the load's connections are moved at
+    // most once: accepted by a process in its last moments).
+    let carried_all = |l: &serde_json::Value| {
+        l["carried_by"]
+            .as_str()
+            .is_some_and(|c| c.split(',').count() == upgrades)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let long = loop {
+        let long: Vec<_> = cur
+            .proxy
+            .conn_lines()
+            .into_iter()
+            .filter(|l| carried_all(l))
+            .collect();
+        if long.len() >= all as usize || Instant::now() > deadline {
+            break long;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        long.len(),
+        all as usize,
+        "streams closed by the last process after {upgrades} moves"
+    );
+    assert!(long.iter().all(|l| l["end"] == "closed"));
+    cur.proxy.signal(libc::SIGTERM);
+    assert!(cur.proxy.wait_exit(10).await.is_some());
+    let _ = std::fs::remove_file(&bins[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_copy() {
+    bounded(150, "upgrades", upgrades_in_a_row("copy", 20, &[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_splice() {
+    bounded(150, "upgrades", upgrades_in_a_row("splice", 20, &[])).await;
+}
+
+/// sk_lookup: the steered socket moves, and the new program steers to it
+/// before the old one is detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrades_with_sk_lookup_steering() {
+    let f = upgrades_in_a_row("splice", 5, &["--steering", "sk_lookup"]);
+    bounded(150, "upgrades", f).await;
+}
+
+/// Fastpath pairs do not move: they drain in the old process, whose close
+/// lines name it, while the new one takes every new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fastpath_connections_drain_in_the_old_process() {
+    bounded(60, "fastpath drain", fastpath_drain()).await;
+}
+
+async fn fastpath_drain() {
+    let s = Setup::new("fastpath").await;
+    let mut a = s.first().await;
+    let traffic = Traffic::start(s.addr, 10, 0, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s
+        .launch(Path::new(PROXY), &s.config, true)
+        .await
+        .unwrap_or_else(|log| panic!("new proxy failed:\n{log}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        a.proxy.is_running(),
+        "the old process left before its connections"
+    );
+    let seen = traffic.finish(&b.proxy.log_path).await;
+    assert!(
+        seen.failures.is_empty(),
+        "new connections failed: {:?}",
+        seen.failures
+    );
+    assert!(seen.ok > 0);
+    assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
+    let old_pid = a.proxy.pid() as u64;
+    let drained = a
+        .proxy
+        .conn_lines()
+        .into_iter()
+        .filter(|l| l["pid"].as_u64() == Some(old_pid) && l["duration_ms"].as_u64() > Some(500))
+        .count();
+    assert_eq!(drained, 10, "the streams' close lines in the old process");
+    drop(b);
+}

@@ -1,0 +1,242 @@
+//! Operating upgrades through the real binary: a successor that fails
+//! mid-handoff, SIGUSR2/SIGUSR1, `--check`, and what systemd is told.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::generations::{scratch, wait_log, Setup};
+use common::streams::{long_stream, one_exchange, Traffic};
+use common::*;
+
+fn slow(
+    addr: SocketAddr,
+    i: u64,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<u64, String>> {
+    tokio::spawn(long_stream(
+        addr,
+        i,
+        128,
+        Duration::from_millis(20),
+        stop.clone(),
+    ))
+}
+
+/// A new process that fails mid-handoff leaves the old one serving
+/// everything: one rejects its config after receiving the sockets; one
+/// hangs with them in hand (its --access-log FIFO has no reader) and is
+/// killed. Then a good one takes over, and every stream completes.
+async fn failed_successors(mode: &'static str) {
+    let s = Setup::new(mode).await;
+    let mut a = s.first().await;
+    let traffic = Traffic::start(s.addr, 20, 0, 4);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 1. Bad config: it exits with the config error; the old one serves on.
+    let bad = write_temp(
+        "bad.json",
+        r#"{"Apps":[{"Name":"x","Ports":[0],"Targets":[]}]}"#,
+    );
+    let log = match s.launch(Path::new(PROXY), &bad, true).await {
+        Ok(_) => panic!("a proxy with a bad config took over"),
+        Err(log) => log,
+    };
+    let _ = std::fs::remove_file(&bad);
+    assert!(log.contains("problem"), "bad config not reported:\n{log}");
+    wait_log(&a.proxy, "did not get ready; still serving", 10).await;
+    assert!(a.proxy.is_running());
+
+    // 2. Killed mid-handoff, holding every listening socket.
+    let fifo = scratch("access.fifo");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut hung = s.spawn(
+        Path::new(PROXY),
+        &s.config,
+        true,
+        &["--access-log", &fifo.display().to_string()],
+    );
+    wait_log(&a.proxy, "handoff: successor connected", 10).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        hung.is_running(),
+        "the hung successor exited:\n{}",
+        hung.log()
+    );
+    hung.signal(libc::SIGKILL);
+    assert!(hung.wait_exit(5).await.is_some());
+    let _ = std::fs::remove_file(&fifo);
+    let failures_logged = |p: &Proxy| p.log().matches("did not get ready; still serving").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures_logged(&a.proxy) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "old proxy did not notice the kill:\n{}",
+            a.proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(a.proxy.is_running());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 3. A good one takes over after all.
+    let b = s
+        .launch(Path::new(PROXY), &s.config, true)
+        .await
+        .unwrap_or_else(|log| panic!("good successor failed:\n{log}"));
+    assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = traffic.finish(&b.proxy.log_path).await;
+    assert!(
+        seen.failures.is_empty(),
+        "new connections failed: {:?}",
+        seen.failures
+    );
+    assert!(seen.ok > 0);
+    drop(hung);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_successor_leaves_the_old_one_serving() {
+    bounded(60, "failed successors", failed_successors("splice")).await;
+}
+
+/// SIGUSR2 restarts the same binary through the same path; SIGUSR1 is
+/// logged and ignored, never fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usr2_restarts_and_usr1_is_ignored() {
+    let s = Setup::new("copy").await;
+    let mut a = s.first().await;
+    a.proxy.signal(libc::SIGUSR1);
+    wait_log(&a.proxy, "ignored", 5).await;
+    one_exchange(s.addr, 1).await.unwrap();
+    assert!(a.proxy.is_running(), "SIGUSR1 killed the proxy");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = slow(s.addr, 7, &stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.proxy.signal(libc::SIGUSR2);
+    // The successor inherits stderr: both write to this log.
+    assert!(
+        a.proxy.wait_exit(15).await.is_some_and(|st| st.success()),
+        "old proxy did not hand over; log:\n{}",
+        a.proxy.log()
+    );
+    let log = a.proxy.log();
+    let successor: i32 = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
+        .and_then(|v| v["successor"].as_i64())
+        .expect("successor pid logged") as i32;
+    assert_eq!(log.matches("proxy ready").count(), 2, "log:\n{log}");
+    for i in 0..20 {
+        one_exchange(s.addr, 100 + i).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    bounded(10, "stream", stream).await.unwrap().unwrap();
+    // SAFETY: plain kill(2) of the successor this test caused.
+    unsafe { libc::kill(successor, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(successor, 0) } == 0 {
+        assert!(Instant::now() < deadline, "successor did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--check` / `-t` validates without binding: it passes while another
+/// socket holds the config's port, and lists every problem of a bad file.
+#[test]
+fn check_validates_without_binding() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let good = write_temp(
+        "good.json",
+        &format!(r#"{{"Apps":[{{"Name":"a","Ports":[{port}],"Targets":["127.0.0.1:1"]}}]}}"#),
+    );
+    let out = Command::new(PROXY)
+        .args(["--listen-address", "127.0.0.1", "--check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config ok"));
+    let out = Command::new(PROXY)
+        .args(["--listen-address", "127.0.0.1", "-t", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = write_temp(
+        "bad.json",
+        r#"{"Apps":[{"Name":"","Ports":[0],"Targets":["nope"]}]}"#,
+    );
+    let out = Command::new(PROXY)
+        .arg("-t")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 problems"), "every problem listed: {err}");
+    let _ = std::fs::remove_file(&good);
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// systemd's view: READY with MAINPID at start, RELOADING then READY
+/// around a reload, MAINPID of the new process on an upgrade (from both),
+/// STOPPING at shutdown; all to $NOTIFY_SOCKET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tells_systemd_each_state() {
+    let s = Setup::new("copy").await;
+    let path = scratch("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let env = [("NOTIFY_SOCKET", path.as_path())];
+    let mut a = s.spawn_env(Path::new(PROXY), &s.config, false, &[], &env);
+    a.wait_ready().await.unwrap();
+    assert_eq!(next(), format!("READY=1\nMAINPID={}", a.pid()));
+    a.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1");
+    let mut b = s.spawn_env(Path::new(PROXY), &s.config, true, &[], &env);
+    b.wait_ready().await.unwrap();
+    let mainpid = format!("MAINPID={}", b.pid());
+    // The old one's MAINPID, then the new one's READY (in that order: the
+    // old one says it before it stops accepting).
+    assert_eq!(next(), mainpid);
+    assert_eq!(next(), format!("READY=1\n{mainpid}"));
+    assert!(a.wait_exit(10).await.is_some());
+    b.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
+    assert!(b.wait_exit(10).await.is_some());
+    let _ = std::fs::remove_file(&path);
+}
