@@ -21,10 +21,28 @@ const (
 	OneTarget Variant = "one-target"  // always uses the app's first target
 	IgnoreFIN Variant = "ignore-fin"  // never propagates the client's half-close
 	KeepOnRST Variant = "keep-on-rst" // backend reset leaves the client connection open
+	// The next three rewrite the client->backend stream but keep its byte
+	// count exact: a check of counts (or of a FIN ledger) misses them.
+	Replay    Variant = "replay"    // overwrites ReplayLen bytes at ReplayAt with bytes from ReplayFrom
+	Duplicate Variant = "duplicate" // sends [DupAt-DupLen, DupAt) twice, in place of [DupAt, DupAt+DupLen)
+	DropPad   Variant = "drop-pad"  // drops [DropAt, DropAt+DropLen), pads as many zeros before the FIN
 )
 
-// CorruptOffset is the byte position the Corrupt variant flips.
-const CorruptOffset = 1000
+// Where the broken variants strike, in client->backend stream offsets. The
+// sizes are those of the fastpath's silent failures in issue 13.
+const (
+	CorruptOffset = 1000 // the byte Corrupt flips
+
+	ReplayAt   = 200_001
+	ReplayFrom = ReplayAt - 130_966
+	ReplayLen  = 65_483
+
+	DupAt  = 131_072
+	DupLen = 65_483
+
+	DropAt  = 100_000
+	DropLen = 22_736
+)
 
 // Proxy listens on some ports per app and forwards to the app's targets.
 type Proxy struct {
@@ -153,8 +171,15 @@ func (p *Proxy) pipe(client, backend *net.TCPConn) {
 	go func() { // client -> backend
 		defer wg.Done()
 		var src io.Reader = client
-		if p.v == Corrupt {
+		switch p.v {
+		case Corrupt:
 			src = &corrupter{r: client}
+		case Replay:
+			src = &replayer{r: client, from: ReplayFrom, at: ReplayAt, saved: make([]byte, ReplayLen)}
+		case Duplicate:
+			src = &replayer{r: client, from: DupAt - DupLen, at: DupAt, saved: make([]byte, DupLen)}
+		case DropPad:
+			src = &dropPadder{r: client, at: DropAt, end: DropAt + DropLen}
 		}
 		_, err := io.Copy(backend, src)
 		switch {
@@ -201,4 +226,87 @@ func (c *corrupter) Read(b []byte) (int, error) {
 	}
 	c.off += int64(n)
 	return n, err
+}
+
+// span returns the part of [start, start+n) that a read covering
+// [off, off+len) sees, as indices into the read's buffer.
+func span(off int64, l int, start, n int64) (lo, hi int, ok bool) {
+	a, b := start, start+n
+	if a < off {
+		a = off
+	}
+	if e := off + int64(l); b > e {
+		b = e
+	}
+	if a >= b {
+		return 0, 0, false
+	}
+	return int(a - off), int(b - off), true
+}
+
+// replayer overwrites len(saved) bytes at offset at with the bytes that
+// passed at offset from (from+len(saved) <= at): a replay with the exact
+// byte count.
+type replayer struct {
+	r        io.Reader
+	off      int64
+	from, at int64
+	saved    []byte
+}
+
+func (c *replayer) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	l := int64(len(c.saved))
+	if lo, hi, ok := span(c.off, n, c.from, l); ok {
+		copy(c.saved[c.off+int64(lo)-c.from:], b[lo:hi])
+	}
+	if lo, hi, ok := span(c.off, n, c.at, l); ok {
+		copy(b[lo:hi], c.saved[c.off+int64(lo)-c.at:])
+	}
+	c.off += int64(n)
+	return n, err
+}
+
+// dropPadder leaves out the bytes at offsets [at, end) and, when the
+// client half-closes, sends as many zero bytes as it left out.
+type dropPadder struct {
+	r       io.Reader
+	off     int64 // offset of the next byte read from r
+	at, end int64
+	pad     int64
+	eof     bool
+}
+
+func (c *dropPadder) Read(b []byte) (int, error) {
+	for !c.eof {
+		n, err := c.r.Read(b)
+		read := n
+		if lo, hi, ok := span(c.off, n, c.at, c.end-c.at); ok {
+			copy(b[lo:], b[hi:n])
+			n -= hi - lo
+			c.pad += int64(hi - lo)
+		}
+		c.off += int64(read)
+		switch {
+		case err == io.EOF:
+			c.eof = true
+			if n > 0 {
+				return n, nil
+			}
+		case err != nil || n > 0:
+			return n, err
+		}
+	}
+	if c.pad == 0 {
+		return 0, io.EOF
+	}
+	k := len(b)
+	if int64(k) > c.pad {
+		k = int(c.pad)
+	}
+	for i := range b[:k] {
+		b[i] = 0
+	}
+	c.pad -= int64(k)
+	return k, nil
 }

@@ -5,7 +5,6 @@ package check
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -372,9 +371,12 @@ type xferResult struct {
 	recvSHA  string
 }
 
-// exchange sends size bytes of the seed's stream while concurrently reading
-// the echo, verifies bytes and SHA-256, and (if halfClose) half-closes after
+// exchange sends size bytes of the sequence-numbered stream seed (see
+// data.Seq) while concurrently reading the echo and checking every byte
+// against its position in that stream, and (if halfClose) half-closes after
 // sending and requires EOF after the full echo. readRate > 0 reads slowly.
+// Pass or fail is decided by count and sequence; the SHA-256 of both
+// directions is evidence only.
 func (s *sess) exchange(seed uint64, size int64, halfClose bool, readRate int64) (xferResult, error) {
 	var res xferResult
 	to := s.r.o.Timeout
@@ -382,18 +384,16 @@ func (s *sess) exchange(seed uint64, size int64, halfClose bool, readRate int64)
 	sentH := sha256.New()
 	go func() {
 		buf := make([]byte, 64<<10)
-		_, err := io.CopyBuffer(io.MultiWriter(deadlineWriter{s.c, to}, sentH), data.NewStream(seed, size), buf)
+		_, err := io.CopyBuffer(io.MultiWriter(deadlineWriter{s.c, to}, sentH), data.NewSeq(seed, size), buf)
 		if err == nil && halfClose {
 			err = s.c.CloseWrite()
 		}
 		werr <- err
 	}()
 	recvH := sha256.New()
-	want := data.NewStream(seed, size)
+	ver := data.NewVerifier(seed)
 	buf := make([]byte, 64<<10)
-	cmp := make([]byte, 64<<10)
 	var rerr error
-	firstDiff := int64(-1)
 	var rateStart time.Time
 	for {
 		chunk := buf
@@ -416,21 +416,12 @@ func (s *sess) exchange(seed uint64, size int64, halfClose bool, readRate int64)
 		if n > 0 {
 			got := chunk[:n]
 			recvH.Write(got)
-			if res.received+int64(n) > size {
-				rerr = fmt.Errorf("received more bytes than sent (%d > %d)", res.received+int64(n), size)
-				res.received += int64(n)
+			ver.Write(got)
+			res.received += int64(n)
+			if res.received > size {
+				rerr = fmt.Errorf("received more bytes than sent (%d > %d)", res.received, size)
 				break
 			}
-			io.ReadFull(want, cmp[:n])
-			if firstDiff < 0 && !bytes.Equal(got, cmp[:n]) {
-				for i := range got {
-					if got[i] != cmp[i] {
-						firstDiff = res.received + int64(i)
-						break
-					}
-				}
-			}
-			res.received += int64(n)
 			if readRate > 0 {
 				due := rateStart.Add(time.Duration(float64(res.received) / float64(readRate) * float64(time.Second)))
 				time.Sleep(time.Until(due))
@@ -450,16 +441,20 @@ func (s *sess) exchange(seed uint64, size int64, halfClose bool, readRate int64)
 	we := <-werr
 	res.sentSHA = hex.EncodeToString(sentH.Sum(nil))
 	res.recvSHA = hex.EncodeToString(recvH.Sum(nil))
+	content := ""
+	if m := ver.Mismatch(); m != nil {
+		content = "; " + m.String()
+	}
 	switch {
 	case rerr != nil:
-		return res, fmt.Errorf("%s payload: got %d of %d bytes echoed, then %v", report.Bytes(size), res.received, size, rerr)
+		return res, fmt.Errorf("%s payload: got %d of %d bytes echoed, then %v%s", report.Bytes(size), res.received, size, rerr, content)
 	case we != nil:
-		return res, fmt.Errorf("%s payload: write after %d bytes received: %v", report.Bytes(size), res.received, describe(we, to))
+		return res, fmt.Errorf("%s payload: write after %d bytes received: %v%s", report.Bytes(size), res.received, describe(we, to), content)
 	case res.received != size:
-		return res, fmt.Errorf("%s payload: got %d of %d bytes echoed, then EOF (tail dropped)", report.Bytes(size), res.received, size)
-	case firstDiff >= 0 || res.sentSHA != res.recvSHA:
-		return res, fmt.Errorf("%s payload: corrupted, first differing byte at offset %d; sha256 sent %.12s… echoed %.12s…",
-			report.Bytes(size), firstDiff, res.sentSHA, res.recvSHA)
+		return res, fmt.Errorf("%s payload: got %d of %d bytes echoed, then EOF (tail dropped)%s", report.Bytes(size), res.received, size, content)
+	case !ver.OK():
+		return res, fmt.Errorf("%s payload: byte count exact, but %s; sha256 sent %.12s… echoed %.12s…",
+			report.Bytes(size), ver.Mismatch(), res.sentSHA, res.recvSHA)
 	}
 	return res, nil
 }
@@ -635,7 +630,7 @@ func (r *runner) integrity(col *collector) (string, string) {
 	for _, s := range sizes {
 		names = append(names, report.Bytes(s))
 	}
-	ev := fmt.Sprintf("%d sizes (%s), written and read concurrently, byte count + SHA-256 match; %s",
+	ev := fmt.Sprintf("%d sizes (%s), written and read concurrently, every byte in sequence (byte count exact, no replay, loss or reorder); %s",
 		len(sizes), strings.Join(names, ", "), strings.Join(shas, ""))
 	if col.count() > 0 {
 		return Fail, fmt.Sprintf("%d/%d transfers failed verification", col.count(), len(sizes))
@@ -769,9 +764,9 @@ func (r *runner) slowReader(col *collector) (string, string) {
 	if _, err := s.exchange(r.seed(), r.o.SlowBytes, true, r.o.SlowRate); err != nil {
 		r.record(ep, s.target, 0, err)
 		col.add("%s via %s: %v", ep, s.target, err)
-		return Fail, "slow reader lost data"
+		return Fail, "slow reader: echo incomplete or out of sequence"
 	}
 	r.record(ep, s.target, r.o.SlowBytes, nil)
-	return Pass, fmt.Sprintf("%s echoed while reading at %s/s (%.2fs), all bytes verified",
+	return Pass, fmt.Sprintf("%s echoed while reading at %s/s (%.2fs), every byte in sequence",
 		report.Bytes(r.o.SlowBytes), report.Bytes(r.o.SlowRate), time.Since(t0).Seconds())
 }

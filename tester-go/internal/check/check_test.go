@@ -48,15 +48,26 @@ func quickOpts(cfg *config.Config) Options {
 }
 
 func TestCheckAgainstProxyVariants(t *testing.T) {
+	// replay, duplicate and drop-pad keep the byte count exact; the check
+	// must catch them by sequence and say where the bytes came from (the
+	// integrity case's 1 MiB and half-close's 256 KiB payloads reach their
+	// offsets).
 	tests := []struct {
 		v        brokenproxy.Variant
 		mustFail []string // cases that must FAIL; empty = everything passes
+		msg      string   // a failure of mustFail[0] must contain this
 	}{
-		{brokenproxy.Correct, nil},
-		{brokenproxy.DropTail, []string{CaseHalfClose}},
-		{brokenproxy.Corrupt, []string{CaseIntegrity}},
-		{brokenproxy.OneTarget, []string{CaseBalancing}},
-		{brokenproxy.IgnoreFIN, []string{CaseHalfClose}},
+		{brokenproxy.Correct, nil, ""},
+		{brokenproxy.DropTail, []string{CaseHalfClose}, "tail dropped"},
+		{brokenproxy.Corrupt, []string{CaseIntegrity}, fmt.Sprintf("byte count exact, but content out of sequence at offset %d", brokenproxy.CorruptOffset)},
+		{brokenproxy.OneTarget, []string{CaseBalancing}, "all connections went to one target"},
+		{brokenproxy.IgnoreFIN, []string{CaseHalfClose}, "FIN not propagated"},
+		{brokenproxy.Replay, []string{CaseIntegrity, CaseHalfClose},
+			fmt.Sprintf("byte count exact, but content out of sequence at offset %d", brokenproxy.ReplayAt)},
+		{brokenproxy.Duplicate, []string{CaseIntegrity, CaseHalfClose},
+			fmt.Sprintf("replay of offset %d (%d bytes earlier)", brokenproxy.DupAt-brokenproxy.DupLen, brokenproxy.DupLen)},
+		{brokenproxy.DropPad, []string{CaseIntegrity, CaseHalfClose},
+			fmt.Sprintf("bytes of offset %d, %d bytes ahead (a segment is missing)", brokenproxy.DropAt+brokenproxy.DropLen, brokenproxy.DropLen)},
 	}
 	for _, tt := range tests {
 		tt := tt
@@ -86,6 +97,19 @@ func TestCheckAgainstProxyVariants(t *testing.T) {
 			}
 			if !strings.Contains(rep.Verdict, tt.mustFail[0]) {
 				t.Errorf("verdict %q does not name %s", rep.Verdict, tt.mustFail[0])
+			}
+			if c := rep.Case(tt.mustFail[0]); c != nil {
+				caught := ""
+				for _, f := range c.Failures {
+					if strings.Contains(f, tt.msg) {
+						caught = f
+						break
+					}
+				}
+				if caught == "" {
+					t.Errorf("no %s failure says %q:\n%s", c.Name, tt.msg, buf.String())
+				}
+				t.Logf("%s caught by %s: %s", tt.v, c.Name, caught)
 			}
 		})
 	}

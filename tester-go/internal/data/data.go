@@ -1,5 +1,8 @@
-// Package data produces deterministic pseudorandom byte streams and helpers
-// to hash and count them.
+// Package data produces deterministic byte streams: sequence-numbered
+// streams (Seq) whose every byte is a function of (tag, offset), with a
+// Verifier that checks received bytes by position and names replays and
+// losses; pseudorandom streams (Stream) for the source backend and bench
+// blocks; and helpers to hash and count them.
 package data
 
 import (

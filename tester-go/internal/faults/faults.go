@@ -6,8 +6,6 @@ package faults
 
 import (
 	"bufio"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tester-go/internal/backend"
@@ -70,6 +69,7 @@ type runner struct {
 	port    int
 	targets []string
 	servers map[string]*backend.Server
+	tags    uint64 // last stream tag used; every connection sends its own stream
 }
 
 // Run serves the chosen app's targets and runs every case against the
@@ -174,7 +174,8 @@ type outcome struct {
 	end      error // nil = clean EOF
 	timedOut bool
 	elapsed  time.Duration
-	match    bool // received == sent, same SHA-256
+	content  *data.Mismatch // first echoed byte out of sequence, or nil
+	match    bool           // clean EOF, received == sent, every byte in sequence
 }
 
 func (o outcome) String() string {
@@ -185,12 +186,18 @@ func (o outcome) String() string {
 	case o.end != nil:
 		how = "reset/error: " + o.end.Error()
 	}
-	return fmt.Sprintf("via %s: sent %s, echoed %s, then %s after %s", o.target, report.Bytes(o.sent),
+	s := fmt.Sprintf("via %s: sent %s, echoed %s, then %s after %s", o.target, report.Bytes(o.sent),
 		report.Bytes(o.received), how, report.Dur(o.elapsed))
+	if o.content != nil {
+		s += "; " + o.content.String()
+	}
+	return s
 }
 
-// pump dials the proxy, reads the banner if any, writes size bytes while
-// reading, half-closes, and reads until EOF, error or timeout.
+// pump dials the proxy, reads the banner if any, writes size bytes of a
+// sequence-numbered stream of its own while reading, half-closes, and reads
+// until EOF, error or timeout, checking every echoed byte against its
+// position in the stream (data.Verifier).
 func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
 	var out outcome
 	to := r.o.Timeout
@@ -210,24 +217,24 @@ func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
 		}
 		out.target = strings.TrimPrefix(strings.TrimSpace(line), "TARGET ")
 	}
-	sentH := sha256.New()
+	tag := atomic.AddUint64(&r.tags, 1)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		c.SetWriteDeadline(time.Now().Add(to))
-		n, err := io.Copy(io.MultiWriter(c, sentH), data.NewStream(7, size))
+		n, err := io.Copy(c, data.NewSeq(tag, size))
 		out.sent = n
 		if err == nil {
 			c.CloseWrite()
 		}
 	}()
-	recvH := sha256.New()
+	ver := data.NewVerifier(tag)
 	buf := make([]byte, 64<<10)
 	for {
 		c.SetReadDeadline(time.Now().Add(to))
 		n, err := br.Read(buf)
-		recvH.Write(buf[:n])
+		ver.Write(buf[:n])
 		out.received += int64(n)
 		if err != nil {
 			if err != io.EOF {
@@ -241,7 +248,8 @@ func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
 	out.elapsed = time.Since(start)
 	c.Close() // unblock the writer
 	wg.Wait()
-	out.match = out.end == nil && out.received == out.sent && hex.EncodeToString(sentH.Sum(nil)) == hex.EncodeToString(recvH.Sum(nil))
+	out.content = ver.Mismatch()
+	out.match = out.end == nil && out.received == out.sent && out.content == nil
 	return out, nil
 }
 
@@ -284,6 +292,8 @@ func (r *runner) dieMidStream() (string, string, []string) {
 		switch {
 		case err != nil:
 			fails = append(fails, fmt.Sprintf("conn %d: %v", i, err))
+		case o.content != nil:
+			fails = append(fails, fmt.Sprintf("conn %d %v: the echo before the reset is out of sequence", i, o))
 		case o.timedOut:
 			fails = append(fails, fmt.Sprintf("conn %d %v: the backend reset after %s but the client connection was not ended", i, o, report.Bytes(die)))
 		case o.received >= o.sent && o.sent > 0:
@@ -309,6 +319,8 @@ func (r *runner) acceptFault(fault string) (string, string, []string) {
 			ev = append(ev, "refused")
 		case err != nil:
 			fails = append(fails, fmt.Sprintf("conn %d: %v", i, err))
+		case o.content != nil:
+			fails = append(fails, fmt.Sprintf("conn %d %v: bytes that are not its echo", i, o))
 		case o.timedOut:
 			fails = append(fails, fmt.Sprintf("conn %d %v: every target %s but the client connection hangs", i, o, fault))
 		default:
@@ -330,9 +342,9 @@ func (r *runner) slowBackend() (string, string, []string) {
 		return check.Fail, "could not connect", []string{err.Error()}
 	}
 	if !o.match {
-		return check.Fail, "slow backend: echo incomplete or corrupted", []string{o.String()}
+		return check.Fail, "slow backend: echo incomplete or out of sequence", []string{o.String()}
 	}
-	return check.Pass, fmt.Sprintf("backend reads at %s/s: %s echoed intact via %s in %s", report.Bytes(rate),
+	return check.Pass, fmt.Sprintf("backend reads at %s/s: %s echoed, every byte in sequence, via %s in %s", report.Bytes(rate),
 		report.Bytes(size), o.target, report.Dur(o.elapsed)), nil
 }
 

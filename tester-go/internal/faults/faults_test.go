@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,14 +17,25 @@ func TestFaultsAgainstProxyVariants(t *testing.T) {
 	// mustFailAny: at least one of these cases must FAIL. keep-on-rst only
 	// hangs when the proxy's reader sees the reset before its writer does,
 	// so either of its two cases may be the one that catches it.
+	// The content variants keep the byte count exact (replay, duplicate,
+	// drop-pad) or flip one byte; slow-backend's 512 KiB echo reaches their
+	// offsets and must name what happened there.
 	tests := []struct {
 		v           brokenproxy.Variant
 		mustFailAny []string
+		msg         string // a failure of the failed case must contain this
 		timeout     time.Duration
 	}{
-		{brokenproxy.Correct, nil, 3 * time.Second},
-		{brokenproxy.OneTarget, []string{CaseOneTargetDown}, 2 * time.Second},
-		{brokenproxy.KeepOnRST, []string{CaseDieMidStream, CaseAcceptReset}, 1500 * time.Millisecond},
+		{brokenproxy.Correct, nil, "", 3 * time.Second},
+		{brokenproxy.OneTarget, []string{CaseOneTargetDown}, "", 2 * time.Second},
+		{brokenproxy.KeepOnRST, []string{CaseDieMidStream, CaseAcceptReset}, "", 1500 * time.Millisecond},
+		{brokenproxy.Corrupt, []string{CaseSlowBackend}, fmt.Sprintf("content out of sequence at offset %d", brokenproxy.CorruptOffset), 2 * time.Second},
+		{brokenproxy.Replay, []string{CaseSlowBackend},
+			fmt.Sprintf("replay of offset %d (%d bytes earlier)", brokenproxy.ReplayFrom, brokenproxy.ReplayAt-brokenproxy.ReplayFrom), 2 * time.Second},
+		{brokenproxy.Duplicate, []string{CaseSlowBackend},
+			fmt.Sprintf("replay of offset %d (%d bytes earlier)", brokenproxy.DupAt-brokenproxy.DupLen, brokenproxy.DupLen), 2 * time.Second},
+		{brokenproxy.DropPad, []string{CaseSlowBackend},
+			fmt.Sprintf("bytes of offset %d, %d bytes ahead", brokenproxy.DropAt+brokenproxy.DropLen, brokenproxy.DropLen), 2 * time.Second},
 	}
 	for _, tt := range tests {
 		tt := tt
@@ -64,6 +76,13 @@ func TestFaultsAgainstProxyVariants(t *testing.T) {
 			}
 			for _, name := range tt.mustFailAny {
 				if c := rep.Case(name); c != nil && c.Status == check.Fail {
+					for _, f := range c.Failures {
+						if strings.Contains(f, tt.msg) {
+							t.Logf("%s caught by %s: %s", tt.v, name, f)
+							return
+						}
+					}
+					t.Errorf("%s failed but no failure says %q:\n%s", name, tt.msg, buf.String())
 					return
 				}
 			}
