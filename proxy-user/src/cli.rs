@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::config::etcd::EtcdSettings;
 use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
@@ -131,6 +132,27 @@ pub struct Cli {
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub watch_config: Duration,
 
+    /// Read the app table from etcd instead of --config, e.g. http://127.0.0.1:2379 (comma-separated
+    /// endpoints of one cluster). Each app is one key, <prefix>apps/<name>, holding that app's object
+    /// in Fly's format ({"Ports":[...],"Targets":[...]}; Name may be left out); a target may register
+    /// itself as <prefix>targets/<app>/<id> = "host:port" under a lease. Every change is validated
+    /// and applied like a file change; a rejected one leaves the running config in place.
+    #[arg(long, value_delimiter = ',')]
+    pub config_etcd: Vec<String>,
+
+    /// With --config-etcd: the key prefix of this fleet's table.
+    #[arg(long, default_value = "/proxy/", value_parser = parse_prefix)]
+    pub config_etcd_prefix: String,
+
+    /// With --config-etcd: keep the last applied table in this file, and start from it when etcd
+    /// does not answer at start (within --config-etcd-timeout).
+    #[arg(long, requires = "config_etcd")]
+    pub config_etcd_cache: Option<PathBuf>,
+
+    /// With --config-etcd: how long the first read from etcd may take before the cache is used.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub config_etcd_timeout: Duration,
+
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -179,6 +201,12 @@ impl Cli {
             steering: self.steering,
             steering_port: self.steering_port,
             watch_config: self.watch_config,
+            etcd: (!self.config_etcd.is_empty()).then(|| EtcdSettings {
+                endpoints: self.config_etcd.clone(),
+                prefix: self.config_etcd_prefix.clone(),
+                cache: self.config_etcd_cache.clone(),
+                start_timeout: self.config_etcd_timeout,
+            }),
         }
     }
 }
@@ -204,6 +232,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         u => return Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A key prefix: absolute, ending in `/` (so `/proxy/` never matches the
+/// keys of `/proxy2/`).
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || !s.ends_with('/') {
+        return Err(format!(
+            "{s:?}: write the prefix as a path that starts and ends with '/', e.g. /proxy/"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m` (1 KiB to 64 MiB).

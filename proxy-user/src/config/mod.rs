@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+pub mod etcd;
 pub mod file;
 mod json;
 pub mod own;

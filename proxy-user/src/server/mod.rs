@@ -17,7 +17,8 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::config::{self, watch as config_watch, Config};
+use crate::config::etcd::EtcdMetrics;
+use crate::config::{watch as config_watch, Config};
 use crate::dataplane::DataPlane;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
@@ -31,12 +32,14 @@ use crate::upstream::stats::TargetMetrics;
 use handle::Command;
 pub use handle::{Cutter, Handle};
 use lifecycle::{Request, Signals};
+use source::EtcdSource;
 use state::{State, Trigger};
 
 mod budget;
 mod handle;
 pub(crate) mod lifecycle;
 mod settings;
+mod source;
 mod state;
 mod steer;
 
@@ -128,7 +131,7 @@ async fn start_unless_stopped(
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
-    let (metrics, target_metrics, published) = register_metrics();
+    let (metrics, target_metrics, etcd_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
             let l = admin::bind(addr).await?;
@@ -143,10 +146,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone()).await?),
         None => None,
     };
-    // Stamp before reading: a change in between is seen as a change.
-    let stamp = config_watch::stamp(&settings.config);
-    let text = config::file::read(&settings.config).await?;
-    let (config, listen) = settings.parse_config(&text)?;
+    let source::Initial {
+        text,
+        config,
+        listen,
+        stamp,
+        etcd,
+    } = source::initial(&settings).await?;
     let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
     let nofile = match lifecycle::raise_fd_limit() {
         Ok(nofile) => nofile,
@@ -187,7 +193,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         apps: HashMap::new(),
         listeners: BTreeMap::new(),
         steer: None,
-        last_text: Some(text),
+        last_text: Some(text.clone()),
         closing: Vec::new(),
         published,
         target_metrics,
@@ -216,7 +222,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     log_ready(&state, &listening, &config, &shared);
 
     let (commands, rx) = mpsc::channel(4);
-    let file_changes = (!settings.watch_config.is_zero())
+    let etcd = match (&settings.etcd, etcd) {
+        (Some(es), Some(at)) => Some(EtcdSource::start(
+            es.clone(),
+            etcd_metrics,
+            text,
+            at,
+            state.published.clone(),
+        )),
+        _ => None,
+    };
+    let file_changes = (etcd.is_none() && !settings.watch_config.is_zero())
         .then(|| config_watch::spawn(settings.config.clone(), stamp, settings.watch_config));
     tokio::spawn(control(
         Control {
@@ -227,6 +243,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 hard_stop: hard_tx.clone(),
                 tracker: tracker.clone(),
             },
+            etcd,
         },
         rx,
         file_changes,
@@ -243,14 +260,16 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
 /// Each component registers its own series; the admin listener renders
 /// them all from the one registry.
-fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
+fn register_metrics() -> (Arc<Metrics>, TargetMetrics, EtcdMetrics, Arc<AdminState>) {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let targets = TargetMetrics::register(&mut registry);
+    let etcd = EtcdMetrics::register(&mut registry);
     let readiness = Readiness::register(&mut registry);
     (
         metrics,
         targets,
+        etcd,
         Arc::new(AdminState::new(registry, readiness)),
     )
 }
@@ -288,10 +307,12 @@ struct Control {
     settings: Settings,
     shared: Arc<Shared>,
     cutter: Cutter,
+    /// Some: the config comes from etcd (and the file is not watched).
+    etcd: Option<EtcdSource>,
 }
 
-/// Applies reloads (asked for, or a settled file change) one at a time until
-/// a shutdown, then drains.
+/// Applies reloads (asked for, a settled file change, a new etcd revision)
+/// one at a time until a shutdown, then drains.
 async fn control(
     mut c: Control,
     mut commands: mpsc::Receiver<Command>,
@@ -312,6 +333,10 @@ async fn control(
                 Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
             } } => c.reload(Trigger::FileChange).await,
+            Ok(()) = async { match &mut c.etcd {
+                Some(src) => src.updates.changed().await,
+                None => std::future::pending().await,
+            } } => c.etcd_changed().await,
         }
     };
     c.drain(why).await;
@@ -323,7 +348,31 @@ async fn control(
 impl Control {
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
-        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+        match &self.etcd {
+            // SIGHUP with etcd: the table in force, validated again.
+            Some(src) => {
+                let source = "the etcd config in force";
+                let text = Ok(src.current());
+                let (st, set, sh) = (&mut self.state, &self.settings, &self.shared);
+                state::reload_text(st, set, sh, trigger, text, source, &[]);
+            }
+            None => {
+                state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+            }
+        }
+        self.verify_steering().await;
+    }
+
+    async fn etcd_changed(&mut self) {
+        state::closed(&mut self.state).await;
+        if let Some(src) = &mut self.etcd {
+            src.apply_newest(&mut self.state, &self.settings, &self.shared)
+                .await;
+        }
+        self.verify_steering().await;
+    }
+
+    async fn verify_steering(&mut self) {
         if let Some(steer) = &mut self.state.steer {
             // The reload is applied by now: ports another program takes are
             // reported, not rolled back (the rest of the change stands).
