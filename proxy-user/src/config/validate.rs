@@ -50,7 +50,7 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
         ));
         return None;
     };
-    if apps_arr.is_empty() {
+    if apps_arr.is_empty() && !ctx.allow_no_apps {
         errors.push("Apps: is empty; add at least one app".into());
     }
 

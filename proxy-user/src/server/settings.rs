@@ -65,6 +65,7 @@ impl Settings {
             max_range,
             listen: Listen::on(ip),
             extra_ports,
+            allow_no_apps: self.etcd.is_some(),
         };
         let config = Config::parse_with(text, source, &ctx)?;
         Ok((config, ctx.listen))

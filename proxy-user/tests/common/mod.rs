@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
+pub mod etcd;
+
 /// Instantiates a data-path test once per data plane. Each test is an
 /// `async fn name(mode: &str)`. To add a plane, add one `plane_mod!` line.
 #[allow(unused_macros)]
