@@ -227,6 +227,9 @@ async fn etcd_outage(f: &mut Fleet, late: u16) {
     let mut configs = Vec::new();
     for i in 0..PROXIES {
         configs.push(f.json(i, "/config").await["Apps"].clone());
+        // The watch held from the start: no reconnect behind the numbers.
+        let lost = f.metric(i, "proxy_config_etcd_disconnects_total").await;
+        assert_eq!(lost, 0.0, "proxy {i}: watch dropped while etcd was up");
     }
     f.etcd.kill();
     let down = {
