@@ -91,6 +91,11 @@ impl Etcd {
         etcd_client::Client::connect([self.url.as_str()], Some(opts)).await
     }
 
+    /// The etcd process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no goodbye to its clients.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
