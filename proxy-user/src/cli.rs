@@ -21,6 +21,9 @@ failing over to another target when a connect fails. Bytes are carried by the ke
 chosen (--mode fastpath), otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
+With --config-etcd the app table comes from etcd instead (one key per app under --config-etcd-prefix, \
+targets may register under leases) and every revision is applied the same way; --config-etcd-cache keeps \
+the last good table for a start while etcd is unreachable. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
 One log line per connection is written to stderr when it closes.";
 

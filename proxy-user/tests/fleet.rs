@@ -189,10 +189,10 @@ async fn bad_config(f: &Fleet) {
     })
     .await;
     let mut errors = Vec::new();
-    for i in 0..PROXIES {
+    for (i, (config, _)) in before.iter().enumerate() {
         assert_eq!(
             f.json(i, "/config").await,
-            before[i].0,
+            *config,
             "proxy {i}: config changed"
         );
         let err = f
@@ -240,10 +240,10 @@ async fn etcd_outage(f: &mut Fleet, late: u16) {
         .await
     };
     tokio::time::sleep(OUTAGE.saturating_sub(*down.iter().max().unwrap())).await;
-    for i in 0..PROXIES {
+    for (i, config) in configs.iter().enumerate() {
         assert_eq!(
             f.json(i, "/config").await["Apps"],
-            configs[i],
+            *config,
             "proxy {i}: config lost"
         );
     }

@@ -68,13 +68,12 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
         };
         name_from_key(obj, name, key)?;
         if let Some(extra) = leased.remove(name) {
-            match obj
+            // Another type is left as written: validation reports it.
+            if let Value::Array(list) = obj
                 .entry("Targets")
                 .or_insert_with(|| Value::Array(Vec::new()))
             {
-                Value::Array(list) => list.extend(extra),
-                // Left as written: validation reports the wrong type.
-                _ => {}
+                list.extend(extra);
             }
         }
         let no_targets = match obj.get("Targets") {
