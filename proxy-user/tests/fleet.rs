@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use fleet_util::*;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PROXIES: usize = 3;
@@ -390,7 +389,6 @@ impl Traffic {
     }
 }
 
-/// Paced chunks until `stop`, echoed back; SHA-256 both ways must match.
 async fn paced(
     addr: std::net::SocketAddr,
     seed: u64,
@@ -399,44 +397,5 @@ async fn paced(
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let (mut r, mut w) = s.into_split();
-    let sender = tokio::spawn(async move {
-        let mut p = Payload::new(seed, u64::MAX);
-        let mut h = StreamHasher::new(0);
-        let mut buf = vec![0u8; 4096];
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let n = p.fill(&mut buf);
-            h.update(&buf[..n]).await;
-            w.write_all(&buf[..n]).await?;
-            sent += n as u64;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        w.shutdown().await?;
-        Ok::<_, std::io::Error>((sent, h.finish().await))
-    });
-    let mut h = StreamHasher::new(0);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0u64;
-    loop {
-        let n = r
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("recv after {got} bytes: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-        h.update(&buf[..n]).await;
-    }
-    let (sent, sent_sha) = sender
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("send: {e}"))?;
-    if sent != got || sent_sha != h.finish().await {
-        return Err(format!(
-            "sent {sent} bytes, got back {got}, or the SHA differs"
-        ));
-    }
-    Ok(got)
+    paced_echo(s, seed, stop).await
 }

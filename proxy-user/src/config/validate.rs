@@ -12,7 +12,7 @@ use super::{App, Balance, Config, Context, ProxyProtocol, Target};
 
 const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance", "ProxyProtocol"];
 
-fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -72,6 +72,14 @@ pub(super) async fn initial(settings: &Settings) -> anyhow::Result<Initial> {
     let cached = cache::read(path).await.with_context(|| {
         format!("no config from etcd at start ({etcd_err:#}), and the cache cannot be used")
     })?;
+    // A cache of another fleet's table must not be served as this one's.
+    anyhow::ensure!(
+        cached.prefix == es.prefix,
+        "no config from etcd at start ({etcd_err:#}), and the cache {} holds prefix {} where --config-etcd-prefix is {}; point --config-etcd-cache at this prefix's cache",
+        path.display(),
+        cached.prefix,
+        es.prefix
+    );
     let source = format!(
         "config cache {} (etcd revision {})",
         path.display(),

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::config::validate::type_name;
+
 /// The config of one revision, ready for the same validation a file gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
@@ -63,7 +65,7 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
         let Some(obj) = app.as_object_mut() else {
             return Err(format!(
                 "etcd key {key}: must be one app object {{\"Ports\":[...],\"Targets\":[...]}}, found {}",
-                kind(&app)
+                type_name(&app)
             ));
         };
         name_from_key(obj, name, key)?;
@@ -103,17 +105,6 @@ fn name_from_key(obj: &mut Map<String, Value>, name: &str, key: &str) -> Result<
         Some(other) => Err(format!(
             "etcd key {key}: Name {other} differs from the key's app name {name:?}; drop Name or make them equal"
         )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
