@@ -356,6 +356,20 @@ mod tests {
     }
 
     #[test]
+    fn etcd_flags() {
+        let cli = Cli::parse_from(["proxy", "--config-etcd", "http://a:2379,http://b:2379"]);
+        let etcd = cli.settings().etcd.expect("etcd source");
+        assert_eq!(etcd.endpoints, ["http://a:2379", "http://b:2379"]);
+        assert_eq!(etcd.prefix, "/proxy/");
+        assert!(Cli::parse_from(["proxy"]).settings().etcd.is_none());
+        for bad in ["proxy/", "/proxy", ""] {
+            assert!(parse_prefix(bad).is_err(), "{bad:?}");
+        }
+        // A cache without etcd would never be read: refused.
+        assert!(Cli::try_parse_from(["proxy", "--config-etcd-cache", "c.json"]).is_err());
+    }
+
+    #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
