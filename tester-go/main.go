@@ -5,6 +5,7 @@
 //	tester-go faults    backend-failure cases (tester-go owns the backends)
 //	tester-go bench     one load against one endpoint
 //	tester-go compare   several loads against several endpoints, interleaved
+//	tester-go register  keep a target registered in etcd under a lease
 package main
 
 import (
@@ -39,6 +40,7 @@ var commands = []struct {
 	{"faults", "run backend-failure cases through a proxy; tester-go serves the targets itself", runFaults},
 	{"bench", "run one load (bulk, bidi, parallel, pingpong, connrate, idle) against one endpoint", runBench},
 	{"compare", "run loads against several endpoints round by round and print one comparison table", runCompare},
+	{"register", "keep one target registered with a proxy fleet in etcd under a lease (dropped when this dies)", runRegister},
 }
 
 func usage(w io.Writer) {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::config::etcd::EtcdSettings;
 use crate::dataplane::{CopyPlane, FastpathOptions, Mode, Promotion, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
@@ -20,6 +21,9 @@ failing over to another target when a connect fails. Bytes are carried by the ke
 chosen (--mode fastpath), otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
+With --config-etcd the app table comes from etcd instead (one key per app under --config-etcd-prefix, \
+targets may register under leases) and every revision is applied the same way; --config-etcd-cache keeps \
+the last good table for a start while etcd is unreachable. \
 --steering sk_lookup serves every port (ranges like \"8000-8999\" of any size) from one socket via a BPF sk_lookup program. SIGTERM/SIGINT stop accepting and drain live connections; a second signal exits at once. \
 One log line per connection is written to stderr when it closes.\n\n\
 Upgrades and restarts without a refused connection: run with --handoff-socket PATH. Then either send SIGUSR2 \
@@ -166,6 +170,26 @@ pub struct Cli {
     /// exit 0 (valid) or 1.
     #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1)]
     pub check: Option<Option<PathBuf>>,
+    /// Read the app table from etcd instead of --config, e.g. http://127.0.0.1:2379 (comma-separated
+    /// endpoints of one cluster). Each app is one key, <prefix>apps/<name>, holding that app's object
+    /// in Fly's format ({"Ports":[...],"Targets":[...]}; Name may be left out); a target may register
+    /// itself as <prefix>targets/<app>/<id> = "host:port" under a lease. Every change is validated
+    /// and applied like a file change; a rejected one leaves the running config in place.
+    #[arg(long, value_delimiter = ',')]
+    pub config_etcd: Vec<String>,
+
+    /// With --config-etcd: the key prefix of this fleet's table.
+    #[arg(long, default_value = "/proxy/", value_parser = parse_prefix)]
+    pub config_etcd_prefix: String,
+
+    /// With --config-etcd: keep the last applied table in this file, and start from it when etcd
+    /// does not answer at start (within --config-etcd-timeout).
+    #[arg(long, requires = "config_etcd")]
+    pub config_etcd_cache: Option<PathBuf>,
+
+    /// With --config-etcd: how long the first read from etcd may take before the cache is used.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub config_etcd_timeout: Duration,
 
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
@@ -223,6 +247,12 @@ impl Cli {
             watch_config: self.watch_config,
             handoff_socket: self.handoff_socket.clone(),
             takeover: self.takeover.clone(),
+            etcd: (!self.config_etcd.is_empty()).then(|| EtcdSettings {
+                endpoints: self.config_etcd.clone(),
+                prefix: self.config_etcd_prefix.clone(),
+                cache: self.config_etcd_cache.clone(),
+                start_timeout: self.config_etcd_timeout,
+            }),
         }
     }
 }
@@ -248,6 +278,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         u => return Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A key prefix: absolute, ending in `/` (so `/proxy/` never matches the
+/// keys of `/proxy2/`).
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || !s.ends_with('/') {
+        return Err(format!(
+            "{s:?}: write the prefix as a path that starts and ends with '/', e.g. /proxy/"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// Parses `65536`, `64KiB`, `64k`, `1MiB`, `1m` (1 KiB to 64 MiB).
@@ -352,6 +393,20 @@ mod tests {
         let cli = Cli::parse_from(["proxy"]);
         assert_eq!(cli.fastpath_inflight, None);
         assert_eq!(cli.copy_buffer, crate::dataplane::DEFAULT_BUFFER);
+    }
+
+    #[test]
+    fn etcd_flags() {
+        let cli = Cli::parse_from(["proxy", "--config-etcd", "http://a:2379,http://b:2379"]);
+        let etcd = cli.settings().etcd.expect("etcd source");
+        assert_eq!(etcd.endpoints, ["http://a:2379", "http://b:2379"]);
+        assert_eq!(etcd.prefix, "/proxy/");
+        assert!(Cli::parse_from(["proxy"]).settings().etcd.is_none());
+        for bad in ["proxy/", "/proxy", ""] {
+            assert!(parse_prefix(bad).is_err(), "{bad:?}");
+        }
+        // A cache without etcd would never be read: refused.
+        assert!(Cli::try_parse_from(["proxy", "--config-etcd-cache", "c.json"]).is_err());
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use steering_util::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 planes!(
@@ -23,54 +22,6 @@ planes!(
 
 const STREAMS: usize = 200;
 const RELOADS: usize = 100;
-const CHUNK: usize = 8 * 1024;
-
-/// Streams paced chunks until `stop` (at least `min_chunks`), echoed back
-/// by the backend; SHA-256 both ways must match.
-async fn stream(s: TcpStream, seed: u64, stop: Arc<AtomicBool>) -> Result<u64, String> {
-    let (mut r, mut w) = s.into_split();
-    let sender = tokio::spawn(async move {
-        let mut p = Payload::new(seed, u64::MAX);
-        let mut h = StreamHasher::new(0);
-        let mut buf = vec![0u8; CHUNK];
-        let mut sent = 0u64;
-        let mut chunks = 0;
-        while chunks < 8 || !stop.load(Ordering::Relaxed) {
-            let n = p.fill(&mut buf);
-            h.update(&buf[..n]).await;
-            w.write_all(&buf[..n]).await?;
-            sent += n as u64;
-            chunks += 1;
-            tokio::time::sleep(Duration::from_millis(20 + seed % 20)).await;
-        }
-        w.shutdown().await?;
-        Ok::<_, std::io::Error>((sent, h.finish().await))
-    });
-    let mut h = StreamHasher::new(0);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0u64;
-    loop {
-        let n = r.read(&mut buf).await.map_err(|e| format!("recv: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-        h.update(&buf[..n]).await;
-    }
-    let (sent, sent_sha) = sender
-        .await
-        .map_err(|e| format!("sender: {e}"))?
-        .map_err(|e| format!("send: {e}"))?;
-    let got_sha = h.finish().await;
-    if got != sent || got_sha != sent_sha {
-        return Err(format!(
-            "sent {sent} bytes sha {}, got {got} bytes sha {}",
-            sha_hex(&sent_sha),
-            sha_hex(&got_sha)
-        ));
-    }
-    Ok(sent)
-}
 
 async fn hundred_reloads_under_200_streams_then_file_change(mode: &str) {
     let a = Backend::identify("a").await;
@@ -126,7 +77,7 @@ async fn hundred_reloads_under_200_streams_then_file_change(mode: &str) {
             let (s, id) = o.await.unwrap().expect("connect through the proxy");
             assert_eq!(id, "a");
             let seed = (wave * 50 + i) as u64;
-            tasks.push(tokio::spawn(stream(s, seed, stop.clone())));
+            tasks.push(tokio::spawn(paced_echo(s, seed, stop.clone())));
         }
     }
     let opened_in = started.elapsed();

@@ -23,6 +23,12 @@ pub fn setup(needs: Needs) -> Result<()> {
     debian_package("go", &["golang-go"])?;
     // promtool validates the /metrics output in the tests.
     debian_package("promtool", &["prometheus"])?;
+    // The fleet test starts its own etcd (never the system service) and
+    // writes with etcdctl.
+    debian_package("etcd", &["etcd-server"])?;
+    debian_package("etcdctl", &["etcd-client"])?;
+    // The etcd-client crate compiles etcd's .proto files when it builds.
+    debian_package("protoc", &["protobuf-compiler"])?;
     if needs.peers {
         debian_package("haproxy", &["haproxy"])?;
         // nginx-core ships the stream module as a loadable module.

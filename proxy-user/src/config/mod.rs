@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+pub mod etcd;
 pub mod file;
 mod json;
 pub mod own;
@@ -98,6 +99,10 @@ pub struct Context {
     pub listen: Listen,
     /// Ports of ours that are not in the config (a fixed `--steering-port`).
     pub extra_ports: Vec<u16>,
+    /// An empty `Apps` is fine: a table in etcd is empty until the first
+    /// app is written, or once the last is removed; in a file it is a
+    /// mistake.
+    pub allow_no_apps: bool,
 }
 
 impl Default for Context {
@@ -107,6 +112,7 @@ impl Default for Context {
             max_range: MAX_RANGE_PORTS,
             listen: Listen::default(),
             extra_ports: Vec::new(),
+            allow_no_apps: false,
         }
     }
 }

@@ -292,6 +292,21 @@ fn reports_all_problems_at_once() {
     assert!(err.contains("2 problems"), "{err}");
 }
 
+#[test]
+fn no_apps_is_an_error_unless_allowed() {
+    let err = format!(
+        "{:#}",
+        Config::parse(r#"{"Apps":[]}"#, "f.json").unwrap_err()
+    );
+    assert!(err.contains("Apps: is empty"), "{err}");
+    let etcd = Context {
+        allow_no_apps: true,
+        ..Context::default()
+    };
+    let c = Config::parse_with(r#"{"Apps":[]}"#, "etcd", &etcd).unwrap();
+    assert!(c.apps.is_empty());
+}
+
 /// Which targets are the proxy itself depends on where it listens.
 #[test]
 fn self_loops_follow_the_listen_address() {

@@ -12,7 +12,7 @@ use super::{App, Balance, Config, Context, ProxyProtocol, Target};
 
 const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance", "ProxyProtocol"];
 
-fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -50,7 +50,7 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
         ));
         return None;
     };
-    if apps_arr.is_empty() {
+    if apps_arr.is_empty() && !ctx.allow_no_apps {
         errors.push("Apps: is empty; add at least one app".into());
     }
 

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 use super::handle::{Command, Cutter};
 use super::handoff::{self, HandoffSocket};
 use super::settings::Settings;
+use super::source::EtcdSource;
 use super::state::{self, State, Trigger};
 use super::HARD_STOP_GRACE;
 use crate::edge::Shared;
@@ -26,6 +27,8 @@ pub(super) struct Control {
     pub(super) admin: Option<(std::os::fd::RawFd, tokio::task::AbortHandle)>,
     /// Kept open: accept loops end when it closes.
     pub(super) _accepting: watch::Sender<bool>,
+    /// Some: the config comes from etcd (and the file is not watched).
+    pub(super) etcd: Option<EtcdSource>,
 }
 
 /// Why the control loop ended.
@@ -34,8 +37,8 @@ enum Stop {
     HandedOver(handoff::Given),
 }
 
-/// Applies reloads (asked for, or a settled file change) one at a time until
-/// a shutdown or a handoff, then drains.
+/// Applies reloads (asked for, a settled file change, a new etcd revision)
+/// one at a time until a shutdown or a handoff, then drains.
 pub(super) async fn control(
     mut c: Control,
     mut commands: mpsc::Receiver<Command>,
@@ -57,6 +60,10 @@ pub(super) async fn control(
                 Some(rx) => rx.recv().await,
                 None => std::future::pending().await,
             } } => c.reload(Trigger::FileChange).await,
+            Ok(()) = async { match &mut c.etcd {
+                Some(src) => src.updates.changed().await,
+                None => std::future::pending().await,
+            } } => c.etcd_changed().await,
             link = async { match &c.handoff {
                 Some(h) => h.accept().await,
                 None => std::future::pending().await,
@@ -125,7 +132,31 @@ impl Control {
 
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
-        state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+        match &self.etcd {
+            // SIGHUP with etcd: the table in force, validated again.
+            Some(src) => {
+                let source = "the etcd config in force";
+                let text = Ok(src.current());
+                let (st, set, sh) = (&mut self.state, &self.settings, &self.shared);
+                state::reload_text(st, set, sh, trigger, text, source, &[]);
+            }
+            None => {
+                state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
+            }
+        }
+        self.verify_steering().await;
+    }
+
+    async fn etcd_changed(&mut self) {
+        state::closed(&mut self.state).await;
+        if let Some(src) = &mut self.etcd {
+            src.apply_newest(&mut self.state, &self.settings, &self.shared)
+                .await;
+        }
+        self.verify_steering().await;
+    }
+
+    async fn verify_steering(&mut self) {
         if let Some(steer) = &mut self.state.steer {
             // The reload is applied by now: ports another program takes are
             // reported, not rolled back (the rest of the change stands).

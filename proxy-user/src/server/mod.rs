@@ -17,7 +17,8 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::config::{self, watch as config_watch, Config};
+use crate::config::etcd::EtcdMetrics;
+use crate::config::{watch as config_watch, Config};
 use crate::dataplane::DataPlane;
 use crate::dataplane::Plane;
 use crate::edge::handover::Handover;
@@ -33,6 +34,7 @@ use crate::upstream::stats::TargetMetrics;
 use control::Control;
 pub use handle::{Cutter, Handle};
 use handoff::{HandoffSocket, Takeover};
+use source::EtcdSource;
 use state::State;
 
 mod budget;
@@ -42,6 +44,7 @@ mod handoff;
 pub(crate) mod lifecycle;
 mod run;
 mod settings;
+mod source;
 mod state;
 mod steer;
 
@@ -66,7 +69,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         Some(path) => Some(Takeover::connect(path).await?),
         None => None,
     };
-    let (metrics, target_metrics, published) = register_metrics();
+    let (metrics, target_metrics, etcd_metrics, published) = register_metrics();
     let admin = match settings.admin_address {
         Some(addr) => {
             let handed = takeover.as_mut().and_then(|t| t.admin.take());
@@ -86,10 +89,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         Some(path) => Some(AccessLog::open(path, metrics.access_log_dropped.clone()).await?),
         None => None,
     };
-    // Stamp before reading: a change in between is seen as a change.
-    let stamp = config_watch::stamp(&settings.config);
-    let text = config::file::read(&settings.config).await?;
-    let (config, listen) = settings.parse_config(&text)?;
+    let source::Initial {
+        text,
+        config,
+        listen,
+        stamp,
+        etcd,
+    } = source::initial(&settings).await?;
     let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
     let nofile = match lifecycle::raise_fd_limit() {
         Ok(nofile) => nofile,
@@ -134,7 +140,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         apps: HashMap::new(),
         listeners: BTreeMap::new(),
         steer: None,
-        last_text: Some(text),
+        last_text: Some(text.clone()),
         closing: Vec::new(),
         published,
         target_metrics,
@@ -206,7 +212,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     log_ready(&state, &listening, &config, &shared);
 
     let (commands, rx) = mpsc::channel(4);
-    let file_changes = (!settings.watch_config.is_zero())
+    let etcd = match (&settings.etcd, etcd) {
+        (Some(es), Some(at)) => Some(EtcdSource::start(
+            es.clone(),
+            etcd_metrics,
+            text,
+            at,
+            state.published.clone(),
+        )),
+        _ => None,
+    };
+    let file_changes = (etcd.is_none() && !settings.watch_config.is_zero())
         .then(|| config_watch::spawn(settings.config.clone(), stamp, settings.watch_config));
     tokio::spawn(control::control(
         Control {
@@ -222,6 +238,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 .as_ref()
                 .map(|(_, fd, task)| (*fd, task.abort_handle())),
             _accepting: accepting,
+            etcd,
         },
         rx,
         file_changes,
@@ -240,14 +257,16 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
 /// Each component registers its own series; the admin listener renders
 /// them all from the one registry.
-fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
+fn register_metrics() -> (Arc<Metrics>, TargetMetrics, EtcdMetrics, Arc<AdminState>) {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let targets = TargetMetrics::register(&mut registry);
+    let etcd = EtcdMetrics::register(&mut registry);
     let readiness = Readiness::register(&mut registry);
     (
         metrics,
         targets,
+        etcd,
         Arc::new(AdminState::new(registry, readiness)),
     )
 }

@@ -74,7 +74,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// binding nothing; a summary, or every problem found.
 pub async fn check(settings: &Settings) -> anyhow::Result<String> {
     let text = config::file::read(&settings.config).await?;
-    let (config, _) = settings.parse_config(&text)?;
+    let source = settings.config.display().to_string();
+    let (config, _) = settings.parse_config(&text, &source)?;
     Ok(format!(
         "{} apps, {} ports",
         config.apps.len(),

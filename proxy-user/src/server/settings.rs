@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::etcd::EtcdSettings;
 use crate::config::{self, Config, Listen};
 use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
 use crate::edge::listener::listen_addr;
@@ -39,13 +40,19 @@ pub struct Settings {
     pub handoff_socket: Option<std::path::PathBuf>,
     /// Start by taking over from the proxy waiting at this path.
     pub takeover: Option<std::path::PathBuf>,
+    /// Some: the app table comes from etcd, and `config` is not read.
+    pub etcd: Option<EtcdSettings>,
 }
 
 impl Settings {
-    /// Validates `text` as the config of this proxy; also returns where the
-    /// proxy is reached, as read now (the host's addresses may have changed
-    /// since the last reload).
-    pub(super) fn parse_config(&self, text: &str) -> anyhow::Result<(Config, Listen)> {
+    /// Validates `text` (from `source`, named in errors) as the config of
+    /// this proxy; also returns where the proxy is reached, as read now (the
+    /// host's addresses may have changed since the last reload).
+    pub(super) fn parse_config(
+        &self,
+        text: &str,
+        source: &str,
+    ) -> anyhow::Result<(Config, Listen)> {
         let ip = listen_addr(&self.listen_address, 0)?.ip();
         let (max_range, extra_ports) = match self.steering {
             Steering::Listeners => (config::MAX_RANGE_PORTS, Vec::new()),
@@ -62,8 +69,9 @@ impl Settings {
             max_range,
             listen: Listen::on(ip),
             extra_ports,
+            allow_no_apps: self.etcd.is_some(),
         };
-        let config = Config::parse_with(text, &self.config.display().to_string(), &ctx)?;
+        let config = Config::parse_with(text, source, &ctx)?;
         Ok((config, ctx.listen))
     }
 }

@@ -68,6 +68,18 @@ pub(super) struct State {
 pub(super) enum Trigger {
     Signal,
     FileChange,
+    /// A new revision from the etcd watch.
+    Etcd,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file change",
+            Trigger::Etcd => "etcd watch",
+        }
+    }
 }
 
 /// Shutdown: every listener and probe stops, the steering program is
@@ -278,6 +290,15 @@ fn targets_str(app: &App) -> String {
         .join(",")
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Applied,
+    /// The same text as last tried: nothing done.
+    Unchanged,
+    Rejected,
+}
+
 /// SIGHUP or a file change: load and validate the file, bind new ports,
 /// then switch. Any failure leaves the running config untouched.
 pub(super) async fn reload(
@@ -285,38 +306,47 @@ pub(super) async fn reload(
     settings: &Settings,
     shared: &Arc<Shared>,
     trigger: Trigger,
-) {
+) -> Outcome {
+    let text = config::file::read(&settings.config).await;
+    let source = settings.config.display().to_string();
+    reload_text(state, settings, shared, trigger, text, &source, &[])
+}
+
+/// The reload path every source shares: validate `text`, bind new ports,
+/// then switch. `source` names it in errors; `keys[i]` (etcd) says where
+/// `Apps[i]` came from.
+pub(super) fn reload_text(
+    state: &mut State,
+    settings: &Settings,
+    shared: &Arc<Shared>,
+    trigger: Trigger,
+    text: anyhow::Result<String>,
+    source: &str,
+    keys: &[String],
+) -> Outcome {
     // SIGHUP also means "logrotate moved the file", whatever the config says.
     if let (Trigger::Signal, Some(log)) = (&trigger, &shared.access_log) {
         log.reopen();
     }
-    let trigger_name = match trigger {
-        Trigger::Signal => "SIGHUP",
-        Trigger::FileChange => "file change",
-    };
-    let text = config::file::read(&settings.config).await;
+    let trigger_name = trigger.as_str();
     let result = text.and_then(|text| {
-        if trigger == Trigger::FileChange && state.last_text.as_deref() == Some(text.as_str()) {
+        if trigger != Trigger::Signal && state.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
         }
         state.last_text = Some(text.clone());
-        let (config, listen) = settings.parse_config(&text)?;
+        let (config, listen) = settings.parse_config(&text, source)?;
         let bound = bind_new(state, &config, settings, None)?;
         Ok(Some((config, listen, bound)))
     });
-    let result = match result {
+    match result {
         Ok(None) => {
             tracing::debug!(
                 trigger = trigger_name,
-                "config file changed on disk but its content did not; nothing to reload"
+                "config source changed but the config text did not; nothing to reload"
             );
-            return;
+            Outcome::Unchanged
         }
-        Ok(Some(ok)) => Ok(ok),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok((config, listen, bound)) => {
+        Ok(Some((config, listen, bound))) => {
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             shared.loop_guard.set_listen(listen);
             apply(state, &config, bound, shared, settings);
@@ -328,10 +358,13 @@ pub(super) async fn reload(
                 added_ports = ?added,
                 "config reloaded"
             );
+            Outcome::Applied
         }
         Err(e) => {
             shared.metrics.reloads_failed.inc();
-            tracing::error!(trigger = trigger_name, error = %format!("{e:#}"), "config reload rejected; still running the previous config");
+            let error = crate::config::etcd::table::name_keys(&format!("{e:#}"), keys);
+            tracing::error!(trigger = trigger_name, error = %error, "config reload rejected; still running the previous config");
+            Outcome::Rejected
         }
     }
 }

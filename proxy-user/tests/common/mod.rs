@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+
+pub mod etcd;
 
 /// Instantiates a data-path test once per data plane. Each test is an
 /// `async fn name(mode: &str)`. To add a plane, add one `plane_mod!` line.
@@ -887,6 +889,53 @@ pub async fn echo_check_stream(s: TcpStream, seed: u64, len: u64) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// Streams paced 8 KiB chunks until `stop` (at least 8), echoed back by
+/// the backend; SHA-256 both ways must match. Returns the bytes sent.
+pub async fn paced_echo(s: TcpStream, seed: u64, stop: Arc<AtomicBool>) -> Result<u64, String> {
+    let (mut r, mut w) = s.into_split();
+    let sender = tokio::spawn(async move {
+        let mut p = Payload::new(seed, u64::MAX);
+        let mut h = StreamHasher::new(0);
+        let mut buf = vec![0u8; 8 * 1024];
+        let mut sent = 0u64;
+        let mut chunks = 0;
+        while chunks < 8 || !stop.load(Ordering::Relaxed) {
+            let n = p.fill(&mut buf);
+            h.update(&buf[..n]).await;
+            w.write_all(&buf[..n]).await?;
+            sent += n as u64;
+            chunks += 1;
+            tokio::time::sleep(Duration::from_millis(20 + seed % 20)).await;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>((sent, h.finish().await))
+    });
+    let mut h = StreamHasher::new(0);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.map_err(|e| format!("recv: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        h.update(&buf[..n]).await;
+    }
+    let (sent, sent_sha) = sender
+        .await
+        .map_err(|e| format!("sender: {e}"))?
+        .map_err(|e| format!("send: {e}"))?;
+    let got_sha = h.finish().await;
+    if got != sent || got_sha != sent_sha {
+        return Err(format!(
+            "sent {sent} bytes sha {}, got {got} bytes sha {}",
+            sha_hex(&sent_sha),
+            sha_hex(&got_sha)
+        ));
+    }
+    Ok(sent)
 }
 
 /// Seconds since midnight UTC of a JSON log line's timestamp, minus

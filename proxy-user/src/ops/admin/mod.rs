@@ -47,6 +47,9 @@ pub struct AdminState {
     readiness: Readiness,
     config: ArcSwapOption<Config>,
     balancers: ArcSwap<Vec<Arc<Balancer>>>,
+    /// Where the config in force came from, when not the file (etcd: its
+    /// revision); shown as `Source` in `/config`.
+    source: ArcSwapOption<Value>,
 }
 
 impl AdminState {
@@ -56,6 +59,7 @@ impl AdminState {
             readiness,
             config: ArcSwapOption::empty(),
             balancers: ArcSwap::default(),
+            source: ArcSwapOption::empty(),
         }
     }
 
@@ -67,6 +71,13 @@ impl AdminState {
     pub fn publish(&self, config: &Config, balancers: Vec<Arc<Balancer>>) {
         self.config.store(Some(Arc::new(config.clone())));
         self.balancers.store(Arc::new(balancers));
+    }
+}
+
+impl AdminState {
+    /// Where the config in force came from (etcd revision, cache).
+    pub fn publish_source(&self, source: Value) {
+        self.source.store(Some(Arc::new(source)));
     }
 }
 
@@ -210,7 +221,13 @@ fn route(head: &[u8], state: &AdminState) -> Response {
             "not ready: starting (config, listeners) or draining\n",
         ),
         "/config" => match state.config.load_full() {
-            Some(c) => Response::json(&config_json(&c)),
+            Some(c) => {
+                let mut body = config_json(&c);
+                if let Some(source) = state.source.load_full() {
+                    body["Source"] = (*source).clone();
+                }
+                Response::json(&body)
+            }
             None => Response::text("503 Service Unavailable", "no config loaded yet\n"),
         },
         _ => Response::json(&targets_json(&state.balancers.load())),
