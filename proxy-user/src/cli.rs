@@ -106,6 +106,12 @@ pub struct Cli {
     #[arg(long, visible_alias = "metrics-address")]
     pub admin_address: Option<std::net::SocketAddr>,
 
+    /// File holding the token that turns on the admin write API (POST /targets/APP/TARGET/drain|disable|enable,
+    /// with `Authorization: Bearer TOKEN`). Without it the write API is off. A file, never a flag value:
+    /// argv is visible to every user.
+    #[arg(long, value_name = "FILE", requires = "admin_address")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Also write each connection's close line as one JSON object per line to this file (reopened on SIGHUP).
     #[arg(long)]
     pub access_log: Option<PathBuf>,
@@ -175,6 +181,7 @@ impl Cli {
             max_per_app: self.max_connections_per_app as usize,
             drain_timeout: self.drain_timeout,
             admin_address: self.admin_address,
+            admin_token_file: self.admin_token_file.clone(),
             access_log: self.access_log.clone(),
             steering: self.steering,
             steering_port: self.steering_port,

@@ -128,7 +128,14 @@ async fn start_unless_stopped(
 /// up), then the config is read and every listener bound before anything is
 /// served. Any error before "proxy ready" is returned, nothing left running.
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
-    let (metrics, target_metrics, published) = register_metrics();
+    let token = match (&settings.admin_token_file, settings.admin_address) {
+        (Some(path), Some(_)) => Some(admin::Token::read(path)?),
+        (Some(_), None) => anyhow::bail!(
+            "--admin-token-file turns on the admin write API, which needs --admin-address"
+        ),
+        (None, _) => None,
+    };
+    let (metrics, target_metrics, published) = register_metrics(token);
     let admin = match settings.admin_address {
         Some(addr) => {
             let l = admin::bind(addr).await?;
@@ -243,7 +250,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
 /// Each component registers its own series; the admin listener renders
 /// them all from the one registry.
-fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
+fn register_metrics(token: Option<admin::Token>) -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let targets = TargetMetrics::register(&mut registry);
@@ -251,7 +258,7 @@ fn register_metrics() -> (Arc<Metrics>, TargetMetrics, Arc<AdminState>) {
     (
         metrics,
         targets,
-        Arc::new(AdminState::new(registry, readiness)),
+        Arc::new(AdminState::new(registry, readiness).with_token(token)),
     )
 }
 

@@ -30,6 +30,8 @@ pub struct Settings {
     pub max_per_app: usize,
     pub drain_timeout: Duration,
     pub admin_address: Option<SocketAddr>,
+    /// Turns on the admin write API for requests carrying this file's token.
+    pub admin_token_file: Option<PathBuf>,
     pub access_log: Option<PathBuf>,
     pub steering: Steering,
     pub steering_port: u16,

@@ -164,7 +164,7 @@ pub fn log_transition(app: &str, target: &Target, t: Transition, why: &str) {
 }
 
 /// Probes `target` every interval until `stop` flips to true, feeding
-/// `health`. Probes start at a random point in the first interval so many
+/// `health`; skips the probes while `paused` says so (a disabled target). Probes start at a random point in the first interval so many
 /// targets don't all connect in the same millisecond.
 pub async fn probe_loop(
     app: &str,
@@ -173,6 +173,7 @@ pub async fn probe_loop(
     cfg: HealthConfig,
     guard: &LoopGuard,
     mut stop: watch::Receiver<bool>,
+    paused: impl Fn() -> bool,
 ) {
     let jitter = cfg.interval.mul_f64(fastrand::f64());
     let start = tokio::time::Instant::now() + jitter;
@@ -182,6 +183,9 @@ pub async fn probe_loop(
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
+        }
+        if paused() {
+            continue;
         }
         let result = dial::probe(target, cfg.timeout, guard).await;
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {

@@ -9,4 +9,5 @@ pub mod dial;
 pub mod health;
 pub mod loop_guard;
 pub mod proxy_protocol;
+pub mod rotation;
 pub mod stats;

@@ -1,5 +1,7 @@
 //! The admin listener (`--admin-address`, off by default): `/metrics`,
-//! `/healthz`, `/readyz`, `/config`, `/targets`.
+//! `/healthz`, `/readyz`, `/config`, `/targets`, and with
+//! `--admin-token-file` the write API (`write`: drain, disable, enable a
+//! target).
 //!
 //! A deliberately tiny HTTP/1.1 server on tokio (one request per connection,
 //! `Connection: close`): scrapers and probes need nothing more, and a full
@@ -26,8 +28,10 @@ use crate::ops::metrics;
 use crate::ops::readiness::Readiness;
 use crate::upstream::balancer::Balancer;
 use http::{Head, Response};
+pub use write::Token;
 
 mod http;
+mod write;
 
 /// Time to send the request head; a probe sends it with the connect.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +51,8 @@ pub struct AdminState {
     readiness: Readiness,
     config: ArcSwapOption<Config>,
     balancers: ArcSwap<Vec<Arc<Balancer>>>,
+    /// None: the write API answers 403.
+    token: Option<Token>,
 }
 
 impl AdminState {
@@ -56,7 +62,14 @@ impl AdminState {
             readiness,
             config: ArcSwapOption::empty(),
             balancers: ArcSwap::default(),
+            token: None,
         }
+    }
+
+    /// Turns the write API on, for requests carrying `token`.
+    pub fn with_token(mut self, token: Option<Token>) -> AdminState {
+        self.token = token;
+        self
     }
 
     pub fn readiness(&self) -> &Readiness {
@@ -182,6 +195,16 @@ fn route(head: &[u8], state: &AdminState) -> Response {
         return Response::text("400 Bad Request", "expected `GET /path HTTP/1.1`\n");
     }
     let path = target.split('?').next().unwrap_or(target);
+    if write::is_write_path(path) {
+        if method != "POST" {
+            return Response::text("405 Method Not Allowed", "use POST\n")
+                .with_headers("Allow: POST\r\n");
+        }
+        let Ok(head) = std::str::from_utf8(head) else {
+            return Response::text("400 Bad Request", "request head is not UTF-8\n");
+        };
+        return write::post(head, path, state);
+    }
     let known = ["/metrics", "/healthz", "/readyz", "/config", "/targets"];
     if !known.contains(&path) {
         return Response::text(
@@ -190,16 +213,15 @@ fn route(head: &[u8], state: &AdminState) -> Response {
         );
     }
     if method != "GET" && method != "HEAD" {
-        let mut r = Response::text("405 Method Not Allowed", "use GET\n");
-        r.allow = true;
-        return r;
+        return Response::text("405 Method Not Allowed", "use GET\n")
+            .with_headers("Allow: GET, HEAD\r\n");
     }
     match path {
         "/metrics" => Response {
             status: "200 OK",
             content_type: prometheus_text::CONTENT_TYPE,
             body: metrics::render(&state.registry),
-            allow: false,
+            headers: "",
         },
         // Liveness: the runtime answers, nothing more; restarting a proxy
         // because a target is down would only make things worse.
@@ -258,6 +280,7 @@ pub fn targets_json(balancers: &[Arc<Balancer>]) -> Value {
                     json!({
                         "target": t.target.to_string(),
                         "state": if h.up { "up" } else { "down" },
+                        "admin_state": t.rotation.get().as_str(),
                         "consecutive_successes": h.successes,
                         "consecutive_failures": h.failures,
                         "active_connections": t.active(),
@@ -308,7 +331,24 @@ mod tests {
             status("POST /metrics HTTP/1.1", &m),
             "405 Method Not Allowed"
         );
-        assert!(route(b"DELETE /config HTTP/1.1", &m).allow);
+        assert!(route(b"DELETE /config HTTP/1.1", &m)
+            .headers
+            .starts_with("Allow: GET"));
+        // Writes: off without a token file; then only with the token.
+        let drain = "POST /targets/a/h:1/drain HTTP/1.1\r\n";
+        assert_eq!(status(drain, &m), "403 Forbidden");
+        let m = m.with_token(Some(Token::new("t0k")));
+        assert_eq!(status(drain, &m), "401 Unauthorized");
+        let authed = |req: &str| format!("{req}Authorization: Bearer t0k\r\n");
+        assert_eq!(status(&authed(drain), &m), "404 Not Found");
+        assert_eq!(
+            status(&authed("POST /targets/a/h:1/maint HTTP/1.1\r\n"), &m),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status("GET /targets/a/h:1/drain HTTP/1.1", &m),
+            "405 Method Not Allowed"
+        );
         for bad in [
             "",
             "GET",
