@@ -9,6 +9,7 @@
 use std::fmt;
 
 pub mod file;
+mod health;
 mod json;
 pub mod own;
 mod ports;
@@ -18,6 +19,7 @@ mod tests;
 mod validate;
 pub mod watch;
 
+pub use health::{HealthCheck, MAX_PROBE_BYTES};
 pub use own::Listen;
 #[cfg(test)]
 pub use target::parse_target;
@@ -43,6 +45,8 @@ pub struct App {
     pub balance: Balance,
     /// Send a PROXY protocol header to targets so they see the real client.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The app's own probe settings (`HealthCheck`); None: the flags'.
+    pub health: Option<HealthCheck>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,7 @@ use crate::edge::listener::{self, listen_addr};
 use crate::edge::{AppRuntime, AppSlot, Shared};
 use crate::ops::admin::AdminState;
 use crate::upstream::balancer::Balancer;
+use crate::upstream::probe::ProbeSpec;
 use crate::upstream::stats::TargetMetrics;
 
 pub(super) struct AppHandle {
@@ -156,7 +157,8 @@ pub(super) fn apply(
                     tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
                 }
                 let (probes, probes_rx) = watch::channel(false);
-                balancer.spawn_probes(settings.health, &shared.loop_guard, probes_rx);
+                let probes_spec = Arc::new(ProbeSpec::for_app(settings.health, spec));
+                balancer.spawn_probes(&probes_spec, &shared.loop_guard, probes_rx);
                 AppHandle {
                     spec: spec.clone(),
                     runtime: Arc::new(AppRuntime {

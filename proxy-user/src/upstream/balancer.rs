@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::health::{self, Health, HealthConfig};
+use super::health::{self, Health};
 use super::loop_guard::LoopGuard;
+use super::probe::ProbeSpec;
 use super::rotation::Rotation;
 use super::stats::{Series, TargetMetrics, TargetStats};
 use crate::config::{Balance, Target};
@@ -124,17 +125,17 @@ impl Balancer {
     /// One probe task per target, until `stop` flips to true.
     pub fn spawn_probes(
         &self,
-        cfg: HealthConfig,
+        cfg: &Arc<ProbeSpec>,
         guard: &Arc<LoopGuard>,
         stop: watch::Receiver<bool>,
     ) {
         for backend in self.backends.iter().cloned() {
             let app = self.app.clone();
-            let (guard, stop) = (guard.clone(), stop.clone());
+            let (guard, stop, cfg) = (guard.clone(), stop.clone(), cfg.clone());
             tokio::spawn(async move {
                 let (target, health) = (&backend.target, &backend.health);
                 let paused = || !backend.rotation.probed();
-                health::probe_loop(&app, target, health, cfg, &guard, stop, paused).await;
+                health::probe_loop(&app, target, health, &cfg, &guard, stop, paused).await;
             });
         }
     }

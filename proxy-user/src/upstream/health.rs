@@ -12,8 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-use super::dial;
 use super::loop_guard::LoopGuard;
+use super::probe::{self, ProbeSpec};
 use crate::config::Target;
 
 #[derive(Debug, Clone, Copy)]
@@ -170,7 +170,7 @@ pub async fn probe_loop(
     app: &str,
     target: &Target,
     health: &Health,
-    cfg: HealthConfig,
+    cfg: &ProbeSpec,
     guard: &LoopGuard,
     mut stop: watch::Receiver<bool>,
     paused: impl Fn() -> bool,
@@ -187,11 +187,15 @@ pub async fn probe_loop(
         if paused() {
             continue;
         }
-        let result = dial::probe(target, cfg.timeout, guard).await;
+        let result = probe::probe(target, cfg, guard).await;
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
             let why = match &result {
                 Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
-                Err(e) => format!("{} consecutive probes failed, last: {e:#}", cfg.fall),
+                Err(e) => format!(
+                    "{} consecutive {} probes failed, last: {e:#}",
+                    cfg.fall,
+                    cfg.kind()
+                ),
             };
             log_transition(app, target, t, &why);
         }

@@ -233,6 +233,8 @@ pub struct AppSpec {
     pub targets: Vec<String>,
     pub balance: Option<&'static str>,
     pub proxy_protocol: Option<&'static str>,
+    /// More fields of the app's config object, as is (`HealthCheck`...).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AppSpec {
@@ -243,6 +245,7 @@ impl AppSpec {
             targets,
             balance: None,
             proxy_protocol: None,
+            extra: serde_json::Map::new(),
         }
     }
 }
@@ -306,6 +309,9 @@ pub fn config_json(apps: &[AppSpec], ports: &[Vec<u16>]) -> String {
             }
             if let Some(p) = a.proxy_protocol {
                 v["ProxyProtocol"] = p.into();
+            }
+            for (k, x) in &a.extra {
+                v[k] = x.clone();
             }
             v
         })
