@@ -116,6 +116,14 @@ pub struct Cli {
     #[arg(long)]
     pub access_log: Option<PathBuf>,
 
+    /// Do not write the "connection closed" line to the log (stderr); the --access-log file still gets one per connection.
+    #[arg(long, requires = "access_log")]
+    pub no_connection_log: bool,
+
+    /// How often live connections add the bytes they moved to proxy_bytes_total (0 = only when they close).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub bytes_flush_interval: Duration,
+
     /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged) before it waits.
     #[arg(long, default_value = "4MiB", value_parser = parse_inflight)]
     pub fastpath_inflight: u64,
@@ -183,6 +191,9 @@ impl Cli {
             admin_address: self.admin_address,
             admin_token_file: self.admin_token_file.clone(),
             access_log: self.access_log.clone(),
+            log_connections: !self.no_connection_log,
+            bytes_flush: (!self.bytes_flush_interval.is_zero())
+                .then(|| self.bytes_flush_interval.max(Duration::from_millis(10))),
             steering: self.steering,
             steering_port: self.steering_port,
             watch_config: self.watch_config,

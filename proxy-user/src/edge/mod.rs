@@ -21,6 +21,7 @@ use crate::upstream::loop_guard::LoopGuard;
 mod admission;
 mod conn;
 pub mod listener;
+mod live;
 pub mod steering;
 pub mod tracker;
 
@@ -49,6 +50,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `--access-log`: close lines as JSON to a file of their own.
     pub access_log: Option<AccessLog>,
+    /// False: no "connection closed" line in the log (`--no-connection-log`;
+    /// the access log still has every connection).
+    pub log_connections: bool,
+    /// How often live connections add their bytes to `proxy_bytes_total`;
+    /// None: at close only.
+    pub bytes_flush: Option<Duration>,
 }
 
 /// One app's runtime state, shared by all of its listeners. Immutable: a

@@ -12,6 +12,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::process::ProcessCollector;
@@ -67,6 +68,21 @@ macro_rules! label_value_by_name {
 
 label_value_by_name!(EndReason, Plane, Limit, Direction);
 
+/// Upper bounds of the connection duration buckets, in seconds: from
+/// request/response exchanges to sessions of hours.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0,
+];
+
+type DurationFamily = Family<AppLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// `PROXY_GIT_COMMIT` at build time, `unknown` without it.
+    commit: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
     app: Arc<str>,
@@ -108,6 +124,33 @@ pub struct AppMetrics {
     active: Gauge,
     bytes: [Counter; Direction::ALL.len()],
     connect_attempts: Counter,
+    duration: Histogram,
+}
+
+/// Bytes of one connection already added to `proxy_bytes_total` while it
+/// was live, so its close adds only the rest. Whatever reads the live
+/// counts (the kernel's per-socket counters, `edge::live`, or a plane that
+/// knows them exactly, such as a fastpath reading its BPF counters) calls
+/// `advance` with running totals; counts that go backwards are ignored.
+#[derive(Debug, Default)]
+pub struct ByteTally {
+    counted: [u64; Direction::ALL.len()],
+}
+
+impl ByteTally {
+    /// The connection has moved `c2t` and `t2c` bytes so far.
+    pub fn advance(&mut self, m: &AppMetrics, c2t: u64, t2c: u64) {
+        for (d, total) in [
+            (Direction::ClientToTarget, c2t),
+            (Direction::TargetToClient, t2c),
+        ] {
+            let counted = &mut self.counted[d as usize];
+            if total > *counted {
+                m.bytes[d as usize].inc_by(total - *counted);
+                *counted = total;
+            }
+        }
+    }
 }
 
 impl AppMetrics {
@@ -127,12 +170,14 @@ impl AppMetrics {
         ActiveConn(self.active.clone())
     }
 
-    pub fn finished(&self, t: &Transfer, attempts: u32) {
+    /// A connection ended after `lived`; `tally` holds what was counted of
+    /// its bytes while it was live.
+    pub fn finished(&self, t: &Transfer, attempts: u32, mut tally: ByteTally, lived: f64) {
         self.ends[t.end as usize].inc();
         self.planes[t.plane as usize].inc();
-        self.bytes[Direction::ClientToTarget as usize].inc_by(t.client_to_target);
-        self.bytes[Direction::TargetToClient as usize].inc_by(t.target_to_client);
+        tally.advance(self, t.client_to_target, t.target_to_client);
         self.connect_attempts.inc_by(u64::from(attempts));
+        self.duration.observe(lived);
     }
 }
 
@@ -154,6 +199,7 @@ pub struct Metrics {
     active: Family<AppLabels, Gauge>,
     bytes: Family<DirectionLabels, Counter>,
     connect_attempts: Family<AppLabels, Counter>,
+    duration: DurationFamily,
     pub accept_resource_errors: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
@@ -165,6 +211,17 @@ impl Metrics {
     /// Registers the proxy's own metrics and the process collector.
     pub fn register(r: &mut Registry) -> Metrics {
         r.register_collector(Box::new(ProcessCollector));
+        let build: Family<BuildLabels, Gauge> = registered(
+            r,
+            "proxy_build_info",
+            "Always 1; the labels say which build is running",
+        );
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: option_env!("PROXY_GIT_COMMIT").unwrap_or("unknown"),
+            })
+            .set(1);
         Metrics {
             accepted: registered(
                 r,
@@ -198,8 +255,8 @@ impl Metrics {
             bytes: registered(
                 r,
                 "proxy_bytes",
-                "Bytes carried by finished connections, by app and direction \
-                 (client_to_target = bytes_in)",
+                "Bytes carried, by app and direction (client_to_target = bytes_in); \
+                 counted while connections live, at most a flush interval late",
             ),
             connect_attempts: registered(
                 r,
@@ -207,6 +264,16 @@ impl Metrics {
                 "Upstream connect attempts of finished connections, by app \
                  (more than connections = failovers)",
             ),
+            duration: {
+                let f = DurationFamily::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
+                r.register(
+                    "proxy_connection_duration_seconds",
+                    "Accept to close of client connections that reached a data plane or \
+                     failed to connect, by app",
+                    f.clone(),
+                );
+                f
+            },
             accept_resource_errors: registered(
                 r,
                 "proxy_accept_resource_errors",
@@ -253,6 +320,7 @@ impl Metrics {
                 })
             }),
             connect_attempts: self.connect_attempts.get_or_create_owned(&of),
+            duration: self.duration.get_or_create_owned(&of),
         }
     }
 }
@@ -279,6 +347,10 @@ mod tests {
         let m = Metrics::register(&mut registry);
         let a = m.app("we\"ird");
         let _open = a.open();
+        // 4 bytes counted while live, the rest at close; nothing twice.
+        let mut tally = ByteTally::default();
+        tally.advance(&a, 4, 0);
+        tally.advance(&a, 3, 0);
         a.finished(
             &Transfer {
                 client_to_target: 10,
@@ -288,6 +360,8 @@ mod tests {
                 plane: Plane::Copy,
             },
             2,
+            tally,
+            0.2,
         );
         a.rejected(Limit::Global);
         a.accepted();
@@ -302,6 +376,10 @@ mod tests {
             format!("proxy_connections_active{{{app}}} 1"),
             format!("proxy_connections_accepted_total{{{app}}} 2"),
             format!(r#"proxy_bytes_total{{{app},direction="target_to_client"}} 20"#),
+            format!(r#"proxy_bytes_total{{{app},direction="client_to_target"}} 10"#),
+            format!(r#"proxy_connection_duration_seconds_bucket{{{app},le="0.1"}} 0"#),
+            format!(r#"proxy_connection_duration_seconds_bucket{{{app},le="0.5"}} 1"#),
+            r#"proxy_build_info{version="0.1.0",commit="unknown"} 1"#.into(),
             format!("proxy_connect_attempts_total{{{app}}} 2"),
             format!(r#"proxy_connections_refused_total{{{app},limit="global"}} 1"#),
             format!(r#"proxy_connections_refused_total{{{app},limit="per_app"}} 0"#),
@@ -315,6 +393,7 @@ mod tests {
         assert!(text.contains("\nprocess_open_fds "), "{text}");
         assert!(text.contains("\nprocess_resident_memory_bytes "));
         assert!(text.contains("\nprocess_cpu_seconds_total "));
+        assert!(text.contains("\nprocess_start_time_seconds "));
         assert!(!text.contains("# EOF"));
     }
 }

@@ -35,6 +35,15 @@ impl Collector for ProcessCollector {
                 encode(&mut encoder, name, help, &ConstGauge::new(v))?;
             }
         }
+        if let Some(t) = start_time() {
+            let help = "Start time of the process since the Unix epoch, in seconds.";
+            encode(
+                &mut encoder,
+                "process_start_time_seconds",
+                help,
+                &ConstGauge::new(t),
+            )?;
+        }
         if let Some(secs) = cpu_seconds() {
             // Registered without `_total`: the encoder appends it.
             let help = "User and system CPU time.";
@@ -80,6 +89,26 @@ fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * page)
+}
+
+/// Boot time (`btime` in /proc/stat) plus the process's start in clock
+/// ticks after boot (field 22 of /proc/self/stat), as the Go and Python
+/// clients compute it.
+fn start_time() -> Option<f64> {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
+        Ok(t @ 1..) => t,
+        _ => return None,
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ')': field 3 is the first; starttime is field 22.
+    let start: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(btime as f64 + start as f64 / ticks as f64)
 }
 
 /// utime + stime from /proc/self/stat. Fields are counted after the last

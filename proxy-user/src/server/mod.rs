@@ -188,6 +188,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         limit_log: RateLimit::default(),
         metrics,
         access_log,
+        log_connections: settings.log_connections,
+        bytes_flush: settings.bytes_flush,
     });
 
     let mut state = State {

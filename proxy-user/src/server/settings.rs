@@ -33,6 +33,10 @@ pub struct Settings {
     /// Turns on the admin write API for requests carrying this file's token.
     pub admin_token_file: Option<PathBuf>,
     pub access_log: Option<PathBuf>,
+    /// False: no "connection closed" log line (the access log has them).
+    pub log_connections: bool,
+    /// How often live connections count their bytes; None: at close only.
+    pub bytes_flush: Option<Duration>,
     pub steering: Steering,
     pub steering_port: u16,
     /// Zero: reload on SIGHUP (`Handle::reload`) only.
