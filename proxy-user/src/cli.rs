@@ -103,7 +103,8 @@ pub struct Cli {
     /// Admin HTTP listener, e.g. 127.0.0.1:9100 (default: off): /metrics, /healthz, /readyz, /config, /targets.
     // `--metrics-address` was its name while it only served /metrics; kept
     // as an alias so existing command lines keep working.
-    #[arg(long, visible_alias = "metrics-address")]
+    // A host name (localhost:9100) is resolved once, here; IPv4 first.
+    #[arg(long, visible_alias = "metrics-address", value_parser = parse_admin_address)]
     pub admin_address: Option<std::net::SocketAddr>,
 
     /// File holding the token that turns on the admin write API (POST /targets/APP/TARGET/drain|disable|enable,
@@ -199,6 +200,28 @@ impl Cli {
             watch_config: self.watch_config,
         }
     }
+}
+
+/// `127.0.0.1:9100`, `[::1]:9100` or `localhost:9100`: a name resolves to
+/// its first IPv4 address if it has one (what `curl localhost:9100` tries
+/// first), else its first address.
+pub fn parse_admin_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<std::net::SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("{s:?} is not HOST:PORT, e.g. 127.0.0.1:9100 or localhost:9100 ({e})")
+        })?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 /// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`, or `0`.
@@ -319,6 +342,20 @@ mod tests {
         assert!(parse_inflight("1KiB")
             .unwrap_err()
             .contains("between 64KiB and 4GiB"));
+    }
+
+    #[test]
+    fn admin_addresses() {
+        assert_eq!(
+            parse_admin_address("localhost:9100"),
+            Ok("127.0.0.1:9100".parse().unwrap())
+        );
+        assert_eq!(
+            parse_admin_address("[::1]:0"),
+            Ok("[::1]:0".parse().unwrap())
+        );
+        assert!(parse_admin_address("localhost").is_err());
+        assert!(parse_admin_address("9100").is_err());
     }
 
     #[test]

@@ -84,6 +84,11 @@ struct BuildLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HashLabels {
+    sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
     app: Arc<str>,
 }
@@ -203,6 +208,9 @@ pub struct Metrics {
     pub accept_resource_errors: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
+    /// SIGHUPs that found the file as in force (nothing reloaded).
+    pub reloads_unchanged: Counter,
+    config_info: Family<HashLabels, Gauge>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
 }
@@ -285,12 +293,33 @@ impl Metrics {
                 "proxy_config_reload_failures",
                 "Config reloads rejected (the running config stayed)",
             ),
+            reloads_unchanged: registered(
+                r,
+                "proxy_config_reloads_unchanged",
+                "SIGHUPs that found the config file as in force, so nothing was reloaded \
+                 (logrotate's, to reopen the access log)",
+            ),
+            config_info: registered(
+                r,
+                "proxy_config_info",
+                "Always 1; sha256 is the hash of the config file in force (as /config's X-Config-Sha256)",
+            ),
             access_log_dropped: registered(
                 r,
                 "proxy_access_log_dropped",
                 "Access log lines dropped because the writer fell behind",
             ),
         }
+    }
+
+    /// The config file whose hash is `sha256` is in force now.
+    pub fn config_applied(&self, sha256: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&HashLabels {
+                sha256: sha256.to_string(),
+            })
+            .set(1);
     }
 
     /// The handles of app `name`, every series created (at 0 until used).

@@ -8,7 +8,6 @@
 //! signals (`run`), the tests drive it directly.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,7 +195,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         apps: HashMap::new(),
         listeners: BTreeMap::new(),
         steer: None,
-        last_text: Some(text),
+        last_text: Some(text.clone()),
+        applied_text: None,
         closing: Vec::new(),
         published,
         target_metrics,
@@ -209,6 +209,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     // as a whole rather than leaving a half-working proxy.
     let bound = state::bind_new(&state, &config, &settings)?;
     state::apply(&mut state, &config, bound, &shared, &settings);
+    state::applied_text(&mut state, &shared, text);
     if let Some(steer) = &mut state.steer {
         // Ready means every port reaches us, not just that PORTS says so.
         steer
@@ -217,12 +218,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             .context("--steering sk_lookup: not every configured port reaches this proxy")?;
     }
     state.published.readiness().set(true);
-    let listening: Vec<(String, SocketAddr)> = state
-        .listeners
-        .values()
-        .map(|l| (l.app.clone(), l.addr))
-        .collect();
-    log_ready(&state, &listening, &config, &shared);
+    log_ready(&state, &config, &shared, &settings);
 
     let (commands, rx) = mpsc::channel(4);
     let file_changes = (!settings.watch_config.is_zero())
@@ -264,7 +260,7 @@ fn register_metrics(token: Option<admin::Token>) -> (Arc<Metrics>, TargetMetrics
     )
 }
 
-fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config, shared: &Shared) {
+fn log_ready(state: &State, config: &Config, shared: &Shared, settings: &Settings) {
     if let Some(steer) = &state.steer {
         tracing::info!(
             plane = shared.plane.plane().as_str(),
@@ -276,19 +272,45 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
             "proxy ready"
         );
     } else {
-        let names: Vec<String> = listening
-            .iter()
-            .map(|(app, addr)| format!("{app}={addr}"))
-            .collect();
+        // A summary, not every port: 1,024 ports made a 20 KB line.
         tracing::info!(
             plane = shared.plane.plane().as_str(),
             max_connections = shared.global_cap,
-            listeners = names.len(),
+            listeners = state.listeners.len(),
             apps = config.apps.len(),
-            listening = %names.join(" "),
+            address = %settings.listen_address,
+            ports = %port_ranges(state.listeners.keys().copied(), 16),
             "proxy ready"
         );
     }
+}
+
+/// Sorted ports as ranges, `5001-5200,6001`, at most `max` of them and a
+/// count of the rest.
+fn port_ranges(ports: impl Iterator<Item = u16>, max: usize) -> String {
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match ranges.last_mut() {
+            Some((_, hi)) if u32::from(*hi) + 1 == u32::from(p) => *hi = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(max)
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    let mut out = shown.join(",");
+    if ranges.len() > max {
+        out.push_str(&format!(" and {} more ranges", ranges.len() - max));
+    }
+    out
 }
 
 /// The running server, owned by its control task.
@@ -363,5 +385,16 @@ impl Control {
             );
             self.cutter.cut(HARD_STOP_GRACE).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_ranges() {
+        let r = |p: &[u16], max| super::port_ranges(p.iter().copied(), max);
+        assert_eq!(r(&[1, 2, 3, 5, 7, 8, 65535], 9), "1-3,5,7-8,65535");
+        assert_eq!(r(&[1, 3, 5, 7], 2), "1,3 and 2 more ranges");
+        assert_eq!(r(&[], 2), "");
     }
 }

@@ -3,7 +3,6 @@
 //! live connections.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use super::steer::SteerState;
 use crate::config::{self, App, Config};
 use crate::edge::listener::{self, listen_addr};
 use crate::edge::{AppRuntime, AppSlot, Shared};
-use crate::ops::admin::AdminState;
+use crate::ops::admin::{AdminState, ConfigText};
 use crate::upstream::balancer::Balancer;
 use crate::upstream::probe::ProbeSpec;
 use crate::upstream::stats::TargetMetrics;
@@ -32,8 +31,6 @@ pub(super) struct AppHandle {
 
 pub(super) struct ListenerHandle {
     pub(super) app: String,
-    /// The bound address (the port as configured).
-    pub(super) addr: SocketAddr,
     pub(super) slot: AppSlot,
     pub(super) stop: watch::Sender<bool>,
     pub(super) task: JoinHandle<()>,
@@ -51,6 +48,9 @@ pub(super) struct State {
     /// leaves the content as it was is no reload, and a bad file is
     /// reported once, not on every touch.
     pub(super) last_text: Option<String>,
+    /// The config text in force: a SIGHUP that finds the file as it is
+    /// (logrotate's) reloads nothing.
+    pub(super) applied_text: Option<String>,
     /// Accept loops of removed ports, told to stop: awaited before the next
     /// reload, so a port removed and added back is free to bind again.
     pub(super) closing: Vec<JoinHandle<()>>,
@@ -181,7 +181,6 @@ pub(super) fn apply(
     state.apps = apps;
     shared.apps.store(config.apps.len(), Ordering::Relaxed);
     state.published.publish(
-        config,
         state
             .apps
             .values()
@@ -234,11 +233,6 @@ pub(super) fn apply(
             tracing::error!(port, "no socket for new port; skipped");
             continue;
         };
-        // The port as configured, should getsockname fail (it does not on a
-        // bound socket).
-        let addr = l
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::new([0, 0, 0, 0].into(), port));
         let slot: AppSlot = Arc::new(ArcSwap::new(runtime));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(listener::accept_loop(
@@ -252,13 +246,21 @@ pub(super) fn apply(
             port,
             ListenerHandle {
                 app: name.clone(),
-                addr,
                 slot,
                 stop,
                 task,
             },
         );
     }
+}
+
+/// `text` is the config in force now: for `/config`, its hash for
+/// `proxy_config_info`, and to tell a SIGHUP that changed nothing.
+pub(super) fn applied_text(state: &mut State, shared: &Shared, text: String) {
+    let published = ConfigText::new(&text);
+    shared.metrics.config_applied(&published.sha256);
+    state.published.publish_text(published);
+    state.applied_text = Some(text);
 }
 
 fn targets_str(app: &App) -> String {
@@ -286,6 +288,16 @@ pub(super) async fn reload(
         Trigger::FileChange => "file change",
     };
     let text = config::file::read(&settings.config).await;
+    if let (Trigger::Signal, Ok(text)) = (trigger, &text) {
+        if state.applied_text.as_deref() == Some(text.as_str()) {
+            shared.metrics.reloads_unchanged.inc();
+            tracing::info!(
+                trigger = trigger_name,
+                "config file unchanged; nothing to reload (the access log, if any, was reopened)"
+            );
+            return;
+        }
+    }
     let result = text.and_then(|text| {
         if trigger == Trigger::FileChange && state.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
@@ -311,6 +323,9 @@ pub(super) async fn reload(
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             shared.loop_guard.set_listen(listen);
             apply(state, &config, bound, shared, settings);
+            if let Some(text) = state.last_text.clone() {
+                applied_text(state, shared, text);
+            }
             shared.metrics.reloads_ok.inc();
             tracing::info!(
                 trigger = trigger_name,

@@ -1,6 +1,7 @@
 //! Just enough HTTP/1.1 for the admin endpoints: read one request head,
 //! write one response, close.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,7 +16,7 @@ pub(super) struct Response {
     pub(super) content_type: &'static str,
     pub(super) body: String,
     /// Extra header lines, each ending in CRLF (`Allow: ...`).
-    pub(super) headers: &'static str,
+    pub(super) headers: Cow<'static, str>,
 }
 
 impl Response {
@@ -24,7 +25,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
-            headers: "",
+            headers: Cow::Borrowed(""),
         }
     }
 
@@ -33,12 +34,12 @@ impl Response {
             status: "200 OK",
             content_type: "application/json",
             body: format!("{v:#}\n"),
-            headers: "",
+            headers: Cow::Borrowed(""),
         }
     }
 
     pub(super) fn with_headers(mut self, headers: &'static str) -> Response {
-        self.headers = headers;
+        self.headers = Cow::Borrowed(headers);
         self
     }
 }
@@ -55,7 +56,7 @@ pub(super) async fn respond(
         resp.content_type,
         resp.body.len()
     );
-    out.push_str(resp.headers);
+    out.push_str(&resp.headers);
     out.push_str("\r\n");
     if !head_only {
         out.push_str(&resp.body);

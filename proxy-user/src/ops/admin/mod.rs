@@ -23,7 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, ProxyProtocol};
 use crate::ops::metrics;
 use crate::ops::readiness::Readiness;
 use crate::upstream::balancer::Balancer;
@@ -49,7 +48,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminState {
     registry: Registry,
     readiness: Readiness,
-    config: ArcSwapOption<Config>,
+    /// The text of the config in force, as the file had it.
+    config_text: ArcSwapOption<ConfigText>,
     balancers: ArcSwap<Vec<Arc<Balancer>>>,
     /// None: the write API answers 403.
     token: Option<Token>,
@@ -60,7 +60,7 @@ impl AdminState {
         AdminState {
             registry,
             readiness,
-            config: ArcSwapOption::empty(),
+            config_text: ArcSwapOption::empty(),
             balancers: ArcSwap::default(),
             token: None,
         }
@@ -76,9 +76,13 @@ impl AdminState {
         &self.readiness
     }
 
-    /// The config in force and its balancers, for `/config` and `/targets`.
-    pub fn publish(&self, config: &Config, balancers: Vec<Arc<Balancer>>) {
-        self.config.store(Some(Arc::new(config.clone())));
+    /// The text of the config in force (`/config`).
+    pub fn publish_text(&self, text: ConfigText) {
+        self.config_text.store(Some(Arc::new(text)));
+    }
+
+    /// The balancers of the config in force, for `/targets`.
+    pub fn publish(&self, balancers: Vec<Arc<Balancer>>) {
         self.balancers.store(Arc::new(balancers));
     }
 }
@@ -87,6 +91,23 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind --admin-address {addr}"))
+}
+
+/// A config file's text and its SHA-256 (hex).
+pub struct ConfigText {
+    pub text: String,
+    pub sha256: String,
+}
+
+impl ConfigText {
+    pub fn new(text: &str) -> ConfigText {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(text.as_bytes());
+        ConfigText {
+            text: text.to_string(),
+            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
 }
 
 /// Serves admin requests until the task is dropped.
@@ -221,7 +242,7 @@ fn route(head: &[u8], state: &AdminState) -> Response {
             status: "200 OK",
             content_type: prometheus_text::CONTENT_TYPE,
             body: metrics::render(&state.registry),
-            headers: "",
+            headers: "".into(),
         },
         // Liveness: the runtime answers, nothing more; restarting a proxy
         // because a target is down would only make things worse.
@@ -231,38 +252,19 @@ fn route(head: &[u8], state: &AdminState) -> Response {
             "503 Service Unavailable",
             "not ready: starting (config, listeners) or draining\n",
         ),
-        "/config" => match state.config.load_full() {
-            Some(c) => Response::json(&config_json(&c)),
+        // The file's own text, so `diff <(curl -s .../config) config.json`
+        // shows exactly what a rejected reload left out; its hash in a header.
+        "/config" => match state.config_text.load_full() {
+            Some(c) => Response {
+                status: "200 OK",
+                content_type: "application/json",
+                body: c.text.clone(),
+                headers: format!("X-Config-Sha256: {}\r\n", c.sha256).into(),
+            },
             None => Response::text("503 Service Unavailable", "no config loaded yet\n"),
         },
         _ => Response::json(&targets_json(&state.balancers.load())),
     }
-}
-
-/// The config in force in the file's own format, so it can be diffed
-/// against the file (a rejected reload shows up as a difference).
-pub fn config_json(c: &Config) -> Value {
-    let apps: Vec<Value> = c
-        .apps
-        .iter()
-        .map(|a| {
-            let mut v = json!({
-                "Name": a.name,
-                "Ports": a.ports,
-                "Targets": a.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-                "Balance": a.balance.as_str(),
-            });
-            if let Some(p) = a.proxy_protocol {
-                v["ProxyProtocol"] = match p {
-                    ProxyProtocol::V1 => "v1",
-                    ProxyProtocol::V2 => "v2",
-                }
-                .into();
-            }
-            v
-        })
-        .collect();
-    json!({ "Apps": apps })
 }
 
 /// Every target of every app in force, with its health.
@@ -324,8 +326,10 @@ mod tests {
             status("GET /config HTTP/1.1", &m),
             "503 Service Unavailable"
         );
-        m.publish(&Config { apps: Vec::new() }, Vec::new());
-        assert_eq!(status("GET /config HTTP/1.1", &m), "200 OK");
+        m.publish_text(ConfigText::new("{\"Apps\": []}\n"));
+        let c = route(b"GET /config HTTP/1.1", &m);
+        assert_eq!((c.status, c.body.as_str()), ("200 OK", "{\"Apps\": []}\n"));
+        assert!(c.headers.starts_with("X-Config-Sha256: "), "{}", c.headers);
         assert_eq!(status("GET /nope HTTP/1.1", &m), "404 Not Found");
         assert_eq!(
             status("POST /metrics HTTP/1.1", &m),
@@ -360,13 +364,5 @@ mod tests {
             assert_eq!(status(bad, &m), "400 Bad Request", "{bad:?}");
         }
         assert_eq!(route(b"GET /x\xff HTTP/1.1", &m).status, "400 Bad Request");
-    }
-
-    #[test]
-    fn config_round_trips_through_the_parser() {
-        let text = r#"{"Apps":[{"Name":"a","Ports":[1,2],"Targets":["h:1","[::1]:2"],"Balance":"round_robin","ProxyProtocol":"v1"}]}"#;
-        let c = Config::parse(text, "t").unwrap();
-        let again = Config::parse(&config_json(&c).to_string(), "t").unwrap();
-        assert_eq!(c, again);
     }
 }
