@@ -84,6 +84,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_app: u32,
 
+    /// Maximum concurrent connections from one client address over all apps (default: no limit); an
+    /// app's MaxConnectionsPerClient limits it within that app. Behind a PROXY header the address is the header's.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: Option<u32>,
+
     /// On SIGTERM/SIGINT, how long live connections may finish before they are cut.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -188,6 +193,7 @@ impl Cli {
             },
             max_connections: self.max_connections,
             max_per_app: self.max_connections_per_app as usize,
+            max_per_client: self.max_connections_per_client.map(|n| n as usize),
             drain_timeout: self.drain_timeout,
             admin_address: self.admin_address,
             admin_token_file: self.admin_token_file.clone(),

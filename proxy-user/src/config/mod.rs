@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+mod accept;
 pub mod file;
 mod health;
 mod json;
@@ -19,6 +20,7 @@ mod tests;
 mod validate;
 pub mod watch;
 
+pub use accept::AcceptProxy;
 pub use health::{HealthCheck, MAX_PROBE_BYTES};
 pub use own::Listen;
 #[cfg(test)]
@@ -47,6 +49,10 @@ pub struct App {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// The app's own probe settings (`HealthCheck`); None: the flags'.
     pub health: Option<HealthCheck>,
+    /// Clients come behind a PROXY protocol header (`AcceptProxyProtocol`).
+    pub accept_proxy: Option<AcceptProxy>,
+    /// Most connections one client address may hold in this app.
+    pub max_per_client: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

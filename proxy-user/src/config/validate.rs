@@ -17,6 +17,8 @@ const APP_FIELDS: &[&str] = &[
     "Balance",
     "ProxyProtocol",
     "HealthCheck",
+    "AcceptProxyProtocol",
+    "MaxConnectionsPerClient",
 ];
 
 fn type_name(v: &Value) -> &'static str {
@@ -146,6 +148,12 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
         let health = app_obj
             .get("HealthCheck")
             .and_then(|v| super::health::parse(v, &format!("{at}.HealthCheck"), errors));
+        let accept_proxy = app_obj.get("AcceptProxyProtocol").and_then(|v| {
+            super::accept::parse_accept(v, &format!("{at}.AcceptProxyProtocol"), errors)
+        });
+        let max_per_client = app_obj.get("MaxConnectionsPerClient").and_then(|v| {
+            super::accept::parse_per_client(v, &format!("{at}.MaxConnectionsPerClient"), errors)
+        });
 
         let mut ports = Vec::new();
         match app_obj.get("Ports") {
@@ -231,6 +239,8 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
             balance,
             proxy_protocol,
             health,
+            accept_proxy,
+            max_per_client,
         });
     }
     check_loops(&all_targets, &port_owner, ctx, errors);

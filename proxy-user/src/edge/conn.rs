@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::admission::admit_client;
 use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
@@ -83,9 +84,16 @@ impl Conn {
     }
 
     /// Connects, carries and closes; the record is written on every path.
-    pub(super) async fn serve(self, client: TcpStream, shared: Arc<Shared>) {
+    pub(super) async fn serve(mut self, mut client: TcpStream, shared: Arc<Shared>) {
         let _ = client.set_nodelay(true);
-        let local = client.local_addr().ok();
+        // The PROXY header and the per-client limits: refused clients are
+        // counted there and get no close record, like those over a limit.
+        let Some(admitted) = admit_client(&mut client, self.client, &self.app, &shared).await
+        else {
+            return;
+        };
+        self.client = admitted.addr;
+        let local = admitted.local;
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
         let connected = tokio::select! {
@@ -124,7 +132,8 @@ impl Conn {
         }
         let mut header = 0;
         if let Some(version) = self.app.proxy_protocol {
-            match send_proxy_header(&client, &mut c.stream, self.client, version).await {
+            let to = local.map_or_else(|| client.local_addr(), Ok);
+            match send_proxy_header(to, &mut c.stream, self.client, version).await {
                 Ok(n) => header = n,
                 Err(e) => {
                     tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
@@ -228,14 +237,15 @@ impl Conn {
 
 /// Writes the PROXY header before any client byte can reach the target
 /// (the data plane starts only after this returns); returns its length.
+/// `local`: the address the client connected to.
 async fn send_proxy_header(
-    client: &TcpStream,
+    local: io::Result<SocketAddr>,
     upstream: &mut TcpStream,
     peer: SocketAddr,
     version: ProxyProtocol,
 ) -> io::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let local = client.local_addr()?;
+    let local = local?;
     let header = proxy_protocol::header(version, peer, local);
     // A fresh socket's send buffer takes ~100 bytes at once; the timeout
     // only guards against a target that accepted and then froze.

@@ -24,15 +24,57 @@ use crate::metric::registered;
 pub enum Limit {
     PerApp,
     Global,
+    /// `--max-connections-per-client`, over all apps.
+    PerClient,
+    /// The app's `MaxConnectionsPerClient`.
+    PerAppClient,
 }
 
 impl Limit {
-    const ALL: [Limit; 2] = [Limit::PerApp, Limit::Global];
+    const ALL: [Limit; 4] = [
+        Limit::PerApp,
+        Limit::Global,
+        Limit::PerClient,
+        Limit::PerAppClient,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Limit::PerApp => "per_app",
             Limit::Global => "global",
+            Limit::PerClient => "per_client",
+            Limit::PerAppClient => "per_app_client",
+        }
+    }
+}
+
+/// Why a client of an app with `AcceptProxyProtocol` was cut before its
+/// PROXY header was read (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderFailure {
+    /// Not from one of the app's `TrustedSources`.
+    Untrusted,
+    Malformed,
+    /// Closed (or reset) before the header ended.
+    Closed,
+    /// The header took longer than the app's `Timeout`.
+    Timeout,
+}
+
+impl HeaderFailure {
+    const ALL: [HeaderFailure; 4] = [
+        HeaderFailure::Untrusted,
+        HeaderFailure::Malformed,
+        HeaderFailure::Closed,
+        HeaderFailure::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeaderFailure::Untrusted => "untrusted",
+            HeaderFailure::Malformed => "malformed",
+            HeaderFailure::Closed => "closed",
+            HeaderFailure::Timeout => "timeout",
         }
     }
 }
@@ -66,7 +108,7 @@ macro_rules! label_value_by_name {
     )*};
 }
 
-label_value_by_name!(EndReason, Plane, Limit, Direction);
+label_value_by_name!(EndReason, Plane, Limit, Direction, HeaderFailure);
 
 /// Upper bounds of the connection duration buckets, in seconds: from
 /// request/response exchanges to sessions of hours.
@@ -101,6 +143,12 @@ struct RefusedLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HeaderLabels {
+    app: Arc<str>,
+    reason: HeaderFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndLabels {
     app: Arc<str>,
     end: EndReason,
@@ -130,6 +178,7 @@ pub struct AppMetrics {
     bytes: [Counter; Direction::ALL.len()],
     connect_attempts: Counter,
     duration: Histogram,
+    header_failures: [Counter; HeaderFailure::ALL.len()],
 }
 
 /// Bytes of one connection already added to `proxy_bytes_total` while it
@@ -169,6 +218,11 @@ impl AppMetrics {
         self.ends[EndReason::Limit as usize].inc();
     }
 
+    /// A client was cut for want of a good PROXY header.
+    pub fn header_failed(&self, why: HeaderFailure) {
+        self.header_failures[why as usize].inc();
+    }
+
     /// Counts a connection as active until the guard drops.
     pub fn open(&self) -> ActiveConn {
         self.active.inc();
@@ -205,6 +259,7 @@ pub struct Metrics {
     bytes: Family<DirectionLabels, Counter>,
     connect_attempts: Family<AppLabels, Counter>,
     duration: DurationFamily,
+    header_failures: Family<HeaderLabels, Counter>,
     pub accept_resource_errors: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
@@ -282,6 +337,12 @@ impl Metrics {
                 );
                 f
             },
+            header_failures: registered(
+                r,
+                "proxy_accept_proxy_header_failures",
+                "Clients of apps with AcceptProxyProtocol cut before the proxy header was \
+                 read, by app and reason (untrusted source, malformed, closed, timeout)",
+            ),
             accept_resource_errors: registered(
                 r,
                 "proxy_accept_resource_errors",
@@ -350,6 +411,10 @@ impl Metrics {
             }),
             connect_attempts: self.connect_attempts.get_or_create_owned(&of),
             duration: self.duration.get_or_create_owned(&of),
+            header_failures: HeaderFailure::ALL.map(|reason| {
+                self.header_failures
+                    .get_or_create_owned(&HeaderLabels { app: app(), reason })
+            }),
         }
     }
 }

@@ -189,6 +189,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         access_log,
         log_connections: settings.log_connections,
         bytes_flush: settings.bytes_flush,
+        per_client_cap: settings.max_per_client,
+        per_client: Arc::default(),
     });
 
     let mut state = State {

@@ -28,6 +28,8 @@ pub struct Settings {
     /// None: as many as the fd limit carries (`budget`).
     pub max_connections: Option<u32>,
     pub max_per_app: usize,
+    /// `--max-connections-per-client`: per client address, over all apps.
+    pub max_per_client: Option<usize>,
     pub drain_timeout: Duration,
     pub admin_address: Option<SocketAddr>,
     /// Turns on the admin write API for requests carrying this file's token.

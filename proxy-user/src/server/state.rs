@@ -135,12 +135,17 @@ pub(super) fn apply(
         let handle = match old {
             Some(h) if h.spec == *spec => h,
             old => {
-                let (permits, previous) = match &old {
+                let (permits, clients, previous) = match &old {
                     Some(h) => (
                         h.runtime.permits.clone(),
+                        h.runtime.clients.clone(),
                         h.runtime.balancer.backends.clone(),
                     ),
-                    None => (Arc::new(Semaphore::new(settings.max_per_app)), Vec::new()),
+                    None => (
+                        Arc::new(Semaphore::new(settings.max_per_app)),
+                        Arc::default(),
+                        Vec::new(),
+                    ),
                 };
                 let balancer = Arc::new(Balancer::reusing(
                     &spec.name,
@@ -166,6 +171,9 @@ pub(super) fn apply(
                         permits,
                         metrics: shared.metrics.app(&spec.name),
                         proxy_protocol: spec.proxy_protocol,
+                        accept_proxy: spec.accept_proxy.clone(),
+                        max_per_client: spec.max_per_client,
+                        clients,
                     }),
                     probes,
                 }
