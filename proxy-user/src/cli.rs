@@ -30,6 +30,15 @@ pub struct Cli {
     #[arg(long, default_value = "config.json")]
     pub config: PathBuf,
 
+    /// Validate FILE as a config and exit without binding anything: exit 0 if it is valid, 1 with every
+    /// problem otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<PathBuf>,
+
+    /// Like --check, for the --config file (nginx's -t).
+    #[arg(short = 't', long = "test-config", conflicts_with = "check")]
+    pub test_config: bool,
+
     /// IP address to bind every listener on (`::` listens on IPv6 and IPv4).
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: String,
@@ -161,6 +170,15 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The file `--check`/`-t` asks to validate, if any.
+    pub fn check_file(&self) -> Option<PathBuf> {
+        match (&self.check, self.test_config) {
+            (Some(file), _) => Some(file.clone()),
+            (None, true) => Some(self.config.clone()),
+            (None, false) => None,
+        }
+    }
+
     /// What the server needs from the flags, with the flags' own limits
     /// applied (a probe may not outlast its interval).
     pub fn settings(&self) -> Settings {
@@ -372,6 +390,19 @@ mod tests {
             crate::dataplane::DEFAULT_INFLIGHT_BOUND
         );
         assert_eq!(cli.copy_buffer, crate::dataplane::DEFAULT_BUFFER);
+    }
+
+    #[test]
+    fn check_flag() {
+        let file = |args: &[&str]| Cli::parse_from(args).check_file();
+        assert_eq!(file(&["proxy"]), None);
+        assert_eq!(file(&["proxy", "-t"]), Some("config.json".into()));
+        assert_eq!(
+            file(&["proxy", "-t", "--config", "a.json"]),
+            Some("a.json".into())
+        );
+        assert!(Cli::try_parse_from(["proxy", "-t", "--check", "b.json"]).is_err());
+        assert_eq!(file(&["proxy", "--check", "b.json"]), Some("b.json".into()));
     }
 
     #[test]

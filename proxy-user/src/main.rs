@@ -48,6 +48,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(file) = cli.check_file() {
+        let mut settings = cli.settings();
+        settings.config = file;
+        return match rt.block_on(server::check(&settings)) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                fail("config check failed", &e);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = rt.block_on(server::run(cli.settings()));
     // Not the runtime's drop, which waits for every blocking task: a stop
     // during start-up can leave one stuck (an open() on a FIFO nobody

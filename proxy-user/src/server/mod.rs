@@ -39,7 +39,7 @@ mod settings;
 mod state;
 mod steer;
 
-pub use settings::Settings;
+pub use settings::{check, Settings};
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);

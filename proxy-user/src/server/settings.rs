@@ -71,3 +71,18 @@ impl Settings {
         Ok((config, ctx.listen))
     }
 }
+
+/// `proxy --check`: reads and validates the config as `start` would, and
+/// binds nothing. Ok: a one-line summary; Err: every problem found.
+pub async fn check(settings: &Settings) -> anyhow::Result<String> {
+    let text = config::file::read(&settings.config).await?;
+    let (config, _) = settings.parse_config(&text)?;
+    let targets: usize = config.apps.iter().map(|a| a.targets.len()).sum();
+    Ok(format!(
+        "{}: ok: {} apps, {} ports, {} targets",
+        settings.config.display(),
+        config.apps.len(),
+        config.listeners().count(),
+        targets
+    ))
+}
