@@ -18,18 +18,7 @@ async fn post(admin: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!("POST {path} HTTP/1.1\r\nHost: proxy\r\n{auth}\r\n");
-    let resp = http_raw(admin, req.as_bytes()).await.unwrap();
-    let code = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    http_request(admin, "POST", path, &auth).await.unwrap()
 }
 
 /// A connection that reached its backend: 8 bytes echoed back.

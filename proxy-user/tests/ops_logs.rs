@@ -178,3 +178,33 @@ async fn no_connection_log_leaves_the_access_log_alone() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--access-log"));
 }
+
+/// A port taken inside the ephemeral range: the error says what else may
+/// hold it and how to reserve it.
+#[test]
+fn bind_failure_in_the_ephemeral_range_hints_at_reserved_ports() {
+    // Port 0 picks from the ephemeral range.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let config = write_temp(
+        "held.json",
+        &format!(r#"{{"Apps":[{{"Name":"a","Ports":[{port}],"Targets":["127.0.0.1:1"]}}]}}"#),
+    );
+    let out = Command::new(PROXY)
+        .args([
+            "--listen-address",
+            "127.0.0.1",
+            "--mode",
+            "copy",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("net.ipv4.ip_local_reserved_ports={port}")),
+        "{err}"
+    );
+}

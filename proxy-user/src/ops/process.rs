@@ -91,39 +91,36 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * page)
 }
 
-/// Boot time (`btime` in /proc/stat) plus the process's start in clock
-/// ticks after boot (field 22 of /proc/self/stat), as the Go and Python
-/// clients compute it.
-fn start_time() -> Option<f64> {
+/// Clock ticks per second, for /proc/self/stat's times.
+fn clock_ticks() -> Option<f64> {
     // SAFETY: sysconf only reads a system constant.
-    let ticks = match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
-        Ok(t @ 1..) => t,
-        _ => return None,
-    };
+    match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
+        Ok(t @ 1..) => Some(t as f64),
+        _ => None,
+    }
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/self/stat, `n` >= 3. Fields
+/// are counted after the last ')' because the command name may contain
+/// spaces.
+fn stat_field(n: usize) -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
-    // After ')': field 3 is the first; starttime is field 22.
-    let start: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// Boot time (`btime` in /proc/stat) plus the process's start in clock
+/// ticks after boot (`starttime`, field 22), as the Go and Python clients
+/// compute it.
+fn start_time() -> Option<f64> {
     let btime: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
-    Some(btime as f64 + start as f64 / ticks as f64)
+    Some(btime as f64 + stat_field(22)? as f64 / clock_ticks()?)
 }
 
-/// utime + stime from /proc/self/stat. Fields are counted after the last
-/// ')' because the command name may contain spaces.
+/// utime + stime (fields 14 and 15).
 fn cpu_seconds() -> Option<f64> {
-    // SAFETY: sysconf only reads a system constant.
-    let ticks = match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
-        Ok(t @ 1..) => t,
-        _ => return None,
-    };
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // After ')': state is field 3; utime is 14 and stime 15 (1-based).
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / ticks as f64)
+    Some((stat_field(14)? + stat_field(15)?) as f64 / clock_ticks()?)
 }

@@ -954,7 +954,18 @@ pub async fn http_raw(addr: &str, request: &[u8]) -> std::io::Result<String> {
 
 /// `GET path`; returns (status code, body).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    http_request(addr, "GET", path, "").await
+}
+
+/// `method path` with `headers` (each line ending in CRLF); returns
+/// (status code, body).
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: proxy\r\n{headers}\r\n");
     let resp = http_raw(addr, req.as_bytes()).await?;
     let code = resp
         .split(' ')
