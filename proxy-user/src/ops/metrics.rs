@@ -15,69 +15,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub use super::labels::{HeaderFailure, Limit};
 use super::process::ProcessCollector;
 use crate::dataplane::{EndReason, Plane, Transfer};
 use crate::metric::registered;
-
-/// Which connection limit refused a client (`limit` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Limit {
-    PerApp,
-    Global,
-    /// `--max-connections-per-client`, over all apps.
-    PerClient,
-    /// The app's `MaxConnectionsPerClient`.
-    PerAppClient,
-}
-
-impl Limit {
-    const ALL: [Limit; 4] = [
-        Limit::PerApp,
-        Limit::Global,
-        Limit::PerClient,
-        Limit::PerAppClient,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::PerApp => "per_app",
-            Limit::Global => "global",
-            Limit::PerClient => "per_client",
-            Limit::PerAppClient => "per_app_client",
-        }
-    }
-}
-
-/// Why a client of an app with `AcceptProxyProtocol` was cut before its
-/// PROXY header was read (`reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HeaderFailure {
-    /// Not from one of the app's `TrustedSources`.
-    Untrusted,
-    Malformed,
-    /// Closed (or reset) before the header ended.
-    Closed,
-    /// The header took longer than the app's `Timeout`.
-    Timeout,
-}
-
-impl HeaderFailure {
-    const ALL: [HeaderFailure; 4] = [
-        HeaderFailure::Untrusted,
-        HeaderFailure::Malformed,
-        HeaderFailure::Closed,
-        HeaderFailure::Timeout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HeaderFailure::Untrusted => "untrusted",
-            HeaderFailure::Malformed => "malformed",
-            HeaderFailure::Closed => "closed",
-            HeaderFailure::Timeout => "timeout",
-        }
-    }
-}
 
 /// Which way bytes went (`direction` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,13 +58,6 @@ const DURATION_BUCKETS: [f64; 14] = [
 ];
 
 type DurationFamily = Family<AppLabels, Histogram, fn() -> Histogram>;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-    /// `PROXY_GIT_COMMIT` at build time, `unknown` without it.
-    commit: &'static str,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct HashLabels {
@@ -274,17 +208,7 @@ impl Metrics {
     /// Registers the proxy's own metrics and the process collector.
     pub fn register(r: &mut Registry) -> Metrics {
         r.register_collector(Box::new(ProcessCollector));
-        let build: Family<BuildLabels, Gauge> = registered(
-            r,
-            "proxy_build_info",
-            "Always 1; the labels say which build is running",
-        );
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                commit: option_env!("PROXY_GIT_COMMIT").unwrap_or("unknown"),
-            })
-            .set(1);
+        super::process::register_build_info(r);
         Metrics {
             accepted: registered(
                 r,

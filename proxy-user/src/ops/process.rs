@@ -7,9 +7,35 @@
 //! for, rather than a task refreshing gauges that nobody may read.
 
 use prometheus_client::collector::Collector;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// `PROXY_GIT_COMMIT` at build time, `unknown` without it.
+    commit: &'static str,
+}
+
+/// `proxy_build_info{version, commit} 1`: which build runs.
+pub fn register_build_info(r: &mut Registry) {
+    let build: Family<BuildLabels, Gauge> = crate::metric::registered(
+        r,
+        "proxy_build_info",
+        "Always 1; the labels say which build is running",
+    );
+    build
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: option_env!("PROXY_GIT_COMMIT").unwrap_or("unknown"),
+        })
+        .set(1);
+}
 
 #[derive(Debug)]
 pub struct ProcessCollector;
