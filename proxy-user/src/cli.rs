@@ -43,6 +43,15 @@ pub struct Cli {
     #[arg(long, default_value = "config.json")]
     pub config: PathBuf,
 
+    /// Validate FILE as a config and exit without binding anything: exit 0 if it is valid, 1 with every
+    /// problem otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<PathBuf>,
+
+    /// Like --check, for the --config file (nginx's -t).
+    #[arg(short = 't', long = "test-config", conflicts_with = "check")]
+    pub test_config: bool,
+
     /// IP address to bind every listener on (`::` listens on IPv6 and IPv4).
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: String,
@@ -97,6 +106,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_app: u32,
 
+    /// Maximum concurrent connections from one client address over all apps (default: no limit); an
+    /// app's MaxConnectionsPerClient limits it within that app. Behind a PROXY header the address is the header's.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: Option<u32>,
+
     /// On SIGTERM/SIGINT, how long live connections may finish before they are cut.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -116,12 +130,27 @@ pub struct Cli {
     /// Admin HTTP listener, e.g. 127.0.0.1:9100 (default: off): /metrics, /healthz, /readyz, /config, /targets.
     // `--metrics-address` was its name while it only served /metrics; kept
     // as an alias so existing command lines keep working.
-    #[arg(long, visible_alias = "metrics-address")]
+    // A host name (localhost:9100) is resolved once, here; IPv4 first.
+    #[arg(long, visible_alias = "metrics-address", value_parser = parse_admin_address)]
     pub admin_address: Option<std::net::SocketAddr>,
+
+    /// File holding the token that turns on the admin write API (POST /targets/APP/TARGET/drain|disable|enable,
+    /// with `Authorization: Bearer TOKEN`). Without it the write API is off. A file, never a flag value:
+    /// argv is visible to every user.
+    #[arg(long, value_name = "FILE", requires = "admin_address")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Also write each connection's close line as one JSON object per line to this file (reopened on SIGHUP).
     #[arg(long)]
     pub access_log: Option<PathBuf>,
+
+    /// Do not write the "connection closed" line to the log (stderr); the --access-log file still gets one per connection.
+    #[arg(long, requires = "access_log")]
+    pub no_connection_log: bool,
+
+    /// How often live connections add the bytes they moved to proxy_bytes_total (0 = only when they close).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub bytes_flush_interval: Duration,
 
     /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default 4MiB: twice the fastpath's socket buffers (--socket-buffer, raised to 2MiB on fastpath sockets); at most three times them.
     #[arg(long, value_parser = parse_inflight)]
@@ -166,10 +195,6 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub takeover: Option<PathBuf>,
 
-    /// Validate a config file (default: --config) without binding anything; print every problem and
-    /// exit 0 (valid) or 1.
-    #[arg(short = 't', long, value_name = "FILE", num_args = 0..=1)]
-    pub check: Option<Option<PathBuf>>,
     /// Read the app table from etcd instead of --config, e.g. http://127.0.0.1:2379 (comma-separated
     /// endpoints of one cluster). Each app is one key, <prefix>apps/<name>, holding that app's object
     /// in Fly's format ({"Ports":[...],"Targets":[...]}; Name may be left out); a target may register
@@ -201,6 +226,15 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The file `--check`/`-t` asks to validate, if any.
+    pub fn check_file(&self) -> Option<PathBuf> {
+        match (&self.check, self.test_config) {
+            (Some(file), _) => Some(file.clone()),
+            (None, true) => Some(self.config.clone()),
+            (None, false) => None,
+        }
+    }
+
     /// What the server needs from the flags, with the flags' own limits
     /// applied (a probe may not outlast its interval).
     pub fn settings(&self) -> Settings {
@@ -239,9 +273,14 @@ impl Cli {
             },
             max_connections: self.max_connections,
             max_per_app: self.max_connections_per_app as usize,
+            max_per_client: self.max_connections_per_client.map(|n| n as usize),
             drain_timeout: self.drain_timeout,
             admin_address: self.admin_address,
+            admin_token_file: self.admin_token_file.clone(),
             access_log: self.access_log.clone(),
+            log_connections: !self.no_connection_log,
+            bytes_flush: (!self.bytes_flush_interval.is_zero())
+                .then(|| self.bytes_flush_interval.max(Duration::from_millis(10))),
             steering: self.steering,
             steering_port: self.steering_port,
             watch_config: self.watch_config,
@@ -255,6 +294,28 @@ impl Cli {
             }),
         }
     }
+}
+
+/// `127.0.0.1:9100`, `[::1]:9100` or `localhost:9100`: a name resolves to
+/// its first IPv4 address if it has one (what `curl localhost:9100` tries
+/// first), else its first address.
+pub fn parse_admin_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<std::net::SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("{s:?} is not HOST:PORT, e.g. 127.0.0.1:9100 or localhost:9100 ({e})")
+        })?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 /// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`, or `0`.
@@ -389,6 +450,20 @@ mod tests {
     }
 
     #[test]
+    fn admin_addresses() {
+        assert_eq!(
+            parse_admin_address("localhost:9100"),
+            Ok("127.0.0.1:9100".parse().unwrap())
+        );
+        assert_eq!(
+            parse_admin_address("[::1]:0"),
+            Ok("[::1]:0".parse().unwrap())
+        );
+        assert!(parse_admin_address("localhost").is_err());
+        assert!(parse_admin_address("9100").is_err());
+    }
+
+    #[test]
     fn defaults_match_the_measured_ones() {
         let cli = Cli::parse_from(["proxy"]);
         assert_eq!(cli.fastpath_inflight, None);
@@ -407,6 +482,19 @@ mod tests {
         }
         // A cache without etcd would never be read: refused.
         assert!(Cli::try_parse_from(["proxy", "--config-etcd-cache", "c.json"]).is_err());
+    }
+
+    #[test]
+    fn check_flag() {
+        let file = |args: &[&str]| Cli::parse_from(args).check_file();
+        assert_eq!(file(&["proxy"]), None);
+        assert_eq!(file(&["proxy", "-t"]), Some("config.json".into()));
+        assert_eq!(
+            file(&["proxy", "-t", "--config", "a.json"]),
+            Some("a.json".into())
+        );
+        assert!(Cli::try_parse_from(["proxy", "-t", "--check", "b.json"]).is_err());
+        assert_eq!(file(&["proxy", "--check", "b.json"]), Some("b.json".into()));
     }
 
     #[test]

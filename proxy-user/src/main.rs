@@ -4,12 +4,35 @@ use std::time::Duration;
 use clap::Parser;
 
 use proxy_user::cli::Cli;
-use proxy_user::{logging, server};
+use proxy_user::logging::{self, LogFormat};
+use proxy_user::server;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        // --help and --version are not errors, and are for a person.
+        Err(e) if !e.use_stderr() || !logging::wants_json(&args) => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            eprintln!(
+                "{}",
+                logging::json_error_line("invalid command line", text.trim())
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let json = cli.log_format == LogFormat::Json;
+    // With JSON logs, every stderr line is JSON, this one included.
+    let fail = |message: &str, e: &anyhow::Error| {
+        if json {
+            eprintln!("{}", logging::json_error_line(message, &format!("{e:#}")));
+        } else {
+            eprintln!("proxy: error: {e:#}");
+        }
+    };
     if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
-        eprintln!("proxy: error: {e:#}");
+        fail("cannot set up logging", &e);
         return ExitCode::from(2);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -18,25 +41,23 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("proxy: error: cannot start tokio runtime: {e}");
+            fail(
+                "cannot start",
+                &anyhow::Error::new(e).context("cannot start tokio runtime"),
+            );
             return ExitCode::FAILURE;
         }
     };
-    if let Some(file) = &cli.check {
+    if let Some(file) = cli.check_file() {
         let mut settings = cli.settings();
-        if let Some(file) = file {
-            settings.config = file.clone();
-        }
+        settings.config = file;
         return match rt.block_on(server::check(&settings)) {
             Ok(summary) => {
-                println!(
-                    "proxy: {}: config ok ({summary})",
-                    settings.config.display()
-                );
+                println!("{summary}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("proxy: error: {e:#}");
+                fail("config check failed", &e);
                 ExitCode::FAILURE
             }
         };
@@ -49,9 +70,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Plain stderr, not the logger: startup errors (config problems
-            // above all) must read well whatever the log format.
-            eprintln!("proxy: error: {e:#}");
+            // Not through the logger: its human format would prefix and
+            // indent a multi-line config error.
+            fail("exiting on error", &e);
             ExitCode::FAILURE
         }
     }

@@ -198,11 +198,14 @@ async fn known_traffic_counts_exactly(mode: &str) {
         };
         assert_eq!(entries.len() as u64, N);
         let fields = [
-            "ts",
+            "timestamp",
+            "start",
             "conn",
             "app",
             "port",
             "client",
+            "local",
+            "connect_ms",
             "target",
             "attempts",
             "bytes_in",
@@ -227,7 +230,15 @@ async fn known_traffic_counts_exactly(mode: &str) {
             let bytes_in = e["bytes_in"].as_u64().unwrap();
             assert!(sizes.contains(&bytes_in), "{e}");
             assert_eq!(e["bytes_out"].as_u64().unwrap(), 2 * bytes_in + 7);
-            assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+            assert!(e["timestamp"].as_str().unwrap().ends_with('Z'));
+            // Same key as the JSON log lines; start no later than close.
+            assert!(e["start"].as_str().unwrap() <= e["timestamp"].as_str().unwrap());
+            assert_eq!(
+                e["local"],
+                format!("127.0.0.1:{}", e["port"].as_u64().unwrap()),
+                "{e}"
+            );
+            assert!(e["connect_ms"].as_u64().unwrap() <= e["duration_ms"].as_u64().unwrap());
         }
         let log_in: u64 = entries
             .iter()

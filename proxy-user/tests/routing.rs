@@ -290,7 +290,12 @@ async fn listens_on_ipv6_any_address(mode: &str) {
     bounded(30, "dual stack", echo_check(proxy.addr(0, 0), 1, 200_000))
         .await
         .unwrap();
-    assert!(proxy.log().contains("v6=[::]:"), "{}", proxy.log());
+    let ready = proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "proxy ready")
+        .expect("proxy ready line");
+    assert_eq!(ready["address"], "::", "{ready}");
 }
 
 /// A target that died and comes back is used again once `rise` probes in a

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
 mod bench;
 mod e2e;
+mod package;
 mod setup;
 mod sh;
 
@@ -35,8 +36,11 @@ enum Task {
         #[arg(long, default_value = "auto")]
         mode: String,
     },
-    /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on every data plane.
+    /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on every data plane, the package.
     Test,
+    /// Build the Debian package (target/package/l4-proxy_VERSION_ARCH.deb) and check that it installs
+    /// with dpkg -i into a scratch root and that the installed `proxy --check` passes.
+    Package,
     /// Direct vs our planes (fastpath, splice, copy) vs HAProxy vs nginx in one run; writes bench/results.md.
     Bench {
         /// Seconds per load per endpoint per round.
@@ -81,6 +85,11 @@ fn run(cli: Cli) -> Result<()> {
             setup::setup(needs)?;
             build()?;
             test()
+        }
+        Task::Package => {
+            setup::setup(needs)?;
+            build_ebpf()?;
+            package::package(true).map(drop)
         }
         Task::Bench {
             duration,
@@ -176,6 +185,8 @@ fn test() -> Result<()> {
     for mode in ["copy", "splice", "fastpath", "auto"] {
         e2e::check_config(mode)?;
     }
+    println!("xtask test: the Debian package installs and checks its config");
+    package::package(false)?;
     println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");
     bench::run(&bench::Options::short())?;
     println!("xtask test: all passed");

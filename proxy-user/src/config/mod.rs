@@ -8,8 +8,10 @@
 
 use std::fmt;
 
+mod accept;
 pub mod etcd;
 pub mod file;
+mod health;
 mod json;
 pub mod own;
 mod ports;
@@ -19,6 +21,8 @@ mod tests;
 mod validate;
 pub mod watch;
 
+pub use accept::AcceptProxy;
+pub use health::{HealthCheck, MAX_PROBE_BYTES};
 pub use own::Listen;
 #[cfg(test)]
 pub use target::parse_target;
@@ -44,6 +48,12 @@ pub struct App {
     pub balance: Balance,
     /// Send a PROXY protocol header to targets so they see the real client.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The app's own probe settings (`HealthCheck`); None: the flags'.
+    pub health: Option<HealthCheck>,
+    /// Clients come behind a PROXY protocol header (`AcceptProxyProtocol`).
+    pub accept_proxy: Option<AcceptProxy>,
+    /// Most connections one client address may hold in this app.
+    pub max_per_client: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,16 @@ use super::ports::parse_port_entry;
 use super::target::parse_target;
 use super::{App, Balance, Config, Context, ProxyProtocol, Target};
 
-const APP_FIELDS: &[&str] = &["Name", "Ports", "Targets", "Balance", "ProxyProtocol"];
+const APP_FIELDS: &[&str] = &[
+    "Name",
+    "Ports",
+    "Targets",
+    "Balance",
+    "ProxyProtocol",
+    "HealthCheck",
+    "AcceptProxyProtocol",
+    "MaxConnectionsPerClient",
+];
 
 pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
@@ -136,6 +145,16 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
             }
         };
 
+        let health = app_obj
+            .get("HealthCheck")
+            .and_then(|v| super::health::parse(v, &format!("{at}.HealthCheck"), errors));
+        let accept_proxy = app_obj.get("AcceptProxyProtocol").and_then(|v| {
+            super::accept::parse_accept(v, &format!("{at}.AcceptProxyProtocol"), errors)
+        });
+        let max_per_client = app_obj.get("MaxConnectionsPerClient").and_then(|v| {
+            super::accept::parse_per_client(v, &format!("{at}.MaxConnectionsPerClient"), errors)
+        });
+
         let mut ports = Vec::new();
         match app_obj.get("Ports") {
             None => errors.push(format!("{at}.Ports: missing field; add \"Ports\": [5000]")),
@@ -219,6 +238,9 @@ pub(super) fn validate(root: &Value, errors: &mut Vec<String>, ctx: &Context) ->
             targets,
             balance,
             proxy_protocol,
+            health,
+            accept_proxy,
+            max_per_client,
         });
     }
     check_loops(&all_targets, &port_owner, ctx, errors);

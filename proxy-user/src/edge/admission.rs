@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::accept_proxy;
 use super::conn::Conn;
+use super::per_client::ClientSlot;
 use super::{AppRuntime, Shared};
 use crate::dataplane::{arm_reset, EndReason};
-use crate::ops::metrics::Limit;
+use crate::ops::metrics::{HeaderFailure, Limit};
 
 pub(super) fn admit(
     sock: TcpStream,
@@ -63,4 +65,88 @@ fn over_fair_share(app: &AppRuntime, shared: &Shared) -> bool {
         .per_app_cap
         .saturating_sub(app.permits.available_permits());
     active > (reserve / apps).max(1)
+}
+
+/// A client past the second gate: who it really is and what it holds.
+pub(super) struct Client {
+    /// The PROXY header's source, else the socket's peer.
+    pub(super) addr: SocketAddr,
+    /// The address it connected to: the header's destination, else ours.
+    pub(super) local: Option<SocketAddr>,
+    _slots: [Option<ClientSlot>; 2],
+}
+
+/// The second gate, once a task serves the client: its PROXY header (apps
+/// with `AcceptProxyProtocol`), then the per-client limits, which need the
+/// real address. None: the client was reset, and counted.
+pub(super) async fn admit_client(
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+    app: &AppRuntime,
+    shared: &Shared,
+) -> Option<Client> {
+    let (mut addr, mut local) = (peer, sock.local_addr().ok());
+    if let Some(accept) = &app.accept_proxy {
+        let read = async {
+            if !accept.trusts(peer.ip()) {
+                return Err(accept_proxy::Failed {
+                    reason: HeaderFailure::Untrusted,
+                    detail: "not from one of the app's AcceptProxyProtocol.TrustedSources".into(),
+                });
+            }
+            match tokio::time::timeout(accept.timeout, accept_proxy::read(sock)).await {
+                Ok(r) => r,
+                Err(_) => Err(accept_proxy::Failed {
+                    reason: HeaderFailure::Timeout,
+                    detail: format!("no complete PROXY header within {:?}", accept.timeout),
+                }),
+            }
+        };
+        match read.await {
+            Ok(Some((src, dst))) => (addr, local) = (src, Some(dst)),
+            Ok(None) => {}
+            Err(f) => {
+                app.metrics.header_failed(f.reason);
+                if let Some(suppressed) = shared.limit_log.check() {
+                    tracing::warn!(app = %app.balancer.app, client = %peer, reason = f.reason.as_str(), error = %f.detail, suppressed, "PROXY header refused, resetting client");
+                }
+                arm_reset(sock);
+                return None;
+            }
+        }
+    }
+    let global = match shared.per_client_cap {
+        Some(cap) => match shared.per_client.try_take(addr.ip(), cap) {
+            Some(slot) => Some(slot),
+            None => return refuse_client(sock, addr, app, shared, Limit::PerClient),
+        },
+        None => None,
+    };
+    let own = match app.max_per_client {
+        Some(cap) => match app.clients.try_take(addr.ip(), cap) {
+            Some(slot) => Some(slot),
+            None => return refuse_client(sock, addr, app, shared, Limit::PerAppClient),
+        },
+        None => None,
+    };
+    Some(Client {
+        addr,
+        local,
+        _slots: [global, own],
+    })
+}
+
+fn refuse_client(
+    sock: &TcpStream,
+    client: SocketAddr,
+    app: &AppRuntime,
+    shared: &Shared,
+    which: Limit,
+) -> Option<Client> {
+    app.metrics.rejected(which);
+    if let Some(suppressed) = shared.limit_log.check() {
+        tracing::warn!(app = %app.balancer.app, client = %client, limit = which.as_str(), suppressed, end = EndReason::Limit.as_str(), "per-client connection limit reached, resetting client");
+    }
+    arm_reset(sock);
+    None
 }

@@ -7,19 +7,21 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::admission::admit_client;
 use super::handover::{MovedMeta, Moving};
+use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
 use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Plane, Transfer};
 use crate::ops::access_log;
-use crate::ops::metrics::ActiveConn;
+use crate::ops::metrics::{ActiveConn, ByteTally};
 use crate::upstream::connect;
 use crate::upstream::proxy_protocol;
 
@@ -41,20 +43,24 @@ pub(super) struct Conn {
     started: Instant,
     /// Processes that carried it before this one (an upgrade moved it).
     carried_by: Vec<u32>,
+    /// Wall clock of `started`, for the access log.
+    started_at: SystemTime,
     _held: Held,
 }
 
 /// Where the connection got to upstream: the target as configured ("-" if
-/// none) and how many connect attempts it took.
+/// none), how many connect attempts it took, and how long they took.
 struct Upstream {
     target: String,
     attempts: u32,
+    connect: Duration,
 }
 
 impl Upstream {
     const NONE: Upstream = Upstream {
         target: String::new(),
         attempts: 0,
+        connect: Duration::ZERO,
     };
 }
 
@@ -78,6 +84,7 @@ impl Conn {
             },
             app,
             started: Instant::now(),
+            started_at: SystemTime::now(),
             carried_by: Vec::new(),
         }
     }
@@ -99,6 +106,9 @@ impl Conn {
             started: now
                 .checked_sub(Duration::from_millis(meta.age_ms))
                 .unwrap_or(now),
+            started_at: SystemTime::now()
+                .checked_sub(Duration::from_millis(meta.age_ms))
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             carried_by: meta.carried_by.clone(),
         }
     }
@@ -118,12 +128,14 @@ impl Conn {
         let upstream = Upstream {
             target: m.meta.target.clone(),
             attempts: m.meta.attempts,
+            connect: Duration::ZERO,
         };
+        let local = m.client.local_addr().ok();
         if let Some(t) = self
             .carry(&shared, m.client, m.upstream, &info, m.meta)
             .await
         {
-            self.close(&shared, upstream, &t);
+            self.close(&shared, local, upstream, &t, ByteTally::default());
         }
     }
 
@@ -188,15 +200,24 @@ impl Conn {
     }
 
     /// Connects, carries and closes; the record is written on every path.
-    pub(super) async fn serve(self, client: TcpStream, shared: Arc<Shared>) {
+    pub(super) async fn serve(mut self, mut client: TcpStream, shared: Arc<Shared>) {
         let _ = client.set_nodelay(true);
+        // The PROXY header and the per-client limits: refused clients are
+        // counted there and get no close record, like those over a limit.
+        let Some(admitted) = admit_client(&mut client, self.client, &self.app, &shared).await
+        else {
+            return;
+        };
+        self.client = admitted.addr;
+        let local = admitted.local;
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = hard_stop.wait_for(|s| *s) => {
                 arm_reset(&client);
-                return self.close(&shared, Upstream::NONE, &Transfer::none(EndReason::DrainTimeout));
+                let t = Transfer::none(EndReason::DrainTimeout);
+                return self.close(&shared, local, Upstream::NONE, &t, ByteTally::default());
             }
         };
         let mut c = match connected {
@@ -209,26 +230,35 @@ impl Conn {
                 drop(client);
                 let upstream = Upstream {
                     attempts: failed.attempts,
+                    connect: self.started.elapsed(),
                     ..Upstream::NONE
                 };
-                return self.close(&shared, upstream, &Transfer::none(EndReason::ConnectFailed));
+                let t = Transfer::none(EndReason::ConnectFailed);
+                return self.close(&shared, local, upstream, &t, ByteTally::default());
             }
         };
         let upstream = Upstream {
             target: c.guard.backend().target.to_string(),
             attempts: c.attempts,
+            connect: self.started.elapsed(),
         };
         // Before the target's first byte: the window it sees is this one.
         if let Err(e) = shared.socket_buffers.apply(&c.stream) {
             tracing::debug!(conn = self.id, error = %e, "cannot set upstream socket buffers");
         }
+        let mut header = 0;
         if let Some(version) = self.app.proxy_protocol {
-            if let Err(e) = send_proxy_header(&client, &mut c.stream, self.client, version).await {
-                tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
-                // Both: the target may hold part of a header, the client nothing.
-                arm_reset(&client);
-                arm_reset(&c.stream);
-                return self.close(&shared, upstream, &Transfer::none(EndReason::TargetReset));
+            let to = local.map_or_else(|| client.local_addr(), Ok);
+            match send_proxy_header(to, &mut c.stream, self.client, version).await {
+                Ok(n) => header = n,
+                Err(e) => {
+                    tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
+                    // Both: the target may hold part of a header, the client nothing.
+                    arm_reset(&client);
+                    arm_reset(&c.stream);
+                    let t = Transfer::none(EndReason::TargetReset);
+                    return self.close(&shared, local, upstream, &t, ByteTally::default());
+                }
             }
         }
         let info = ConnInfo {
@@ -241,6 +271,10 @@ impl Conn {
             idle_timeout: shared.idle_timeout,
             hard_stop: shared.hard_stop.clone(),
         };
+        let mut tally = ByteTally::default();
+        let sampler = shared
+            .bytes_flush
+            .and_then(|every| Some((Sampler::new(&client, &c.stream, header)?, every)));
         let meta = MovedMeta {
             id: self.id,
             app: balancer.app.to_string(),
@@ -255,10 +289,17 @@ impl Conn {
             age_ms: 0,
             carried_by: Vec::new(),
         };
-        let transfer = self.carry(&shared, client, c.stream, &info, meta).await;
+        let carry = self.carry(&shared, client, c.stream, &info, meta);
+        let transfer = match sampler {
+            Some((sampler, every)) => {
+                live::carry_counting(carry, sampler, every, &self.app.metrics, &mut tally).await
+            }
+            None => carry.await,
+        };
         drop(c.guard);
+        // None: handed over to a new process, which writes the close line.
         if let Some(transfer) = transfer {
-            self.close(&shared, upstream, &transfer);
+            self.close(&shared, local, upstream, &transfer, tally);
         }
     }
 
@@ -266,14 +307,25 @@ impl Conn {
     /// line. `bytes_in` is client→target and `bytes_out` target→client, as
     /// seen from the client's side of the proxy (HAProxy's and Envoy's
     /// convention for "received"/"sent" by the listener).
-    fn close(self, shared: &Shared, upstream: Upstream, t: &Transfer) {
-        self.app.metrics.finished(t, upstream.attempts);
+    fn close(
+        self,
+        shared: &Shared,
+        local: Option<SocketAddr>,
+        upstream: Upstream,
+        t: &Transfer,
+        tally: ByteTally,
+    ) {
+        let lived = self.started.elapsed();
+        self.app
+            .metrics
+            .finished(t, upstream.attempts, tally, lived.as_secs_f64());
         let target = if upstream.target.is_empty() {
             "-"
         } else {
             upstream.target.as_str()
         };
-        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let duration_ms = lived.as_millis() as u64;
+        let connect_ms = upstream.connect.as_millis() as u64;
         let carried_by = self
             .carried_by
             .iter()
@@ -282,11 +334,14 @@ impl Conn {
             .join(",");
         if let Some(log) = &shared.access_log {
             log.record(&access_log::Entry {
-                ts: access_log::rfc3339(std::time::SystemTime::now()),
+                timestamp: access_log::rfc3339(SystemTime::now()),
+                start: access_log::rfc3339(self.started_at),
                 conn: self.id,
                 app: &self.app.balancer.app,
                 port: self.port,
                 client: self.client.to_string(),
+                local: local.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                connect_ms,
                 target,
                 attempts: upstream.attempts,
                 bytes_in: t.client_to_target,
@@ -297,6 +352,9 @@ impl Conn {
                 end: t.end.as_str(),
             });
         }
+        if !shared.log_connections {
+            return;
+        }
         tracing::info!(
             conn = self.id,
             app = %self.app.balancer.app,
@@ -304,6 +362,7 @@ impl Conn {
             client = %self.client,
             target,
             attempts = upstream.attempts,
+            connect_ms,
             bytes_in = t.client_to_target,
             bytes_out = t.target_to_client,
             userspace_bytes = t.userspace_bytes,
@@ -320,19 +379,21 @@ impl Conn {
 }
 
 /// Writes the PROXY header before any client byte can reach the target
-/// (the data plane starts only after this returns).
+/// (the data plane starts only after this returns); returns its length.
+/// `local`: the address the client connected to.
 async fn send_proxy_header(
-    client: &TcpStream,
+    local: io::Result<SocketAddr>,
     upstream: &mut TcpStream,
     peer: SocketAddr,
     version: ProxyProtocol,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let local = client.local_addr()?;
+    let local = local?;
     let header = proxy_protocol::header(version, peer, local);
     // A fresh socket's send buffer takes ~100 bytes at once; the timeout
     // only guards against a target that accepted and then froze.
     tokio::time::timeout(Duration::from_secs(5), upstream.write_all(&header))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "PROXY header write timed out"))?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "PROXY header write timed out"))??;
+    Ok(header.len() as u64)
 }

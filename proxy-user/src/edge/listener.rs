@@ -39,10 +39,30 @@ pub fn bind(addr: SocketAddr, buffers: SocketBuffers) -> anyhow::Result<TcpListe
     buffers
         .apply(&sock)
         .context("cannot set the socket buffer sizes")?;
-    sock.bind(addr)
-        .with_context(|| format!("cannot bind {addr}"))?;
+    if let Err(e) = sock.bind(addr) {
+        let hint = ephemeral_hint(&e, addr.port()).unwrap_or_default();
+        return Err(anyhow::Error::new(e).context(format!("cannot bind {addr}{hint}")));
+    }
     sock.listen(BACKLOG)
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// A port taken inside the ephemeral range may be held by an outgoing
+/// connection (ours to a target included) rather than by a listener: say
+/// so, and how to keep such ports out of that range.
+fn ephemeral_hint(e: &std::io::Error, port: u16) -> Option<String> {
+    if e.raw_os_error() != Some(libc::EADDRINUSE) || port == 0 {
+        return None;
+    }
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = range.split_whitespace().map(|n| n.parse::<u16>());
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
+        return None;
+    };
+    (lo..=hi).contains(&port).then(|| format!(
+        " (port {port} is inside the ephemeral port range {lo}-{hi}, so an outgoing connection may hold it; \
+         keep it for listeners with `sysctl -w net.ipv4.ip_local_reserved_ports={port}` or pick a port below {lo})"
+    ))
 }
 
 /// Resolves a listen address like `0.0.0.0` or `::` with a port.

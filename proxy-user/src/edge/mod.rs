@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::ProxyProtocol;
+use crate::config::{AcceptProxy, ProxyProtocol};
 use crate::dataplane::{DataPlane, SocketBuffers};
 use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{AppMetrics, Metrics};
@@ -18,13 +18,17 @@ use crate::upstream::balancer::Balancer;
 use crate::upstream::connect::ConnectPolicy;
 use crate::upstream::loop_guard::LoopGuard;
 
+mod accept_proxy;
 mod admission;
 mod conn;
 pub mod handover;
 pub mod listener;
+mod live;
+pub mod per_client;
 pub mod steering;
 pub mod tracker;
 
+use per_client::ClientCounts;
 use tracker::Tracker;
 
 /// State shared by every listener and connection.
@@ -55,6 +59,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `--access-log`: close lines as JSON to a file of their own.
     pub access_log: Option<AccessLog>,
+    /// False: no "connection closed" line in the log (`--no-connection-log`;
+    /// the access log still has every connection).
+    pub log_connections: bool,
+    /// How often live connections add their bytes to `proxy_bytes_total`;
+    /// None: at close only.
+    pub bytes_flush: Option<Duration>,
+    /// `--max-connections-per-client`, over all apps.
+    pub per_client_cap: Option<usize>,
+    pub per_client: Arc<ClientCounts>,
 }
 
 /// One app's runtime state, shared by all of its listeners. Immutable: a
@@ -66,6 +79,11 @@ pub struct AppRuntime {
     pub permits: Arc<Semaphore>,
     pub metrics: AppMetrics,
     pub proxy_protocol: Option<ProxyProtocol>,
+    pub accept_proxy: Option<AcceptProxy>,
+    /// The app's `MaxConnectionsPerClient`, counted in `clients` (which a
+    /// reload hands on, like `permits`).
+    pub max_per_client: Option<usize>,
+    pub clients: Arc<ClientCounts>,
 }
 
 /// Which app a listening port serves; swapped by a reload without closing

@@ -24,12 +24,19 @@ const QUEUE: usize = 65_536;
 /// One line. Field names are a stable interface (documented in README.md).
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {
-    /// Close time, RFC 3339 UTC with milliseconds.
-    pub ts: String,
+    /// Close time, RFC 3339 UTC with milliseconds; the key the JSON log
+    /// lines use too.
+    pub timestamp: String,
+    /// Accept time, same format.
+    pub start: String,
     pub conn: u64,
     pub app: &'a str,
     pub port: u16,
     pub client: String,
+    /// The address the client connected to (`-` if unknown).
+    pub local: String,
+    /// Accept to an established upstream connection, failovers included.
+    pub connect_ms: u64,
     /// The target as configured, "-" if none was connected.
     pub target: &'a str,
     pub attempts: u32,
@@ -148,7 +155,7 @@ fn report(failed: &mut bool, path: &Path, e: &std::io::Error) {
     }
 }
 
-/// `t` as RFC 3339 UTC with milliseconds, the access log's `ts`.
+/// `t` as RFC 3339 UTC with milliseconds, the access log's times.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -175,11 +182,14 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let log = AccessLog::open(&path, Counter::default()).await.unwrap();
         let entry = |conn| Entry {
-            ts: rfc3339(SystemTime::now()),
+            timestamp: rfc3339(SystemTime::now()),
+            start: rfc3339(SystemTime::now()),
             conn,
             app: "a",
             port: 1,
             client: "127.0.0.1:2".into(),
+            local: "127.0.0.1:1".into(),
+            connect_ms: 1,
             target: "t:3",
             attempts: 1,
             bytes_in: 4,

@@ -25,6 +25,28 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
 }
 
+/// One error line in the JSON log's shape, for errors met before the
+/// logger exists (a bad flag, a bad `--log-level`): with `--log-format
+/// json` every line of stderr is JSON, the first one included.
+pub fn json_error_line(message: &str, error: &str) -> String {
+    serde_json::json!({
+        "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        "level": "ERROR",
+        "message": message,
+        "error": error,
+    })
+    .to_string()
+}
+
+/// Whether `args` ask for JSON logs, read before (or without) clap, so an
+/// error in parsing the rest can still be written as JSON.
+pub fn wants_json(args: &[std::ffi::OsString]) -> bool {
+    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    args.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.contains(&"--log-format=json")
+}
+
 /// A logger writing to `writer` instead of stderr, without colour: how a
 /// server started in-process (the tests) keeps a log of its own.
 pub fn dispatch<W>(format: LogFormat, filter: &str, writer: W) -> anyhow::Result<Dispatch>

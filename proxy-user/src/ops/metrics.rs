@@ -12,29 +12,13 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub use super::labels::{HeaderFailure, Limit};
 use super::process::ProcessCollector;
 use crate::dataplane::{EndReason, Plane, Transfer};
 use crate::metric::registered;
-
-/// Which connection limit refused a client (`limit` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Limit {
-    PerApp,
-    Global,
-}
-
-impl Limit {
-    const ALL: [Limit; 2] = [Limit::PerApp, Limit::Global];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::PerApp => "per_app",
-            Limit::Global => "global",
-        }
-    }
-}
 
 /// Which way bytes went (`direction` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,7 +49,20 @@ macro_rules! label_value_by_name {
     )*};
 }
 
-label_value_by_name!(EndReason, Plane, Limit, Direction);
+label_value_by_name!(EndReason, Plane, Limit, Direction, HeaderFailure);
+
+/// Upper bounds of the connection duration buckets, in seconds: from
+/// request/response exchanges to sessions of hours.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0,
+];
+
+type DurationFamily = Family<AppLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HashLabels {
+    sha256: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AppLabels {
@@ -77,6 +74,12 @@ struct AppLabels {
 struct RefusedLabels {
     app: Arc<str>,
     limit: Limit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HeaderLabels {
+    app: Arc<str>,
+    reason: HeaderFailure,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -111,6 +114,34 @@ pub struct AppMetrics {
     promotions: Counter,
     demotions: Counter,
     ledger_failures: Counter,
+    duration: Histogram,
+    header_failures: [Counter; HeaderFailure::ALL.len()],
+}
+
+/// Bytes of one connection already added to `proxy_bytes_total` while it
+/// was live, so its close adds only the rest. Whatever reads the live
+/// counts (the kernel's per-socket counters, `edge::live`, or a plane that
+/// knows them exactly, such as a fastpath reading its BPF counters) calls
+/// `advance` with running totals; counts that go backwards are ignored.
+#[derive(Debug, Default)]
+pub struct ByteTally {
+    counted: [u64; Direction::ALL.len()],
+}
+
+impl ByteTally {
+    /// The connection has moved `c2t` and `t2c` bytes so far.
+    pub fn advance(&mut self, m: &AppMetrics, c2t: u64, t2c: u64) {
+        for (d, total) in [
+            (Direction::ClientToTarget, c2t),
+            (Direction::TargetToClient, t2c),
+        ] {
+            let counted = &mut self.counted[d as usize];
+            if total > *counted {
+                m.bytes[d as usize].inc_by(total - *counted);
+                *counted = total;
+            }
+        }
+    }
 }
 
 impl AppMetrics {
@@ -124,17 +155,23 @@ impl AppMetrics {
         self.ends[EndReason::Limit as usize].inc();
     }
 
+    /// A client was cut for want of a good PROXY header.
+    pub fn header_failed(&self, why: HeaderFailure) {
+        self.header_failures[why as usize].inc();
+    }
+
     /// Counts a connection as active until the guard drops.
     pub fn open(&self) -> ActiveConn {
         self.active.inc();
         ActiveConn(self.active.clone())
     }
 
-    pub fn finished(&self, t: &Transfer, attempts: u32) {
+    /// A connection ended after `lived`; `tally` holds what was counted of
+    /// its bytes while it was live.
+    pub fn finished(&self, t: &Transfer, attempts: u32, mut tally: ByteTally, lived: f64) {
         self.ends[t.end as usize].inc();
         self.planes[t.plane as usize].inc();
-        self.bytes[Direction::ClientToTarget as usize].inc_by(t.client_to_target);
-        self.bytes[Direction::TargetToClient as usize].inc_by(t.target_to_client);
+        tally.advance(self, t.client_to_target, t.target_to_client);
         self.connect_attempts.inc_by(u64::from(attempts));
         if t.promoted_after.is_some() {
             self.promotions.inc();
@@ -143,6 +180,7 @@ impl AppMetrics {
         if t.lost {
             self.ledger_failures.inc();
         }
+        self.duration.observe(lived);
     }
 }
 
@@ -167,9 +205,14 @@ pub struct Metrics {
     promotions: Family<AppLabels, Counter>,
     demotions: Family<AppLabels, Counter>,
     ledger_failures: Family<AppLabels, Counter>,
+    duration: DurationFamily,
+    header_failures: Family<HeaderLabels, Counter>,
     pub accept_resource_errors: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
+    /// SIGHUPs that found the file as in force (nothing reloaded).
+    pub reloads_unchanged: Counter,
+    config_info: Family<HashLabels, Gauge>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
 }
@@ -178,6 +221,7 @@ impl Metrics {
     /// Registers the proxy's own metrics and the process collector.
     pub fn register(r: &mut Registry) -> Metrics {
         r.register_collector(Box::new(ProcessCollector));
+        super::process::register_build_info(r);
         Metrics {
             accepted: registered(
                 r,
@@ -211,8 +255,8 @@ impl Metrics {
             bytes: registered(
                 r,
                 "proxy_bytes",
-                "Bytes carried by finished connections, by app and direction \
-                 (client_to_target = bytes_in)",
+                "Bytes carried, by app and direction (client_to_target = bytes_in); \
+                 counted while connections live, at most a flush interval late",
             ),
             connect_attempts: registered(
                 r,
@@ -238,6 +282,22 @@ impl Metrics {
                 "Fastpath connections reset because the FIN ledger found bytes of a \
                  direction lost or duplicated, by app (expected 0)",
             ),
+            duration: {
+                let f = DurationFamily::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
+                r.register(
+                    "proxy_connection_duration_seconds",
+                    "Accept to close of client connections that reached a data plane or \
+                     failed to connect, by app",
+                    f.clone(),
+                );
+                f
+            },
+            header_failures: registered(
+                r,
+                "proxy_accept_proxy_header_failures",
+                "Clients of apps with AcceptProxyProtocol cut before the proxy header was \
+                 read, by app and reason (untrusted source, malformed, closed, timeout)",
+            ),
             accept_resource_errors: registered(
                 r,
                 "proxy_accept_resource_errors",
@@ -249,12 +309,33 @@ impl Metrics {
                 "proxy_config_reload_failures",
                 "Config reloads rejected (the running config stayed)",
             ),
+            reloads_unchanged: registered(
+                r,
+                "proxy_config_reloads_unchanged",
+                "SIGHUPs that found the config file as in force, so nothing was reloaded \
+                 (logrotate's, to reopen the access log)",
+            ),
+            config_info: registered(
+                r,
+                "proxy_config_info",
+                "Always 1; sha256 is the hash of the config file in force (as /config's X-Config-Sha256)",
+            ),
             access_log_dropped: registered(
                 r,
                 "proxy_access_log_dropped",
                 "Access log lines dropped because the writer fell behind",
             ),
         }
+    }
+
+    /// The config file whose hash is `sha256` is in force now.
+    pub fn config_applied(&self, sha256: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&HashLabels {
+                sha256: sha256.to_string(),
+            })
+            .set(1);
     }
 
     /// The handles of app `name`, every series created (at 0 until used).
@@ -287,6 +368,11 @@ impl Metrics {
             promotions: self.promotions.get_or_create_owned(&of),
             demotions: self.demotions.get_or_create_owned(&of),
             ledger_failures: self.ledger_failures.get_or_create_owned(&of),
+            duration: self.duration.get_or_create_owned(&of),
+            header_failures: HeaderFailure::ALL.map(|reason| {
+                self.header_failures
+                    .get_or_create_owned(&HeaderLabels { app: app(), reason })
+            }),
         }
     }
 }
@@ -313,6 +399,10 @@ mod tests {
         let m = Metrics::register(&mut registry);
         let a = m.app("we\"ird");
         let _open = a.open();
+        // 4 bytes counted while live, the rest at close; nothing twice.
+        let mut tally = ByteTally::default();
+        tally.advance(&a, 4, 0);
+        tally.advance(&a, 3, 0);
         a.finished(
             &Transfer {
                 client_to_target: 10,
@@ -321,6 +411,8 @@ mod tests {
                 ..Transfer::none(EndReason::Closed).on(Plane::Copy)
             },
             2,
+            tally,
+            0.2,
         );
         a.rejected(Limit::Global);
         a.accepted();
@@ -335,6 +427,10 @@ mod tests {
             format!("proxy_connections_active{{{app}}} 1"),
             format!("proxy_connections_accepted_total{{{app}}} 2"),
             format!(r#"proxy_bytes_total{{{app},direction="target_to_client"}} 20"#),
+            format!(r#"proxy_bytes_total{{{app},direction="client_to_target"}} 10"#),
+            format!(r#"proxy_connection_duration_seconds_bucket{{{app},le="0.1"}} 0"#),
+            format!(r#"proxy_connection_duration_seconds_bucket{{{app},le="0.5"}} 1"#),
+            r#"proxy_build_info{version="0.1.0",commit="unknown"} 1"#.into(),
             format!("proxy_connect_attempts_total{{{app}}} 2"),
             format!(r#"proxy_connections_refused_total{{{app},limit="global"}} 1"#),
             format!(r#"proxy_connections_refused_total{{{app},limit="per_app"}} 0"#),
@@ -348,6 +444,7 @@ mod tests {
         assert!(text.contains("\nprocess_open_fds "), "{text}");
         assert!(text.contains("\nprocess_resident_memory_bytes "));
         assert!(text.contains("\nprocess_cpu_seconds_total "));
+        assert!(text.contains("\nprocess_start_time_seconds "));
         assert!(!text.contains("# EOF"));
     }
 }

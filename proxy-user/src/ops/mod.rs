@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod admin;
+mod labels;
 pub mod logging;
 pub mod metrics;
 mod process;

@@ -7,9 +7,35 @@
 //! for, rather than a task refreshing gauges that nobody may read.
 
 use prometheus_client::collector::Collector;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// `PROXY_GIT_COMMIT` at build time, `unknown` without it.
+    commit: &'static str,
+}
+
+/// `proxy_build_info{version, commit} 1`: which build runs.
+pub fn register_build_info(r: &mut Registry) {
+    let build: Family<BuildLabels, Gauge> = crate::metric::registered(
+        r,
+        "proxy_build_info",
+        "Always 1; the labels say which build is running",
+    );
+    build
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: option_env!("PROXY_GIT_COMMIT").unwrap_or("unknown"),
+        })
+        .set(1);
+}
 
 #[derive(Debug)]
 pub struct ProcessCollector;
@@ -34,6 +60,15 @@ impl Collector for ProcessCollector {
             if let Some(v) = value {
                 encode(&mut encoder, name, help, &ConstGauge::new(v))?;
             }
+        }
+        if let Some(t) = start_time() {
+            let help = "Start time of the process since the Unix epoch, in seconds.";
+            encode(
+                &mut encoder,
+                "process_start_time_seconds",
+                help,
+                &ConstGauge::new(t),
+            )?;
         }
         if let Some(secs) = cpu_seconds() {
             // Registered without `_total`: the encoder appends it.
@@ -82,19 +117,36 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * page)
 }
 
-/// utime + stime from /proc/self/stat. Fields are counted after the last
-/// ')' because the command name may contain spaces.
-fn cpu_seconds() -> Option<f64> {
+/// Clock ticks per second, for /proc/self/stat's times.
+fn clock_ticks() -> Option<f64> {
     // SAFETY: sysconf only reads a system constant.
-    let ticks = match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
-        Ok(t @ 1..) => t,
-        _ => return None,
-    };
+    match u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) {
+        Ok(t @ 1..) => Some(t as f64),
+        _ => None,
+    }
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/self/stat, `n` >= 3. Fields
+/// are counted after the last ')' because the command name may contain
+/// spaces.
+fn stat_field(n: usize) -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // After ')': state is field 3; utime is 14 and stime 15 (1-based).
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / ticks as f64)
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// Boot time (`btime` in /proc/stat) plus the process's start in clock
+/// ticks after boot (`starttime`, field 22), as the Go and Python clients
+/// compute it.
+fn start_time() -> Option<f64> {
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(btime as f64 + stat_field(22)? as f64 / clock_ticks()?)
+}
+
+/// utime + stime (fields 14 and 15).
+fn cpu_seconds() -> Option<f64> {
+    Some((stat_field(14)? + stat_field(15)?) as f64 / clock_ticks()?)
 }

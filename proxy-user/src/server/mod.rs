@@ -8,7 +8,6 @@
 //! signals (`run`), the tests drive it directly.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,8 +47,8 @@ mod source;
 mod state;
 mod steer;
 
-pub use run::{check, run};
-pub use settings::Settings;
+pub use run::run;
+pub use settings::{check, Settings};
 
 /// Time connections get to write their log line after a hard stop.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -64,12 +63,19 @@ const SECOND_SIGNAL_GRACE: Duration = Duration::from_millis(500);
 /// With `takeover`, the listening sockets come from the running proxy,
 /// which serves until this one is ready (`handoff`).
 pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
+    let token = match (&settings.admin_token_file, settings.admin_address) {
+        (Some(path), Some(_)) => Some(admin::Token::read(path)?),
+        (Some(_), None) => anyhow::bail!(
+            "--admin-token-file turns on the admin write API, which needs --admin-address"
+        ),
+        (None, _) => None,
+    };
     // First: the old process's sockets include the admin listener.
     let mut takeover = match &settings.takeover {
         Some(path) => Some(Takeover::connect(path).await?),
         None => None,
     };
-    let (metrics, target_metrics, etcd_metrics, published) = register_metrics();
+    let (metrics, target_metrics, etcd_metrics, published) = register_metrics(token);
     let admin = match settings.admin_address {
         Some(addr) => {
             let handed = takeover.as_mut().and_then(|t| t.admin.take());
@@ -134,6 +140,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         limit_log: RateLimit::default(),
         metrics,
         access_log,
+        log_connections: settings.log_connections,
+        bytes_flush: settings.bytes_flush,
+        per_client_cap: settings.max_per_client,
+        per_client: Arc::default(),
     });
 
     let mut state = State {
@@ -141,6 +151,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         listeners: BTreeMap::new(),
         steer: None,
         last_text: Some(text.clone()),
+        applied_text: None,
         closing: Vec::new(),
         published,
         target_metrics,
@@ -165,6 +176,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         _ => None,
     };
     state::apply(&mut state, &config, bound, &shared, &settings);
+    state::applied_text(&mut state, &shared, text.clone());
     match takeover {
         None => {
             let _ = accepting.send(true);
@@ -204,12 +216,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         }
     }
     state.published.readiness().set(true);
-    let listening: Vec<(String, SocketAddr)> = state
-        .listeners
-        .values()
-        .map(|l| (l.app.clone(), l.addr))
-        .collect();
-    log_ready(&state, &listening, &config, &shared);
+    log_ready(&state, &config, &shared, &settings);
 
     let (commands, rx) = mpsc::channel(4);
     let etcd = match (&settings.etcd, etcd) {
@@ -257,7 +264,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
 /// Each component registers its own series; the admin listener renders
 /// them all from the one registry.
-fn register_metrics() -> (Arc<Metrics>, TargetMetrics, EtcdMetrics, Arc<AdminState>) {
+fn register_metrics(
+    token: Option<admin::Token>,
+) -> (Arc<Metrics>, TargetMetrics, EtcdMetrics, Arc<AdminState>) {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let targets = TargetMetrics::register(&mut registry);
@@ -267,11 +276,11 @@ fn register_metrics() -> (Arc<Metrics>, TargetMetrics, EtcdMetrics, Arc<AdminSta
         metrics,
         targets,
         etcd,
-        Arc::new(AdminState::new(registry, readiness)),
+        Arc::new(AdminState::new(registry, readiness).with_token(token)),
     )
 }
 
-fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config, shared: &Shared) {
+fn log_ready(state: &State, config: &Config, shared: &Shared, settings: &Settings) {
     if let Some(steer) = &state.steer {
         tracing::info!(
             plane = shared.plane.plane().as_str(),
@@ -283,17 +292,54 @@ fn log_ready(state: &State, listening: &[(String, SocketAddr)], config: &Config,
             "proxy ready"
         );
     } else {
-        let names: Vec<String> = listening
-            .iter()
-            .map(|(app, addr)| format!("{app}={addr}"))
-            .collect();
+        // A summary, not every port: 1,024 ports made a 20 KB line.
         tracing::info!(
             plane = shared.plane.plane().as_str(),
             max_connections = shared.global_cap,
-            listeners = names.len(),
+            listeners = state.listeners.len(),
             apps = config.apps.len(),
-            listening = %names.join(" "),
+            address = %settings.listen_address,
+            ports = %port_ranges(state.listeners.keys().copied(), 16),
             "proxy ready"
         );
+    }
+}
+
+/// Sorted ports as ranges, `5001-5200,6001`, at most `max` of them and a
+/// count of the rest.
+fn port_ranges(ports: impl Iterator<Item = u16>, max: usize) -> String {
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match ranges.last_mut() {
+            Some((_, hi)) if u32::from(*hi) + 1 == u32::from(p) => *hi = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(max)
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    let mut out = shown.join(",");
+    if ranges.len() > max {
+        out.push_str(&format!(" and {} more ranges", ranges.len() - max));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_ranges() {
+        let r = |p: &[u16], max| super::port_ranges(p.iter().copied(), max);
+        assert_eq!(r(&[1, 2, 3, 5, 7, 8, 65535], 9), "1-3,5,7-8,65535");
+        assert_eq!(r(&[1, 3, 5, 7], 2), "1,3 and 2 more ranges");
+        assert_eq!(r(&[], 2), "");
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use super::lifecycle::{Request, Signals};
 use super::{handoff, start, Handle, Settings, SECOND_SIGNAL_GRACE};
-use crate::config;
 use crate::ops::sd_notify;
 
 /// Runs a server until SIGTERM or SIGINT, then drains it; SIGHUP reloads.
@@ -68,19 +67,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "stopped by a second signal: live connections were reset"
     );
     Ok(())
-}
-
-/// `--check`: reads and validates the config file as this proxy would,
-/// binding nothing; a summary, or every problem found.
-pub async fn check(settings: &Settings) -> anyhow::Result<String> {
-    let text = config::file::read(&settings.config).await?;
-    let source = settings.config.display().to_string();
-    let (config, _) = settings.parse_config(&text, &source)?;
-    Ok(format!(
-        "{} apps, {} ports",
-        config.apps.len(),
-        config.listeners().count()
-    ))
 }
 
 /// SIGUSR2: starts the successor, which connects back to our handoff

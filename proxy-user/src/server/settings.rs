@@ -29,9 +29,17 @@ pub struct Settings {
     /// None: as many as the fd limit carries (`budget`).
     pub max_connections: Option<u32>,
     pub max_per_app: usize,
+    /// `--max-connections-per-client`: per client address, over all apps.
+    pub max_per_client: Option<usize>,
     pub drain_timeout: Duration,
     pub admin_address: Option<SocketAddr>,
+    /// Turns on the admin write API for requests carrying this file's token.
+    pub admin_token_file: Option<PathBuf>,
     pub access_log: Option<PathBuf>,
+    /// False: no "connection closed" log line (the access log has them).
+    pub log_connections: bool,
+    /// How often live connections count their bytes; None: at close only.
+    pub bytes_flush: Option<Duration>,
     pub steering: Steering,
     pub steering_port: u16,
     /// Zero: reload on SIGHUP (`Handle::reload`) only.
@@ -74,4 +82,20 @@ impl Settings {
         let config = Config::parse_with(text, source, &ctx)?;
         Ok((config, ctx.listen))
     }
+}
+
+/// `proxy --check`: reads and validates the config as `start` would, and
+/// binds nothing. Ok: a one-line summary; Err: every problem found.
+pub async fn check(settings: &Settings) -> anyhow::Result<String> {
+    let text = config::file::read(&settings.config).await?;
+    let source = settings.config.display().to_string();
+    let (config, _) = settings.parse_config(&text, &source)?;
+    let targets: usize = config.apps.iter().map(|a| a.targets.len()).sum();
+    Ok(format!(
+        "{}: config ok: {} apps, {} ports, {} targets",
+        settings.config.display(),
+        config.apps.len(),
+        config.listeners().count(),
+        targets
+    ))
 }

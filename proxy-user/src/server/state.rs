@@ -3,7 +3,6 @@
 //! live connections.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -18,8 +17,9 @@ use super::steer::SteerState;
 use crate::config::{self, App, Config};
 use crate::edge::listener::{self, listen_addr};
 use crate::edge::{AppRuntime, AppSlot, Shared};
-use crate::ops::admin::AdminState;
+use crate::ops::admin::{AdminState, ConfigText};
 use crate::upstream::balancer::Balancer;
+use crate::upstream::probe::ProbeSpec;
 use crate::upstream::stats::TargetMetrics;
 
 pub(super) struct AppHandle {
@@ -33,8 +33,6 @@ pub(super) struct ListenerHandle {
     pub(super) app: String,
     /// The socket's fd, open while `task` runs: what a handoff sends.
     pub(super) fd: std::os::fd::RawFd,
-    /// The bound address (the port as configured).
-    pub(super) addr: SocketAddr,
     pub(super) slot: AppSlot,
     pub(super) stop: watch::Sender<bool>,
     pub(super) task: JoinHandle<()>,
@@ -52,6 +50,9 @@ pub(super) struct State {
     /// leaves the content as it was is no reload, and a bad file is
     /// reported once, not on every touch.
     pub(super) last_text: Option<String>,
+    /// The config text in force: a SIGHUP that finds the file as it is
+    /// (logrotate's) reloads nothing.
+    pub(super) applied_text: Option<String>,
     /// Accept loops of removed ports, told to stop: awaited before the next
     /// reload, so a port removed and added back is free to bind again.
     pub(super) closing: Vec<JoinHandle<()>>,
@@ -155,12 +156,17 @@ pub(super) fn apply(
         let handle = match old {
             Some(h) if h.spec == *spec => h,
             old => {
-                let (permits, previous) = match &old {
+                let (permits, clients, previous) = match &old {
                     Some(h) => (
                         h.runtime.permits.clone(),
+                        h.runtime.clients.clone(),
                         h.runtime.balancer.backends.clone(),
                     ),
-                    None => (Arc::new(Semaphore::new(settings.max_per_app)), Vec::new()),
+                    None => (
+                        Arc::new(Semaphore::new(settings.max_per_app)),
+                        Arc::default(),
+                        Vec::new(),
+                    ),
                 };
                 let balancer = Arc::new(Balancer::reusing(
                     &spec.name,
@@ -177,7 +183,8 @@ pub(super) fn apply(
                     tracing::info!(app = %spec.name, targets = %targets_str(spec), "app changed");
                 }
                 let (probes, probes_rx) = watch::channel(false);
-                balancer.spawn_probes(settings.health, &shared.loop_guard, probes_rx);
+                let probes_spec = Arc::new(ProbeSpec::for_app(settings.health, spec));
+                balancer.spawn_probes(&probes_spec, &shared.loop_guard, probes_rx);
                 AppHandle {
                     spec: spec.clone(),
                     runtime: Arc::new(AppRuntime {
@@ -185,6 +192,9 @@ pub(super) fn apply(
                         permits,
                         metrics: shared.metrics.app(&spec.name),
                         proxy_protocol: spec.proxy_protocol,
+                        accept_proxy: spec.accept_proxy.clone(),
+                        max_per_client: spec.max_per_client,
+                        clients,
                     }),
                     probes,
                 }
@@ -200,7 +210,6 @@ pub(super) fn apply(
     state.apps = apps;
     shared.apps.store(config.apps.len(), Ordering::Relaxed);
     state.published.publish(
-        config,
         state
             .apps
             .values()
@@ -253,11 +262,6 @@ pub(super) fn apply(
             tracing::error!(port, "no socket for new port; skipped");
             continue;
         };
-        // The port as configured, should getsockname fail (it does not on a
-        // bound socket).
-        let addr = l
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::new([0, 0, 0, 0].into(), port));
         let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         let slot: AppSlot = Arc::new(ArcSwap::new(runtime));
         let (stop, stop_rx) = watch::channel(false);
@@ -273,13 +277,21 @@ pub(super) fn apply(
             ListenerHandle {
                 app: name.clone(),
                 fd,
-                addr,
                 slot,
                 stop,
                 task,
             },
         );
     }
+}
+
+/// `text` is the config in force now: for `/config`, its hash for
+/// `proxy_config_info`, and to tell a SIGHUP that changed nothing.
+pub(super) fn applied_text(state: &mut State, shared: &Shared, text: String) {
+    let published = ConfigText::new(&text);
+    shared.metrics.config_applied(&published.sha256);
+    state.published.publish_text(published);
+    state.applied_text = Some(text);
 }
 
 fn targets_str(app: &App) -> String {
@@ -329,6 +341,16 @@ pub(super) fn reload_text(
         log.reopen();
     }
     let trigger_name = trigger.as_str();
+    if let (Trigger::Signal, Ok(text)) = (trigger, &text) {
+        if state.applied_text.as_deref() == Some(text.as_str()) {
+            shared.metrics.reloads_unchanged.inc();
+            tracing::info!(
+                trigger = trigger_name,
+                "config unchanged; nothing to reload (the access log, if any, was reopened)"
+            );
+            return Outcome::Unchanged;
+        }
+    }
     let result = text.and_then(|text| {
         if trigger != Trigger::Signal && state.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
@@ -350,6 +372,9 @@ pub(super) fn reload_text(
             let added: Vec<u16> = bound.iter().map(|(p, _)| *p).collect();
             shared.loop_guard.set_listen(listen);
             apply(state, &config, bound, shared, settings);
+            if let Some(text) = state.last_text.clone() {
+                applied_text(state, shared, text);
+            }
             shared.metrics.reloads_ok.inc();
             tracing::info!(
                 trigger = trigger_name,

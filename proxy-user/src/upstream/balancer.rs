@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::health::{self, Health, HealthConfig, HealthSeries};
+use super::health::{self, Health};
 use super::loop_guard::LoopGuard;
-use super::stats::{TargetMetrics, TargetStats};
+use super::probe::ProbeSpec;
+use super::rotation::Rotation;
+use super::stats::{Series, TargetMetrics, TargetStats};
 use crate::config::{Balance, Target};
 
 #[derive(Debug)]
@@ -21,14 +23,17 @@ pub struct Backend {
     /// Connect counters, latency and the active count; kept with the
     /// backend across reloads.
     pub stats: TargetStats,
+    /// Set through the admin API; kept across reloads with the backend.
+    pub rotation: Rotation,
 }
 
 impl Backend {
-    fn new(target: Target, (stats, health): (TargetStats, HealthSeries)) -> Self {
+    fn new(target: Target, (stats, health, rotation): Series) -> Self {
         Backend {
             target,
             health: Health::new(health),
             stats,
+            rotation: Rotation::new(rotation),
         }
     }
 
@@ -120,25 +125,29 @@ impl Balancer {
     /// One probe task per target, until `stop` flips to true.
     pub fn spawn_probes(
         &self,
-        cfg: HealthConfig,
+        cfg: &Arc<ProbeSpec>,
         guard: &Arc<LoopGuard>,
         stop: watch::Receiver<bool>,
     ) {
         for backend in self.backends.iter().cloned() {
             let app = self.app.clone();
-            let (guard, stop) = (guard.clone(), stop.clone());
+            let (guard, stop, cfg) = (guard.clone(), stop.clone(), cfg.clone());
             tokio::spawn(async move {
                 let (target, health) = (&backend.target, &backend.health);
-                health::probe_loop(&app, target, health, cfg, &guard, stop).await;
+                let paused = || !backend.rotation.probed();
+                health::probe_loop(&app, target, health, &cfg, &guard, stop, paused).await;
             });
         }
     }
 
     /// Picks a target index not in `tried`: healthy targets first; if none
     /// is healthy, any untried one (fail open: probes may lag reality and a
-    /// refused client is worse than a retried connect).
+    /// refused client is worse than a retried connect). Targets an operator
+    /// drained or disabled are never picked, not even failing open: taking
+    /// one out of rotation must hold however the others fare.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let untried = (0..self.backends.len()).filter(|i| !tried.contains(i));
+        let untried = (0..self.backends.len())
+            .filter(|i| !tried.contains(i) && self.backends[*i].rotation.takes_new());
         let healthy: Vec<usize> = untried
             .clone()
             .filter(|&i| self.backends[i].health.is_up())
@@ -316,6 +325,21 @@ mod tests {
         // The app is removed: nothing of it is left.
         new.retire(None, &metrics);
         assert!(!render().contains("proxy_target"), "{}", render());
+    }
+
+    #[test]
+    fn never_picks_drained_or_disabled() {
+        use crate::upstream::rotation::RotationState;
+        let b = balancer(Balance::LeastConn, 3);
+        b.backends[0].rotation.set(RotationState::Drain);
+        b.backends[1].rotation.set(RotationState::Disabled);
+        for _ in 0..100 {
+            assert_eq!(b.pick(&[]), Some(2));
+        }
+        // The only one left is down: still not the drained ones.
+        b.backends[2].health.passive_failure();
+        assert_eq!(b.pick(&[]), Some(2));
+        assert_eq!(b.pick(&[2]), None);
     }
 
     #[test]

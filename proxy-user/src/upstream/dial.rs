@@ -183,13 +183,6 @@ async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// A health probe: a full TCP handshake, then close.
-pub async fn probe(target: &Target, timeout: Duration, guard: &LoopGuard) -> anyhow::Result<()> {
-    let (stream, _) = dial(target, timeout, guard).await.map_err(|e| e.err)?;
-    drop(stream);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

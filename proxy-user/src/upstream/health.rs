@@ -12,8 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-use super::dial;
 use super::loop_guard::LoopGuard;
+use super::probe::{self, ProbeSpec};
 use crate::config::Target;
 
 #[derive(Debug, Clone, Copy)]
@@ -164,15 +164,16 @@ pub fn log_transition(app: &str, target: &Target, t: Transition, why: &str) {
 }
 
 /// Probes `target` every interval until `stop` flips to true, feeding
-/// `health`. Probes start at a random point in the first interval so many
+/// `health`; skips the probes while `paused` says so (a disabled target). Probes start at a random point in the first interval so many
 /// targets don't all connect in the same millisecond.
 pub async fn probe_loop(
     app: &str,
     target: &Target,
     health: &Health,
-    cfg: HealthConfig,
+    cfg: &ProbeSpec,
     guard: &LoopGuard,
     mut stop: watch::Receiver<bool>,
+    paused: impl Fn() -> bool,
 ) {
     let jitter = cfg.interval.mul_f64(fastrand::f64());
     let start = tokio::time::Instant::now() + jitter;
@@ -183,11 +184,18 @@ pub async fn probe_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let result = dial::probe(target, cfg.timeout, guard).await;
+        if paused() {
+            continue;
+        }
+        let result = probe::probe(target, cfg, guard).await;
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
             let why = match &result {
                 Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),
-                Err(e) => format!("{} consecutive probes failed, last: {e:#}", cfg.fall),
+                Err(e) => format!(
+                    "{} consecutive {} probes failed, last: {e:#}",
+                    cfg.fall,
+                    cfg.kind()
+                ),
             };
             log_transition(app, target, t, &why);
         }

@@ -8,5 +8,7 @@ pub mod connect;
 pub mod dial;
 pub mod health;
 pub mod loop_guard;
+pub mod probe;
 pub mod proxy_protocol;
+pub mod rotation;
 pub mod stats;

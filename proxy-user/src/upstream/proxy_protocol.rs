@@ -63,6 +63,20 @@ pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
     }
 }
 
+/// The header of a connection the proxy makes on its own behalf (health
+/// probes): v1 `UNKNOWN`, v2 command `LOCAL`; the spec's way of saying
+/// there is no client, so the receiver uses the real addresses.
+pub fn local_header(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x20, 0x00, 0, 0]); // v2 LOCAL, AF_UNSPEC, no addresses
+            h
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use super::dial::FailureReason;
 use super::health::{HealthSeries, Transition};
+use super::rotation::RotationState;
 use crate::config::Target;
 use crate::metric::registered;
 
@@ -56,12 +57,29 @@ struct FailureLabels {
     reason: FailureReason,
 }
 
+/// The `state` label: an admin state (`rotation`).
+impl EncodeLabelValue for RotationState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RotationLabels {
+    #[prometheus(flatten)]
+    of: TargetLabels,
+    state: RotationState,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransitionLabels {
     #[prometheus(flatten)]
     of: TargetLabels,
     to: Transition,
 }
+
+/// Every series of one target: connects, health, admin state.
+pub type Series = (TargetStats, HealthSeries, [Gauge; RotationState::ALL.len()]);
 
 type LatencyFamily = Family<TargetLabels, Histogram, fn() -> Histogram>;
 
@@ -71,6 +89,7 @@ pub struct TargetMetrics {
     active: Family<TargetLabels, Gauge>,
     up: Family<TargetLabels, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
+    admin_state: Family<RotationLabels, Gauge>,
     attempts: Family<TargetLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     latency: LatencyFamily,
@@ -100,6 +119,12 @@ impl TargetMetrics {
                 "proxy_target_health_transitions",
                 "Health state changes of each target, by the state entered",
             ),
+            admin_state: registered(
+                r,
+                "proxy_target_admin_state",
+                "1 for the admin state each target is in (enabled, drain, disabled; \
+                 set through the admin API), 0 for the others",
+            ),
             attempts: registered(
                 r,
                 "proxy_target_connect_attempts",
@@ -125,7 +150,7 @@ impl TargetMetrics {
 
     /// Creates every series of a new target (so each `reason` and `to`
     /// shows 0 before its first use) and hands out its handles.
-    pub fn series(&self, app: &Arc<str>, target: &Target) -> (TargetStats, HealthSeries) {
+    pub fn series(&self, app: &Arc<str>, target: &Target) -> Series {
         let of = labels(app, target);
         let failure = |reason| FailureLabels {
             of: of.clone(),
@@ -147,7 +172,13 @@ impl TargetMetrics {
                 .transitions
                 .get_or_create_owned(&transition(Transition::Down)),
         };
-        (stats, health)
+        let rotation = RotationState::ALL.map(|state| {
+            self.admin_state.get_or_create_owned(&RotationLabels {
+                of: of.clone(),
+                state,
+            })
+        });
+        (stats, health, rotation)
     }
 
     /// Drops every series of a target that left the config. Connections
@@ -161,6 +192,12 @@ impl TargetMetrics {
         for to in [Transition::Up, Transition::Down] {
             self.transitions
                 .remove(&TransitionLabels { of: of.clone(), to });
+        }
+        for state in RotationState::ALL {
+            self.admin_state.remove(&RotationLabels {
+                of: of.clone(),
+                state,
+            });
         }
         for reason in FailureReason::ALL {
             self.failures.remove(&FailureLabels {
@@ -225,7 +262,7 @@ mod tests {
     fn histogram_is_cumulative_and_failures_go_by_reason() {
         let mut registry = Registry::default();
         let m = TargetMetrics::register(&mut registry);
-        let (t, _) = m.series(&"a".into(), &parse_target("h:1").unwrap());
+        let (t, _, _) = m.series(&"a".into(), &parse_target("h:1").unwrap());
         t.attempt(Duration::from_micros(300), None);
         t.attempt(Duration::from_millis(30), None);
         t.attempt(Duration::from_secs(10), None);

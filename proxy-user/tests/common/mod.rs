@@ -240,6 +240,8 @@ pub struct AppSpec {
     pub targets: Vec<String>,
     pub balance: Option<&'static str>,
     pub proxy_protocol: Option<&'static str>,
+    /// More fields of the app's config object, as is (`HealthCheck`...).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AppSpec {
@@ -250,6 +252,7 @@ impl AppSpec {
             targets,
             balance: None,
             proxy_protocol: None,
+            extra: serde_json::Map::new(),
         }
     }
 }
@@ -313,6 +316,9 @@ pub fn config_json(apps: &[AppSpec], ports: &[Vec<u16>]) -> String {
             }
             if let Some(p) = a.proxy_protocol {
                 v["ProxyProtocol"] = p.into();
+            }
+            for (k, x) in &a.extra {
+                v[k] = x.clone();
             }
             v
         })
@@ -1008,7 +1014,18 @@ pub async fn http_raw(addr: &str, request: &[u8]) -> std::io::Result<String> {
 
 /// `GET path`; returns (status code, body).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    http_request(addr, "GET", path, "").await
+}
+
+/// `method path` with `headers` (each line ending in CRLF); returns
+/// (status code, body).
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: proxy\r\n{headers}\r\n");
     let resp = http_raw(addr, req.as_bytes()).await?;
     let code = resp
         .split(' ')

@@ -1,6 +1,7 @@
 //! Just enough HTTP/1.1 for the admin endpoints: read one request head,
 //! write one response, close.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,7 +15,8 @@ pub(super) struct Response {
     pub(super) status: &'static str,
     pub(super) content_type: &'static str,
     pub(super) body: String,
-    pub(super) allow: bool,
+    /// Extra header lines, each ending in CRLF (`Allow: ...`).
+    pub(super) headers: Cow<'static, str>,
 }
 
 impl Response {
@@ -23,7 +25,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
-            allow: false,
+            headers: Cow::Borrowed(""),
         }
     }
 
@@ -32,8 +34,13 @@ impl Response {
             status: "200 OK",
             content_type: "application/json",
             body: format!("{v:#}\n"),
-            allow: false,
+            headers: Cow::Borrowed(""),
         }
+    }
+
+    pub(super) fn with_headers(mut self, headers: &'static str) -> Response {
+        self.headers = Cow::Borrowed(headers);
+        self
     }
 }
 
@@ -49,9 +56,7 @@ pub(super) async fn respond(
         resp.content_type,
         resp.body.len()
     );
-    if resp.allow {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
+    out.push_str(&resp.headers);
     out.push_str("\r\n");
     if !head_only {
         out.push_str(&resp.body);

@@ -1,5 +1,7 @@
 //! The admin listener (`--admin-address`, off by default): `/metrics`,
-//! `/healthz`, `/readyz`, `/config`, `/targets`.
+//! `/healthz`, `/readyz`, `/config`, `/targets`, and with
+//! `--admin-token-file` the write API (`write`: drain, disable, enable a
+//! target).
 //!
 //! A deliberately tiny HTTP/1.1 server on tokio (one request per connection,
 //! `Connection: close`): scrapers and probes need nothing more, and a full
@@ -21,13 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, ProxyProtocol};
 use crate::ops::metrics;
 use crate::ops::readiness::Readiness;
 use crate::upstream::balancer::Balancer;
 use http::{Head, Response};
+pub use write::Token;
 
 mod http;
+mod write;
 
 /// Time to send the request head; a probe sends it with the connect.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -45,11 +48,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminState {
     registry: Registry,
     readiness: Readiness,
-    config: ArcSwapOption<Config>,
+    /// The text of the config in force, as the file had it.
+    config_text: ArcSwapOption<ConfigText>,
     balancers: ArcSwap<Vec<Arc<Balancer>>>,
     /// Where the config in force came from, when not the file (etcd: its
     /// revision); shown as `Source` in `/config`.
     source: ArcSwapOption<Value>,
+    /// None: the write API answers 403.
+    token: Option<Token>,
 }
 
 impl AdminState {
@@ -57,19 +63,30 @@ impl AdminState {
         AdminState {
             registry,
             readiness,
-            config: ArcSwapOption::empty(),
+            config_text: ArcSwapOption::empty(),
             balancers: ArcSwap::default(),
             source: ArcSwapOption::empty(),
+            token: None,
         }
+    }
+
+    /// Turns the write API on, for requests carrying `token`.
+    pub fn with_token(mut self, token: Option<Token>) -> AdminState {
+        self.token = token;
+        self
     }
 
     pub fn readiness(&self) -> &Readiness {
         &self.readiness
     }
 
-    /// The config in force and its balancers, for `/config` and `/targets`.
-    pub fn publish(&self, config: &Config, balancers: Vec<Arc<Balancer>>) {
-        self.config.store(Some(Arc::new(config.clone())));
+    /// The text of the config in force (`/config`).
+    pub fn publish_text(&self, text: ConfigText) {
+        self.config_text.store(Some(Arc::new(text)));
+    }
+
+    /// The balancers of the config in force, for `/targets`.
+    pub fn publish(&self, balancers: Vec<Arc<Balancer>>) {
         self.balancers.store(Arc::new(balancers));
     }
 }
@@ -85,6 +102,23 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind --admin-address {addr}"))
+}
+
+/// A config file's text and its SHA-256 (hex).
+pub struct ConfigText {
+    pub text: String,
+    pub sha256: String,
+}
+
+impl ConfigText {
+    pub fn new(text: &str) -> ConfigText {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(text.as_bytes());
+        ConfigText {
+            text: text.to_string(),
+            sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
 }
 
 /// Serves admin requests until the task is dropped.
@@ -193,6 +227,16 @@ fn route(head: &[u8], state: &AdminState) -> Response {
         return Response::text("400 Bad Request", "expected `GET /path HTTP/1.1`\n");
     }
     let path = target.split('?').next().unwrap_or(target);
+    if write::is_write_path(path) {
+        if method != "POST" {
+            return Response::text("405 Method Not Allowed", "use POST\n")
+                .with_headers("Allow: POST\r\n");
+        }
+        let Ok(head) = std::str::from_utf8(head) else {
+            return Response::text("400 Bad Request", "request head is not UTF-8\n");
+        };
+        return write::post(head, path, state);
+    }
     let known = ["/metrics", "/healthz", "/readyz", "/config", "/targets"];
     if !known.contains(&path) {
         return Response::text(
@@ -201,16 +245,15 @@ fn route(head: &[u8], state: &AdminState) -> Response {
         );
     }
     if method != "GET" && method != "HEAD" {
-        let mut r = Response::text("405 Method Not Allowed", "use GET\n");
-        r.allow = true;
-        return r;
+        return Response::text("405 Method Not Allowed", "use GET\n")
+            .with_headers("Allow: GET, HEAD\r\n");
     }
     match path {
         "/metrics" => Response {
             status: "200 OK",
             content_type: prometheus_text::CONTENT_TYPE,
             body: metrics::render(&state.registry),
-            allow: false,
+            headers: "".into(),
         },
         // Liveness: the runtime answers, nothing more; restarting a proxy
         // because a target is down would only make things worse.
@@ -220,44 +263,33 @@ fn route(head: &[u8], state: &AdminState) -> Response {
             "503 Service Unavailable",
             "not ready: starting (config, listeners) or draining\n",
         ),
-        "/config" => match state.config.load_full() {
+        // The file's own text, so `diff <(curl -s .../config) config.json`
+        // shows exactly what a rejected reload left out; its hash in a header.
+        // From etcd: the table with `Source` (revision, cache) added.
+        "/config" => match state.config_text.load_full() {
             Some(c) => {
-                let mut body = config_json(&c);
-                if let Some(source) = state.source.load_full() {
-                    body["Source"] = (*source).clone();
+                let headers = format!("X-Config-Sha256: {}\r\n", c.sha256).into();
+                match state.source.load_full() {
+                    Some(source) => {
+                        let mut body: Value = serde_json::from_str(&c.text).unwrap_or_default();
+                        body["Source"] = (*source).clone();
+                        Response {
+                            headers,
+                            ..Response::json(&body)
+                        }
+                    }
+                    None => Response {
+                        status: "200 OK",
+                        content_type: "application/json",
+                        body: c.text.clone(),
+                        headers,
+                    },
                 }
-                Response::json(&body)
             }
             None => Response::text("503 Service Unavailable", "no config loaded yet\n"),
         },
         _ => Response::json(&targets_json(&state.balancers.load())),
     }
-}
-
-/// The config in force in the file's own format, so it can be diffed
-/// against the file (a rejected reload shows up as a difference).
-pub fn config_json(c: &Config) -> Value {
-    let apps: Vec<Value> = c
-        .apps
-        .iter()
-        .map(|a| {
-            let mut v = json!({
-                "Name": a.name,
-                "Ports": a.ports,
-                "Targets": a.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-                "Balance": a.balance.as_str(),
-            });
-            if let Some(p) = a.proxy_protocol {
-                v["ProxyProtocol"] = match p {
-                    ProxyProtocol::V1 => "v1",
-                    ProxyProtocol::V2 => "v2",
-                }
-                .into();
-            }
-            v
-        })
-        .collect();
-    json!({ "Apps": apps })
 }
 
 /// Every target of every app in force, with its health.
@@ -275,6 +307,7 @@ pub fn targets_json(balancers: &[Arc<Balancer>]) -> Value {
                     json!({
                         "target": t.target.to_string(),
                         "state": if h.up { "up" } else { "down" },
+                        "admin_state": t.rotation.get().as_str(),
                         "consecutive_successes": h.successes,
                         "consecutive_failures": h.failures,
                         "active_connections": t.active(),
@@ -318,14 +351,33 @@ mod tests {
             status("GET /config HTTP/1.1", &m),
             "503 Service Unavailable"
         );
-        m.publish(&Config { apps: Vec::new() }, Vec::new());
-        assert_eq!(status("GET /config HTTP/1.1", &m), "200 OK");
+        m.publish_text(ConfigText::new("{\"Apps\": []}\n"));
+        let c = route(b"GET /config HTTP/1.1", &m);
+        assert_eq!((c.status, c.body.as_str()), ("200 OK", "{\"Apps\": []}\n"));
+        assert!(c.headers.starts_with("X-Config-Sha256: "), "{}", c.headers);
         assert_eq!(status("GET /nope HTTP/1.1", &m), "404 Not Found");
         assert_eq!(
             status("POST /metrics HTTP/1.1", &m),
             "405 Method Not Allowed"
         );
-        assert!(route(b"DELETE /config HTTP/1.1", &m).allow);
+        assert!(route(b"DELETE /config HTTP/1.1", &m)
+            .headers
+            .starts_with("Allow: GET"));
+        // Writes: off without a token file; then only with the token.
+        let drain = "POST /targets/a/h:1/drain HTTP/1.1\r\n";
+        assert_eq!(status(drain, &m), "403 Forbidden");
+        let m = m.with_token(Some(Token::new("t0k")));
+        assert_eq!(status(drain, &m), "401 Unauthorized");
+        let authed = |req: &str| format!("{req}Authorization: Bearer t0k\r\n");
+        assert_eq!(status(&authed(drain), &m), "404 Not Found");
+        assert_eq!(
+            status(&authed("POST /targets/a/h:1/maint HTTP/1.1\r\n"), &m),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status("GET /targets/a/h:1/drain HTTP/1.1", &m),
+            "405 Method Not Allowed"
+        );
         for bad in [
             "",
             "GET",
@@ -337,13 +389,5 @@ mod tests {
             assert_eq!(status(bad, &m), "400 Bad Request", "{bad:?}");
         }
         assert_eq!(route(b"GET /x\xff HTTP/1.1", &m).status, "400 Bad Request");
-    }
-
-    #[test]
-    fn config_round_trips_through_the_parser() {
-        let text = r#"{"Apps":[{"Name":"a","Ports":[1,2],"Targets":["h:1","[::1]:2"],"Balance":"round_robin","ProxyProtocol":"v1"}]}"#;
-        let c = Config::parse(text, "t").unwrap();
-        let again = Config::parse(&config_json(&c).to_string(), "t").unwrap();
-        assert_eq!(c, again);
     }
 }

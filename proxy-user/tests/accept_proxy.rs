@@ -1,0 +1,202 @@
+//! Accepting PROXY protocol headers from a load balancer in front
+//! (`AcceptProxyProtocol`) and per-client limits, through the real binary:
+//! the real client is logged, limited and passed on; forged, malformed and
+//! slow headers are refused and counted.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// A v2 PROXY header for a TCP4 client.
+fn v2(src: &str, dst: &str) -> Vec<u8> {
+    let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let ip = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&ip(src));
+    h.extend_from_slice(&ip(dst));
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
+/// Reads the v1 line the proxy sends on, reports it, then echoes.
+async fn v1_reader(tx: mpsc::UnboundedSender<String>) -> Backend {
+    Backend::with("pp", move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                line.push(s.read_u8().await?);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+            echo_conn(s).await
+        }
+    })
+    .await
+}
+
+/// A connection through the proxy as `src` behind a v2 sender, checked to
+/// reach the echo behind it.
+async fn through(addr: SocketAddr, src: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = v2(src, "198.51.100.1:443");
+    out.extend_from_slice(b"ping");
+    s.write_all(&out).await?;
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    Ok(s)
+}
+
+fn accept(trusted: &str, timeout: &str) -> serde_json::Value {
+    serde_json::json!({"TrustedSources": [trusted], "Timeout": timeout})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_is_logged_limited_and_passed_on() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let backend = v1_reader(tx).await;
+    let mut edge = AppSpec::new("edge", 1, vec![backend.target()]);
+    edge.proxy_protocol = Some("v1");
+    edge.extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.0/8", "1s"));
+    edge.extra
+        .insert("MaxConnectionsPerClient".into(), 2.into());
+    let mut other = AppSpec::new("other", 1, vec![backend.target()]);
+    other.proxy_protocol = Some("v1");
+    other
+        .extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.1", "1s"));
+    let mut proxy = Proxy::spawn(
+        "splice",
+        &[edge, other],
+        &[
+            "--admin-address",
+            "127.0.0.1:0",
+            "--max-connections-per-client",
+            "3",
+            // No probes: the backend sees clients only.
+            "--health-interval",
+            "1h",
+        ],
+    )
+    .await;
+    proxy.wait_ready().await.unwrap();
+    let admin = admin_addr(&proxy);
+    let (edge, other) = (proxy.addr(0, 0), proxy.addr(1, 0));
+    bounded(30, "accept proxy", async {
+        // Passed on as the target's own PROXY header, and logged.
+        let first = through(edge, "203.0.113.7:4444").await.unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            "PROXY TCP4 203.0.113.7 198.51.100.1 4444 443\r\n"
+        );
+        // The app's limit (2) counts 203.0.113.7, though every connection
+        // comes from 127.0.0.1: a third is refused, another client is not.
+        let second = through(edge, "203.0.113.7:4445").await.unwrap();
+        assert!(
+            through(edge, "203.0.113.7:4446").await.is_err(),
+            "third connection served"
+        );
+        let another = through(edge, "203.0.113.8:1").await.unwrap();
+        // The global per-client limit (3) spans apps.
+        let third = through(other, "203.0.113.7:5000").await.unwrap();
+        assert!(
+            through(other, "203.0.113.7:5001").await.is_err(),
+            "fourth connection served"
+        );
+        let (_, m) = http_get(&admin, "/metrics").await.unwrap();
+        let refused = |app: &str, limit: &str| {
+            metric(
+                &m,
+                &format!(r#"proxy_connections_refused_total{{app="{app}",limit="{limit}"}}"#),
+            )
+        };
+        assert_eq!(refused("edge", "per_app_client"), 1.0);
+        assert_eq!(refused("other", "per_client"), 1.0);
+        // Freed slots are given back: the client gets in again.
+        drop((first, second, third, another));
+        let lines = proxy.wait_conn_lines(4, 10).await;
+        let clients: Vec<&str> = lines.iter().filter_map(|l| l["client"].as_str()).collect();
+        assert!(clients.contains(&"203.0.113.7:4444"), "{clients:?}");
+        assert!(clients.contains(&"203.0.113.8:1"), "{clients:?}");
+        through(edge, "203.0.113.7:4447").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_malformed_and_slow_headers_are_refused() {
+    let echo = Backend::echo("echo").await;
+    let mut untrusted = AppSpec::new("untrusted", 1, vec![echo.target()]);
+    untrusted
+        .extra
+        .insert("AcceptProxyProtocol".into(), accept("192.0.2.0/24", "1s"));
+    let mut strict = AppSpec::new("strict", 1, vec![echo.target()]);
+    strict
+        .extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.1", "300ms"));
+    let mut proxy = Proxy::spawn(
+        "copy",
+        &[untrusted, strict],
+        &["--admin-address", "127.0.0.1:0", "--health-interval", "1h"],
+    )
+    .await;
+    proxy.wait_ready().await.unwrap();
+    let admin = admin_addr(&proxy);
+    bounded(30, "refused headers", async {
+        // A well-formed header from a source that is not trusted.
+        assert!(through(proxy.addr(0, 0), "203.0.113.7:1").await.is_err());
+        // Malformed: a client speaking without a header; a bad v1 line.
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 nope 1 2\r\n",
+        ] {
+            let mut s = TcpStream::connect(proxy.addr(1, 0)).await.unwrap();
+            s.write_all(bad).await.unwrap();
+            let mut b = [0u8; 1];
+            assert!(
+                !matches!(s.read(&mut b).await, Ok(1..)),
+                "answered a bad header"
+            );
+        }
+        // Slow: half a header, then nothing.
+        let mut s = TcpStream::connect(proxy.addr(1, 0)).await.unwrap();
+        s.write_all(&v2("203.0.113.7:1", "198.51.100.1:443")[..20])
+            .await
+            .unwrap();
+        let mut b = [0u8; 1];
+        let cut = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(
+            matches!(cut, Ok(Ok(0) | Err(_))),
+            "slow header not cut: {cut:?}"
+        );
+        let (_, m) = http_get(&admin, "/metrics").await.unwrap();
+        let failed = |app: &str, reason: &str| {
+            metric(
+                &m,
+                &format!(
+                    r#"proxy_accept_proxy_header_failures_total{{app="{app}",reason="{reason}"}}"#
+                ),
+            )
+        };
+        assert_eq!(failed("untrusted", "untrusted"), 1.0);
+        assert_eq!(failed("strict", "malformed"), 2.0);
+        assert_eq!(failed("strict", "timeout"), 1.0);
+        assert_eq!(
+            echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a refused client reached the target"
+        );
+    })
+    .await;
+}
