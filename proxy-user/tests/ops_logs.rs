@@ -132,7 +132,7 @@ async fn ready_line_config_and_sighup() {
         }
     };
     metrics_until((0.0, 1.0)).await;
-    assert!(proxy.log().contains("config file unchanged"));
+    assert!(proxy.log().contains("config unchanged; nothing to reload"));
     // A changed file is a reload, with its new hash.
     let changed = file.replace("\"many\"", "\"renamed\"");
     std::fs::write(&proxy.config_path, &changed).unwrap();
