@@ -1,11 +1,11 @@
 //! Operating upgrades through the real binary: a successor that fails
-//! mid-handoff, SIGUSR2/SIGUSR1, `--check`, and what systemd is told.
+//! mid-handoff, SIGUSR2/SIGUSR1, and what systemd is told (`--check` is
+//! tested in `deploy.rs`).
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,54 +151,6 @@ async fn usr2_restarts_and_usr1_is_ignored() {
         assert!(Instant::now() < deadline, "successor did not stop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `--check` / `-t` validates without binding: it passes while another
-/// socket holds the config's port, and lists every problem of a bad file.
-#[test]
-fn check_validates_without_binding() {
-    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = holder.local_addr().unwrap().port();
-    let good = write_temp(
-        "good.json",
-        &format!(r#"{{"Apps":[{{"Name":"a","Ports":[{port}],"Targets":["127.0.0.1:1"]}}]}}"#),
-    );
-    let out = Command::new(PROXY)
-        .args(["--listen-address", "127.0.0.1", "--check"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("config ok"));
-    let out = Command::new(PROXY)
-        .args(["--listen-address", "127.0.0.1", "-t", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bad = write_temp(
-        "bad.json",
-        r#"{"Apps":[{"Name":"","Ports":[0],"Targets":["nope"]}]}"#,
-    );
-    let out = Command::new(PROXY)
-        .arg("-t")
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("3 problems"), "every problem listed: {err}");
-    let _ = std::fs::remove_file(&good);
-    let _ = std::fs::remove_file(&bad);
 }
 
 /// systemd's view: READY with MAINPID at start, RELOADING then READY
