@@ -56,11 +56,12 @@ pub struct Cli {
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_address: String,
 
-    /// Data plane: auto = splice if it works, else copy; splice = userspace zero-copy splice(2) through a
-    /// pipe, or exit; copy = userspace read/write only; fastpath = kernel sockmap, or exit.
-    /// Measured (NOTES.md, `cargo xtask bench`): splice has the lowest CPU per GB and ties or beats the
-    /// fastpath on throughput, memory and connection rate; the fastpath has the lowest round-trip
-    /// latency, but on kernel 6.18 rare bulk transfers moved back to userspace lost or duplicated bytes.
+    /// Data plane. auto (the default) is adaptive: every connection starts in userspace on splice(2)
+    /// (copy where splice is refused), and one that stays open past --promote-after while moving less
+    /// than --promote-below moves into the kernel fastpath where BPF loads; a direction that turns bulk
+    /// or backpressured comes back out, losslessly (NOTES.md §2). splice, copy and fastpath force one
+    /// plane for every connection (splice and fastpath exit at start if they cannot work). Measured
+    /// figures for each are in NOTES.md and `cargo xtask bench`.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
 

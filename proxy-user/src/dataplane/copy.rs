@@ -8,12 +8,13 @@
 //! the shared `userspace` supervisor.
 
 use std::io;
+use std::os::fd::AsRawFd;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::userspace::{
-    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
-};
+use super::pool::Shelf;
+use super::userspace::{self, pass_fin, readable_or_pause, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -54,40 +55,120 @@ pub(super) async fn pump(
     buf_size: usize,
     tally: Tally<'_>,
 ) -> DirEnd {
-    if let Err(end) = first_bytes_or_pause(src, &tally).await {
-        return end;
-    }
-    let mut buf = vec![0u8; buf_size.max(1)];
+    let size = buf_size.max(1);
+    // Held only while the source has bytes: an idle direction holds no
+    // buffer, and a new connection reuses one instead of zeroing a fresh one.
+    let mut held: Option<Vec<u8>> = None;
     loop {
         if let Err(end) = readable_or_pause(src, &tally).await {
+            held.map(give_back);
             return end;
         }
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => {
-                // Everything read so far was written in full (write loop
-                // below), so the FIN can follow it now.
-                return pass_fin(dst);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return DirEnd::ReadFailed(e),
-        };
-        tally.read(n);
-        let mut off = 0;
-        while off < n {
-            if let Err(e) = dst.writable().await {
-                return DirEnd::WriteFailed(e);
-            }
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => {
-                    off += m;
-                    tally.wrote(m);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return DirEnd::WriteFailed(e),
+        let mut buf = held.take().unwrap_or_else(|| take_buffer(size));
+        match forward(src, dst, &mut buf, &tally).await {
+            // A full read: more is likely waiting, keep the buffer.
+            Forwarded::Some(n) if n == buf.len() => held = Some(buf),
+            // A short read cleared readiness: the source is dry, and an
+            // idle direction holds no buffer.
+            Forwarded::Some(_) | Forwarded::Dry => give_back(buf),
+            Forwarded::End(end) => {
+                give_back(buf);
+                return end;
             }
         }
     }
+}
+
+/// What one `forward` did.
+pub(super) enum Forwarded {
+    /// Moved this many bytes (all of them written).
+    Some(usize),
+    /// Nothing to read right now; read readiness is cleared.
+    Dry,
+    /// The direction is over: the FIN was passed on, or an error.
+    End(DirEnd),
+}
+
+/// One read from `src` into `buf` and all of it written to `dst`: nothing
+/// is left in `buf` afterwards, so the caller may pause or hand over.
+pub(super) async fn forward(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut [u8],
+    tally: &Tally<'_>,
+) -> Forwarded {
+    let n = match read_some(src, buf) {
+        Ok(0) => {
+            // Everything read so far was written in full (write loop
+            // below), so the FIN can follow it now.
+            return Forwarded::End(pass_fin(dst));
+        }
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Forwarded::Dry,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Forwarded::Some(0),
+        Err(e) => return Forwarded::End(DirEnd::ReadFailed(e)),
+    };
+    tally.read(n);
+    let mut off = 0;
+    while off < n {
+        if let Err(e) = dst.writable().await {
+            return Forwarded::End(DirEnd::WriteFailed(e));
+        }
+        match dst.try_write(&buf[off..n]) {
+            Ok(m) => {
+                off += m;
+                tally.wrote(m);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Forwarded::End(DirEnd::WriteFailed(e)),
+        }
+    }
+    Forwarded::Some(n)
+}
+
+/// Reads what `src` holds, up to `buf`'s length. A short read means TCP's
+/// receive queue (and backlog) were empty when it returned (tcp_recvmsg
+/// stops early only then, or at an urgent mark), so read readiness is
+/// cleared right away: that saves the read that would only say EAGAIN, one
+/// syscall in three on small messages. Tokio's own `poll_read` does the
+/// same; its readiness ticks keep an event that arrived meanwhile.
+fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let read = src.try_io(Interest::READABLE, || {
+        // SAFETY: buf is a writable buffer of buf.len() bytes.
+        let n = unsafe { libc::recv(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => read,
+    }
+}
+
+thread_local! {
+    /// Buffers between uses. A reused buffer's old bytes are never sent:
+    /// only the `n` bytes a read just put there are written.
+    static BUFFERS: Shelf<Vec<u8>> = const { Shelf::new() };
+}
+
+pub(super) fn take_buffer(size: usize) -> Vec<u8> {
+    let fresh = || Ok::<_, std::convert::Infallible>(vec![0u8; size]);
+    match BUFFERS.with(|s| s.take(|b| b.len() == size, fresh)) {
+        Ok(buf) => buf,
+        Err(never) => match never {},
+    }
+}
+
+/// Keeps an emptied buffer (one `forward` wrote in full) for reuse.
+pub(super) fn give_back(buf: Vec<u8>) {
+    BUFFERS.with(|s| s.give(buf));
 }

@@ -7,6 +7,7 @@ mod adaptive;
 mod copy;
 mod fastpath;
 mod parking;
+mod pool;
 mod splice;
 mod tcpinfo;
 mod userspace;
@@ -280,11 +281,15 @@ impl DataPlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+        // An async match is as large as its largest arm, and every
+        // connection's task holds it: the kernel planes' futures (install,
+        // ledger, demotion) are boxed so a splice or copy connection does
+        // not pay their size in idle memory.
         match self {
             DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
             DataPlane::Splice(p) => p.carry(client, upstream, conn).await,
-            DataPlane::Fastpath(p) => p.carry(client, upstream, conn).await,
-            DataPlane::Adaptive(p) => p.carry(client, upstream, conn).await,
+            DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn)).await,
+            DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn)).await,
         }
     }
 }

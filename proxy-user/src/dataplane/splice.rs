@@ -4,9 +4,13 @@
 //! Userspace still decides every move (so half-close, resets, idle and drain
 //! behave exactly as on the copy plane: same `supervise`), but the payload
 //! pages go from one socket's receive queue to the other's send queue by
-//! reference, never through a userspace buffer. Costs: a pipe (two fds) per
-//! direction that has spoken. A direction whose pipe cannot be made (fd or
-//! pipe-memory limit) is carried by the copy pump instead, and says so.
+//! reference, never through a userspace buffer. A direction holds a pipe
+//! only while a bulk burst goes through it: when its source runs dry the
+//! (empty) pipe goes back to a per-thread shelf (`pool.rs`), so an idle
+//! connection holds no pipe, and the next burst reuses one instead of
+//! paying pipe2 + F_SETPIPE_SZ + two closes. A direction whose pipe cannot
+//! be made (fd or pipe-memory limit) is carried by the copy pump instead,
+//! and says so.
 //!
 //! Ordering: a direction fills its pipe from the source only when the pipe is
 //! empty, and empties it into the destination before the next fill, so the
@@ -21,10 +25,9 @@ use anyhow::Context;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{self, CopyPlane};
-use super::userspace::{
-    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
-};
+use super::copy::{self, CopyPlane, Forwarded};
+use super::pool::Shelf;
+use super::userspace::{self, pass_fin, readable_or_pause, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -67,10 +70,13 @@ struct Pipe {
     write: OwnedFd,
     /// Most bytes one fill asks for.
     size: usize,
+    /// The size it was made for (the shelf's key).
+    asked: usize,
 }
 
 impl Pipe {
-    fn new(size: usize) -> io::Result<Pipe> {
+    fn new(asked: usize) -> io::Result<Pipe> {
+        let size = asked;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -94,7 +100,12 @@ impl Pipe {
                 }
             }
         };
-        Ok(Pipe { read, write, size })
+        Ok(Pipe {
+            read,
+            write,
+            size,
+            asked,
+        })
     }
 
     /// Moves what `src` holds (up to the pipe's size) into the empty pipe.
@@ -131,6 +142,25 @@ impl Pipe {
         }
         Ok(())
     }
+}
+
+/// The read that starts each burst. Larger than most requests and
+/// replies; a read that fills it is taken for bulk.
+const FIRST_READ: usize = 16 * 1024;
+
+thread_local! {
+    /// Empty pipes: only a pipe every fill of which was drained goes back,
+    /// one that may hold bytes (a failed write) is dropped, so no byte can
+    /// reach another connection.
+    static PIPES: Shelf<Pipe> = const { Shelf::new() };
+}
+
+fn take_pipe(size: usize) -> io::Result<Pipe> {
+    PIPES.with(|s| s.take(|p| p.asked == size, || Pipe::new(size)))
+}
+
+fn give_back(pipe: Pipe) {
+    PIPES.with(|s| s.give(pipe));
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -189,6 +219,13 @@ fn probe(pipe_size: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One direction. Each burst starts with a plain read into a small pooled
+/// buffer (`copy::forward`): a request or a reply usually fits, and for a
+/// few hundred bytes a read and a write cost less than two splices, and the
+/// short read tells that the socket is dry without another call. A read
+/// that fills the buffer means a bulk burst: it goes on through the pipe,
+/// zero-copy, until the source runs dry. (HAProxy's `splice-auto` makes
+/// the same split.)
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -196,35 +233,65 @@ async fn pump(
     tally: Tally<'_>,
     conn_id: u64,
 ) -> DirEnd {
-    // Made when the direction first has data: an idle connection holds no pipe.
-    if let Err(end) = first_bytes_or_pause(src, &tally).await {
-        return end;
-    }
-    let pipe = match Pipe::new(pipe_size) {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
-            return copy::pump(src, dst, pipe_size, tally).await;
-        }
-    };
+    // A pipe held across an await other than the drain's is empty, so
+    // pausing or handing over here leaves nothing behind.
+    let mut pipe: Option<Pipe> = None;
+    let mut bulk = false;
     loop {
         if let Err(end) = readable_or_pause(src, &tally).await {
+            pipe.map(give_back);
             return end;
         }
-        let pending = match pipe.fill(src) {
+        if !bulk {
+            let mut buf = copy::take_buffer(FIRST_READ);
+            let forwarded = copy::forward(src, dst, &mut buf, &tally).await;
+            copy::give_back(buf);
+            match forwarded {
+                // A full read: a bulk burst, which goes on through the pipe.
+                Forwarded::Some(n) => bulk = n == FIRST_READ,
+                Forwarded::Dry => {}
+                Forwarded::End(end) => return end,
+            }
+            continue;
+        }
+        let p = match pipe.take().map_or_else(|| take_pipe(pipe_size), Ok) {
+            Ok(p) => p,
+            Err(e) => {
+                // Between fills nothing is in flight here, so the copy pump
+                // can take over at any point.
+                tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
+                return copy::pump(src, dst, pipe_size, tally).await;
+            }
+        };
+        let pending = match p.fill(src) {
             Ok(0) => {
                 // The pipe is empty (drained below before every fill), so
                 // every byte read was handed on: the FIN may follow.
+                give_back(p);
                 return pass_fin(dst);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return DirEnd::ReadFailed(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The burst is over: the next one starts with a read, and
+                // an idle direction holds no pipe.
+                give_back(p);
+                bulk = false;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                pipe = Some(p);
+                continue;
+            }
+            Err(e) => {
+                give_back(p);
+                return DirEnd::ReadFailed(e);
+            }
         };
         tally.read(pending);
-        if let Err(e) = pipe.drain(dst, pending, |m| tally.wrote(m)).await {
+        if let Err(e) = p.drain(dst, pending, |m| tally.wrote(m)).await {
+            // It may still hold bytes: dropped, never given back.
             return DirEnd::WriteFailed(e);
         }
+        pipe = Some(p);
     }
 }

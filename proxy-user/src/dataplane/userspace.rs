@@ -93,24 +93,6 @@ impl Activity {
     }
 }
 
-/// Waits until `src` has a byte, its FIN or an error to report, without
-/// taking anything. A freshly accepted socket reports readable before the
-/// client sent anything, so readiness alone would make every idle connection
-/// allocate its per-direction buffer (or pipe) at once.
-pub(super) async fn first_bytes(src: &TcpStream) -> io::Result<()> {
-    src.peek(&mut [0u8; 1]).await.map(|_| ())
-}
-
-/// Waits for `src`'s first byte like `first_bytes`, or ends with `Paused`
-/// when the connection is asked to move to the kernel first.
-pub(super) async fn first_bytes_or_pause(src: &TcpStream, tally: &Tally<'_>) -> Result<(), DirEnd> {
-    tokio::select! {
-        biased;
-        _ = tally.pause_asked() => Err(DirEnd::Paused),
-        r = first_bytes(src) => r.map_err(DirEnd::ReadFailed),
-    }
-}
-
 /// Waits until `src` is readable, or ends with `Paused` when the connection
 /// is asked to move to the kernel first. Pumps call it only where every byte
 /// they read was written, so pausing here leaves nothing behind in userspace.
@@ -119,15 +101,6 @@ pub(super) async fn readable_or_pause(src: &TcpStream, tally: &Tally<'_>) -> Res
         biased;
         _ = tally.pause_asked() => Err(DirEnd::Paused),
         r = src.readable() => r.map_err(DirEnd::ReadFailed),
-    }
-}
-
-/// Both sides: a proxy must not add Nagle delay to small writes.
-pub(super) fn set_nodelay(client: &TcpStream, upstream: &TcpStream) {
-    for s in [client, upstream] {
-        if let Err(e) = s.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY failed");
-        }
     }
 }
 
@@ -414,7 +387,6 @@ async fn supervise_pumps<P: Pump>(
     moved: &[AtomicU64; 2],
     held: &[AtomicU64; 2],
 ) -> Outcome {
-    set_nodelay(client, upstream);
     let activity = Activity::new();
     let tally = |i: usize| Tally {
         moved: &moved[i],

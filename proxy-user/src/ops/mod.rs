@@ -7,5 +7,6 @@ mod labels;
 pub mod logging;
 pub mod metrics;
 mod process;
+pub use process::pid;
 pub mod readiness;
 pub mod sd_notify;

@@ -173,7 +173,7 @@ impl Control {
             signal = why,
             live = tracker.live(),
             drain_timeout_ms = drain_timeout.as_millis() as u64,
-            pid = std::process::id(),
+            pid = crate::ops::pid(),
             "shutting down: closed listeners, draining live connections"
         );
         // Draining: /readyz turns 503 so load balancers stop sending here.

@@ -50,12 +50,18 @@ pub async fn connect(
     let deadline = Instant::now() + policy.deadline;
     let max_attempts = policy.attempts.max(1) as usize;
     let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
-    let mut last_error = anyhow!("no targets configured");
+    // Built only on failure: an eager error per connection cost an
+    // allocation, and a backtrace capture under RUST_BACKTRACE=1 (3% of a
+    // churn profile).
+    let mut last_error: Option<anyhow::Error> = None;
     while tried.len() < max_attempts {
         let now = Instant::now();
         if now >= deadline {
-            last_error =
-                last_error.context(format!("connect deadline of {:?} reached", policy.deadline));
+            let reached = format!("connect deadline of {:?} reached", policy.deadline);
+            last_error = Some(match last_error {
+                Some(e) => e.context(reached),
+                None => anyhow!(reached),
+            });
             break;
         }
         let Some(idx) = balancer.pick(&tried) else {
@@ -100,13 +106,13 @@ pub async fn connect(
                         );
                     }
                 }
-                last_error = e.err;
+                last_error = Some(e.err);
             }
         }
     }
     Err(ConnectFailed {
         attempts: tried.len() as u32,
-        last_error,
+        last_error: last_error.unwrap_or_else(|| anyhow!("no targets configured")),
     })
 }
 

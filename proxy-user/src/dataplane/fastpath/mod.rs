@@ -45,7 +45,7 @@ use aya::{
 };
 use tokio::{net::TcpStream, time::Instant};
 
-use super::userspace::{arm_reset, cut_short, set_nodelay, supervise};
+use super::userspace::{arm_reset, cut_short, supervise};
 use super::{ConnInfo, CopyPlane, EndReason, Plane, Transfer};
 use crate::bpf::{self, take_map};
 use direction::{Direction, IdleWatch};
@@ -213,7 +213,6 @@ impl FastpathPlane {
         conn: &ConnInfo,
         before: [u64; 2],
     ) -> Transfer {
-        set_nodelay(&client, &upstream);
         for sock in [&client, &upstream] {
             if let Err(e) = raise_socket_buffers(sock, self.socket_buffer) {
                 tracing::warn!(conn = conn.id, error = %e, "cannot raise the socket buffers for the fastpath; a demoted direction may stall");

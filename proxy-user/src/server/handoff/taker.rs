@@ -50,7 +50,7 @@ impl Takeover {
             link.set_timeout(Some(Duration::from_secs(10)))?;
             link.send(
                 &Msg::Hello {
-                    pid: std::process::id(),
+                    pid: crate::ops::pid(),
                 },
                 &[],
             )?;
