@@ -61,7 +61,9 @@ pub(super) async fn pump(
     let mut held: Option<Vec<u8>> = None;
     loop {
         if let Err(end) = readable_or_pause(src, &tally).await {
-            held.map(give_back);
+            if let Some(buf) = held {
+                give_back(buf);
+            }
             return end;
         }
         let mut buf = held.take().unwrap_or_else(|| take_buffer(size));

@@ -239,7 +239,9 @@ async fn pump(
     let mut bulk = false;
     loop {
         if let Err(end) = readable_or_pause(src, &tally).await {
-            pipe.map(give_back);
+            if let Some(p) = pipe {
+                give_back(p);
+            }
             return end;
         }
         if !bulk {
