@@ -6,6 +6,7 @@
 mod adaptive;
 mod copy;
 mod fastpath;
+mod fin;
 mod parking;
 mod splice;
 mod tcpinfo;
@@ -16,6 +17,7 @@ pub use copy::CopyPlane;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
 pub use fastpath::Options as FastpathOptions;
+pub use fin::FinTimeouts;
 pub use parking::Parking;
 pub use userspace::arm_reset;
 
@@ -40,6 +42,8 @@ pub struct ConnInfo {
     pub upstream: SocketAddr,
     /// Close when neither direction moved a byte for this long; None = never.
     pub idle_timeout: Option<Duration>,
+    /// Shorter limits once one side's FIN was passed on (`fin`).
+    pub fin_timeouts: FinTimeouts,
     /// Flips to true when the drain timeout expired: end now.
     pub hard_stop: watch::Receiver<bool>,
 }
@@ -65,6 +69,12 @@ pub enum EndReason {
     /// The target sent RST (or its socket failed); RST passed to the client.
     TargetReset,
     IdleTimeout,
+    /// The target's FIN was passed to the client, then nothing moved for
+    /// `--client-fin-timeout` (HAProxy's `timeout client-fin`).
+    ClientFinTimeout,
+    /// The client's FIN was passed to the target, then nothing moved for
+    /// `--server-fin-timeout` (HAProxy's `timeout server-fin`).
+    ServerFinTimeout,
     /// Still open when the drain timeout expired at shutdown.
     DrainTimeout,
     /// Every connect attempt failed; the client was closed.
@@ -74,11 +84,13 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 9] = [
         EndReason::Closed,
         EndReason::ClientReset,
         EndReason::TargetReset,
         EndReason::IdleTimeout,
+        EndReason::ClientFinTimeout,
+        EndReason::ServerFinTimeout,
         EndReason::DrainTimeout,
         EndReason::ConnectFailed,
         EndReason::Limit,
@@ -90,6 +102,8 @@ impl EndReason {
             EndReason::ClientReset => "client_reset",
             EndReason::TargetReset => "target_reset",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::ClientFinTimeout => "client_fin_timeout",
+            EndReason::ServerFinTimeout => "server_fin_timeout",
             EndReason::DrainTimeout => "drain_timeout",
             EndReason::ConnectFailed => "connect_failed",
             EndReason::Limit => "limit",
