@@ -140,9 +140,20 @@ fn build() -> Result<()> {
     println!("xtask: building the eBPF object (nightly, bpf-linker)");
     build_ebpf()?;
     println!("xtask: building the proxy (release), which embeds it, and its man page generator");
-    // The examples (the man page generator) in the same invocation: one
-    // feature resolution for both, so `cargo xtask test` packages this
-    // binary and this man page without compiling proxy-user again.
+    build_proxy().run()?;
+    println!("xtask: building the Go tester");
+    cmd("go")
+        .args(["build", "-o"])
+        .arg(tester_binary())
+        .arg(".")
+        .dir(root().join("tester-go"))
+        .run()
+}
+
+/// The release proxy and its examples (the man page generator) in one
+/// invocation: one feature resolution for both, so `cargo xtask test`
+/// packages this binary and this man page without compiling again.
+pub fn build_proxy() -> sh::Cmd {
     cmd("cargo")
         .args([
             "build",
@@ -153,14 +164,6 @@ fn build() -> Result<()> {
             "--examples",
         ])
         .dir(root())
-        .run()?;
-    println!("xtask: building the Go tester");
-    cmd("go")
-        .args(["build", "-o"])
-        .arg(tester_binary())
-        .arg(".")
-        .dir(root().join("tester-go"))
-        .run()
 }
 
 /// proxy-ebpf for `bpfel-unknown-none`, where proxy-user's build.rs looks

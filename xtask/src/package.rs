@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::sh::cmd;
-use crate::{debroot, proxy_binary, root};
+use crate::{build_proxy, debroot, proxy_binary, root};
 
 pub const PACKAGE: &str = "l4-proxy";
 
@@ -59,19 +59,7 @@ pub fn package(build: Build) -> Result<PathBuf> {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into());
             println!("xtask package: building the proxy with build_info commit={commit}");
-            // One invocation for both, so they share one feature resolution.
-            cmd("cargo")
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "proxy-user",
-                    "--bins",
-                    "--examples",
-                ])
-                .env("PROXY_GIT_COMMIT", commit)
-                .dir(root())
-                .run()?;
+            build_proxy().env("PROXY_GIT_COMMIT", commit).run()?;
         }
         Build::Reuse => {
             for f in [proxy_binary(), manpage_binary()] {
