@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::etcd::EtcdSettings;
-use crate::dataplane::{CopyPlane, FastpathOptions, Mode, Promotion, SocketBuffers};
+use crate::dataplane::{CopyPlane, FastpathOptions, FinTimeouts, Mode, Promotion, SocketBuffers};
 use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
 use crate::server::Settings;
@@ -83,6 +83,23 @@ pub struct Cli {
     // that vanished without FIN/RST are reclaimed 6x sooner.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Once the target's FIN was passed to the client, close when no byte moved either way for this long
+    /// (0 = only --idle-timeout applies): a client that never closes its side, or vanished, stops
+    /// holding the pair. Bytes still owed then get both sides a reset, as at the idle timeout. HAProxy's
+    /// `timeout client-fin`.
+    // 30 s: the target said all it had to say; a live client needs only to
+    // read the rest and close (HAProxy's documented examples use 30 s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub client_fin_timeout: Duration,
+
+    /// Once the client's FIN was passed to the target, close when no byte moved either way for this long
+    /// (0 = only --idle-timeout applies): a target that never answers or closes stops holding the pair.
+    /// Bytes still owed then get both sides a reset. HAProxy's `timeout server-fin`.
+    // Longer than the client side: after a client's FIN (`nc -N`, `ssh host
+    // sort < file`) the target may still be working out its answer.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub server_fin_timeout: Duration,
 
     /// Interval between active TCP health probes of each target.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -262,6 +279,10 @@ impl Cli {
                 deadline: self.connect_deadline,
             },
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            fin_timeouts: FinTimeouts {
+                client: (!self.client_fin_timeout.is_zero()).then_some(self.client_fin_timeout),
+                server: (!self.server_fin_timeout.is_zero()).then_some(self.server_fin_timeout),
+            },
             health: HealthConfig {
                 interval: self.health_interval.max(Duration::from_millis(10)),
                 rise: self.health_rise,

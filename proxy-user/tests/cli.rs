@@ -159,6 +159,8 @@ fn help_opens_with_an_explanation_and_shows_defaults() {
         "--connect-attempts",
         "--connect-deadline",
         "--idle-timeout",
+        "--client-fin-timeout",
+        "--server-fin-timeout",
         "--health-interval",
         "--health-rise",
         "--health-fall",
@@ -177,6 +179,7 @@ fn help_opens_with_an_explanation_and_shows_defaults() {
         "[default: 30s]",
         "[default: 64KiB]",
         "[default: 10m]",
+        "[default: 1m]",
     ] {
         assert!(help.contains(default), "missing {default}");
     }

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
 mod bench;
+mod debroot;
 mod e2e;
 mod package;
 mod setup;
@@ -39,8 +40,14 @@ enum Task {
     /// Everything CI runs: Rust tests, go vet/test, end-to-end checks on every data plane, the package.
     Test,
     /// Build the Debian package (target/package/l4-proxy_VERSION_ARCH.deb) and check that it installs
-    /// with dpkg -i into a scratch root and that the installed `proxy --check` passes.
-    Package,
+    /// with a plain dpkg -i on a clean Debian 12 (debootstrap minbase, cached under target/), that the
+    /// installed `proxy --check` passes there, and that dpkg --purge removes it.
+    Package {
+        /// Package the binary `cargo xtask build` made, without building (its build_info commit is
+        /// `unknown`), as `cargo xtask test` does.
+        #[arg(long)]
+        reuse: bool,
+    },
     /// Direct vs our planes (fastpath, splice, copy) vs HAProxy vs nginx in one run; writes bench/results.md.
     Bench {
         /// Seconds per load per endpoint per round.
@@ -86,10 +93,14 @@ fn run(cli: Cli) -> Result<()> {
             build()?;
             test()
         }
-        Task::Package => {
+        Task::Package { reuse: true } => {
+            setup::setup(needs)?;
+            package::package(package::Build::Reuse).map(drop)
+        }
+        Task::Package { reuse: false } => {
             setup::setup(needs)?;
             build_ebpf()?;
-            package::package(true).map(drop)
+            package::package(package::Build::Stamped).map(drop)
         }
         Task::Bench {
             duration,
@@ -128,11 +139,8 @@ pub fn tester_binary() -> PathBuf {
 fn build() -> Result<()> {
     println!("xtask: building the eBPF object (nightly, bpf-linker)");
     build_ebpf()?;
-    println!("xtask: building the proxy (release), which embeds it");
-    cmd("cargo")
-        .args(["build", "--release", "-p", "proxy-user"])
-        .dir(root())
-        .run()?;
+    println!("xtask: building the proxy (release), which embeds it, and its man page generator");
+    build_proxy().run()?;
     println!("xtask: building the Go tester");
     cmd("go")
         .args(["build", "-o"])
@@ -140,6 +148,22 @@ fn build() -> Result<()> {
         .arg(".")
         .dir(root().join("tester-go"))
         .run()
+}
+
+/// The release proxy and its examples (the man page generator) in one
+/// invocation: one feature resolution for both, so `cargo xtask test`
+/// packages this binary and this man page without compiling again.
+pub fn build_proxy() -> sh::Cmd {
+    cmd("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "proxy-user",
+            "--bins",
+            "--examples",
+        ])
+        .dir(root())
 }
 
 /// proxy-ebpf for `bpfel-unknown-none`, where proxy-user's build.rs looks
@@ -185,8 +209,8 @@ fn test() -> Result<()> {
     for mode in ["copy", "splice", "fastpath", "auto"] {
         e2e::check_config(mode)?;
     }
-    println!("xtask test: the Debian package installs and checks its config");
-    package::package(false)?;
+    println!("xtask test: the Debian package installs on a clean Debian 12 and checks its config");
+    package::package(package::Build::Reuse)?;
     println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");
     bench::run(&bench::Options::short())?;
     println!("xtask test: all passed");

@@ -29,6 +29,10 @@ pub fn setup(needs: Needs) -> Result<()> {
     debian_package("etcdctl", &["etcd-client"])?;
     // The etcd-client crate compiles etcd's .proto files when it builds.
     debian_package("protoc", &["protobuf-compiler"])?;
+    // The package check: a clean Debian 12 root to install into, and
+    // dpkg-shlibdeps for the package's Depends.
+    debian_package("debootstrap", &["debootstrap"])?;
+    debian_package("dpkg-shlibdeps", &["dpkg-dev"])?;
     if needs.peers {
         debian_package("haproxy", &["haproxy"])?;
         // nginx-core ships the stream module as a loadable module.

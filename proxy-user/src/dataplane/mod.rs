@@ -6,6 +6,7 @@
 mod adaptive;
 mod copy;
 mod fastpath;
+mod fin;
 mod parking;
 mod pool;
 mod splice;
@@ -17,6 +18,7 @@ pub use copy::CopyPlane;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
 pub use fastpath::Options as FastpathOptions;
+pub use fin::FinTimeouts;
 pub use parking::Parking;
 pub use userspace::arm_reset;
 
@@ -41,6 +43,8 @@ pub struct ConnInfo {
     pub upstream: SocketAddr,
     /// Close when neither direction moved a byte for this long; None = never.
     pub idle_timeout: Option<Duration>,
+    /// Shorter limits once one side's FIN was passed on (`fin`).
+    pub fin_timeouts: FinTimeouts,
     /// Flips to true when the drain timeout expired: end now.
     pub hard_stop: watch::Receiver<bool>,
 }
@@ -66,6 +70,12 @@ pub enum EndReason {
     /// The target sent RST (or its socket failed); RST passed to the client.
     TargetReset,
     IdleTimeout,
+    /// The target's FIN was passed to the client, then nothing moved for
+    /// `--client-fin-timeout` (HAProxy's `timeout client-fin`).
+    ClientFinTimeout,
+    /// The client's FIN was passed to the target, then nothing moved for
+    /// `--server-fin-timeout` (HAProxy's `timeout server-fin`).
+    ServerFinTimeout,
     /// Still open when the drain timeout expired at shutdown.
     DrainTimeout,
     /// Every connect attempt failed; the client was closed.
@@ -75,11 +85,13 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 9] = [
         EndReason::Closed,
         EndReason::ClientReset,
         EndReason::TargetReset,
         EndReason::IdleTimeout,
+        EndReason::ClientFinTimeout,
+        EndReason::ServerFinTimeout,
         EndReason::DrainTimeout,
         EndReason::ConnectFailed,
         EndReason::Limit,
@@ -91,6 +103,8 @@ impl EndReason {
             EndReason::ClientReset => "client_reset",
             EndReason::TargetReset => "target_reset",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::ClientFinTimeout => "client_fin_timeout",
+            EndReason::ServerFinTimeout => "server_fin_timeout",
             EndReason::DrainTimeout => "drain_timeout",
             EndReason::ConnectFailed => "connect_failed",
             EndReason::Limit => "limit",

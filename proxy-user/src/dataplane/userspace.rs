@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::parking::{Parked, PARKING};
-use super::{tcpinfo, ConnInfo, EndReason, Plane, Transfer};
+use super::{fin, tcpinfo, ConnInfo, EndReason, Plane, Transfer};
 
 #[derive(Debug)]
 pub(super) enum DirEnd {
@@ -78,13 +78,15 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    pub(super) async fn idle(&self, limit: Option<Duration>) {
+    /// Resolves once no byte moved for `limit`, counted from `since` at the
+    /// earliest (a half-close starts the fin timers afresh).
+    pub(super) async fn idle(&self, limit: Option<Duration>, since: Instant) {
         let Some(limit) = limit else {
             return std::future::pending().await;
         };
         loop {
-            let due =
-                self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = last.max(since) + limit;
             if Instant::now() >= due {
                 return;
             }
@@ -130,18 +132,23 @@ pub fn arm_reset(sock: &TcpStream) {
 /// Idle means no byte moved either way for the idle timeout, whatever the
 /// reason: a reader that stopped reading is idle too. If bytes were still
 /// owed to either side then, the stream was cut, and both sides get a reset
-/// rather than a FIN that would pass for the end of the stream.
-pub(super) async fn supervise(
+/// rather than a FIN that would pass for the end of the stream. The fin
+/// timeouts (`fin`) cut a half-closed connection the same way.
+///
+/// `quiet(limit)` resolves once no byte moved either way for `limit`,
+/// counted from the call.
+pub(super) async fn supervise<Q: Future<Output = ()>>(
     up: impl Future<Output = DirEnd>,
     down: impl Future<Output = DirEnd>,
-    idle: impl Future<Output = ()>,
+    quiet: impl Fn(Option<Duration>) -> Q,
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
 ) -> Outcome {
     let mut up = pin!(up);
     let mut down = pin!(down);
-    let mut idle = pin!(idle);
+    let mut idle = pin!(quiet(conn.idle_timeout));
+    let mut fin = fin::Armed::new();
     let (mut up_done, mut down_done, mut paused) = (false, false, false);
     loop {
         let (result, from_client) = tokio::select! {
@@ -152,9 +159,16 @@ pub(super) async fn supervise(
                 cut_if_owed(client, upstream, conn);
                 return Outcome::Ended(EndReason::IdleTimeout);
             }
+            end = fin.fired() => {
+                cut_if_owed(client, upstream, conn);
+                return Outcome::Ended(end);
+            }
         };
         if matches!(result, DirEnd::Paused) {
             paused = true;
+        }
+        if matches!(result, DirEnd::Eof) {
+            fin.arm(from_client, conn, &quiet);
         }
         let client_failed = match result {
             DirEnd::Eof | DirEnd::Paused if up_done && down_done => {
@@ -236,7 +250,7 @@ async fn failed(sock: &TcpStream) -> io::Error {
     std::future::pending().await
 }
 
-/// Idle timeout: a reset to both sides when any byte was still owed.
+/// Idle or fin timeout: a reset to both sides when any byte was still owed.
 fn cut_if_owed(client: &TcpStream, upstream: &TcpStream, conn: &ConnInfo) {
     let owed = |s: &TcpStream| tcpinfo::owed(s).unwrap_or(0);
     let (client_owed, upstream_owed) = (owed(client), owed(upstream));
@@ -245,7 +259,7 @@ fn cut_if_owed(client: &TcpStream, upstream: &TcpStream, conn: &ConnInfo) {
             conn = conn.id,
             client_owed,
             upstream_owed,
-            "idle timeout with bytes still owed: resetting both sides"
+            "idle or fin timeout with bytes still owed: resetting both sides"
         );
         arm_reset(client);
         arm_reset(upstream);
@@ -397,7 +411,7 @@ async fn supervise_pumps<P: Pump>(
     supervise(
         pump.pump(client, upstream, tally(0), conn),
         pump.pump(upstream, client, tally(1), conn),
-        activity.idle(conn.idle_timeout),
+        |limit| activity.idle(limit, Instant::now()),
         client,
         upstream,
         conn,

@@ -123,6 +123,7 @@ impl Conn {
             target: m.meta.target.clone(),
             upstream: m.meta.upstream,
             idle_timeout: shared.idle_timeout,
+            fin_timeouts: shared.fin_timeouts,
             hard_stop: shared.hard_stop.clone(),
         };
         let upstream = Upstream {
@@ -276,6 +277,7 @@ impl Conn {
             target: upstream.target.clone(),
             upstream: c.peer,
             idle_timeout: shared.idle_timeout,
+            fin_timeouts: shared.fin_timeouts,
             hard_stop: shared.hard_stop.clone(),
         };
         let mut tally = ByteTally::default();

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{AcceptProxy, ProxyProtocol};
-use crate::dataplane::{DataPlane, SocketBuffers};
+use crate::dataplane::{DataPlane, FinTimeouts, SocketBuffers};
 use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{AppMetrics, Metrics};
 use crate::upstream::balancer::Balancer;
@@ -38,6 +38,7 @@ pub struct Shared {
     /// Refuses targets that resolve to our own listeners.
     pub loop_guard: Arc<LoopGuard>,
     pub idle_timeout: Option<Duration>,
+    pub fin_timeouts: FinTimeouts,
     /// Set on every upstream socket (client sockets inherit the listener's).
     pub socket_buffers: SocketBuffers,
     pub tracker: Arc<Tracker>,

@@ -127,6 +127,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         policy: settings.connect,
         loop_guard: Arc::new(LoopGuard::new(listen)),
         idle_timeout: settings.idle_timeout,
+        fin_timeouts: settings.fin_timeouts,
         socket_buffers: settings.socket_buffers,
         tracker: tracker.clone(),
         global: Arc::new(Semaphore::new(max_connections as usize)),

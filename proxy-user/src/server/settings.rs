@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::config::etcd::EtcdSettings;
 use crate::config::{self, Config, Listen};
-use crate::dataplane::{CopyPlane, FastpathOptions, Mode, SocketBuffers};
+use crate::dataplane::{CopyPlane, FastpathOptions, FinTimeouts, Mode, SocketBuffers};
 use crate::edge::listener::listen_addr;
 use crate::edge::steering::Steering;
 use crate::upstream::connect::ConnectPolicy;
@@ -24,6 +24,7 @@ pub struct Settings {
     pub connect: ConnectPolicy,
     /// None: connections are never closed for being idle.
     pub idle_timeout: Option<Duration>,
+    pub fin_timeouts: FinTimeouts,
     pub health: HealthConfig,
     pub socket_buffers: SocketBuffers,
     /// None: as many as the fd limit carries (`budget`).

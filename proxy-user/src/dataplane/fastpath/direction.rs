@@ -304,10 +304,11 @@ pub(super) struct IdleWatch {
 }
 
 impl IdleWatch {
-    pub(super) fn new(limit: Option<Duration>) -> Self {
+    /// Counts from now, with `moved` bytes moved so far.
+    pub(super) fn new(limit: Option<Duration>, moved: u64) -> Self {
         IdleWatch {
             limit,
-            last_moved: 0,
+            last_moved: moved,
             since: Instant::now(),
         }
     }

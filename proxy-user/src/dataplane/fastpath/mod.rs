@@ -314,21 +314,21 @@ impl FastpathPlane {
             early[1],
         );
         let start = Instant::now();
-        // The kernel moves bytes userspace never sees: idle is judged from
-        // the verdict's counters plus what userspace copied.
-        let idle = async {
-            let mut watch = IdleWatch::new(conn.idle_timeout);
+        // The kernel moves bytes userspace never sees: idle (and a fin
+        // timeout) is judged from the verdict's counters plus what
+        // userspace copied.
+        let moved =
+            || self.moved(pair) + user[0].load(Ordering::Relaxed) + user[1].load(Ordering::Relaxed);
+        let quiet = |limit| async move {
+            let mut watch = IdleWatch::new(limit, moved());
             loop {
                 watch.tick().await;
-                let moved = self.moved(pair)
-                    + user[0].load(Ordering::Relaxed)
-                    + user[1].load(Ordering::Relaxed);
-                if watch.is_idle(moved) {
+                if watch.is_idle(moved()) {
                     return;
                 }
             }
         };
-        let end = supervise(up.run(), down.run(), idle, client, upstream, conn)
+        let end = supervise(up.run(), down.run(), quiet, client, upstream, conn)
             .await
             .ended();
         let user = [
