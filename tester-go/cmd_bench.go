@@ -101,10 +101,10 @@ func checkCounts(streams, conns, rrConns, clients int) string {
 }
 
 func runCompare(args []string) int {
-	fs := newFlags("compare", "[--serve ADDR] --endpoint NAME=HOST:PORT[,pid=PID][,role=ours|peer|base][,sockperf=HOST:PORT] ... [--loads "+strings.Join(bench.Loads, ",")+"] [--duration 3s] [--rounds 3] [--json FILE] [--report-dir DIR [--preamble FILE]]")
+	fs := newFlags("compare", "[--serve ADDR] --endpoint NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base][,sockperf=HOST:PORT] ... [--loads "+strings.Join(bench.Loads, ",")+"] [--duration 3s] [--rounds 3] [--json FILE] [--report-dir DIR [--preamble FILE]]")
 	serve := fs.String("serve", "", "start the bench backend in-process on this address (the proxies under test forward to it; name it \"direct\" to get ratios)")
 	var eps endpointList
-	fs.Var(&eps, "endpoint", "NAME=HOST:PORT[,pid=PID][,role=ours|peer|base][,sockperf=HOST:PORT], repeatable; ours are judged against the best peer; \"direct\" defaults to base, the rest to ours")
+	fs.Var(&eps, "endpoint", "NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base][,sockperf=HOST:PORT], repeatable; ours are judged against the best peer; \"direct\" defaults to base, the rest to ours")
 	loads := fs.String("loads", strings.Join(bench.Loads, ","), "comma-separated loads to run")
 	duration := fs.Duration("duration", 3*time.Second, "duration of each run")
 	rounds := fs.Int("rounds", 3, "rounds; each round runs every load against every endpoint; medians and min-max are reported")

@@ -39,6 +39,9 @@ type Options struct {
 	Streams  int           // parallel streams (parallel), workers (connrate)
 	Conns    int           // idle and idle-mostly connections
 	ProxyPID int           // 0 = none; else sample its CPU and RSS
+	// MorePIDs: the proxy's other processes (nginx's workers besides
+	// ProxyPID), whose CPU and RSS are added to ProxyPID's.
+	MorePIDs []int
 	Timeout  time.Duration // dial / idle I/O timeout
 	// RRConns: kept connections of rr50 (50 unless set).
 	RRConns int
@@ -120,14 +123,14 @@ func Run(o Options) (*Result, error) {
 	}
 	r := &Result{Load: o.Load, Target: o.Target, Client: "tester-go"}
 	if o.ProxyPID > 0 {
-		if _, err := ReadProcCPU(o.ProxyPID); err != nil {
-			return nil, fmt.Errorf("--proxy-pid %d: %v", o.ProxyPID, err)
+		if _, err := o.proxyCPU(); err != nil {
+			return nil, fmt.Errorf("proxy pid %d %v: %v", o.ProxyPID, o.MorePIDs, err)
 		}
 	}
 	sys0, _ := ReadSysCPU()
 	var p0 float64
 	if o.ProxyPID > 0 {
-		p0, _ = ReadProcCPU(o.ProxyPID)
+		p0, _ = o.proxyCPU()
 	}
 	t0 := time.Now()
 	var err error
@@ -161,7 +164,7 @@ func Run(o Options) (*Result, error) {
 	sys1, _ := ReadSysCPU()
 	r.SysCPU = sys1.Busy - sys0.Busy
 	if o.ProxyPID > 0 {
-		p1, _ := ReadProcCPU(o.ProxyPID)
+		p1, _ := o.proxyCPU()
 		r.ProxyCPU = p1 - p0
 	}
 	if r.Bytes > 0 {

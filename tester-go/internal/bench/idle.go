@@ -102,8 +102,12 @@ func rssOf(o Options) int64 {
 	if o.ProxyPID <= 0 {
 		return 0
 	}
-	v, _ := ReadRSSKiB(o.ProxyPID)
-	return v
+	var sum int64
+	for _, pid := range append([]int{o.ProxyPID}, o.MorePIDs...) {
+		v, _ := ReadRSSKiB(pid)
+		sum += v
+	}
+	return sum
 }
 
 // runIdle: open Conns connections (one small exchange each), hold them for
@@ -168,7 +172,7 @@ func runIdleMostly(o Options, r *Result) error {
 	conns := openIdle(o, r, &mu)
 	var cpu0 float64
 	if o.ProxyPID > 0 {
-		cpu0, _ = ReadProcCPU(o.ProxyPID)
+		cpu0, _ = o.proxyCPU()
 	}
 	holdStart := time.Now()
 	until := holdStart.Add(o.Hold)
@@ -202,7 +206,7 @@ func runIdleMostly(o Options, r *Result) error {
 	hold := time.Since(holdStart).Seconds()
 	r.RSSDuringKiB = rssOf(o)
 	if o.ProxyPID > 0 {
-		cpu1, _ := ReadProcCPU(o.ProxyPID)
+		cpu1, _ := o.proxyCPU()
 		r.HoldCPU = cpu1 - cpu0
 	}
 	ok := closeChecked(o, r, &mu, conns)

@@ -28,11 +28,12 @@ type Endpoint struct {
 	Name     string `json:"name"`
 	Addr     string `json:"addr"`
 	PID      int    `json:"pid,omitempty"`
+	MorePIDs []int  `json:"more_pids,omitempty"` // the proxy's other processes (pid=A+B+...)
 	Role     string `json:"role"`
 	Sockperf string `json:"sockperf,omitempty"`
 }
 
-// ParseEndpoint parses NAME=HOST:PORT[,pid=PID][,role=ours|peer|base]
+// ParseEndpoint parses NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base]
 // [,sockperf=HOST:PORT]. The role defaults to base for "direct", else ours.
 func ParseEndpoint(s string) (Endpoint, error) {
 	name, rest, ok := strings.Cut(s, "=")
@@ -51,11 +52,17 @@ func ParseEndpoint(s string) (Endpoint, error) {
 		k, v, _ := strings.Cut(p, "=")
 		switch k {
 		case "pid":
-			pid, err := strconv.Atoi(v)
-			if err != nil || pid <= 0 {
-				return Endpoint{}, fmt.Errorf("bad endpoint %q: bad pid %q", s, v)
+			for i, x := range strings.Split(v, "+") {
+				pid, err := strconv.Atoi(x)
+				if err != nil || pid <= 0 {
+					return Endpoint{}, fmt.Errorf("bad endpoint %q: bad pid %q", s, x)
+				}
+				if i == 0 {
+					e.PID = pid
+				} else {
+					e.MorePIDs = append(e.MorePIDs, pid)
+				}
 			}
-			e.PID = pid
 		case "role":
 			if v != RoleOurs && v != RolePeer && v != RoleBase {
 				return Endpoint{}, fmt.Errorf("bad endpoint %q: role %q (want ours, peer or base)", s, v)
@@ -181,7 +188,7 @@ func Run(o Options) *Report {
 			}
 			for _, e := range eps {
 				r, err := bench.Run(bench.Options{Target: e.Addr, Load: l, Duration: o.Duration,
-					Streams: o.Streams, Conns: o.Conns, ProxyPID: e.PID, Timeout: o.Timeout,
+					Streams: o.Streams, Conns: o.Conns, ProxyPID: e.PID, MorePIDs: e.MorePIDs, Timeout: o.Timeout,
 					RRConns: o.RRConns, Clients: o.Clients, Hold: o.Hold, Interval: o.Interval,
 					SockperfTarget: e.Sockperf})
 				if err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -24,6 +25,8 @@ func TestParseEndpoint(t *testing.T) {
 		{"rust=127.0.0.1:5001,pid=1234", Endpoint{Name: "rust", Addr: "127.0.0.1:5001", PID: 1234, Role: RoleOurs}, false},
 		{"nginx=127.0.0.1:5002,role=peer,sockperf=127.0.0.1:6002", Endpoint{Name: "nginx", Addr: "127.0.0.1:5002", Role: RolePeer, Sockperf: "127.0.0.1:6002"}, false},
 		{"x=localhost:1", Endpoint{Name: "x", Addr: "localhost:1", Role: RoleOurs}, false},
+		{"nginx=127.0.0.1:2,pid=10+11+12,role=peer", Endpoint{Name: "nginx", Addr: "127.0.0.1:2", PID: 10, MorePIDs: []int{11, 12}, Role: RolePeer}, false},
+		{"a=127.0.0.1:1,pid=10+", Endpoint{}, true},
 		{"127.0.0.1:9000", Endpoint{}, true},
 		{"a=127.0.0.1", Endpoint{}, true},
 		{"a=127.0.0.1:0", Endpoint{}, true},
@@ -35,7 +38,7 @@ func TestParseEndpoint(t *testing.T) {
 	}
 	for _, tt := range tests {
 		got, err := ParseEndpoint(tt.in)
-		if (err != nil) != tt.err || got != tt.want {
+		if (err != nil) != tt.err || !reflect.DeepEqual(got, tt.want) {
 			t.Errorf("ParseEndpoint(%q) = %+v, %v", tt.in, got, err)
 		}
 	}
@@ -87,7 +90,9 @@ func TestCompareDirectVsProxy(t *testing.T) {
 		if len(c.Runs) != 2 {
 			t.Fatalf("%s/%s: %d runs, want 2", c.Endpoint, c.Load, len(c.Runs))
 		}
-		if head := LoadMetrics(c.Load)[0]; c.Get(head.Key).Median <= 0 && !(head.Key == "kib_per_conn" && c.Endpoint != "auto") {
+		// KiB/conn is an RSS delta: of the test process itself here, so it
+		// may be 0 or negative; the idle loads are checked by held conns.
+		if head := LoadMetrics(c.Load)[0]; c.Get(head.Key).Median <= 0 && head.Key != "kib_per_conn" {
 			t.Errorf("%s/%s: no %s", c.Endpoint, c.Load, head.Key)
 		}
 	}
