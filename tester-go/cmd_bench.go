@@ -117,6 +117,7 @@ func runCompare(args []string) int {
 	jsonPath := fs.String("json", "", "write machine-readable results (every run) to this file")
 	reportDir := fs.String("report-dir", "", "write results.md, results.json and the SVG charts into this directory")
 	preamble := fs.String("preamble", "", "Markdown file put at the top of results.md (machine, versions, peer configs)")
+	resume := fs.String("continue", "", "a --json file of an earlier run of the same endpoints and loads: its rounds count first and this run's are added (the endpoints may have been restarted in between)")
 	timeout := fs.Duration("timeout", 10*time.Second, "dial timeout and idle timeout per read/write")
 	quiet := fs.Bool("q", false, "do not print per-run progress to stderr")
 	if st, ok := parse(fs, args); !ok {
@@ -161,11 +162,23 @@ func runCompare(args []string) int {
 		defer srv.Close()
 		fmt.Fprintf(os.Stderr, "compare: bench backend on %s\n", srv.Addrs()[0])
 	}
+	var prev *compare.Report
+	if *resume != "" {
+		f, err := os.Open(*resume)
+		if err != nil {
+			return usageErr("compare", "--continue: %v", err)
+		}
+		prev, err = compare.ReadReport(f)
+		f.Close()
+		if err != nil {
+			return usageErr("compare", "--continue %s: %v", *resume, err)
+		}
+	}
 	total := compare.Estimate(ls, len(eps), *rounds, *duration, *hold)
 	fmt.Fprintf(os.Stderr, "compare: %d rounds x %d endpoints x %d loads ≈ %s\n", *rounds, len(eps), len(ls), report.Dur(total))
 	o := compare.Options{Endpoints: eps, Loads: ls, Duration: *duration, Rounds: *rounds,
 		Streams: *streams, Conns: *conns, Timeout: *timeout, RRConns: *rrConns, Clients: *clients,
-		Hold: *hold, Interval: *interval}
+		Hold: *hold, Interval: *interval, Prev: prev}
 	if !*quiet {
 		o.Progress = os.Stderr
 	}

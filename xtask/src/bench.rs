@@ -21,14 +21,16 @@ use crate::{bench_about, proxy_binary, root, sh::cmd, sh::Background, tester_bin
 pub const DURATION: &str = "3s";
 pub const ROUNDS: u32 = 3;
 pub const HOLD: &str = "15s";
-pub const LOADS: &str =
-    "bulk,bidi,parallel,pingpong,rr50,churn,connrate,idle,idle-mostly,sockperf-pp";
+/// idle-mostly first: its memory per connection is read in a fresh process
+/// (each round restarts the proxies). `idle` is left out: after
+/// idle-mostly in the same process it would read reused memory.
+pub const LOADS: &str = "idle-mostly,bulk,bidi,parallel,pingpong,rr50,churn,connrate,sockperf-pp";
 
 /// One thing under test: a name for the table, its role for the verdict
 /// (ours, peer, base), its two listening ports and its process.
 pub struct Endpoint {
     pub name: &'static str,
-    role: &'static str,
+    pub role: &'static str,
     port: u16,
     sockperf_port: Option<u16>,
     process: Option<Background>,
@@ -135,11 +137,40 @@ impl Options {
     }
 }
 
+/// Every round starts the servers and proxies afresh and runs one round of
+/// `tester-go compare` that continues the previous rounds' JSON: memory per
+/// connection is then measured in a fresh process each round, not in what
+/// an earlier round's 2,000 connections left in the allocator.
 pub fn run(opts: &Options) -> Result<()> {
     let work = root().join("target/bench");
     fs::create_dir_all(&work)?;
-    let backend = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let json = work.join("rounds.json");
+    // Only this run's results may be reported.
+    let _ = fs::remove_file(&json);
+    let mut failed = None;
+    for round in 0..opts.rounds {
+        if let Err(e) = one_round(opts, round, &work, &json) {
+            // A round with errors is still reported (every table has an
+            // errors column); the run fails at the end, after all rounds.
+            eprintln!("xtask bench: round {}: {e:#}", round + 1);
+            failed = Some(e);
+            if !json.exists() {
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e.context(format!("see {}/results.md", opts.out.display())));
+    }
+    println!(
+        "xtask bench: wrote {}/results.md, results.json and the SVG charts",
+        opts.out.display()
+    );
+    Ok(())
+}
 
+fn one_round(opts: &Options, round: u32, work: &Path, json: &Path) -> Result<()> {
+    let backend = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     // The servers first: a proxy whose health probe finds nothing there
     // marks its only target down and the first measured connection fails.
     let mut serving = cmd(tester_binary())
@@ -166,31 +197,54 @@ pub fn run(opts: &Options) -> Result<()> {
         bench: backend,
         sockperf: sockperf_addr,
     };
+    let endpoints = start_endpoints(opts, &targets, work)?;
 
+    let preamble = work.join("preamble.md");
+    fs::write(&preamble, bench_about::preamble(opts, &endpoints, &targets))?;
+    let mut compare = cmd(tester_binary())
+        .arg("compare")
+        .args(["--loads", &opts.loads])
+        .args(["--duration", &opts.duration])
+        .args(["--rounds", "1"])
+        .args(["--hold", &opts.hold])
+        .arg("--json")
+        .arg(json)
+        .arg("--report-dir")
+        .arg(&opts.out)
+        .arg("--preamble")
+        .arg(&preamble);
+    if round > 0 {
+        compare = compare.arg("--continue").arg(json);
+    }
+    for e in &endpoints {
+        compare = compare.args(["--endpoint", &e.arg()]);
+    }
+    let compared = compare.run();
+    drop(endpoints);
+    drop(sockperf);
+    drop(serving);
+    compared
+}
+
+fn start_endpoints(opts: &Options, targets: &Targets, work: &Path) -> Result<Vec<Endpoint>> {
     let mut endpoints = vec![Endpoint {
         name: "direct",
         role: "base",
-        port: backend.port(),
-        sockperf_port: sockperf_addr.map(|a| a.port()),
+        port: targets.bench.port(),
+        sockperf_port: targets.sockperf.map(|a| a.port()),
         process: None,
         about: vec![],
     }];
     for (name, args) in OUR_PLANES {
         if opts.ours.contains(&name) {
-            endpoints.push(our_proxy(name, args, &targets, &work)?);
+            endpoints.push(our_proxy(name, args, targets, work)?);
         }
     }
     if opts.peers {
-        endpoints.push(crate::bench_peers::haproxy(
-            "haproxy", false, &targets, &work,
-        )?);
-        endpoints.push(crate::bench_peers::haproxy(
-            "haproxy-splice",
-            true,
-            &targets,
-            &work,
-        )?);
-        endpoints.push(crate::bench_peers::nginx(&targets, &work)?);
+        use crate::bench_peers::{haproxy, nginx};
+        endpoints.push(haproxy("haproxy", false, targets, work)?);
+        endpoints.push(haproxy("haproxy-splice", true, targets, work)?);
+        endpoints.push(nginx(targets, work)?);
     }
     for e in &mut endpoints[1..] {
         let process = e.process.as_mut().expect("proxies are processes");
@@ -199,34 +253,7 @@ pub fn run(opts: &Options) -> Result<()> {
             crate::e2e::wait_listening(p, process, e.name)?;
         }
     }
-
-    let preamble = work.join("preamble.md");
-    fs::write(&preamble, bench_about::preamble(opts, &endpoints, &targets))?;
-    let mut compare = cmd(tester_binary())
-        .arg("compare")
-        .args(["--loads", &opts.loads])
-        .args(["--duration", &opts.duration])
-        .args(["--rounds", &opts.rounds.to_string()])
-        .args(["--hold", &opts.hold])
-        .arg("--report-dir")
-        .arg(&opts.out)
-        .arg("--preamble")
-        .arg(&preamble);
-    for e in &endpoints {
-        compare = compare.args(["--endpoint", &e.arg()]);
-    }
-    // A run with errors is still reported (every table has an errors
-    // column), then fails: a data error must not hide the numbers, nor pass.
-    let compared = compare.run();
-    drop(endpoints);
-    drop(sockperf);
-    drop(serving);
-    compared?;
-    println!(
-        "xtask bench: wrote {}/results.md, results.json and the SVG charts",
-        opts.out.display()
-    );
-    Ok(())
+    Ok(endpoints)
 }
 
 /// Where every endpoint forwards: the bench backend and the sockperf server.
@@ -276,7 +303,7 @@ fn our_proxy(
         None => None,
     };
     let config = work.join(format!("{name}.json"));
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "Apps": apps }))?;
+    let json = serde_json::to_string(&serde_json::json!({ "Apps": apps }))?;
     fs::write(&config, &json)?;
     let log = fs::File::create(work.join(format!("{name}.log")))?;
     let flags = ["--listen-address", "127.0.0.1"]
@@ -291,13 +318,11 @@ fn our_proxy(
         .args(&flags)
         .stderr(log)
         .spawn(Stdio::null())?;
-    let about = vec![
-        (
-            format!("{name}: flags"),
-            format!("proxy --config {name}.json {}", flags.join(" ")),
-        ),
-        (format!("{name}.json"), json),
-    ];
+    // Ours differ only in their flags: one table row each (bench_about).
+    let about = vec![(
+        format!("proxy --config {name}.json {}", flags.join(" ")),
+        json,
+    )];
     Ok(Endpoint::proxy(
         name,
         "ours",

@@ -130,15 +130,17 @@ pub fn preamble(opts: &Options, endpoints: &[Endpoint], targets: &Targets) -> St
             ""
         }
     );
-    for e in endpoints {
-        if e.about.is_empty() {
-            continue;
+    let _ = writeln!(md, "| ours | command | config |\n|---|---|---|");
+    for e in endpoints.iter().filter(|e| e.role == "ours") {
+        for (command, config) in &e.about {
+            let _ = writeln!(md, "| {} | `{command}` | `{config}` |", e.name);
         }
-        let _ = writeln!(md, "<details><summary>{}</summary>\n", e.name);
+    }
+    md.push('\n');
+    for e in endpoints.iter().filter(|e| e.role == "peer") {
         for (title, body) in &e.about {
             let _ = writeln!(md, "{title}:\n\n```\n{}\n```\n", body.trim_end());
         }
-        let _ = writeln!(md, "</details>\n");
     }
     md
 }

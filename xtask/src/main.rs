@@ -44,7 +44,7 @@ enum Task {
     /// with dpkg -i into a scratch root and that the installed `proxy --check` passes.
     Package,
     /// Direct vs our planes (auto, fastpath, splice, copy) vs HAProxy vs nginx in one interleaved run
-    /// (about 22 minutes with the defaults); writes bench/results.md, results.json and SVG charts.
+    /// (about 20 minutes with the defaults); writes bench/results.md, results.json and SVG charts.
     Bench {
         /// Time per load per endpoint per round (shorter than the default marks a smoke run).
         #[arg(long, default_value = bench::DURATION)]

@@ -3,6 +3,7 @@
 package compare
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"sort"
@@ -106,6 +107,12 @@ type Options struct {
 	Interval  time.Duration // idle-mostly's mean message gap
 	Timeout   time.Duration
 	Progress  io.Writer // one line per run, if set
+	// Prev: an earlier report of the same endpoints and loads whose runs
+	// this one continues (its rounds count first). The bench restarts the
+	// proxies between rounds this way, so every round's memory per
+	// connection is measured in a fresh process, not in memory an earlier
+	// round's 2,000 connections left behind.
+	Prev *Report
 }
 
 // Cell is one endpoint x load: every round's result and, per metric
@@ -159,7 +166,11 @@ func Run(o Options) *Report {
 	if o.Hold <= 0 {
 		o.Hold = o.Duration
 	}
-	rep := &Report{Loads: o.Loads, Rounds: o.Rounds, DurationS: o.Duration.Seconds(), OK: true}
+	first := 0
+	if o.Prev != nil {
+		first = o.Prev.Rounds
+	}
+	rep := &Report{Loads: o.Loads, Rounds: first + o.Rounds, DurationS: o.Duration.Seconds(), OK: true}
 	for _, l := range o.Loads {
 		if l == "idle-mostly" {
 			rep.HoldS = o.Hold.Seconds()
@@ -174,11 +185,16 @@ func Run(o Options) *Report {
 		rep.Rows = append(rep.Rows, &Row{Endpoint: e})
 		for _, l := range o.Loads {
 			c := &Cell{Endpoint: e.Name, Load: l}
+			if o.Prev != nil {
+				if p := o.Prev.cell(e.Name, l); p != nil {
+					c.Runs = p.Runs
+				}
+			}
 			cells[key(e.Name, l)] = c
 			rep.Cells = append(rep.Cells, c)
 		}
 	}
-	for round := 0; round < o.Rounds; round++ {
+	for round := first; round < first+o.Rounds; round++ {
 		for _, l := range o.Loads {
 			eps := append([]Endpoint(nil), o.Endpoints...)
 			if round%2 == 1 {
@@ -197,7 +213,7 @@ func Run(o Options) *Report {
 				c := cells[key(e.Name, l)]
 				c.Runs = append(c.Runs, r)
 				if o.Progress != nil {
-					fmt.Fprintf(o.Progress, "compare: round %d/%d %-8s %-10s %s\n", round+1, o.Rounds, l, e.Name, r.Verdict())
+					fmt.Fprintf(o.Progress, "compare: round %d/%d %-8s %-10s %s\n", round+1, rep.Rounds, l, e.Name, r.Verdict())
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
@@ -286,6 +302,15 @@ func (rep *Report) has(l string) bool {
 		}
 	}
 	return false
+}
+
+// ReadReport reads a report written by WriteJSON (to continue it, Prev).
+func ReadReport(r io.Reader) (*Report, error) {
+	var rep Report
+	if err := json.NewDecoder(r).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("reading an earlier report: %v", err)
+	}
+	return &rep, nil
 }
 
 // Estimate is the wall time of a comparison: every load's duration (the

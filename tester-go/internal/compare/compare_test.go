@@ -131,3 +131,31 @@ func TestCompareDirectVsProxy(t *testing.T) {
 		t.Fatalf("json: %v, %d cells", err, len(back.Cells))
 	}
 }
+
+// A run can continue an earlier one's JSON (the bench restarts the proxies
+// between rounds): its runs come first and the rounds add up.
+func TestContinueEarlierReport(t *testing.T) {
+	be, err := backend.Listen([]string{"127.0.0.1:0"}, nil, backend.Options{Kind: backend.Bench})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	o := Options{Endpoints: []Endpoint{{Name: "direct", Addr: be.Addrs()[0], Role: RoleBase}},
+		Loads: []string{"pingpong"}, Duration: 50 * time.Millisecond, Rounds: 1, Timeout: 5 * time.Second}
+	var js bytes.Buffer
+	if err := Run(o).WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	prev, err := ReadReport(&js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Prev, o.Rounds = prev, 2
+	rep := Run(o)
+	if rep.Rounds != 3 || len(rep.Cells) != 1 || len(rep.Cells[0].Runs) != 3 || !rep.OK {
+		t.Fatalf("continued report: %d rounds, cells %+v", rep.Rounds, rep.Cells)
+	}
+	if _, err := ReadReport(strings.NewReader("{not json")); err == nil {
+		t.Fatal("ReadReport accepted bad JSON")
+	}
+}

@@ -67,9 +67,9 @@ type panel struct {
 }
 
 const (
-	chartW    = 720.0
+	chartW    = 840.0
 	labelW    = 150.0
-	valueW    = 170.0
+	valueW    = 270.0
 	rowH      = 22.0
 	legendH   = 24.0
 	panelHead = 26.0
