@@ -24,6 +24,7 @@ func runBench(args []string) int {
 	hold := fs.Duration("hold", 0, "how long idle-mostly holds its connections (default: --duration)")
 	interval := fs.Duration("interval", 2*time.Second, "idle-mostly: mean gap between one connection's messages (jittered 0.5x..1.5x)")
 	sockperfAddr := fs.String("sockperf", "", "sockperf-pp: HOST:PORT that reaches `sockperf sr --tcp`")
+	iperf3Addr := fs.String("iperf3", "", "iperf3-bulk: HOST:PORT that reaches `iperf3 -s`")
 	pid := fs.Int("proxy-pid", 0, "pid of the proxy: report its CPU seconds (utime+stime), CPU s/GB and, for idle, VmRSS before/during/after")
 	asJSON := fs.Bool("json", false, "print the result as JSON instead of a table")
 	timeout := fs.Duration("timeout", 10*time.Second, "dial timeout and idle timeout per read/write")
@@ -44,7 +45,7 @@ func runBench(args []string) int {
 	}
 	r, err := bench.Run(bench.Options{Target: *target, Load: *load, Duration: *duration, Streams: *streams,
 		Conns: *conns, ProxyPID: *pid, Timeout: *timeout, RRConns: *rrConns, Clients: *clients,
-		Hold: *hold, Interval: *interval, SockperfTarget: *sockperfAddr})
+		Hold: *hold, Interval: *interval, SockperfTarget: *sockperfAddr, Iperf3Target: *iperf3Addr})
 	if err != nil {
 		return fatal("bench", err)
 	}
@@ -90,7 +91,8 @@ const loadHelp = "bulk (1 stream one way), bidi (1 echo stream both ways), paral
 	"pingpong (64-byte request/response, one connection), rr50 (the same on --rr-conns kept connections), " +
 	"churn (--clients clients, a new connection per 64-byte exchange), connrate (connect+first byte, --streams workers), " +
 	"idle (hold --conns connections after one exchange), idle-mostly (hold --conns connections for --hold, a small message every --interval), " +
-	"sockperf-pp (the third-party sockperf ping-pong client through --sockperf)"
+	"sockperf-pp (the third-party sockperf ping-pong client through --sockperf), " +
+	"iperf3-bulk (the third-party iperf3 client, one stream, through --iperf3)"
 
 // checkCounts validates the load-size flags; "" when they are fine.
 func checkCounts(streams, conns, rrConns, clients int) string {
@@ -101,7 +103,7 @@ func checkCounts(streams, conns, rrConns, clients int) string {
 }
 
 func runCompare(args []string) int {
-	fs := newFlags("compare", "[--serve ADDR] --endpoint NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base][,sockperf=HOST:PORT] ... [--loads "+strings.Join(bench.Loads, ",")+"] [--duration 3s] [--rounds 3] [--json FILE] [--report-dir DIR [--preamble FILE]]")
+	fs := newFlags("compare", "[--serve ADDR] --endpoint NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base][,sockperf=HOST:PORT][,iperf3=HOST:PORT] ... [--loads "+strings.Join(bench.Loads, ",")+"] [--duration 3s] [--rounds 3] [--json FILE] [--report-dir DIR [--preamble FILE]]")
 	serve := fs.String("serve", "", "start the bench backend in-process on this address (the proxies under test forward to it; name it \"direct\" to get ratios)")
 	var eps endpointList
 	fs.Var(&eps, "endpoint", "NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base][,sockperf=HOST:PORT], repeatable; ours are judged against the best peer; \"direct\" defaults to base, the rest to ours")

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: our data planes (auto, fastpath with and without the
 //! stream parser, splice, copy) against a direct connection, HAProxy (`mode
 //! tcp`, with and without `option splice-auto`) and nginx `stream`, all
-//! forwarding to the tester's bench backend and to a `sockperf sr` server,
+//! forwarding to the tester's bench backend and to the third-party servers
+//! (`sockperf sr`, `iperf3 -s`),
 //! measured in one interleaved `tester-go compare` run that writes
 //! bench/results.md, results.json and the SVG charts. Also the short
 //! comparison that `cargo xtask test` runs (direct, splice, copy).
@@ -24,7 +25,8 @@ pub const HOLD: &str = "15s";
 /// idle-mostly first: its memory per connection is read in a fresh process
 /// (each round restarts the proxies). `idle` is left out: after
 /// idle-mostly in the same process it would read reused memory.
-pub const LOADS: &str = "idle-mostly,bulk,bidi,parallel,pingpong,rr50,churn,connrate,sockperf-pp";
+pub const LOADS: &str =
+    "idle-mostly,bulk,iperf3-bulk,bidi,parallel,pingpong,sockperf-pp,rr50,churn,connrate";
 
 /// One thing under test: a name for the table, its role for the verdict
 /// (ours, peer, base), its two listening ports and its process.
@@ -32,7 +34,8 @@ pub struct Endpoint {
     pub name: &'static str,
     pub role: &'static str,
     port: u16,
-    sockperf_port: Option<u16>,
+    /// Ports of the extra routes, by `Targets::extra` name.
+    routes: Vec<(&'static str, u16)>,
     process: Option<Background>,
     /// Config files and flags, quoted in results.md.
     pub about: Vec<(String, String)>,
@@ -75,8 +78,8 @@ impl Endpoint {
         if !pids.is_empty() {
             a += &format!(",pid={}", pids.join("+"));
         }
-        if let Some(p) = self.sockperf_port {
-            a += &format!(",sockperf=127.0.0.1:{p}");
+        for (name, p) in &self.routes {
+            a += &format!(",{name}=127.0.0.1:{p}");
         }
         a
     }
@@ -145,8 +148,16 @@ pub fn run(opts: &Options) -> Result<()> {
     let work = root().join("target/bench");
     fs::create_dir_all(&work)?;
     let json = work.join("rounds.json");
-    // Only this run's results may be reported.
+    // Only this run's results may be reported: no JSON to continue, no
+    // chart of a load this run does not measure.
     let _ = fs::remove_file(&json);
+    if let Ok(dir) = fs::read_dir(&opts.out) {
+        for entry in dir.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "svg") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
     let mut failed = None;
     for round in 0..opts.rounds {
         if let Err(e) = one_round(opts, round, &work, &json) {
@@ -178,24 +189,28 @@ fn one_round(opts: &Options, round: u32, work: &Path, json: &Path) -> Result<()>
         .arg(backend.to_string())
         .spawn(Stdio::piped())?;
     crate::e2e::wait_ready(&mut serving)?;
-    let mut sockperf = None;
-    let mut sockperf_addr = None;
-    if opts.wants("sockperf-pp") {
+    // The third-party clients' servers, each on its own port.
+    let mut servers = vec![];
+    let mut extra = vec![];
+    for (load, name, program, args) in THIRD_PARTY {
+        if !opts.wants(load) {
+            continue;
+        }
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let log = fs::File::create(work.join("sockperf-sr.log"))?;
-        let mut server = cmd("sockperf")
-            .args(["sr", "--tcp", "-i", "127.0.0.1", "-p"])
+        let log = fs::File::create(work.join(format!("{name}-server.log")))?;
+        let mut server = cmd(program)
+            .args(args)
             .arg(addr.port().to_string())
             .stderr(log.try_clone()?)
             .spawn(Stdio::from(log))
-            .context("starting `sockperf sr` (cargo xtask setup installs sockperf)")?;
-        crate::e2e::wait_listening(addr.port(), &mut server, "sockperf sr")?;
-        sockperf = Some(server);
-        sockperf_addr = Some(addr);
+            .with_context(|| format!("starting {program} (cargo xtask setup installs it)"))?;
+        crate::e2e::wait_listening(addr.port(), &mut server, program)?;
+        servers.push(server);
+        extra.push((name, addr));
     }
     let targets = Targets {
         bench: backend,
-        sockperf: sockperf_addr,
+        extra,
     };
     let endpoints = start_endpoints(opts, &targets, work)?;
 
@@ -221,7 +236,7 @@ fn one_round(opts: &Options, round: u32, work: &Path, json: &Path) -> Result<()>
     }
     let compared = compare.run();
     drop(endpoints);
-    drop(sockperf);
+    drop(servers);
     drop(serving);
     compared
 }
@@ -231,7 +246,7 @@ fn start_endpoints(opts: &Options, targets: &Targets, work: &Path) -> Result<Vec
         name: "direct",
         role: "base",
         port: targets.bench.port(),
-        sockperf_port: targets.sockperf.map(|a| a.port()),
+        routes: targets.extra.iter().map(|(n, a)| (*n, a.port())).collect(),
         process: None,
         about: vec![],
     }];
@@ -249,17 +264,36 @@ fn start_endpoints(opts: &Options, targets: &Targets, work: &Path) -> Result<Vec
     for e in &mut endpoints[1..] {
         let process = e.process.as_mut().expect("proxies are processes");
         crate::e2e::wait_listening(e.port, process, e.name)?;
-        if let Some(p) = e.sockperf_port {
-            crate::e2e::wait_listening(p, process, e.name)?;
+        for (_, p) in &e.routes {
+            crate::e2e::wait_listening(*p, process, e.name)?;
         }
     }
     Ok(endpoints)
 }
 
-/// Where every endpoint forwards: the bench backend and the sockperf server.
+/// The third-party clients' servers: the load that needs one, the route's
+/// name (the `tester-go compare --endpoint` option), the server and its
+/// arguments (the port follows).
+const THIRD_PARTY: [(&str, &str, &str, &[&str]); 2] = [
+    (
+        "sockperf-pp",
+        "sockperf",
+        "sockperf",
+        &["sr", "--tcp", "-i", "127.0.0.1", "-p"],
+    ),
+    (
+        "iperf3-bulk",
+        "iperf3",
+        "iperf3",
+        &["-s", "-B", "127.0.0.1", "-p"],
+    ),
+];
+
+/// Where every endpoint forwards: the bench backend, and each third-party
+/// server on a route of its own.
 pub struct Targets {
     pub bench: SocketAddr,
-    pub sockperf: Option<SocketAddr>,
+    pub extra: Vec<(&'static str, SocketAddr)>,
 }
 
 impl Endpoint {
@@ -267,7 +301,7 @@ impl Endpoint {
         name: &'static str,
         role: &'static str,
         port: u16,
-        sockperf_port: Option<u16>,
+        routes: Vec<(&'static str, u16)>,
         process: Background,
         about: Vec<(String, String)>,
     ) -> Endpoint {
@@ -275,7 +309,7 @@ impl Endpoint {
             name,
             role,
             port,
-            sockperf_port,
+            routes,
             process: Some(process),
             about,
         }
@@ -283,7 +317,7 @@ impl Endpoint {
 }
 
 /// Our proxy with `args` (its data plane): app "bench" to the bench backend
-/// and, when sockperf runs, app "sockperf" to its server.
+/// and an app per third-party server.
 fn our_proxy(
     name: &'static str,
     args: &[&str],
@@ -294,14 +328,12 @@ fn our_proxy(
     let mut apps = vec![
         serde_json::json!({"Name": "bench", "Ports": [port], "Targets": [targets.bench.to_string()]}),
     ];
-    let sockperf_port = match targets.sockperf {
-        Some(addr) => {
-            let p = free_port()?;
-            apps.push(serde_json::json!({"Name": "sockperf", "Ports": [p], "Targets": [addr.to_string()]}));
-            Some(p)
-        }
-        None => None,
-    };
+    let mut routes = vec![];
+    for (route, addr) in &targets.extra {
+        let p = free_port()?;
+        apps.push(serde_json::json!({"Name": route, "Ports": [p], "Targets": [addr.to_string()]}));
+        routes.push((*route, p));
+    }
     let config = work.join(format!("{name}.json"));
     let json = serde_json::to_string(&serde_json::json!({ "Apps": apps }))?;
     fs::write(&config, &json)?;
@@ -323,14 +355,7 @@ fn our_proxy(
         format!("proxy --config {name}.json {}", flags.join(" ")),
         json,
     )];
-    Ok(Endpoint::proxy(
-        name,
-        "ours",
-        port,
-        sockperf_port,
-        process,
-        about,
-    ))
+    Ok(Endpoint::proxy(name, "ours", port, routes, process, about))
 }
 
 pub fn free_port() -> Result<u16> {

@@ -110,6 +110,7 @@ pub fn preamble(opts: &Options, endpoints: &[Endpoint], targets: &Targets) -> St
         ("HAProxy", first_line("haproxy", &["-v"])),
         ("nginx", first_line("nginx", &["-v"])),
         ("sockperf", first_line("sockperf", &["--version"])),
+        ("iperf3", first_line("iperf3", &["--version"])),
         ("Go (tester-go)", first_line("go", &["version"])),
     ];
     for (k, v) in rows {
@@ -121,13 +122,14 @@ pub fn preamble(opts: &Options, endpoints: &[Endpoint], targets: &Targets) -> St
          Every proxy forwards one port to that backend{}. Exact configs (ports change per run):\n",
         targets.bench,
         targets
-            .sockperf
-            .map(|a| format!(", and `sockperf sr --tcp -i 127.0.0.1 -p {}` for the sockperf client", a.port()))
-            .unwrap_or_default(),
-        if targets.sockperf.is_some() {
-            " and a second to the sockperf server"
-        } else {
+            .extra
+            .iter()
+            .map(|(name, a)| format!(", the {name} server on {a}"))
+            .collect::<String>(),
+        if targets.extra.is_empty() {
             ""
+        } else {
+            " and one to each of those servers"
         }
     );
     let _ = writeln!(md, "| ours | command | config |\n|---|---|---|");

@@ -1,8 +1,8 @@
 //! The peers `cargo xtask bench` measures against, configured as users run
 //! them on a 2-core machine: HAProxy 2.6 `mode tcp` with `nbthread 2` (with
 //! and without `option splice-auto`) and nginx `stream` with 2 workers.
-//! Each forwards one port to the bench backend and, when sockperf runs, a
-//! second to the sockperf server. The exact files go into results.md.
+//! Each forwards one port to the bench backend and one to each third-party
+//! server. The exact files go into results.md.
 use std::{fmt::Write as _, fs, path::Path, process::Stdio};
 
 use anyhow::Result;
@@ -31,18 +31,16 @@ pub fn haproxy(
          backend targets\n    server s1 {}\n",
         targets.bench
     );
-    let sockperf_port = match targets.sockperf {
-        Some(addr) => {
-            let p = free_port()?;
-            write!(
-                cfg,
-                "frontend sockperf\n    bind 127.0.0.1:{p}\n    default_backend sockperf\n\
-                 backend sockperf\n    server s1 {addr}\n"
-            )?;
-            Some(p)
-        }
-        None => None,
-    };
+    let mut routes = vec![];
+    for (route, addr) in &targets.extra {
+        let p = free_port()?;
+        write!(
+            cfg,
+            "frontend {route}\n    bind 127.0.0.1:{p}\n    default_backend {route}\n\
+             backend {route}\n    server s1 {addr}\n"
+        )?;
+        routes.push((*route, p));
+    }
     let config = work.join(format!("{name}.cfg"));
     fs::write(&config, &cfg)?;
     let log = fs::File::create(work.join(format!("{name}.log")))?;
@@ -58,14 +56,7 @@ pub fn haproxy(
         ),
         (format!("{name}.cfg"), cfg),
     ];
-    Ok(Endpoint::proxy(
-        name,
-        "peer",
-        port,
-        sockperf_port,
-        process,
-        about,
-    ))
+    Ok(Endpoint::proxy(name, "peer", port, routes, process, about))
 }
 
 /// nginx's workers: one per core, as the issue measured it.
@@ -82,18 +73,16 @@ pub fn nginx(targets: &Targets, work: &Path) -> Result<Endpoint> {
          \x20   proxy_buffer_size 64k;\n    proxy_half_close on;\n  }}\n",
         targets.bench
     );
-    let sockperf_port = match targets.sockperf {
-        Some(addr) => {
-            let p = free_port()?;
-            write!(
-                servers,
-                "  server {{\n    listen 127.0.0.1:{p};\n    proxy_pass {addr};\n\
-                 \x20   proxy_buffer_size 64k;\n    proxy_half_close on;\n  }}\n"
-            )?;
-            Some(p)
-        }
-        None => None,
-    };
+    let mut routes = vec![];
+    for (route, addr) in &targets.extra {
+        let p = free_port()?;
+        write!(
+            servers,
+            "  server {{\n    listen 127.0.0.1:{p};\n    proxy_pass {addr};\n\
+             \x20   proxy_buffer_size 64k;\n    proxy_half_close on;\n  }}\n"
+        )?;
+        routes.push((*route, p));
+    }
     let cfg = format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
          worker_processes {NGINX_WORKERS};\npid {pid};\nerror_log {err} warn;\n\
@@ -118,11 +107,6 @@ pub fn nginx(targets: &Targets, work: &Path) -> Result<Endpoint> {
         ("nginx.conf".to_string(), cfg),
     ];
     Ok(Endpoint::proxy(
-        "nginx",
-        "peer",
-        port,
-        sockperf_port,
-        process,
-        about,
+        "nginx", "peer", port, routes, process, about,
     ))
 }

@@ -19,7 +19,7 @@ import (
 )
 
 // Loads, in their canonical order.
-var Loads = []string{"bulk", "bidi", "parallel", "pingpong", "rr50", "churn", "connrate", "idle", "idle-mostly", "sockperf-pp"}
+var Loads = []string{"bulk", "bidi", "parallel", "pingpong", "rr50", "churn", "connrate", "idle", "idle-mostly", "sockperf-pp", "iperf3-bulk"}
 
 // ValidLoad reports whether name is a known load.
 func ValidLoad(name string) bool {
@@ -54,6 +54,8 @@ type Options struct {
 	Interval time.Duration
 	// SockperfTarget: host:port that reaches `sockperf sr --tcp` (sockperf-pp).
 	SockperfTarget string
+	// Iperf3Target: host:port that reaches `iperf3 -s` (iperf3-bulk).
+	Iperf3Target string
 }
 
 // Result of one run. Zero fields do not apply to the load.
@@ -157,6 +159,10 @@ func Run(o Options) (*Result, error) {
 		r.Client = "sockperf"
 		r.Target = o.SockperfTarget
 		err = runSockperf(o, r)
+	case "iperf3-bulk":
+		r.Client = "iperf3"
+		r.Target = o.Iperf3Target
+		err = runIperf3(o, r)
 	}
 	if r.Seconds == 0 {
 		r.Seconds = time.Since(t0).Seconds()

@@ -34,8 +34,8 @@ func TestLoads(t *testing.T) {
 	proxied := "127.0.0.1:" + strconv.Itoa(p.Ports[0][0])
 	for _, target := range []string{direct, proxied} {
 		for _, load := range Loads {
-			if load == "sockperf-pp" {
-				continue // TestSockperf: it needs the sockperf binary
+			if load == "sockperf-pp" || load == "iperf3-bulk" {
+				continue // TestSockperf, TestIperf3: they need those binaries
 			}
 			t.Run(load, func(t *testing.T) {
 				r, err := Run(Options{Target: target, Load: load, Duration: 150 * time.Millisecond,

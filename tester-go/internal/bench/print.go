@@ -80,7 +80,7 @@ func perGB(v float64) string {
 // Headline is the load's main number with its unit.
 func (r *Result) Headline() string {
 	switch r.Load {
-	case "bulk", "bidi", "parallel":
+	case "bulk", "bidi", "parallel", "iperf3-bulk":
 		return fmt.Sprintf("%.3f GB/s", r.GBps)
 	case "pingpong", "sockperf-pp":
 		if r.Latency != nil {

@@ -64,29 +64,9 @@ func TestSockperf(t *testing.T) {
 	if _, err := exec.LookPath("sockperf"); err != nil {
 		t.Skip("sockperf not installed")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	port := addr[strings.LastIndexByte(addr, ':')+1:]
-	srv := exec.Command("sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", port)
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	for i := 0; ; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			break
-		}
-		if i == 50 {
-			t.Fatalf("sockperf sr never listened on %s", addr)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	addr := startServer(t, func(port string) *exec.Cmd {
+		return exec.Command("sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", port)
+	})
 	p, err := brokenproxy.Start(brokenproxy.Correct, [][]string{{addr}}, 1)
 	if err != nil {
 		t.Fatal(err)
@@ -101,5 +81,83 @@ func TestSockperf(t *testing.T) {
 	}
 	if _, err := Run(Options{Load: "sockperf-pp", Duration: time.Second}); err == nil || !strings.Contains(err.Error(), "no sockperf route") {
 		t.Fatalf("sockperf-pp without a route: %v", err)
+	}
+}
+
+func TestParseIperf3(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want Iperf3
+		err  string
+	}{
+		{"3.12", `{"start":{},"end":{"sum_sent":{"bytes":3071016961,"seconds":1.0},"sum_received":{"start":0,"end":1.001177,"seconds":1.001177,"bytes":3071016960,"bits_per_second":2.4e10,"sender":true}}}`,
+			Iperf3{Bytes: 3071016960, Seconds: 1.001177}, ""},
+		{"error field", `{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}`, Iperf3{}, "Connection refused"},
+		{"nothing received", `{"end":{"sum_received":{"bytes":0,"seconds":1}}}`, Iperf3{}, "received nothing"},
+		{"not JSON", `iperf3: error`, Iperf3{}, "iperf3 JSON"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ParseIperf3([]byte(tt.in))
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("err = %v, want %q", err, tt.err)
+				}
+				return
+			}
+			if err != nil || *got != tt.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestIperf3 runs the real client through a proxy to a real `iperf3 -s`,
+// when iperf3 is installed (cargo xtask setup installs it).
+func TestIperf3(t *testing.T) {
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		t.Skip("iperf3 not installed")
+	}
+	addr := startServer(t, func(port string) *exec.Cmd { return exec.Command("iperf3", "-s", "-B", "127.0.0.1", "-p", port) })
+	p, err := brokenproxy.Start(brokenproxy.Correct, [][]string{{addr}}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	r, err := Run(Options{Load: "iperf3-bulk", Iperf3Target: "127.0.0.1:" + strconv.Itoa(p.Ports[0][0]), Duration: time.Second, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.OK() || r.Client != "iperf3" || r.Bytes <= 0 || r.GBps <= 0 {
+		t.Fatalf("iperf3-bulk: %+v", r)
+	}
+}
+
+// startServer starts a third-party server on a free loopback port and
+// waits until it accepts; it is killed when the test ends.
+func startServer(t *testing.T, command func(port string) *exec.Cmd) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	srv := command(addr[strings.LastIndexByte(addr, ':')+1:])
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	for i := 0; ; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return addr
+		}
+		if i == 50 {
+			t.Fatalf("%v never listened on %s", srv.Args, addr)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

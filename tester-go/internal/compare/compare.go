@@ -32,10 +32,11 @@ type Endpoint struct {
 	MorePIDs []int  `json:"more_pids,omitempty"` // the proxy's other processes (pid=A+B+...)
 	Role     string `json:"role"`
 	Sockperf string `json:"sockperf,omitempty"`
+	Iperf3   string `json:"iperf3,omitempty"`
 }
 
 // ParseEndpoint parses NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base]
-// [,sockperf=HOST:PORT]. The role defaults to base for "direct", else ours.
+// [,sockperf=HOST:PORT][,iperf3=HOST:PORT]. The role defaults to base for "direct", else ours.
 func ParseEndpoint(s string) (Endpoint, error) {
 	name, rest, ok := strings.Cut(s, "=")
 	if !ok || name == "" || rest == "" {
@@ -74,8 +75,13 @@ func ParseEndpoint(s string) (Endpoint, error) {
 				return Endpoint{}, fmt.Errorf("bad endpoint %q: sockperf: %v", s, err)
 			}
 			e.Sockperf = v
+		case "iperf3":
+			if _, _, err := splitHostPort(v); err != nil {
+				return Endpoint{}, fmt.Errorf("bad endpoint %q: iperf3: %v", s, err)
+			}
+			e.Iperf3 = v
 		default:
-			return Endpoint{}, fmt.Errorf("bad endpoint %q: unknown option %q (pid=, role=, sockperf=)", s, p)
+			return Endpoint{}, fmt.Errorf("bad endpoint %q: unknown option %q (pid=, role=, sockperf=, iperf3=)", s, p)
 		}
 	}
 	return e, nil
@@ -206,7 +212,7 @@ func Run(o Options) *Report {
 				r, err := bench.Run(bench.Options{Target: e.Addr, Load: l, Duration: o.Duration,
 					Streams: o.Streams, Conns: o.Conns, ProxyPID: e.PID, MorePIDs: e.MorePIDs, Timeout: o.Timeout,
 					RRConns: o.RRConns, Clients: o.Clients, Hold: o.Hold, Interval: o.Interval,
-					SockperfTarget: e.Sockperf})
+					SockperfTarget: e.Sockperf, Iperf3Target: e.Iperf3})
 				if err != nil {
 					r = &bench.Result{Load: l, Target: e.Addr, Errors: 1, FirstError: err.Error()}
 				}
@@ -324,7 +330,7 @@ func Estimate(loads []string, endpoints, rounds int, duration, hold time.Duratio
 			per += hold + 2*time.Second
 		case "idle":
 			per += duration + 2*time.Second
-		case "sockperf-pp":
+		case "sockperf-pp", "iperf3-bulk":
 			per += duration.Round(time.Second) + time.Second
 		default:
 			per += duration + 100*time.Millisecond

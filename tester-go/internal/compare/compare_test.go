@@ -34,6 +34,8 @@ func TestParseEndpoint(t *testing.T) {
 		{"a=127.0.0.1:1,foo=1", Endpoint{}, true},
 		{"a=127.0.0.1:1,role=boss", Endpoint{}, true},
 		{"a=127.0.0.1:1,sockperf=nope", Endpoint{}, true},
+		{"a=127.0.0.1:1,iperf3=127.0.0.1:7", Endpoint{Name: "a", Addr: "127.0.0.1:1", Role: RoleOurs, Iperf3: "127.0.0.1:7"}, false},
+		{"a=127.0.0.1:1,iperf3=x", Endpoint{}, true},
 		{"=127.0.0.1:1", Endpoint{}, true},
 	}
 	for _, tt := range tests {

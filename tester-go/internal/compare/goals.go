@@ -28,6 +28,7 @@ type Goal struct {
 // the best forced plane" and "auto at least the best peer" (Evaluate).
 var Goals = []Goal{
 	{Load: "bulk", Metric: "gb_per_s", Versus: VsBestPeer, Factor: 1.5},
+	{Load: "iperf3-bulk", Metric: "gb_per_s", Versus: VsBestPeer, Factor: 1.5},
 	{Load: "bidi", Metric: "gb_per_s", Versus: VsBestPeer, Factor: 1},
 	{Load: "parallel", Metric: "gb_per_s", Versus: VsBestPeer, Factor: 1},
 	{Load: "pingpong", Metric: "p99_us", Versus: VsBestPeer, Factor: 1},

@@ -40,6 +40,7 @@ func (rep *Report) WriteMarkdown(w io.Writer, preamble string) {
 	if rep.hasBulk() {
 		fmt.Fprintf(w, "## Proxy CPU per GB\n\nThe proxy process's utime+stime over the load divided by the bytes moved (lower is better; whiskers are min–max over the rounds).\n\n![proxy CPU per GB](cpu-per-gb.svg)\n\n")
 	}
+	rep.writeErrors(w)
 	fmt.Fprintf(w, "## How each load checks its data\n\n")
 	for _, l := range rep.Loads {
 		for _, row := range rep.Rows {
@@ -60,7 +61,7 @@ func (rep *Report) WriteMarkdown(w io.Writer, preamble string) {
 }
 
 func (rep *Report) hasBulk() bool {
-	return rep.has("bulk") || rep.has("bidi") || rep.has("parallel")
+	return len(bulkLoads(rep)) > 0
 }
 
 // writeTargets: one row per goal for the default plane (auto), the others'
@@ -150,4 +151,33 @@ func (rep *Report) WriteFiles(dir, preamble string) error {
 		}
 	}
 	return nil
+}
+
+// bulkLoads are the report's byte-moving loads, whose proxy CPU per GB is
+// charted.
+func bulkLoads(rep *Report) []string {
+	var out []string
+	for _, l := range []string{"bulk", "iperf3-bulk", "bidi", "parallel"} {
+		if rep.has(l) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// writeErrors lists every endpoint and load whose runs had errors, with the
+// first error of each failing run.
+func (rep *Report) writeErrors(w io.Writer) {
+	var lines []string
+	for _, c := range rep.Cells {
+		for i, r := range c.Runs {
+			if r.Errors > 0 || r.IdleOK != r.IdleWanted {
+				lines = append(lines, fmt.Sprintf("- %s, %s, round %d: %d error(s); first: %s", c.Endpoint, c.Load, i+1, r.Errors, r.FirstError))
+			}
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "## Errors\n\nA cell with errors fails its targets and is never a reference.\n\n%s\n\n", strings.Join(lines, "\n"))
 }

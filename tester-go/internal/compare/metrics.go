@@ -45,7 +45,7 @@ var (
 // LoadMetrics lists what each load reports; the first is its headline.
 func LoadMetrics(load string) []Metric {
 	switch load {
-	case "bulk", "bidi", "parallel":
+	case "bulk", "bidi", "parallel", "iperf3-bulk":
 		return []Metric{mGBps, mCPUGB}
 	case "pingpong", "sockperf-pp":
 		return []Metric{mP99, mP50, mP999}

@@ -50,10 +50,8 @@ func (rep *Report) Charts() map[string]string {
 		}
 	}
 	var cpu []panel
-	for _, l := range []string{"bulk", "bidi", "parallel"} {
-		if rep.has(l) {
-			cpu = append(cpu, panel{l, mCPUGB})
-		}
+	for _, l := range bulkLoads(rep) {
+		cpu = append(cpu, panel{l, mCPUGB})
 	}
 	if len(cpu) > 0 {
 		out["cpu-per-gb.svg"] = rep.barChart(cpu, "proxy CPU per GB moved (utime+stime / bytes)")

@@ -22,6 +22,7 @@ var LoadTitles = map[string]string{
 	"idle":        "connections held idle after one small exchange",
 	"idle-mostly": "long-lived connections, a 32-byte message every few seconds each",
 	"sockperf-pp": "sockperf ping-pong (third-party client), one connection",
+	"iperf3-bulk": "iperf3 (third-party client), one stream, one way",
 }
 
 // fmtStat is "median (min–max)", or the median alone for one round.
