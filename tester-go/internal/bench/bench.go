@@ -4,7 +4,6 @@
 package bench
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -144,7 +143,9 @@ func Run(o Options) (*Result, error) {
 	case "bidi":
 		err = runBidi(o, r)
 	case "pingpong":
-		err = runPingPong(o, r)
+		// rr50's loop on one connection: latency without queueing.
+		o.RRConns = 1
+		err = runRR(o, r)
 	case "connrate":
 		err = runConnRate(o, r)
 	case "rr50":
@@ -319,53 +320,6 @@ func runBidi(o Options, r *Result) error {
 		r.Verified = "echoed byte count matches"
 	} else {
 		r.Verified = fmt.Sprintf("MISMATCH: sent %d, echoed %d", s, recv)
-		r.fail(&mu, errors.New(r.Verified))
-	}
-	return nil
-}
-
-// runPingPong: one 'P' connection, 64-byte request/response, each reply
-// compared with the request.
-func runPingPong(o Options, r *Result) error {
-	c, err := dial(o)
-	if err != nil {
-		return fmt.Errorf("dial %s: %w", o.Target, err)
-	}
-	defer c.Close()
-	var mu sync.Mutex
-	if _, err := c.Write([]byte{'P'}); err != nil {
-		return err
-	}
-	var h Histogram
-	msg := make([]byte, backend.PingSize)
-	reply := make([]byte, backend.PingSize)
-	start := time.Now()
-	until := start.Add(o.Duration)
-	var bad int64
-	c.SetDeadline(until.Add(o.Timeout))
-	for i := uint64(0); time.Now().Before(until); i++ {
-		binary.BigEndian.PutUint64(msg, i)
-		t := time.Now()
-		if _, err := c.Write(msg); err != nil {
-			r.fail(&mu, err)
-			break
-		}
-		if _, err := io.ReadFull(c, reply); err != nil {
-			r.fail(&mu, err)
-			break
-		}
-		h.Record(time.Since(t))
-		if !bytes.Equal(msg, reply) {
-			bad++
-		}
-	}
-	r.Seconds = time.Since(start).Seconds()
-	r.Latency = h.Summary()
-	r.Conns = 1
-	if bad == 0 {
-		r.Verified = fmt.Sprintf("%d replies equal their requests", h.Count())
-	} else {
-		r.Verified = fmt.Sprintf("MISMATCH: %d/%d replies differ", bad, h.Count())
 		r.fail(&mu, errors.New(r.Verified))
 	}
 	return nil

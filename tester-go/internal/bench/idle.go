@@ -40,27 +40,25 @@ func ensureFDs(need uint64) error {
 	return nil
 }
 
-// exchange writes one idle message carrying seq and checks its echo; the
-// round trip goes to h when h is not nil.
-func exchange(c *net.TCPConn, seq uint64, timeout time.Duration, h *Histogram) error {
+// exchange writes one idle message carrying seq and checks its echo; it
+// returns the round trip.
+func exchange(c *net.TCPConn, seq uint64, timeout time.Duration) (time.Duration, error) {
 	var msg, reply [idleMsgSize]byte
 	binary.BigEndian.PutUint64(msg[:], seq)
 	copy(msg[8:], "idle-mostly message body")
 	c.SetDeadline(time.Now().Add(timeout))
 	t := time.Now()
 	if _, err := c.Write(msg[:]); err != nil {
-		return fmt.Errorf("idle write: %v", err)
+		return 0, fmt.Errorf("idle write: %v", err)
 	}
 	if _, err := io.ReadFull(c, reply[:]); err != nil {
-		return fmt.Errorf("idle echo: %v", err)
+		return 0, fmt.Errorf("idle echo: %v", err)
 	}
-	if h != nil {
-		h.Record(time.Since(t))
-	}
+	rtt := time.Since(t)
 	if !bytes.Equal(msg[:], reply[:]) {
-		return fmt.Errorf("idle echo differs from message %d", seq)
+		return rtt, fmt.Errorf("idle echo differs from message %d", seq)
 	}
-	return nil
+	return rtt, nil
 }
 
 // openIdle opens o.Conns 'I' (echo) connections, 64 at a time, each after
@@ -86,7 +84,7 @@ func openIdle(o Options, r *Result, mu *sync.Mutex) []*net.TCPConn {
 				c.Close()
 				return
 			}
-			if err := exchange(c, 0, o.Timeout, nil); err != nil {
+			if _, err := exchange(c, 0, o.Timeout); err != nil {
 				r.fail(mu, err)
 				c.Close()
 				return
@@ -122,7 +120,15 @@ func runIdle(o Options, r *Result) error {
 	conns := openIdle(o, r, &mu)
 	time.Sleep(o.Duration)
 	r.RSSDuringKiB = rssOf(o)
-	ok := closeChecked(o, r, &mu, conns)
+	finishIdle(o, r, &mu, conns, start)
+	r.Verified = fmt.Sprintf("%d/%d held connections still echo", r.IdleOK, o.Conns)
+	return nil
+}
+
+// finishIdle checks that the held connections still echo, closes them and
+// fills in the counts, RSS after and KiB per connection.
+func finishIdle(o Options, r *Result, mu *sync.Mutex, conns []*net.TCPConn, start time.Time) {
+	ok := closeChecked(o, r, mu, conns)
 	r.Seconds = time.Since(start).Seconds()
 	time.Sleep(200 * time.Millisecond) // let the proxy release them
 	r.RSSAfterKiB = rssOf(o)
@@ -130,8 +136,6 @@ func runIdle(o Options, r *Result) error {
 	if ok > 0 && r.RSSDuringKiB > 0 {
 		r.KiBPerConn = float64(r.RSSDuringKiB-r.RSSBeforeKiB) / float64(ok)
 	}
-	r.Verified = fmt.Sprintf("%d/%d held connections still echo", ok, o.Conns)
-	return nil
 }
 
 // closeChecked checks that every held connection still echoes, closes it,
@@ -147,7 +151,7 @@ func closeChecked(o Options, r *Result, mu *sync.Mutex, conns []*net.TCPConn) in
 		go func(c *net.TCPConn) {
 			defer wg.Done()
 			defer c.Close()
-			if err := exchange(c, 1<<62, o.Timeout, nil); err != nil {
+			if _, err := exchange(c, 1<<62, o.Timeout); err != nil {
 				r.fail(mu, err)
 				return
 			}
@@ -176,7 +180,11 @@ func runIdleMostly(o Options, r *Result) error {
 	}
 	holdStart := time.Now()
 	until := holdStart.Add(o.Hold)
-	hs := make([]Histogram, len(conns))
+	// A histogram is 64 KiB: one per shard of connections, not per
+	// connection (messages are rare, so the shard locks are uncontended).
+	const shards = 16
+	hs := make([]Histogram, shards)
+	var locks [shards]sync.Mutex
 	var msgs int64
 	var wg sync.WaitGroup
 	for i, c := range conns {
@@ -184,7 +192,7 @@ func runIdleMostly(o Options, r *Result) error {
 			continue
 		}
 		wg.Add(1)
-		go func(c *net.TCPConn, h *Histogram, seed int64) {
+		go func(c *net.TCPConn, shard int, seed int64) {
 			defer wg.Done()
 			rng := rand.New(rand.NewSource(seed))
 			for seq := uint64(1); ; seq++ {
@@ -193,13 +201,17 @@ func runIdleMostly(o Options, r *Result) error {
 					return
 				}
 				time.Sleep(gap)
-				if err := exchange(c, seq, o.Timeout, h); err != nil {
+				rtt, err := exchange(c, seq, o.Timeout)
+				if err != nil {
 					r.fail(&mu, err)
 					return
 				}
+				locks[shard].Lock()
+				hs[shard].Record(rtt)
+				locks[shard].Unlock()
 				atomic.AddInt64(&msgs, 1)
 			}
-		}(c, &hs[i], int64(i)+1)
+		}(c, i%shards, int64(i)+1)
 	}
 	wg.Wait()
 	time.Sleep(time.Until(until))
@@ -209,23 +221,16 @@ func runIdleMostly(o Options, r *Result) error {
 		cpu1, _ := o.proxyCPU()
 		r.HoldCPU = cpu1 - cpu0
 	}
-	ok := closeChecked(o, r, &mu, conns)
-	r.Seconds = time.Since(start).Seconds()
-	time.Sleep(200 * time.Millisecond)
-	r.RSSAfterKiB = rssOf(o)
+	finishIdle(o, r, &mu, conns, start)
 	for i := 1; i < len(hs); i++ {
 		hs[0].Merge(&hs[i])
 	}
 	if len(hs) > 0 {
 		r.Latency = hs[0].Summary()
 	}
-	r.IdleWanted, r.IdleOK, r.Conns = o.Conns, int(ok), ok
-	if ok > 0 && r.RSSDuringKiB > 0 {
-		r.KiBPerConn = float64(r.RSSDuringKiB-r.RSSBeforeKiB) / float64(ok)
+	if r.IdleOK > 0 && o.ProxyPID > 0 && hold > 0 {
+		r.CPUPerConn = r.HoldCPU * 1e6 / float64(r.IdleOK) / hold
 	}
-	if ok > 0 && o.ProxyPID > 0 && hold > 0 {
-		r.CPUPerConn = r.HoldCPU * 1e6 / float64(ok) / hold
-	}
-	r.Verified = fmt.Sprintf("%d/%d connections echoed all %d messages, then still echo", ok, o.Conns, msgs)
+	r.Verified = fmt.Sprintf("%d/%d connections echoed all %d messages, then still echo", r.IdleOK, o.Conns, msgs)
 	return nil
 }

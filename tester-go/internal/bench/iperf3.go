@@ -1,12 +1,8 @@
 package bench
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"math"
-	"os/exec"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -14,26 +10,27 @@ import (
 // runIperf3 runs the third-party client `iperf3 -c` (one stream, one way,
 // JSON output) against Iperf3Target, which reaches `iperf3 -s` directly or
 // through a proxy, and reports the bytes the server received.
+//
+// iperf3 -s takes any connection for a client, one at a time: a proxy's
+// health probe of it (a connect and close) can make the next test fail at
+// its start ("busy", "control socket has closed"), so those are retried.
 func runIperf3(o Options, r *Result) error {
-	if o.Iperf3Target == "" {
-		return fmt.Errorf("iperf3-bulk: this endpoint has no iperf3 route (--endpoint ...,iperf3=HOST:PORT)")
+	var ip *Iperf3
+	var err, perr error
+	for attempt := 0; attempt < 3; attempt++ {
+		var out []byte
+		out, _, err = runTool(o, o.Iperf3Target, "iperf3", false, func(host, port, secs string) []string {
+			return []string{"-c", host, "-p", port, "-t", secs, "-J"}
+		})
+		ip, perr = ParseIperf3(out)
+		if perr == nil || !(strings.Contains(perr.Error(), "busy") || strings.Contains(perr.Error(), "control socket")) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	i := strings.LastIndexByte(o.Iperf3Target, ':')
-	if i <= 0 {
-		return fmt.Errorf("iperf3-bulk: %q is not HOST:PORT", o.Iperf3Target)
-	}
-	secs := int(math.Ceil(o.Duration.Seconds()))
-	if secs < 1 {
-		secs = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+o.Timeout+5*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "iperf3", "-c", o.Iperf3Target[:i], "-p", o.Iperf3Target[i+1:],
-		"-t", strconv.Itoa(secs), "-J").Output()
-	ip, perr := ParseIperf3(out)
 	if perr != nil {
 		if err != nil {
-			return fmt.Errorf("iperf3 -c %s: %v; %v", o.Iperf3Target, err, perr)
+			return fmt.Errorf("%v; %v", err, perr)
 		}
 		return fmt.Errorf("iperf3 -c %s: %v", o.Iperf3Target, perr)
 	}

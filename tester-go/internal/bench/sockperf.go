@@ -15,26 +15,12 @@ import (
 // full round trip) against SockperfTarget, which reaches `sockperf sr
 // --tcp` directly or through a proxy, and reports its percentiles.
 func runSockperf(o Options, r *Result) error {
-	if o.SockperfTarget == "" {
-		return fmt.Errorf("sockperf-pp: this endpoint has no sockperf route (--endpoint ...,sockperf=HOST:PORT)")
-	}
-	i := strings.LastIndexByte(o.SockperfTarget, ':')
-	if i <= 0 {
-		return fmt.Errorf("sockperf-pp: %q is not HOST:PORT", o.SockperfTarget)
-	}
-	host, port := o.SockperfTarget[:i], o.SockperfTarget[i+1:]
-	secs := int(math.Ceil(o.Duration.Seconds()))
-	if secs < 1 {
-		secs = 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+o.Timeout+5*time.Second)
-	defer cancel()
-	start := time.Now()
-	out, err := exec.CommandContext(ctx, "sockperf", "pp", "--tcp", "-i", host, "-p", port,
-		"-t", strconv.Itoa(secs), "--full-rtt").CombinedOutput()
-	r.Seconds = time.Since(start).Seconds()
+	out, secs, err := runTool(o, o.SockperfTarget, "sockperf", true, func(host, port, secs string) []string {
+		return []string{"pp", "--tcp", "-i", host, "-p", port, "-t", secs, "--full-rtt"}
+	})
+	r.Seconds = secs
 	if err != nil {
-		return fmt.Errorf("sockperf pp via %s: %v: %s", o.SockperfTarget, err, lastLines(string(out), 3))
+		return fmt.Errorf("%v: %s", err, lastLines(string(out), 3))
 	}
 	s, err := ParseSockperf(string(out))
 	if err != nil {
@@ -48,6 +34,39 @@ func runSockperf(o Options, r *Result) error {
 	}
 	r.Verified = fmt.Sprintf("sockperf: %d observations, %d dropped, %d duplicated, %d out of order", s.Latency.Count, s.Dropped, s.Duplicated, s.OutOfOrder)
 	return nil
+}
+
+// runTool runs a third-party client for the load's duration (whole
+// seconds, at least 1) against target (HOST:PORT, the endpoint's route to
+// that tool's server) and returns its output (stdout, or stdout and stderr
+// when combined) and the wall time.
+func runTool(o Options, target, program string, combined bool, args func(host, port, secs string) []string) ([]byte, float64, error) {
+	if target == "" {
+		return nil, 0, fmt.Errorf("%s: this endpoint has no %s route (--endpoint ...,%s=HOST:PORT)", program, program, program)
+	}
+	i := strings.LastIndexByte(target, ':')
+	if i <= 0 {
+		return nil, 0, fmt.Errorf("%s: %q is not HOST:PORT", program, target)
+	}
+	secs := int(math.Ceil(o.Duration.Seconds()))
+	if secs < 1 {
+		secs = 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs)*time.Second+o.Timeout+5*time.Second)
+	defer cancel()
+	c := exec.CommandContext(ctx, program, args(target[:i], target[i+1:], strconv.Itoa(secs))...)
+	start := time.Now()
+	var out []byte
+	var err error
+	if combined {
+		out, err = c.CombinedOutput()
+	} else {
+		out, err = c.Output()
+	}
+	if err != nil {
+		err = fmt.Errorf("%s via %s: %v", program, target, err)
+	}
+	return out, time.Since(start).Seconds(), err
 }
 
 // Sockperf is what ParseSockperf reads from `sockperf pp` output.

@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -149,15 +151,33 @@ func startServer(t *testing.T, command func(port string) *exec.Cmd) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	// Watch for the listening socket rather than connect: iperf3 -s takes
+	// any connection for a client and fails the next test when it closes.
+	port, _ := strconv.Atoi(addr[strings.LastIndexByte(addr, ':')+1:])
 	for i := 0; ; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
+		if listening(t, port) {
 			return addr
 		}
-		if i == 50 {
+		if i == 100 {
 			t.Fatalf("%v never listened on %s", srv.Args, addr)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// listening reports whether /proc/net/tcp has a socket in LISTEN (0A) on
+// the local port.
+func listening(t *testing.T, port int) bool {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf(":%04X", port)
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && strings.HasSuffix(f[1], want) && f[3] == "0A" {
+			return true
+		}
+	}
+	return false
 }
