@@ -38,7 +38,7 @@ var commands = []struct {
 	{"backends", "serve test backends on the config's local targets or on --listen addresses", runBackends},
 	{"check", "run correctness cases (routing, balancing, integrity, half-close, ...) through a proxy", runCheck},
 	{"faults", "run backend-failure cases through a proxy; tester-go serves the targets itself", runFaults},
-	{"bench", "run one load (bulk, bidi, parallel, pingpong, connrate, idle) against one endpoint", runBench},
+	{"bench", "run one load (bulk, pingpong, rr50, churn, idle-mostly, sockperf-pp, ...) against one endpoint", runBench},
 	{"compare", "run loads against several endpoints round by round and print one comparison table", runCompare},
 	{"register", "keep one target registered with a proxy fleet in etcd under a lease (dropped when this dies)", runRegister},
 }

@@ -1,5 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
 mod bench;
+mod bench_about;
+mod bench_peers;
 mod debroot;
 mod e2e;
 mod package;
@@ -48,16 +50,20 @@ enum Task {
         #[arg(long)]
         reuse: bool,
     },
-    /// Direct vs our planes (fastpath, splice, copy) vs HAProxy vs nginx in one run; writes bench/results.md.
+    /// Direct vs our planes (auto, fastpath, splice, copy) vs HAProxy vs nginx in one interleaved run
+    /// (about 20 minutes with the defaults); writes bench/results.md, results.json and SVG charts.
     Bench {
-        /// Seconds per load per endpoint per round.
-        #[arg(long, default_value = "2s")]
+        /// Time per load per endpoint per round (shorter than the default marks a smoke run).
+        #[arg(long, default_value = bench::DURATION)]
         duration: String,
-        /// Interleaved rounds (medians are reported).
-        #[arg(long, default_value_t = 2)]
+        /// Interleaved rounds (medians and min-max are reported; fewer than the default marks a smoke run).
+        #[arg(long, default_value_t = bench::ROUNDS)]
         rounds: u32,
+        /// How long idle-mostly holds its 2,000 connections.
+        #[arg(long, default_value = bench::HOLD)]
+        hold: String,
         /// Loads to run (tester-go compare --loads).
-        #[arg(long, default_value = "bulk,bidi,parallel,pingpong,connrate,idle")]
+        #[arg(long, default_value = bench::LOADS)]
         loads: String,
     },
 }
@@ -105,17 +111,23 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench {
             duration,
             rounds,
+            hold,
             loads,
         } => {
             setup::setup(setup::Needs { peers: true })?;
             build()?;
+            let command = format!(
+                "cargo xtask bench --duration {duration} --rounds {rounds} --hold {hold} --loads {loads}"
+            );
             bench::run(&bench::Options {
                 duration,
                 rounds,
+                hold,
                 loads,
                 ours: &["auto", "fastpath", "fastpath-parser", "splice", "copy"],
                 peers: true,
-                report: true,
+                out: root().join("bench"),
+                command,
             })
         }
     }

@@ -12,8 +12,9 @@ use crate::sh::{cmd, succeeds};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub struct Needs {
-    /// HAProxy and nginx, the peers `bench` measures against (the tests need
-    /// only Go and promtool besides the Rust toolchain).
+    /// HAProxy and nginx, the peers `bench` measures against, and the
+    /// third-party clients it measures with (the tests need only Go and
+    /// promtool besides the Rust toolchain).
     pub peers: bool,
 }
 
@@ -37,6 +38,11 @@ pub fn setup(needs: Needs) -> Result<()> {
         debian_package("haproxy", &["haproxy"])?;
         // nginx-core ships the stream module as a loadable module.
         debian_package("nginx", &["nginx-core", "libnginx-mod-stream"])?;
+        // A ping-pong latency client (and its server) that is not ours, so
+        // the latency numbers do not rest on tester-go alone.
+        debian_package("sockperf", &["sockperf"])?;
+        // Kept for bulk runs by hand (`iperf3 -s` behind a proxy port).
+        debian_package("iperf3", &["iperf3"])?;
     }
     Ok(())
 }

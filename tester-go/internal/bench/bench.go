@@ -4,7 +4,6 @@
 package bench
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -19,7 +18,7 @@ import (
 )
 
 // Loads, in their canonical order.
-var Loads = []string{"bulk", "bidi", "parallel", "pingpong", "connrate", "idle"}
+var Loads = []string{"bulk", "bidi", "parallel", "pingpong", "rr50", "churn", "connrate", "idle", "idle-mostly", "sockperf-pp", "iperf3-bulk"}
 
 // ValidLoad reports whether name is a known load.
 func ValidLoad(name string) bool {
@@ -37,35 +36,60 @@ type Options struct {
 	Load     string        // one of Loads
 	Duration time.Duration // how long to generate load
 	Streams  int           // parallel streams (parallel), workers (connrate)
-	Conns    int           // idle connections
+	Conns    int           // idle and idle-mostly connections
 	ProxyPID int           // 0 = none; else sample its CPU and RSS
+	// MorePIDs: the proxy's other processes (nginx's workers besides
+	// ProxyPID), whose CPU and RSS are added to ProxyPID's.
+	MorePIDs []int
 	Timeout  time.Duration // dial / idle I/O timeout
+	// RRConns: kept connections of rr50 (50 unless set).
+	RRConns int
+	// Clients: concurrent connecting clients of churn (50 unless set).
+	Clients int
+	// Hold: how long idle-mostly holds its connections (Duration if 0).
+	Hold time.Duration
+	// Interval: idle-mostly's mean gap between one connection's messages
+	// (2 s unless set); each gap is drawn uniformly from 0.5x to 1.5x.
+	Interval time.Duration
+	// SockperfTarget: host:port that reaches `sockperf sr --tcp` (sockperf-pp).
+	SockperfTarget string
+	// Iperf3Target: host:port that reaches `iperf3 -s` (iperf3-bulk).
+	Iperf3Target string
 }
 
 // Result of one run. Zero fields do not apply to the load.
 type Result struct {
-	Load          string   `json:"load"`
-	Target        string   `json:"target"`
-	Seconds       float64  `json:"seconds"`
-	Bytes         int64    `json:"bytes"`
-	GBps          float64  `json:"gb_per_s,omitempty"`
-	Streams       int      `json:"streams,omitempty"`
-	Conns         int64    `json:"conns,omitempty"`
-	ConnsPerSec   float64  `json:"conns_per_s,omitempty"`
-	Latency       *Latency `json:"latency,omitempty"`
-	IdleWanted    int      `json:"idle_wanted,omitempty"`
-	IdleOK        int      `json:"idle_ok,omitempty"`
-	RSSBeforeKiB  int64    `json:"proxy_rss_before_kib,omitempty"`
-	RSSDuringKiB  int64    `json:"proxy_rss_during_kib,omitempty"`
-	RSSAfterKiB   int64    `json:"proxy_rss_after_kib,omitempty"`
-	KiBPerConn    float64  `json:"proxy_kib_per_conn,omitempty"`
-	ProxyCPU      float64  `json:"proxy_cpu_s,omitempty"`
-	ProxyCPUPerGB float64  `json:"proxy_cpu_s_per_gb,omitempty"`
-	SysCPU        float64  `json:"sys_cpu_s"`
-	SysCPUPerGB   float64  `json:"sys_cpu_s_per_gb,omitempty"`
-	Verified      string   `json:"verified"`
-	Errors        int64    `json:"errors"`
-	FirstError    string   `json:"first_error,omitempty"`
+	Load        string   `json:"load"`
+	Target      string   `json:"target"`
+	Seconds     float64  `json:"seconds"`
+	Bytes       int64    `json:"bytes"`
+	GBps        float64  `json:"gb_per_s,omitempty"`
+	Client      string   `json:"client"`
+	Streams     int      `json:"streams,omitempty"`
+	Conns       int64    `json:"conns,omitempty"`
+	ConnsPerSec float64  `json:"conns_per_s,omitempty"`
+	ReqPerSec   float64  `json:"req_per_s,omitempty"`
+	Latency     *Latency `json:"latency,omitempty"`
+	// ConnectLatency: churn's connect() alone (Latency is connect+exchange).
+	ConnectLatency *Latency `json:"connect_latency,omitempty"`
+	IdleWanted     int      `json:"idle_wanted,omitempty"`
+	IdleOK         int      `json:"idle_ok,omitempty"`
+	RSSBeforeKiB   int64    `json:"proxy_rss_before_kib,omitempty"`
+	RSSDuringKiB   int64    `json:"proxy_rss_during_kib,omitempty"`
+	RSSAfterKiB    int64    `json:"proxy_rss_after_kib,omitempty"`
+	KiBPerConn     float64  `json:"proxy_kib_per_conn,omitempty"`
+	// HoldCPU: idle-mostly's proxy CPU over the hold alone (connections
+	// open, messages now and then); CPUPerConn is that per connection and
+	// per second of hold, in µs.
+	HoldCPU       float64 `json:"proxy_hold_cpu_s,omitempty"`
+	CPUPerConn    float64 `json:"proxy_cpu_us_per_conn_s,omitempty"`
+	ProxyCPU      float64 `json:"proxy_cpu_s,omitempty"`
+	ProxyCPUPerGB float64 `json:"proxy_cpu_s_per_gb,omitempty"`
+	SysCPU        float64 `json:"sys_cpu_s"`
+	SysCPUPerGB   float64 `json:"sys_cpu_s_per_gb,omitempty"`
+	Verified      string  `json:"verified"`
+	Errors        int64   `json:"errors"`
+	FirstError    string  `json:"first_error,omitempty"`
 }
 
 // Run executes one load. It returns an error only when nothing could be
@@ -83,19 +107,31 @@ func Run(o Options) (*Result, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = 10 * time.Second
 	}
+	if o.RRConns <= 0 {
+		o.RRConns = 50
+	}
+	if o.Clients <= 0 {
+		o.Clients = 50
+	}
+	if o.Hold <= 0 {
+		o.Hold = o.Duration
+	}
+	if o.Interval <= 0 {
+		o.Interval = 2 * time.Second
+	}
 	if !ValidLoad(o.Load) {
 		return nil, fmt.Errorf("unknown load %q", o.Load)
 	}
-	r := &Result{Load: o.Load, Target: o.Target}
+	r := &Result{Load: o.Load, Target: o.Target, Client: "tester-go"}
 	if o.ProxyPID > 0 {
-		if _, err := ReadProcCPU(o.ProxyPID); err != nil {
-			return nil, fmt.Errorf("--proxy-pid %d: %v", o.ProxyPID, err)
+		if _, err := o.proxyCPU(); err != nil {
+			return nil, fmt.Errorf("proxy pid %d %v: %v", o.ProxyPID, o.MorePIDs, err)
 		}
 	}
 	sys0, _ := ReadSysCPU()
 	var p0 float64
 	if o.ProxyPID > 0 {
-		p0, _ = ReadProcCPU(o.ProxyPID)
+		p0, _ = o.proxyCPU()
 	}
 	t0 := time.Now()
 	var err error
@@ -107,11 +143,27 @@ func Run(o Options) (*Result, error) {
 	case "bidi":
 		err = runBidi(o, r)
 	case "pingpong":
-		err = runPingPong(o, r)
+		// rr50's loop on one connection: latency without queueing.
+		o.RRConns = 1
+		err = runRR(o, r)
 	case "connrate":
 		err = runConnRate(o, r)
+	case "rr50":
+		err = runRR(o, r)
+	case "churn":
+		err = runChurn(o, r)
 	case "idle":
 		err = runIdle(o, r)
+	case "idle-mostly":
+		err = runIdleMostly(o, r)
+	case "sockperf-pp":
+		r.Client = "sockperf"
+		r.Target = o.SockperfTarget
+		err = runSockperf(o, r)
+	case "iperf3-bulk":
+		r.Client = "iperf3"
+		r.Target = o.Iperf3Target
+		err = runIperf3(o, r)
 	}
 	if r.Seconds == 0 {
 		r.Seconds = time.Since(t0).Seconds()
@@ -119,7 +171,7 @@ func Run(o Options) (*Result, error) {
 	sys1, _ := ReadSysCPU()
 	r.SysCPU = sys1.Busy - sys0.Busy
 	if o.ProxyPID > 0 {
-		p1, _ := ReadProcCPU(o.ProxyPID)
+		p1, _ := o.proxyCPU()
 		r.ProxyCPU = p1 - p0
 	}
 	if r.Bytes > 0 {
@@ -273,53 +325,6 @@ func runBidi(o Options, r *Result) error {
 	return nil
 }
 
-// runPingPong: one 'P' connection, 64-byte request/response, each reply
-// compared with the request.
-func runPingPong(o Options, r *Result) error {
-	c, err := dial(o)
-	if err != nil {
-		return fmt.Errorf("dial %s: %w", o.Target, err)
-	}
-	defer c.Close()
-	var mu sync.Mutex
-	if _, err := c.Write([]byte{'P'}); err != nil {
-		return err
-	}
-	var h Histogram
-	msg := make([]byte, backend.PingSize)
-	reply := make([]byte, backend.PingSize)
-	start := time.Now()
-	until := start.Add(o.Duration)
-	var bad int64
-	c.SetDeadline(until.Add(o.Timeout))
-	for i := uint64(0); time.Now().Before(until); i++ {
-		binary.BigEndian.PutUint64(msg, i)
-		t := time.Now()
-		if _, err := c.Write(msg); err != nil {
-			r.fail(&mu, err)
-			break
-		}
-		if _, err := io.ReadFull(c, reply); err != nil {
-			r.fail(&mu, err)
-			break
-		}
-		h.Record(time.Since(t))
-		if !bytes.Equal(msg, reply) {
-			bad++
-		}
-	}
-	r.Seconds = time.Since(start).Seconds()
-	r.Latency = h.Summary()
-	r.Conns = 1
-	if bad == 0 {
-		r.Verified = fmt.Sprintf("%d replies equal their requests", h.Count())
-	} else {
-		r.Verified = fmt.Sprintf("MISMATCH: %d/%d replies differ", bad, h.Count())
-		r.fail(&mu, errors.New(r.Verified))
-	}
-	return nil
-}
-
 // maxConnRate bounds connections per connrate run (ephemeral ports).
 const maxConnRate = 40000
 
@@ -379,77 +384,5 @@ func runConnRate(o Options, r *Result) error {
 	r.Streams = o.Streams
 	r.ConnsPerSec = float64(n) / r.Seconds
 	r.Verified = fmt.Sprintf("%d connections got exactly %d bytes then EOF", n, backend.PingSize)
-	return nil
-}
-
-// runIdle: open Conns 'I' connections, hold them for the duration, then
-// check each still echoes one byte.
-func runIdle(o Options, r *Result) error {
-	var mu sync.Mutex
-	rss := func() int64 {
-		if o.ProxyPID <= 0 {
-			return 0
-		}
-		v, _ := ReadRSSKiB(o.ProxyPID)
-		return v
-	}
-	r.RSSBeforeKiB = rss()
-	conns := make([]*net.TCPConn, o.Conns)
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
-	start := time.Now()
-	for i := range conns {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func(i int) {
-			defer wg.Done()
-			defer func() { <-sem }()
-			c, err := dial(o)
-			if err != nil {
-				r.fail(&mu, err)
-				return
-			}
-			if _, err := c.Write([]byte{'I'}); err != nil {
-				r.fail(&mu, err)
-				c.Close()
-				return
-			}
-			conns[i] = c
-		}(i)
-	}
-	wg.Wait()
-	time.Sleep(o.Duration)
-	r.RSSDuringKiB = rss()
-	var ok int64
-	for _, c := range conns {
-		if c == nil {
-			continue
-		}
-		wg.Add(1)
-		go func(c *net.TCPConn) {
-			defer wg.Done()
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(o.Timeout))
-			var b [1]byte
-			if _, err := c.Write([]byte{'x'}); err != nil {
-				r.fail(&mu, err)
-				return
-			}
-			if _, err := io.ReadFull(c, b[:]); err != nil || b[0] != 'x' {
-				r.fail(&mu, fmt.Errorf("idle echo: %v", err))
-				return
-			}
-			atomic.AddInt64(&ok, 1)
-		}(c)
-	}
-	wg.Wait()
-	r.Seconds = time.Since(start).Seconds()
-	time.Sleep(200 * time.Millisecond) // let the proxy release them
-	r.RSSAfterKiB = rss()
-	r.IdleWanted, r.IdleOK, r.Conns = o.Conns, int(ok), ok
-	if ok > 0 && r.RSSDuringKiB > 0 {
-		r.KiBPerConn = float64(r.RSSDuringKiB-r.RSSBeforeKiB) / float64(ok)
-	}
-	r.Verified = fmt.Sprintf("%d/%d held connections still echo", ok, o.Conns)
 	return nil
 }

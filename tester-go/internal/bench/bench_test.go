@@ -34,9 +34,13 @@ func TestLoads(t *testing.T) {
 	proxied := "127.0.0.1:" + strconv.Itoa(p.Ports[0][0])
 	for _, target := range []string{direct, proxied} {
 		for _, load := range Loads {
+			if load == "sockperf-pp" || load == "iperf3-bulk" {
+				continue // TestSockperf, TestIperf3: they need those binaries
+			}
 			t.Run(load, func(t *testing.T) {
 				r, err := Run(Options{Target: target, Load: load, Duration: 150 * time.Millisecond,
-					Streams: 2, Conns: 40, ProxyPID: os.Getpid(), Timeout: 5 * time.Second})
+					Streams: 2, Conns: 40, RRConns: 4, Clients: 4, Interval: 40 * time.Millisecond,
+					ProxyPID: os.Getpid(), Timeout: 5 * time.Second})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -55,6 +59,18 @@ func TestLoads(t *testing.T) {
 				case "connrate":
 					if r.Conns == 0 || r.ConnsPerSec <= 0 {
 						t.Fatalf("no connections: %+v", r)
+					}
+				case "rr50":
+					if r.ReqPerSec <= 0 || r.Latency == nil || r.Latency.P999US <= 0 || r.Conns != 4 {
+						t.Fatalf("rr50: %+v", r)
+					}
+				case "churn":
+					if r.ConnsPerSec <= 0 || r.ConnectLatency == nil || r.ConnectLatency.P99US <= 0 {
+						t.Fatalf("churn: %+v", r)
+					}
+				case "idle-mostly":
+					if r.IdleOK != 40 || r.Latency == nil || r.Latency.Count == 0 || r.HoldCPU < 0 || r.RSSDuringKiB <= 0 {
+						t.Fatalf("idle-mostly: %+v", r)
 					}
 				case "idle":
 					if r.IdleOK != 40 || r.RSSDuringKiB <= 0 {
@@ -85,6 +101,27 @@ func TestBulkDetectsShortCount(t *testing.T) {
 	}
 	if r.OK() {
 		t.Fatalf("bulk through drop-tail proxy reported OK: %+v", r)
+	}
+}
+
+// The request/response loads compare every reply with its request: a
+// proxy that flips one byte fails them.
+func TestRequestResponseDetectsCorruption(t *testing.T) {
+	direct := benchBackend(t)
+	p, err := brokenproxy.Start(brokenproxy.Corrupt, [][]string{{direct}}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	for _, load := range []string{"pingpong", "rr50"} {
+		r, err := Run(Options{Target: "127.0.0.1:" + strconv.Itoa(p.Ports[0][0]), Load: load, Duration: 100 * time.Millisecond,
+			RRConns: 2, Timeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.OK() || !strings.Contains(r.Verified, "MISMATCH") {
+			t.Errorf("%s through a corrupting proxy reported OK: %+v", load, r)
+		}
 	}
 }
 

@@ -98,3 +98,16 @@ func parseVmRSS(sc *bufio.Scanner) (int64, error) {
 	}
 	return 0, fmt.Errorf("status: no VmRSS line")
 }
+
+// proxyCPU is the utime+stime of the proxy's processes, in seconds.
+func (o Options) proxyCPU() (float64, error) {
+	var sum float64
+	for _, pid := range append([]int{o.ProxyPID}, o.MorePIDs...) {
+		v, err := ReadProcCPU(pid)
+		if err != nil {
+			return 0, err
+		}
+		sum += v
+	}
+	return sum, nil
+}

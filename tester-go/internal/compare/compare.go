@@ -12,38 +12,77 @@ import (
 	"time"
 
 	"tester-go/internal/bench"
-	"tester-go/internal/report"
+)
+
+// Roles of endpoints: ours are judged against the best peer; the base
+// (a direct connection) is context only.
+const (
+	RoleOurs = "ours"
+	RolePeer = "peer"
+	RoleBase = "base"
 )
 
 // Endpoint is a named address, optionally with the pid of the proxy
-// serving it (for CPU and RSS).
+// serving it (for CPU and RSS), its role and the address that reaches the
+// sockperf server through it.
 type Endpoint struct {
-	Name string `json:"name"`
-	Addr string `json:"addr"`
-	PID  int    `json:"pid,omitempty"`
+	Name     string `json:"name"`
+	Addr     string `json:"addr"`
+	PID      int    `json:"pid,omitempty"`
+	MorePIDs []int  `json:"more_pids,omitempty"` // the proxy's other processes (pid=A+B+...)
+	Role     string `json:"role"`
+	Sockperf string `json:"sockperf,omitempty"`
+	Iperf3   string `json:"iperf3,omitempty"`
 }
 
-// ParseEndpoint parses NAME=HOST:PORT[,pid=PID].
+// ParseEndpoint parses NAME=HOST:PORT[,pid=PID[+PID...]][,role=ours|peer|base]
+// [,sockperf=HOST:PORT][,iperf3=HOST:PORT]. The role defaults to base for "direct", else ours.
 func ParseEndpoint(s string) (Endpoint, error) {
 	name, rest, ok := strings.Cut(s, "=")
 	if !ok || name == "" || rest == "" {
-		return Endpoint{}, fmt.Errorf("bad endpoint %q: want NAME=HOST:PORT[,pid=PID]", s)
+		return Endpoint{}, fmt.Errorf("bad endpoint %q: want NAME=HOST:PORT[,pid=PID][,role=ours|peer|base][,sockperf=HOST:PORT]", s)
 	}
 	parts := strings.Split(rest, ",")
-	e := Endpoint{Name: name, Addr: parts[0]}
+	e := Endpoint{Name: name, Addr: parts[0], Role: RoleOurs}
+	if name == "direct" {
+		e.Role = RoleBase
+	}
 	if _, _, err := splitHostPort(e.Addr); err != nil {
 		return Endpoint{}, fmt.Errorf("bad endpoint %q: %v", s, err)
 	}
 	for _, p := range parts[1:] {
 		k, v, _ := strings.Cut(p, "=")
-		if k != "pid" {
-			return Endpoint{}, fmt.Errorf("bad endpoint %q: unknown option %q (only pid=PID)", s, p)
+		switch k {
+		case "pid":
+			for i, x := range strings.Split(v, "+") {
+				pid, err := strconv.Atoi(x)
+				if err != nil || pid <= 0 {
+					return Endpoint{}, fmt.Errorf("bad endpoint %q: bad pid %q", s, x)
+				}
+				if i == 0 {
+					e.PID = pid
+				} else {
+					e.MorePIDs = append(e.MorePIDs, pid)
+				}
+			}
+		case "role":
+			if v != RoleOurs && v != RolePeer && v != RoleBase {
+				return Endpoint{}, fmt.Errorf("bad endpoint %q: role %q (want ours, peer or base)", s, v)
+			}
+			e.Role = v
+		case "sockperf":
+			if _, _, err := splitHostPort(v); err != nil {
+				return Endpoint{}, fmt.Errorf("bad endpoint %q: sockperf: %v", s, err)
+			}
+			e.Sockperf = v
+		case "iperf3":
+			if _, _, err := splitHostPort(v); err != nil {
+				return Endpoint{}, fmt.Errorf("bad endpoint %q: iperf3: %v", s, err)
+			}
+			e.Iperf3 = v
+		default:
+			return Endpoint{}, fmt.Errorf("bad endpoint %q: unknown option %q (pid=, role=, sockperf=, iperf3=)", s, p)
 		}
-		pid, err := strconv.Atoi(v)
-		if err != nil || pid <= 0 {
-			return Endpoint{}, fmt.Errorf("bad endpoint %q: bad pid %q", s, v)
-		}
-		e.PID = pid
 	}
 	return e, nil
 }
@@ -68,22 +107,37 @@ type Options struct {
 	Rounds    int
 	Streams   int
 	Conns     int
+	RRConns   int
+	Clients   int
+	Hold      time.Duration // idle-mostly's hold (Duration if 0)
+	Interval  time.Duration // idle-mostly's mean message gap
 	Timeout   time.Duration
 	Progress  io.Writer // one line per run, if set
+	// Prev: an earlier report of the same endpoints and loads whose runs
+	// this one continues (its rounds count first). The bench restarts the
+	// proxies between rounds this way, so every round's memory per
+	// connection is measured in a fresh process, not in memory an earlier
+	// round's 2,000 connections left behind.
+	Prev *Report
 }
 
-// Cell is one endpoint x load: every round's result and the medians.
+// Cell is one endpoint x load: every round's result and, per metric
+// (LoadMetrics, Percentiles), the median, min and max over the rounds.
 type Cell struct {
-	Endpoint    string          `json:"endpoint"`
-	Load        string          `json:"load"`
-	Runs        []*bench.Result `json:"runs"`
-	GBps        float64         `json:"median_gb_per_s,omitempty"`
-	P50US       float64         `json:"median_p50_us,omitempty"`
-	P99US       float64         `json:"median_p99_us,omitempty"`
-	ConnsPerSec float64         `json:"median_conns_per_s,omitempty"`
-	IdleOK      float64         `json:"median_idle_ok,omitempty"`
-	KiBPerConn  float64         `json:"median_proxy_kib_per_conn,omitempty"`
-	Errors      int64           `json:"errors"`
+	Endpoint string          `json:"endpoint"`
+	Load     string          `json:"load"`
+	Client   string          `json:"client"`
+	Runs     []*bench.Result `json:"runs"`
+	Metrics  map[string]Stat `json:"metrics"`
+	Errors   int64           `json:"errors"`
+}
+
+// Get returns the cell's stat for a metric key (zero if absent).
+func (c *Cell) Get(key string) Stat {
+	if c == nil {
+		return Stat{}
+	}
+	return c.Metrics[key]
 }
 
 // Row is one endpoint's CPU cost over its byte-moving loads.
@@ -99,8 +153,11 @@ type Report struct {
 	Loads     []string `json:"loads"`
 	Rounds    int      `json:"rounds"`
 	DurationS float64  `json:"duration_s"`
+	HoldS     float64  `json:"idle_mostly_hold_s,omitempty"`
+	Conns     int      `json:"idle_conns,omitempty"`
 	Rows      []*Row   `json:"endpoints"`
 	Cells     []*Cell  `json:"results"`
+	Goals     []Check  `json:"goals"`
 	Verdict   string   `json:"verdict"`
 	OK        bool     `json:"ok"`
 }
@@ -112,18 +169,38 @@ func Run(o Options) *Report {
 	if o.Rounds <= 0 {
 		o.Rounds = 1
 	}
-	rep := &Report{Loads: o.Loads, Rounds: o.Rounds, DurationS: o.Duration.Seconds(), OK: true}
+	if o.Hold <= 0 {
+		o.Hold = o.Duration
+	}
+	first := 0
+	if o.Prev != nil {
+		first = o.Prev.Rounds
+	}
+	rep := &Report{Loads: o.Loads, Rounds: first + o.Rounds, DurationS: o.Duration.Seconds(), OK: true}
+	for _, l := range o.Loads {
+		if l == "idle-mostly" {
+			rep.HoldS = o.Hold.Seconds()
+		}
+		if l == "idle" || l == "idle-mostly" {
+			rep.Conns = o.Conns
+		}
+	}
 	cells := map[string]*Cell{}
 	key := func(e, l string) string { return e + "\x00" + l }
 	for _, e := range o.Endpoints {
 		rep.Rows = append(rep.Rows, &Row{Endpoint: e})
 		for _, l := range o.Loads {
 			c := &Cell{Endpoint: e.Name, Load: l}
+			if o.Prev != nil {
+				if p := o.Prev.cell(e.Name, l); p != nil {
+					c.Runs = p.Runs
+				}
+			}
 			cells[key(e.Name, l)] = c
 			rep.Cells = append(rep.Cells, c)
 		}
 	}
-	for round := 0; round < o.Rounds; round++ {
+	for round := first; round < first+o.Rounds; round++ {
 		for _, l := range o.Loads {
 			eps := append([]Endpoint(nil), o.Endpoints...)
 			if round%2 == 1 {
@@ -133,14 +210,16 @@ func Run(o Options) *Report {
 			}
 			for _, e := range eps {
 				r, err := bench.Run(bench.Options{Target: e.Addr, Load: l, Duration: o.Duration,
-					Streams: o.Streams, Conns: o.Conns, ProxyPID: e.PID, Timeout: o.Timeout})
+					Streams: o.Streams, Conns: o.Conns, ProxyPID: e.PID, MorePIDs: e.MorePIDs, Timeout: o.Timeout,
+					RRConns: o.RRConns, Clients: o.Clients, Hold: o.Hold, Interval: o.Interval,
+					SockperfTarget: e.Sockperf, Iperf3Target: e.Iperf3})
 				if err != nil {
 					r = &bench.Result{Load: l, Target: e.Addr, Errors: 1, FirstError: err.Error()}
 				}
 				c := cells[key(e.Name, l)]
 				c.Runs = append(c.Runs, r)
 				if o.Progress != nil {
-					fmt.Fprintf(o.Progress, "compare: round %d/%d %-8s %-10s %s\n", round+1, o.Rounds, l, e.Name, r.Verdict())
+					fmt.Fprintf(o.Progress, "compare: round %d/%d %-8s %-10s %s\n", round+1, rep.Rounds, l, e.Name, r.Verdict())
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
@@ -172,39 +251,31 @@ func Run(o Options) *Report {
 			rep.OK = false
 		}
 	}
+	rep.Goals = Evaluate(rep)
 	rep.Verdict = verdict(rep)
 	return rep
 }
 
 func summarise(c *Cell) {
-	pick := func(f func(*bench.Result) float64) float64 {
-		var v []float64
-		for _, r := range c.Runs {
-			v = append(v, f(r))
-		}
-		return Median(v)
-	}
+	c.Metrics = map[string]Stat{}
 	for _, r := range c.Runs {
 		c.Errors += r.Errors
 		if r.IdleOK != r.IdleWanted {
 			c.Errors++
 		}
+		if c.Client == "" {
+			c.Client = r.Client
+		}
 	}
-	c.GBps = pick(func(r *bench.Result) float64 { return r.GBps })
-	c.ConnsPerSec = pick(func(r *bench.Result) float64 { return r.ConnsPerSec })
-	c.IdleOK = pick(func(r *bench.Result) float64 { return float64(r.IdleOK) })
-	c.KiBPerConn = pick(func(r *bench.Result) float64 { return r.KiBPerConn })
-	if c.Load == "pingpong" {
-		c.P50US = pick(func(r *bench.Result) float64 { return lat(r).P50US })
-		c.P99US = pick(func(r *bench.Result) float64 { return lat(r).P99US })
+	ms := LoadMetrics(c.Load)
+	if HasLatency(c.Load) {
+		ms = append(ms, Percentiles...)
 	}
-}
-
-func lat(r *bench.Result) *bench.Latency {
-	if r.Latency == nil {
-		return &bench.Latency{}
+	for _, m := range ms {
+		if s, ok := statOf(c.Runs, m.of); ok {
+			c.Metrics[m.Key] = s
+		}
 	}
-	return r.Latency
 }
 
 // Median of v (mean of the middle two for even counts); 0 for none.
@@ -239,178 +310,31 @@ func (rep *Report) has(l string) bool {
 	return false
 }
 
-func verdict(rep *Report) string {
-	var parts []string
-	best := func(load, what string, val func(*Cell) float64, lower bool, unit string) {
-		if !rep.has(load) {
-			return
-		}
-		bestName, bestV := "", 0.0
-		for _, row := range rep.Rows {
-			c := rep.cell(row.Endpoint.Name, load)
-			v := val(c)
-			if v <= 0 || c.Errors > 0 {
-				continue
-			}
-			if bestName == "" || (lower && v < bestV) || (!lower && v > bestV) {
-				bestName, bestV = row.Endpoint.Name, v
-			}
-		}
-		if bestName != "" {
-			parts = append(parts, fmt.Sprintf("%s: %s (%s)", what, bestName, fmtNum(bestV, unit)))
-		}
+// ReadReport reads a report written by WriteJSON (to continue it, Prev).
+func ReadReport(r io.Reader) (*Report, error) {
+	var rep Report
+	if err := json.NewDecoder(r).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("reading an earlier report: %v", err)
 	}
-	best("bulk", "fastest bulk", func(c *Cell) float64 { return c.GBps }, false, "GB/s")
-	best("bidi", "fastest bidi", func(c *Cell) float64 { return c.GBps }, false, "GB/s")
-	best("parallel", "fastest parallel", func(c *Cell) float64 { return c.GBps }, false, "GB/s")
-	best("pingpong", "lowest p50", func(c *Cell) float64 { return c.P50US }, true, "µs")
-	best("connrate", "highest conn rate", func(c *Cell) float64 { return c.ConnsPerSec }, false, "conn/s")
-	best("idle", "least proxy memory", func(c *Cell) float64 { return c.KiBPerConn }, true, "KiB/conn")
-	cheapest, cheapV := "", 0.0
-	for _, row := range rep.Rows {
-		if row.ProxyCPUPerGB > 0 && (cheapest == "" || row.ProxyCPUPerGB < cheapV) {
-			cheapest, cheapV = row.Endpoint.Name, row.ProxyCPUPerGB
-		}
-	}
-	if cheapest != "" {
-		parts = append(parts, fmt.Sprintf("lowest proxy CPU: %s (%.3f s/GB)", cheapest, cheapV))
-	}
-	var bad []string
-	for _, row := range rep.Rows {
-		if row.Errors > 0 {
-			bad = append(bad, fmt.Sprintf("%s (%d)", row.Endpoint.Name, row.Errors))
-		}
-	}
-	s := "verdict: " + strings.Join(parts, "; ")
-	if len(bad) > 0 {
-		s += "; ERRORS: " + strings.Join(bad, ", ")
-	}
-	return s
+	return &rep, nil
 }
 
-func fmtNum(v float64, unit string) string {
-	switch unit {
-	case "GB/s":
-		return fmt.Sprintf("%.2f GB/s", v)
-	case "µs", "KiB/conn":
-		return fmt.Sprintf("%.1f %s", v, unit)
-	}
-	return fmt.Sprintf("%.0f %s", v, unit)
-}
-
-type column struct {
-	head  string
-	load  string
-	val   func(*Cell) float64
-	fmt   string
-	ratio bool
-}
-
-func (rep *Report) columns() []column {
-	var cols []column
-	for _, l := range rep.Loads {
+// Estimate is the wall time of a comparison: every load's duration (the
+// hold for idle-mostly, plus a second or two to open and check
+// connections) for every endpoint, every round.
+func Estimate(loads []string, endpoints, rounds int, duration, hold time.Duration) time.Duration {
+	var per time.Duration
+	for _, l := range loads {
 		switch l {
-		case "bulk", "bidi", "parallel":
-			cols = append(cols, column{l + " GB/s", l, func(c *Cell) float64 { return c.GBps }, "%.2f", true})
-		case "pingpong":
-			cols = append(cols, column{"p50 µs", l, func(c *Cell) float64 { return c.P50US }, "%.1f", true},
-				column{"p99 µs", l, func(c *Cell) float64 { return c.P99US }, "%.1f", false})
-		case "connrate":
-			cols = append(cols, column{"conn/s", l, func(c *Cell) float64 { return c.ConnsPerSec }, "%.0f", true})
+		case "idle-mostly":
+			per += hold + 2*time.Second
 		case "idle":
-			cols = append(cols, column{"idle held", l, func(c *Cell) float64 { return c.IdleOK }, "%.0f", false},
-				column{"KiB/conn", l, func(c *Cell) float64 { return c.KiBPerConn }, "%.1f", false})
+			per += duration + 2*time.Second
+		case "sockperf-pp", "iperf3-bulk":
+			per += duration.Round(time.Second) + time.Second
+		default:
+			per += duration + 100*time.Millisecond
 		}
 	}
-	return cols
-}
-
-func (rep *Report) table() (head []string, rows [][]string) {
-	cols := rep.columns()
-	head = []string{"ENDPOINT"}
-	for _, c := range cols {
-		head = append(head, c.head)
-	}
-	head = append(head, "proxy CPU s/GB", "sys CPU s/GB", "errors")
-	var direct string
-	for _, row := range rep.Rows {
-		if row.Endpoint.Name == "direct" {
-			direct = row.Endpoint.Name
-		}
-	}
-	for _, row := range rep.Rows {
-		cells := []string{row.Endpoint.Name}
-		for _, col := range cols {
-			c := rep.cell(row.Endpoint.Name, col.load)
-			v := col.val(c)
-			s := fmt.Sprintf(col.fmt, v)
-			if v == 0 {
-				s = "-"
-			}
-			if col.ratio && direct != "" && row.Endpoint.Name != direct && v > 0 {
-				if d := col.val(rep.cell(direct, col.load)); d > 0 {
-					s += fmt.Sprintf(" (%.2fx)", v/d)
-				}
-			}
-			cells = append(cells, s)
-		}
-		p := "-"
-		if row.Endpoint.PID > 0 && row.SysCPUPerGB > 0 {
-			p = fmt.Sprintf("%.3f", row.ProxyCPUPerGB)
-		}
-		sy := "-"
-		if row.SysCPUPerGB > 0 {
-			sy = fmt.Sprintf("%.3f", row.SysCPUPerGB)
-		}
-		cells = append(cells, p, sy, strconv.FormatInt(row.Errors, 10))
-		rows = append(rows, cells)
-	}
-	return head, rows
-}
-
-// WriteText prints the comparison table and verdict.
-func (rep *Report) WriteText(w io.Writer) {
-	head, rows := rep.table()
-	fmt.Fprintf(w, "medians over %d round(s) of %s per load; (x) = ratio vs \"direct\"\n", rep.Rounds, report.Dur(time.Duration(rep.DurationS*float64(time.Second))))
-	tw := report.Table(w)
-	report.Row(tw, toIface(head)...)
-	for _, r := range rows {
-		report.Row(tw, toIface(r)...)
-	}
-	tw.Flush()
-	fmt.Fprintln(w, rep.Verdict)
-}
-
-// WriteMarkdown writes the same table as Markdown.
-func (rep *Report) WriteMarkdown(w io.Writer) {
-	head, rows := rep.table()
-	fmt.Fprintf(w, "Medians over %d round(s) of %.1f s per load; (x) = ratio vs `direct`.\n\n", rep.Rounds, rep.DurationS)
-	fmt.Fprintf(w, "| %s |\n", strings.Join(head, " | "))
-	seps := make([]string, len(head))
-	for i := range seps {
-		seps[i] = "---"
-		if i > 0 {
-			seps[i] = "---:"
-		}
-	}
-	fmt.Fprintf(w, "| %s |\n", strings.Join(seps, " | "))
-	for _, r := range rows {
-		fmt.Fprintf(w, "| %s |\n", strings.Join(r, " | "))
-	}
-	fmt.Fprintf(w, "\n%s\n", rep.Verdict)
-}
-
-// WriteJSON writes the full report, including every run.
-func (rep *Report) WriteJSON(w io.Writer) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(rep)
-}
-
-func toIface(s []string) []interface{} {
-	out := make([]interface{}, len(s))
-	for i, v := range s {
-		out[i] = v
-	}
-	return out
+	return per * time.Duration(endpoints*rounds)
 }
