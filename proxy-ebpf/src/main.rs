@@ -9,7 +9,7 @@
 //!   acknowledged. An skb that would take the direction past its limit (or
 //!   any skb once userspace sets `CONTROL.pass`) is passed, `SK_PASS`, to
 //!   the socket's own receive queue, and so is every later one: userspace
-//!   carries that direction from then on. `frame` is an optional stream parser next to it;
+//!   carries that direction from then on;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
 //!   to any configured port to the proxy's one listening socket.
 #![no_std]
@@ -21,7 +21,7 @@ use aya_ebpf::{
         BPF_F_NO_PREALLOC,
     },
     helpers::bpf_get_socket_cookie,
-    macros::{map, sk_lookup, stream_parser, stream_verdict},
+    macros::{map, sk_lookup, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash, SockMap},
     programs::{SkBuffContext, SkLookupContext},
 };
@@ -33,7 +33,7 @@ use proxy_common::{
 };
 
 // ------------------------------------------------------------------------
-// Every map, in one place. Fastpath (`splice`, `frame`): SOCKETS, PEERS,
+// Every map, in one place. Fastpath (`splice`): SOCKETS, PEERS,
 // CONTROL, STATE, EVENTS. Steering (`steer`): PORTS, STEER_SOCKET,
 // STEER_CONFIG.
 
@@ -136,15 +136,6 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
     SK_PASS
-}
-
-/// Optional (`--fastpath-parser`): attached next to the verdict, it makes the
-/// kernel read each skb through a stream parser that calls every skb one
-/// whole message, which changes how and when the verdict runs (strparser's
-/// `tcp_read_sock` instead of `tcp_read_skb`). Compared in `cargo xtask bench`.
-#[stream_parser]
-pub fn frame(ctx: SkBuffContext) -> u32 {
-    ctx.len()
 }
 
 // ------------------------------------------------------------------------

@@ -186,11 +186,6 @@ pub struct Cli {
     #[arg(long, hide = true, default_value_t = 0)]
     pub fastpath_fault_drop_at: u64,
 
-    /// Fastpath only: also attach a stream parser next to the verdict (the kernel then reads
-    /// through strparser instead of tcp_read_skb). Off by default: see NOTES.md for the comparison.
-    #[arg(long)]
-    pub fastpath_parser: bool,
-
     /// How connections reach the proxy: listeners = one listening socket per port; sk_lookup = one socket, and a BPF sk_lookup program steers every configured port to it (any range size; Linux >= 5.9, CAP_BPF + CAP_NET_ADMIN).
     #[arg(long, value_enum, default_value_t = Steering::Listeners)]
     pub steering: Steering,
@@ -266,7 +261,6 @@ impl Cli {
             fastpath: FastpathOptions {
                 inflight: self.fastpath_inflight,
                 socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
-                parser: self.fastpath_parser || std::env::var_os("PARSER").is_some(),
                 fault_drop_at: self.fastpath_fault_drop_at,
                 promotion: (!self.promote_after.is_zero()).then_some(Promotion {
                     after: self.promote_after,

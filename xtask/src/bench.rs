@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: our data planes (auto, fastpath with and without the
-//! stream parser, splice, copy) against a direct connection, HAProxy (`mode
+//! `cargo xtask bench`: our data planes (auto, fastpath, splice, copy)
+//! against a direct connection, HAProxy (`mode
 //! tcp`, with and without `option splice-auto`) and nginx `stream`, all
 //! forwarding to the tester's bench backend and to the third-party servers
 //! (`sockperf sr`, `iperf3 -s`),
@@ -86,16 +86,10 @@ impl Endpoint {
 }
 
 /// Our proxy's endpoints in the bench: name and the flags that select it.
-pub const OUR_PLANES: [(&str, &[&str]); 5] = [
+pub const OUR_PLANES: [(&str, &[&str]); 4] = [
     // The default: adaptive (splice, quiet connections move into the kernel).
     ("auto", &["--mode", "auto"]),
     ("fastpath", &["--mode", "fastpath"]),
-    // Same fastpath with the stream parser attached: the comparison behind
-    // --fastpath-parser's default (NOTES.md).
-    (
-        "fastpath-parser",
-        &["--mode", "fastpath", "--fastpath-parser"],
-    ),
     ("splice", &["--mode", "splice"]),
     ("copy", &["--mode", "copy"]),
 ];

@@ -124,7 +124,7 @@ fn run(cli: Cli) -> Result<()> {
                 rounds,
                 hold,
                 loads,
-                ours: &["auto", "fastpath", "fastpath-parser", "splice", "copy"],
+                ours: &["auto", "fastpath", "splice", "copy"],
                 peers: true,
                 out: root().join("bench"),
                 command,

@@ -68,8 +68,6 @@ pub struct Options {
     pub inflight: Option<u64>,
     /// The fixed SO_RCVBUF/SO_SNDBUF asked for (None: autotuning).
     pub socket_buffer: Option<u32>,
-    /// Also attach the `frame` stream parser (see proxy-ebpf).
-    pub parser: bool,
     /// `--mode auto`: when a connection moves into the kernel (None: never).
     pub promotion: Option<super::Promotion>,
     /// Tests only: see `FlowControl::fault_drop_at` (0: off).
@@ -163,23 +161,17 @@ impl FastpathPlane {
             Err(e) => tracing::debug!(error = %e, "BPF program has no log buffer"),
         }
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, "SOCKETS")?;
-        let mut programs = vec![("splice", "stream verdict")];
-        if options.parser {
-            programs.push(("frame", "stream parser"));
-        }
-        for (name, what) in programs {
-            let program: &mut SkSkb = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the eBPF object has no `{name}` program"))?
-                .try_into()
-                .with_context(|| format!("`{name}` is not an sk_skb program"))?;
-            program.load().context(bpf::privilege_hint(&format!(
-                "loading the {what} (verifier output above)"
-            )))?;
-            program
-                .attach(sockets.fd())
-                .with_context(|| format!("attaching the {what} to the socket map"))?;
-        }
+        let program: &mut SkSkb = ebpf
+            .program_mut("splice")
+            .context("the eBPF object has no `splice` program")?
+            .try_into()
+            .context("`splice` is not an sk_skb program")?;
+        program.load().context(bpf::privilege_hint(
+            "loading the stream verdict (verifier output above)",
+        ))?;
+        program
+            .attach(sockets.fd())
+            .context("attaching the stream verdict to the socket map")?;
         let mut maps = Maps {
             sockets,
             peers: take_map(&mut ebpf, "PEERS")?,
