@@ -113,6 +113,11 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) 
         "streams closed by the last process after {upgrades} moves"
     );
     assert!(long.iter().all(|l| l["end"] == "closed"));
+    let last = cur.proxy.pid() as u64;
+    assert!(
+        long.iter().all(|l| l["pid"].as_u64() == Some(last)),
+        "close lines not written by the last process ({last})"
+    );
     cur.proxy.signal(libc::SIGTERM);
     assert!(cur.proxy.wait_exit(10).await.is_some());
     let _ = std::fs::remove_file(&bins[0]);
@@ -126,6 +131,14 @@ async fn twenty_upgrades_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_splice() {
     bounded(150, "upgrades", upgrades_in_a_row("splice", 20, &[])).await;
+}
+
+/// `auto` in its userspace phase (`--promote-after` far away: every stream
+/// is mid-transfer on splice when asked to park) moves like splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_auto() {
+    let f = upgrades_in_a_row("auto", 20, &["--promote-after", "1h"]);
+    bounded(150, "upgrades", f).await;
 }
 
 /// sk_lookup: the steered socket moves, and the new program steers to it

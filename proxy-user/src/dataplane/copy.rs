@@ -11,9 +11,8 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::userspace::{
-    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
-};
+use super::safepoint;
+use super::userspace::{first_bytes, pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -35,7 +34,7 @@ pub struct CopyPlane {
 
 impl CopyPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        userspace::carry(self, client, upstream, conn).await
+        safepoint::carry(self, client, upstream, conn).await
     }
 }
 
@@ -54,13 +53,15 @@ pub(super) async fn pump(
     buf_size: usize,
     tally: Tally<'_>,
 ) -> DirEnd {
-    if let Err(end) = first_bytes_or_pause(src, &tally).await {
-        return end;
+    if let Err(e) = first_bytes(src).await {
+        return DirEnd::ReadFailed(e);
     }
     let mut buf = vec![0u8; buf_size.max(1)];
     loop {
-        if let Err(end) = readable_or_pause(src, &tally).await {
-            return end;
+        // Here and in `first_bytes` this direction holds nothing: where
+        // `safepoint` may stop it.
+        if let Err(e) = src.readable().await {
+            return DirEnd::ReadFailed(e);
         }
         let n = match src.try_read(&mut buf) {
             Ok(0) => {

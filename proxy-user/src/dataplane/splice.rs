@@ -22,9 +22,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy::{self, CopyPlane};
-use super::userspace::{
-    self, first_bytes_or_pause, pass_fin, readable_or_pause, DirEnd, Pump, Tally,
-};
+use super::safepoint;
+use super::userspace::{first_bytes, pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -49,7 +48,7 @@ impl SplicePlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        userspace::carry(self, client, upstream, conn).await
+        safepoint::carry(self, client, upstream, conn).await
     }
 }
 
@@ -197,8 +196,8 @@ async fn pump(
     conn_id: u64,
 ) -> DirEnd {
     // Made when the direction first has data: an idle connection holds no pipe.
-    if let Err(end) = first_bytes_or_pause(src, &tally).await {
-        return end;
+    if let Err(e) = first_bytes(src).await {
+        return DirEnd::ReadFailed(e);
     }
     let pipe = match Pipe::new(pipe_size) {
         Ok(pipe) => pipe,
@@ -208,8 +207,10 @@ async fn pump(
         }
     };
     loop {
-        if let Err(end) = readable_or_pause(src, &tally).await {
-            return end;
+        // Here and in `first_bytes` this direction holds nothing: where
+        // `safepoint` may stop it.
+        if let Err(e) = src.readable().await {
+            return DirEnd::ReadFailed(e);
         }
         let pending = match pipe.fill(src) {
             Ok(0) => {

@@ -19,7 +19,7 @@ use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Plane, Transfer};
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Transfer};
 use crate::ops::access_log;
 use crate::ops::metrics::{ActiveConn, ByteTally};
 use crate::upstream::connect;
@@ -150,7 +150,7 @@ impl Conn {
         info: &ConnInfo,
         mut meta: MovedMeta,
     ) -> Option<Transfer> {
-        if !matches!(shared.plane.plane(), Plane::Copy | Plane::Splice) {
+        if !shared.plane.moves() {
             return Some(shared.plane.carry(client, upstream, info).await);
         }
         loop {
