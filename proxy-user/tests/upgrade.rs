@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::generations::{second_binary, Setup};
+use common::generations::{second_binary, Setup, SECOND_BUILD_STAMP};
 use common::streams::{Seen, Traffic};
 use common::*;
 
@@ -22,13 +22,48 @@ const LOAD_WORKERS: usize = 16;
 /// measure the test client's share of the CPU, not the upgrade.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `upgrades` handoffs in a row, alternating two binaries, under the
-/// streams and the load. Returns the streams' total bytes.
+/// The `commit` label of `proxy_build_info` that the admin listener at
+/// `admin` reports: which build serves it.
+async fn serving_build(admin: &str) -> String {
+    let (status, body) = http_get(admin, "/metrics")
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics from {admin}: {e}"));
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("proxy_build_info{"))
+        .unwrap_or_else(|| panic!("no proxy_build_info in /metrics:\n{body}"));
+    let commit = line
+        .split("commit=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no commit label in {line}"));
+    commit.to_string()
+}
+
+/// `upgrades` handoffs in a row, alternating two builds (`cargo xtask test`
+/// compiles the second one), under the streams and the load. After each,
+/// the admin listener (handed over with the rest) must report the new
+/// build.
 async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let s = Setup::with(mode, extra).await;
+    let mut flags = vec!["--admin-address", "127.0.0.1:0"];
+    flags.extend_from_slice(extra);
+    let s = Setup::with(mode, &flags).await;
     let first = s.first().await;
-    let bins = [second_binary(), PathBuf::from(PROXY)];
+    let admin = admin_addr(&first.proxy);
+    let second = second_binary();
+    let first_build = serving_build(&admin).await;
+    let builds = if second.real {
+        assert_ne!(
+            first_build, SECOND_BUILD_STAMP,
+            "the test's own build carries the second build's stamp"
+        );
+        [SECOND_BUILD_STAMP.to_string(), first_build]
+    } else {
+        [first_build.clone(), first_build]
+    };
+    let bins = [second.path, PathBuf::from(PROXY)];
     let traffic = Traffic::start(s.addr, STREAMS, BULK, LOAD_WORKERS);
     let started = Instant::now();
     let mut cur = first;
@@ -43,6 +78,11 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) 
             .await
             .unwrap_or_else(|log| panic!("upgrade {i}: new proxy failed:\n{log}"));
         let t = Instant::now();
+        assert_eq!(
+            serving_build(&admin).await,
+            builds[i % 2],
+            "upgrade {i}: the build serving after the handoff"
+        );
         let status = cur.proxy.wait_exit(10).await;
         let log = cur.proxy.log();
         assert!(
@@ -113,6 +153,11 @@ async fn upgrades_in_a_row(mode: &'static str, upgrades: usize, extra: &[&str]) 
         "streams closed by the last process after {upgrades} moves"
     );
     assert!(long.iter().all(|l| l["end"] == "closed"));
+    let last = cur.proxy.pid() as u64;
+    assert!(
+        long.iter().all(|l| l["pid"].as_u64() == Some(last)),
+        "close lines not written by the last process ({last})"
+    );
     cur.proxy.signal(libc::SIGTERM);
     assert!(cur.proxy.wait_exit(10).await.is_some());
     let _ = std::fs::remove_file(&bins[0]);
@@ -126,6 +171,14 @@ async fn twenty_upgrades_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_splice() {
     bounded(150, "upgrades", upgrades_in_a_row("splice", 20, &[])).await;
+}
+
+/// `auto` in its userspace phase (`--promote-after` far away: every stream
+/// is mid-transfer on splice when asked to park) moves like splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_upgrades_auto() {
+    let f = upgrades_in_a_row("auto", 20, &["--promote-after", "1h"]);
+    bounded(150, "upgrades", f).await;
 }
 
 /// sk_lookup: the steered socket moves, and the new program steers to it

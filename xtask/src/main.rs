@@ -206,10 +206,36 @@ fn build_ebpf() -> Result<()> {
     c.run()
 }
 
+/// `proxy_build_info`'s `commit` of the second build (kept equal to
+/// `SECOND_BUILD_STAMP` in proxy-user/tests/common/generations.rs).
+const SECOND_BUILD_STAMP: &str = "upgrade-b";
+
+/// A second, genuinely different build of the proxy for tests/upgrade.rs
+/// to alternate with: stamped `SECOND_BUILD_STAMP`, in its own target dir
+/// so that the main build's artifacts are not rebuilt (a different
+/// `PROXY_GIT_COMMIT` in `target/release` would recompile proxy-user and
+/// relink every test binary, twice per run). Without debuginfo: it is only
+/// run. The first time compiles every dependency once more (minutes);
+/// afterwards only proxy-user.
+fn build_second() -> Result<PathBuf> {
+    let dir = root().join("target/upgrade-b");
+    println!("xtask test: building the second proxy build for the upgrade tests");
+    cmd("cargo")
+        .args(["build", "--release", "-p", "proxy-user", "--target-dir"])
+        .arg(&dir)
+        .env("PROXY_GIT_COMMIT", SECOND_BUILD_STAMP)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .dir(root())
+        .run()?;
+    Ok(dir.join("release/proxy"))
+}
+
 fn test() -> Result<()> {
     let go = root().join("tester-go");
+    let second = build_second()?;
     cmd("cargo")
         .args(["test", "--release", "--workspace"])
+        .env("PROXY_UPGRADE_SECOND_BUILD", &second)
         .dir(root())
         .run()?;
     let unformatted = cmd("gofmt").args(["-l", "."]).dir(&go).output_string()?;

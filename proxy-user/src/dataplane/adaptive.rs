@@ -11,6 +11,8 @@
 //! a direction whose receiver falls the in-flight bound behind is handed
 //! back to userspace by the verdict itself, losslessly, and the FIN ledger
 //! checks every byte each way, counting the ones userspace moved first.
+//! The userspace phase stops at the same safe point as an upgrade's
+//! (`safepoint`), so under `Parking` it moves to a new process too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,8 +23,8 @@ use tokio::time::Instant;
 
 use super::copy::CopyPlane;
 use super::fastpath::FastpathPlane;
+use super::safepoint::{carry_or_promote, Carried};
 use super::splice::SplicePlane;
-use super::userspace::{carry_until, Outcome, Pump};
 use super::{ConnInfo, Plane, Transfer};
 
 /// When a connection moves into the kernel.
@@ -77,60 +79,47 @@ impl AdaptivePlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
         let began = Instant::now();
         let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-        let (pause, _) = watch::channel(false);
+        let (promote, asked) = watch::channel(false);
         let userspace = async {
+            let asked = Some(asked);
             match &self.start {
-                Start::Splice(p) => run(p, &client, &upstream, conn, &pause, &moved).await,
-                Start::Copy(p) => run(p, &client, &upstream, conn, &pause, &moved).await,
+                Start::Splice(p) => {
+                    carry_or_promote(p, client, upstream, conn, asked, &moved).await
+                }
+                Start::Copy(p) => carry_or_promote(p, client, upstream, conn, asked, &moved).await,
             }
         };
         let ask = async {
             self.promotion.quiet(&moved).await;
-            pause.send_replace(true);
+            promote.send_replace(true);
             std::future::pending::<()>().await
         };
-        let outcome = tokio::select! {
-            outcome = userspace => outcome,
-            _ = ask => unreachable!("asking for a pause never ends"),
+        let carried = tokio::select! {
+            carried = userspace => carried,
+            _ = ask => unreachable!("asking for a promotion never ends"),
         };
-        let before = [
-            moved[0].load(Ordering::Relaxed),
-            moved[1].load(Ordering::Relaxed),
-        ];
-        match outcome {
-            Outcome::Ended(end) => Transfer {
-                client_to_target: before[0],
-                target_to_client: before[1],
-                userspace_bytes: before[0] + before[1],
-                ..Transfer::none(end).on(self.start.plane())
-            },
-            Outcome::Paused => {
+        match carried {
+            Carried::Done(t) => t,
+            Carried::Promote {
+                client,
+                upstream,
+                moved,
+            } => {
                 let after = began.elapsed();
                 tracing::debug!(
                     conn = conn.id,
                     after_ms = after.as_millis() as u64,
-                    c2t = before[0],
-                    t2c = before[1],
+                    c2t = moved[0],
+                    t2c = moved[1],
                     "quiet connection moves into the kernel fastpath"
                 );
                 let mut transfer = self
                     .fastpath
-                    .carry_from(client, upstream, conn, before)
+                    .carry_from(client, upstream, conn, moved)
                     .await;
                 transfer.promoted_after = Some(after);
                 transfer
             }
         }
     }
-}
-
-async fn run<P: Pump>(
-    pump: &P,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    conn: &ConnInfo,
-    pause: &watch::Sender<bool>,
-    moved: &[AtomicU64; 2],
-) -> Outcome {
-    carry_until(pump, client, upstream, conn, Some(pause), moved).await
 }

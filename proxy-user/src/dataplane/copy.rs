@@ -14,7 +14,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::pool::Shelf;
-use super::userspace::{self, pass_fin, readable_or_pause, DirEnd, Pump, Tally};
+use super::safepoint;
+use super::userspace::{pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -36,7 +37,7 @@ pub struct CopyPlane {
 
 impl CopyPlane {
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        userspace::carry(self, client, upstream, conn).await
+        safepoint::carry(self, client, upstream, conn).await
     }
 }
 
@@ -60,11 +61,13 @@ pub(super) async fn pump(
     // buffer, and a new connection reuses one instead of zeroing a fresh one.
     let mut held: Option<Vec<u8>> = None;
     loop {
-        if let Err(end) = readable_or_pause(src, &tally).await {
+        // Between iterations this direction holds nothing (a held buffer
+        // is empty): where `safepoint` may stop it.
+        if let Err(e) = src.readable().await {
             if let Some(buf) = held {
                 give_back(buf);
             }
-            return end;
+            return DirEnd::ReadFailed(e);
         }
         let mut buf = held.take().unwrap_or_else(|| take_buffer(size));
         match forward(src, dst, &mut buf, &tally).await {

@@ -9,6 +9,7 @@ mod fastpath;
 mod fin;
 mod parking;
 mod pool;
+mod safepoint;
 mod splice;
 mod tcpinfo;
 mod userspace;
@@ -281,6 +282,16 @@ impl DataPlane {
                     promotion,
                 })))
             }
+        }
+    }
+
+    /// Whether a connection carried here can stop at a safe point and move
+    /// to another process (an upgrade; `Parking`): the userspace planes, and
+    /// the adaptive plane until it promotes a connection into the kernel.
+    pub fn moves(&self) -> bool {
+        match self {
+            DataPlane::Copy(_) | DataPlane::Splice(_) | DataPlane::Adaptive(_) => true,
+            DataPlane::Fastpath(_) => false,
         }
     }
 

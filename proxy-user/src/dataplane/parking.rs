@@ -1,13 +1,10 @@
-//! Upgrade hook of the userspace planes (`userspace::carry`): a connection
-//! whose owner runs it in `Parking::scope` can stop at a safe point and
-//! hand back its sockets instead of closing them (`edge::handover` moves
-//! it to the new process). Nothing else in the planes changes: the pumps
-//! only report the bytes they hold (`Tally::read(n)`).
+//! Upgrade hook of the userspace planes: a connection whose owner runs it
+//! in `Parking::scope` can stop at a safe point (`safepoint`) and hand back
+//! its sockets instead of closing them (`edge::handover` moves it to the
+//! new process). Nothing else in the planes changes.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -18,12 +15,8 @@ tokio::task_local! {
     pub(super) static PARKING: Arc<Parking>;
 }
 
-/// Upgrade hook: lets a userspace connection stop at a safe point (neither
-/// direction holds a byte: buffers written out, pipes empty) and give its
-/// two sockets and counters back instead of closing them. Pumps are only
-/// ever dropped between polls, so "holds nothing" checked between polls
-/// stays true until they are gone; a direction that already passed its
-/// FIN is harmless to restart (it reads EOF again and passes it again).
+/// Upgrade hook: lets a userspace connection stop at a safe point and give
+/// its two sockets and counters back instead of closing them.
 pub struct Parking {
     requested: watch::Receiver<bool>,
     parked: Mutex<Option<Parked>>,
@@ -63,20 +56,8 @@ impl Parking {
         self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Resolves at the first safe point after a park request.
-    pub(super) async fn safe_point(&self, held: &[AtomicU64; 2]) {
-        let mut requested = self.requested.clone();
-        loop {
-            if requested.wait_for(|r| *r).await.is_err() {
-                return std::future::pending().await;
-            }
-            while *requested.borrow() {
-                if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) {
-                    return;
-                }
-                // A pump mid-write: look again shortly.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+    /// The park request, as the safe point watches it.
+    pub(super) fn requests(&self) -> watch::Receiver<bool> {
+        self.requested.clone()
     }
 }

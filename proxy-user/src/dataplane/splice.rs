@@ -27,7 +27,8 @@ use tokio::net::TcpStream;
 
 use super::copy::{self, CopyPlane, Forwarded};
 use super::pool::Shelf;
-use super::userspace::{self, pass_fin, readable_or_pause, DirEnd, Pump, Tally};
+use super::safepoint;
+use super::userspace::{pass_fin, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -52,7 +53,7 @@ impl SplicePlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        userspace::carry(self, client, upstream, conn).await
+        safepoint::carry(self, client, upstream, conn).await
     }
 }
 
@@ -234,15 +235,15 @@ async fn pump(
     conn_id: u64,
 ) -> DirEnd {
     // A pipe held across an await other than the drain's is empty, so
-    // pausing or handing over here leaves nothing behind.
+    // `safepoint` stopping this direction there leaves nothing behind.
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
     loop {
-        if let Err(end) = readable_or_pause(src, &tally).await {
+        if let Err(e) = src.readable().await {
             if let Some(p) = pipe {
                 give_back(p);
             }
-            return end;
+            return DirEnd::ReadFailed(e);
         }
         if !bulk {
             let mut buf = copy::take_buffer(FIRST_READ);

@@ -6,23 +6,23 @@
 //!
 //! Both directions borrow the sockets (`readable`/`try_read` on `&TcpStream`)
 //! instead of splitting them, so either can be aborted with RST by fd.
+//! Where a connection may stop with nothing in hand (an upgrade, a move
+//! into the kernel) is `safepoint`'s job; the pumps only count what they
+//! hold (`Tally`).
 
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::parking::{Parked, PARKING};
-use super::{fin, tcpinfo, ConnInfo, EndReason, Plane, Transfer};
+use super::{fin, tcpinfo, ConnInfo, EndReason, Plane};
 
 #[derive(Debug)]
 pub(super) enum DirEnd {
@@ -36,27 +36,6 @@ pub(super) enum DirEnd {
     /// sides get a reset, as neither stream can be trusted to be whole (the
     /// sender of a lost upload would otherwise see a clean close).
     Lost(io::Error),
-    /// Stopped at a safe point (everything read was written) because the
-    /// connection moves to the kernel; the socket still holds what came since.
-    Paused,
-}
-
-/// What `supervise` saw: the connection ended, or both directions stopped
-/// at a safe point for a promotion (a direction that ended first stays ended).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Outcome {
-    Ended(EndReason),
-    Paused,
-}
-
-impl Outcome {
-    /// For planes whose directions never pause.
-    pub(super) fn ended(self) -> EndReason {
-        match self {
-            Outcome::Ended(end) => end,
-            Outcome::Paused => EndReason::Closed,
-        }
-    }
 }
 
 /// Last time any byte moved, in ms since the transfer started.
@@ -92,17 +71,6 @@ impl Activity {
             }
             tokio::time::sleep_until(due).await;
         }
-    }
-}
-
-/// Waits until `src` is readable, or ends with `Paused` when the connection
-/// is asked to move to the kernel first. Pumps call it only where every byte
-/// they read was written, so pausing here leaves nothing behind in userspace.
-pub(super) async fn readable_or_pause(src: &TcpStream, tally: &Tally<'_>) -> Result<(), DirEnd> {
-    tokio::select! {
-        biased;
-        _ = tally.pause_asked() => Err(DirEnd::Paused),
-        r = src.readable() => r.map_err(DirEnd::ReadFailed),
     }
 }
 
@@ -144,41 +112,32 @@ pub(super) async fn supervise<Q: Future<Output = ()>>(
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
-) -> Outcome {
+) -> EndReason {
     let mut up = pin!(up);
     let mut down = pin!(down);
     let mut idle = pin!(quiet(conn.idle_timeout));
     let mut fin = fin::Armed::new();
-    let (mut up_done, mut down_done, mut paused) = (false, false, false);
+    let (mut up_done, mut down_done) = (false, false);
     loop {
         let (result, from_client) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, true) }
             r = &mut down, if !down_done => { down_done = true; (r, false) }
-            end = cut_short(client, upstream, conn) => return Outcome::Ended(end),
+            end = cut_short(client, upstream, conn) => return end,
             _ = &mut idle => {
                 cut_if_owed(client, upstream, conn);
-                return Outcome::Ended(EndReason::IdleTimeout);
+                return EndReason::IdleTimeout;
             }
             end = fin.fired() => {
                 cut_if_owed(client, upstream, conn);
-                return Outcome::Ended(end);
+                return end;
             }
         };
-        if matches!(result, DirEnd::Paused) {
-            paused = true;
-        }
         if matches!(result, DirEnd::Eof) {
             fin.arm(from_client, conn, &quiet);
         }
         let client_failed = match result {
-            DirEnd::Eof | DirEnd::Paused if up_done && down_done => {
-                return if paused {
-                    Outcome::Paused
-                } else {
-                    Outcome::Ended(EndReason::Closed)
-                };
-            }
-            DirEnd::Eof | DirEnd::Paused => continue,
+            DirEnd::Eof if up_done && down_done => return EndReason::Closed,
+            DirEnd::Eof => continue,
             DirEnd::ReadFailed(e) => {
                 tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
                 from_client
@@ -191,19 +150,19 @@ pub(super) async fn supervise<Q: Future<Output = ()>>(
                 tracing::debug!(conn = conn.id, error = %e, from_client, "bytes lost: resetting both sides");
                 arm_reset(client);
                 arm_reset(upstream);
-                return Outcome::Ended(if from_client {
+                return if from_client {
                     EndReason::ClientReset
                 } else {
                     EndReason::TargetReset
-                });
+                };
             }
         };
         if client_failed {
             arm_reset(upstream);
-            return Outcome::Ended(EndReason::ClientReset);
+            return EndReason::ClientReset;
         }
         arm_reset(client);
-        return Outcome::Ended(EndReason::TargetReset);
+        return EndReason::TargetReset;
     }
 }
 
@@ -288,22 +247,9 @@ pub(super) struct Tally<'a> {
     moved: &'a AtomicU64,
     held: &'a AtomicU64,
     activity: &'a Activity,
-    /// Set: the connection may be asked to move to the kernel.
-    pause: Option<&'a watch::Sender<bool>>,
 }
 
 impl Tally<'_> {
-    /// Resolves once the connection is asked to move to the kernel; the
-    /// pump returns `DirEnd::Paused` when it sees this at a safe point.
-    pub(super) async fn pause_asked(&self) {
-        match self.pause {
-            Some(pause) => {
-                let _ = pause.subscribe().wait_for(|asked| *asked).await;
-            }
-            None => std::future::pending().await,
-        }
-    }
-
     /// `n` bytes arrived from the source.
     pub(super) fn read(&self, n: usize) {
         self.held.fetch_add(n as u64, Ordering::Relaxed);
@@ -327,86 +273,22 @@ pub(super) trait Pump {
     async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd;
 }
 
-/// Carries a connection in userspace, one `pump` per direction. Under an
-/// upgrade's `Parking` it may instead stop where both directions hold
-/// nothing and hand its sockets to the new process.
-pub(super) async fn carry<P: Pump>(
-    pump: &P,
-    client: TcpStream,
-    upstream: TcpStream,
-    conn: &ConnInfo,
-) -> Transfer {
-    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-    let held = [AtomicU64::new(0), AtomicU64::new(0)];
-    let parking = PARKING.try_with(Arc::clone).ok();
-    let supervised = supervise_pumps(pump, &client, &upstream, conn, None, &moved, &held);
-    let outcome = match &parking {
-        None => Some(supervised.await),
-        Some(p) => tokio::select! {
-            biased;
-            outcome = supervised => Some(outcome),
-            () = p.safe_point(&held) => None,
-        },
-    };
-    let [c2t, t2c] = moved.map(AtomicU64::into_inner);
-    let end = match (outcome, &parking) {
-        (Some(outcome), _) => {
-            drop(client);
-            drop(upstream);
-            outcome.ended()
-        }
-        // Parked: the pumps are dropped, the sockets go to the owner.
-        (None, Some(p)) => {
-            p.park(Parked {
-                client,
-                upstream,
-                client_to_target: c2t,
-                target_to_client: t2c,
-            });
-            EndReason::Closed
-        }
-        (None, None) => unreachable!("only a parking connection stops at a safe point"),
-    };
-    Transfer {
-        // Userspace moved these, even when splice(2) never mapped them.
-        userspace_bytes: c2t + t2c,
-        client_to_target: c2t,
-        target_to_client: t2c,
-        ..Transfer::none(end).on(P::PLANE)
-    }
-}
-
-/// Like `carry`, but the connection may also stop for a move to the kernel
-/// when `pause` says so. `moved` counts the bytes written each way
-/// (client→target, target→client) as they go.
-pub(super) async fn carry_until<P: Pump>(
+/// Both directions' pumps under `supervise`. `moved` counts the bytes
+/// written each way (client→target, target→client), `held` the bytes read
+/// and not yet written, as they go.
+pub(super) async fn supervise_pumps<P: Pump>(
     pump: &P,
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
-    pause: Option<&watch::Sender<bool>>,
-    moved: &[AtomicU64; 2],
-) -> Outcome {
-    let held = [AtomicU64::new(0), AtomicU64::new(0)];
-    supervise_pumps(pump, client, upstream, conn, pause, moved, &held).await
-}
-
-/// Both directions' pumps under `supervise`.
-async fn supervise_pumps<P: Pump>(
-    pump: &P,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    conn: &ConnInfo,
-    pause: Option<&watch::Sender<bool>>,
     moved: &[AtomicU64; 2],
     held: &[AtomicU64; 2],
-) -> Outcome {
+) -> EndReason {
     let activity = Activity::new();
     let tally = |i: usize| Tally {
         moved: &moved[i],
         held: &held[i],
         activity: &activity,
-        pause,
     };
     supervise(
         pump.pump(client, upstream, tally(0), conn),

@@ -19,7 +19,7 @@ use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Plane, Transfer};
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Transfer};
 use crate::ops::access_log;
 use crate::ops::metrics::{ActiveConn, ByteTally};
 use crate::upstream::connect;
@@ -155,7 +155,7 @@ impl Conn {
         // future by value (scope, carry_counting) otherwise holds it twice
         // (rustc keeps the moved-from argument), and every idle connection's
         // task carried those copies: 21.7 KB per connection before.
-        if !matches!(shared.plane.plane(), Plane::Copy | Plane::Splice) {
+        if !shared.plane.moves() {
             return Some(Box::pin(shared.plane.carry(client, upstream, info)).await);
         }
         loop {

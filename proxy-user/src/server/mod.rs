@@ -19,7 +19,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::config::etcd::EtcdMetrics;
 use crate::config::{watch as config_watch, Config};
 use crate::dataplane::DataPlane;
-use crate::dataplane::Plane;
 use crate::edge::handover::Handover;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
@@ -191,7 +190,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         Some(t) => {
             // Nothing can fail from here: the old process stops accepting,
             // and we start (the connections in between wait in the backlog).
-            let takes_conns = matches!(shared.plane.plane(), Plane::Copy | Plane::Splice);
+            let takes_conns = shared.plane.moves();
             let taken = t.commit(takes_conns).await;
             let _ = accepting.send(true);
             let apps: HashMap<String, Arc<AppRuntime>> = state

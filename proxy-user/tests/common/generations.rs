@@ -131,10 +131,36 @@ impl Setup {
 
 /// A second binary to alternate with: a copy of the same build under
 /// another path (a different build is not available to a test).
-pub fn second_binary() -> PathBuf {
+/// `proxy_build_info`'s `commit` of the second build `cargo xtask test`
+/// compiles for the upgrade tests (xtask's `SECOND_BUILD_STAMP`).
+pub const SECOND_BUILD_STAMP: &str = "upgrade-b";
+
+/// Set by `cargo xtask test`: the second build's path.
+pub const SECOND_BUILD_VAR: &str = "PROXY_UPGRADE_SECOND_BUILD";
+
+/// A second binary to alternate with: the second build (a scratch copy,
+/// removed by the caller) when xtask made one, else a copy of this build
+/// (then `real` is false and both report the same build).
+pub struct SecondBinary {
+    pub path: PathBuf,
+    pub real: bool,
+}
+
+pub fn second_binary() -> SecondBinary {
     let p = scratch("proxy-b");
-    std::fs::copy(PROXY, &p).expect("copy the proxy binary");
-    p
+    let (from, real) = match std::env::var_os(SECOND_BUILD_VAR) {
+        Some(b) => (PathBuf::from(b), true),
+        None => {
+            eprintln!(
+                "{SECOND_BUILD_VAR} unset: alternating two copies of one build \
+                 (`cargo xtask test` builds a second one)"
+            );
+            (PathBuf::from(PROXY), false)
+        }
+    };
+    std::fs::copy(&from, &p)
+        .unwrap_or_else(|e| panic!("copying the proxy binary {}: {e}", from.display()));
+    SecondBinary { path: p, real }
 }
 
 // ------------------------------------------------------------- the tests

@@ -320,9 +320,7 @@ impl FastpathPlane {
                 }
             }
         };
-        let end = supervise(up.run(), down.run(), quiet, client, upstream, conn)
-            .await
-            .ended();
+        let end = supervise(up.run(), down.run(), quiet, client, upstream, conn).await;
         let user = [
             user[0].load(Ordering::Relaxed),
             user[1].load(Ordering::Relaxed),

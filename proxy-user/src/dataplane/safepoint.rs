@@ -1,0 +1,162 @@
+//! The one way a userspace connection stops with nothing in hand: both
+//! directions' pumps are dropped between polls at a moment when neither
+//! holds a byte (`Tally`: buffers written out, pipes empty), so the two
+//! sockets hold everything not yet forwarded and whoever carries on from
+//! them loses nothing. Two owners ask for it:
+//! - an upgrade (`Parking`, set by the connection's owner): the sockets and
+//!   counters go to the new process;
+//! - `--mode auto`'s promotion: the sockets go to the kernel fastpath.
+//!
+//! Pumps are only ever dropped between polls, so "holds nothing" checked
+//! between polls stays true until they are gone. A direction that already
+//! passed its FIN is harmless to restart (it reads EOF again and passes it
+//! again).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::parking::{Parked, Parking, PARKING};
+use super::userspace::{supervise_pumps, Pump};
+use super::{ConnInfo, EndReason, Transfer};
+
+/// How a userspace carry that may be promoted ended.
+pub(super) enum Carried {
+    /// Closed here, or parked and handed to the owner (then `Closed`).
+    Done(Transfer),
+    /// Stopped for the kernel: the sockets, and the bytes moved each way.
+    Promote {
+        client: TcpStream,
+        upstream: TcpStream,
+        moved: [u64; 2],
+    },
+}
+
+/// Carries a connection in userspace, one `pump` per direction. Under an
+/// upgrade's `Parking` it may instead stop at a safe point and hand its
+/// sockets to the owner.
+pub(super) async fn carry<P: Pump>(
+    pump: &P,
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &ConnInfo,
+) -> Transfer {
+    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+    match carry_or_promote(pump, client, upstream, conn, None, &moved).await {
+        Carried::Done(t) => t,
+        // Without a promotion request nothing asks for one; were it to
+        // happen, the sockets would close cleanly here.
+        Carried::Promote { moved, .. } => transfer::<P>(EndReason::Closed, moved),
+    }
+}
+
+/// Like `carry`, and the connection also stops at a safe point once
+/// `promote` turns true. `moved` counts the bytes written each way
+/// (client→target, target→client) as they go.
+pub(super) async fn carry_or_promote<P: Pump>(
+    pump: &P,
+    client: TcpStream,
+    upstream: TcpStream,
+    conn: &ConnInfo,
+    promote: Option<watch::Receiver<bool>>,
+    moved: &[AtomicU64; 2],
+) -> Carried {
+    let held = [AtomicU64::new(0), AtomicU64::new(0)];
+    let asks = Asks {
+        parking: PARKING.try_with(Arc::clone).ok(),
+        promote,
+    };
+    let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
+    let stopped = tokio::select! {
+        biased;
+        end = supervised => Err(end),
+        stop = asks.reached(&held) => Ok(stop),
+    };
+    let moved = [
+        moved[0].load(Ordering::Relaxed),
+        moved[1].load(Ordering::Relaxed),
+    ];
+    match stopped {
+        Err(end) => Carried::Done(transfer::<P>(end, moved)),
+        Ok(Stop::Promote) => Carried::Promote {
+            client,
+            upstream,
+            moved,
+        },
+        Ok(Stop::Park(parking)) => {
+            parking.park(Parked {
+                client,
+                upstream,
+                client_to_target: moved[0],
+                target_to_client: moved[1],
+            });
+            Carried::Done(transfer::<P>(EndReason::Closed, moved))
+        }
+    }
+}
+
+fn transfer<P: Pump>(end: EndReason, [c2t, t2c]: [u64; 2]) -> Transfer {
+    Transfer {
+        // Userspace moved these, even when splice(2) never mapped them.
+        userspace_bytes: c2t + t2c,
+        client_to_target: c2t,
+        target_to_client: t2c,
+        ..Transfer::none(end).on(P::PLANE)
+    }
+}
+
+/// Why a connection stopped.
+enum Stop<'a> {
+    /// For an upgrade: its sockets go to this owner.
+    Park(&'a Parking),
+    Promote,
+}
+
+/// Who may ask this connection to stop.
+struct Asks {
+    parking: Option<Arc<Parking>>,
+    promote: Option<watch::Receiver<bool>>,
+}
+
+impl Asks {
+    /// Resolves at the first safe point while a stop is asked. A request
+    /// withdrawn before that (an upgrade that gave up waiting) lets the
+    /// connection run on. An upgrade comes first: the new process promotes
+    /// the connection itself when it is still quiet there.
+    async fn reached(&self, held: &[AtomicU64; 2]) -> Stop<'_> {
+        let mut park = self.parking.as_ref().map(|p| p.requests());
+        let mut promote = self.promote.clone();
+        loop {
+            let now = |r: &mut Option<watch::Receiver<bool>>| {
+                r.as_mut().is_some_and(|r| *r.borrow_and_update())
+            };
+            let asked = match &self.parking {
+                Some(p) if now(&mut park) => Some(Stop::Park(p)),
+                _ if now(&mut promote) => Some(Stop::Promote),
+                _ => None,
+            };
+            match asked {
+                Some(stop) if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) => return stop,
+                // A pump mid-write: look again shortly.
+                Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                None => tokio::select! {
+                    () = changed(&mut park) => {}
+                    () = changed(&mut promote) => {}
+                },
+            }
+        }
+    }
+}
+
+/// Resolves when `r` changes; never when there is none or its sender is gone.
+async fn changed(r: &mut Option<watch::Receiver<bool>>) {
+    if let Some(r) = r {
+        if r.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
