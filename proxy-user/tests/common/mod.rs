@@ -292,11 +292,21 @@ fn scratch_path(what: &str) -> PathBuf {
 }
 
 /// Free ports: bound together (so they are distinct), released just before use.
+/// `n` distinct ports free now, for a proxy to listen on later. Picked
+/// below the ephemeral range (32768-60999 here): a port the kernel handed
+/// out for port 0 can be taken, between this check and the proxy's bind, by
+/// an outgoing connection of a test running in parallel, and an upgrade test
+/// once failed its first start that way. Below the range only another
+/// explicit bind can take it.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let mut held: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    while held.len() < n {
+        let port = fastrand::u16(20_000..32_000);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 pub fn write_temp(what: &str, text: &str) -> PathBuf {
