@@ -182,6 +182,10 @@ pub struct Cli {
     #[arg(long, default_value = "1MiB", value_parser = parse_inflight)]
     pub promote_below: u64,
 
+    /// --mode auto with BPF: most data segments per second (both sockets together) over --promote-after for a move into the kernel. The fastpath pays one kernel worker hop per skb, so connections busy with small messages (request/response at hundreds per second) stay on splice, where they run faster; see NOTES.md §2.
+    #[arg(long, default_value_t = 200)]
+    pub promote_segments_below: u64,
+
     /// Tests only: the verdict drops one skb of each direction after this many redirected bytes (proves the FIN ledger and the checkers catch a kernel loss).
     #[arg(long, hide = true, default_value_t = 0)]
     pub fastpath_fault_drop_at: u64,
@@ -265,6 +269,7 @@ impl Cli {
                 promotion: (!self.promote_after.is_zero()).then_some(Promotion {
                     after: self.promote_after,
                     below: self.promote_below,
+                    segments_below: self.promote_segments_below,
                 }),
             },
             connect: ConnectPolicy {

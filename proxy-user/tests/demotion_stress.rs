@@ -20,7 +20,7 @@ use common::*;
 const FASTPATH: (&str, &[&str]) = ("fastpath", &["--fastpath-inflight", "256KiB"]);
 
 /// `--mode auto` moving every stream into the kernel 20 ms in, mid-transfer
-/// (no rate is too high), with the same bound: each stream changes plane
+/// (no byte or segment rate is too high), with the same bound: each stream changes plane
 /// once or twice while bytes flow.
 const AUTO: (&str, &[&str]) = (
     "auto",
@@ -31,6 +31,8 @@ const AUTO: (&str, &[&str]) = (
         "20ms",
         "--promote-below",
         "4GiB",
+        "--promote-segments-below",
+        "1000000000",
     ],
 );
 

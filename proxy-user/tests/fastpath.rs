@@ -100,7 +100,14 @@ async fn slow_receiver_stays_bounded(mode: &str) {
 /// is too high), so the slow receiver meets a promoted pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auto_slow_receiver_stays_bounded() {
-    let promote_early = ["--promote-after", "50ms", "--promote-below", "4GiB"];
+    let promote_early = [
+        "--promote-after",
+        "50ms",
+        "--promote-below",
+        "4GiB",
+        "--promote-segments-below",
+        "1000000000",
+    ];
     slow_receiver_bounded_with("auto", &promote_early).await
 }
 

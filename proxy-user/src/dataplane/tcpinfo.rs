@@ -1,5 +1,8 @@
 //! The few socket facts the data planes need that std and socket2 do not expose.
-use std::{io, mem, os::fd::AsRawFd};
+use std::{
+    io, mem,
+    os::fd::{AsRawFd, RawFd},
+};
 
 /// The kernel's socket cookie: a stable id for the socket, the key the BPF
 /// maps use (the verdict program reads the same value with a helper).
@@ -80,6 +83,22 @@ pub fn bytes_received(sock: &impl AsRawFd) -> io::Result<u64> {
     Ok(read_u64(&info, TCPI_BYTES_RECEIVED_OFFSET))
 }
 
+/// `tcpi_data_segs_in` (linux/tcp.h, since 4.6): segments with payload.
+const TCPI_DATA_SEGS_IN_OFFSET: usize = 152;
+
+/// Segments with payload this socket has received: close to the number of
+/// messages the peer sent when it writes small ones, which is what the
+/// fastpath pays for (one kworker hop per skb).
+pub fn data_segs_in(fd: RawFd) -> io::Result<u64> {
+    let (info, len) = tcp_info(fd)?;
+    if len < TCPI_DATA_SEGS_IN_OFFSET + 4 {
+        return Err(io::Error::other("kernel tcp_info has no tcpi_data_segs_in"));
+    }
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&info[TCPI_DATA_SEGS_IN_OFFSET..TCPI_DATA_SEGS_IN_OFFSET + 4]);
+    Ok(u32::from_ne_bytes(bytes).into())
+}
+
 fn tcp_info(fd: libc::c_int) -> io::Result<([u8; 256], usize)> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
@@ -151,6 +170,26 @@ mod tests {
         let (b, _) = listener.accept().unwrap();
         assert_eq!(cookie(&a).unwrap(), cookie(&a).unwrap());
         assert_ne!(cookie(&a).unwrap(), cookie(&b).unwrap());
+    }
+
+    /// Guards the tcpi_data_segs_in offset auto's promotion reads: one
+    /// small message answered before the next is one data segment each.
+    #[test]
+    fn data_segs_in_counts_small_messages() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut b, _) = listener.accept().unwrap();
+        a.set_nodelay(true).unwrap();
+        b.set_nodelay(true).unwrap();
+        let before = data_segs_in(b.as_raw_fd()).unwrap();
+        for _ in 0..50 {
+            a.write_all(b"ping").unwrap();
+            let mut got = [0u8; 4];
+            b.read_exact(&mut got).unwrap();
+            b.write_all(b"pong").unwrap();
+            a.read_exact(&mut got).unwrap();
+        }
+        assert_eq!(data_segs_in(b.as_raw_fd()).unwrap() - before, 50);
     }
 
     /// Guards the hard-coded tcp_info offset against a kernel or libc surprise.
