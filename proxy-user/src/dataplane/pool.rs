@@ -21,17 +21,21 @@ impl<T> Shelf<T> {
         }
     }
 
-    /// A kept item that `fits`, else one from `make`. An item that does not
-    /// fit (another size) is dropped: sizes come from flags, so a mix only
-    /// happens in tests.
+    /// The newest kept item that `fits`, else one from `make`. Sizes
+    /// differ between users (splice's first read, a copy buffer, the
+    /// fastpath's), so a misfit stays on the shelf for its own kind.
     pub(super) fn take<E>(
         &self,
         fits: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
-        match self.items.borrow_mut().pop() {
-            Some(item) if fits(&item) => Ok(item),
-            _ => make(),
+        let mut items = self.items.borrow_mut();
+        match items.iter().rposition(fits) {
+            Some(i) => Ok(items.swap_remove(i)),
+            None => {
+                drop(items);
+                make()
+            }
         }
     }
 
@@ -42,5 +46,40 @@ impl<T> Shelf<T> {
         if items.len() < PER_THREAD {
             items.push(item);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(shelf: &Shelf<Vec<u8>>, size: usize) -> Vec<u8> {
+        let fresh = || Ok::<_, ()>(vec![1u8; size]);
+        shelf
+            .take(|b| b.len() == size, fresh)
+            .expect("make never fails")
+    }
+
+    #[test]
+    fn a_misfit_stays_for_its_own_kind() {
+        let shelf = Shelf::new();
+        let mut small = take(&shelf, 16);
+        small[0] = 7;
+        shelf.give(small);
+        shelf.give(vec![0u8; 64]);
+        // Asking for the small size passes over the newer big buffer.
+        assert_eq!(take(&shelf, 16)[0], 7);
+        assert_eq!(take(&shelf, 64)[0], 0);
+        // Nothing left of either size: a fresh one.
+        assert_eq!(take(&shelf, 16)[0], 1);
+    }
+
+    #[test]
+    fn keeps_at_most_per_thread() {
+        let shelf = Shelf::new();
+        for _ in 0..PER_THREAD + 5 {
+            shelf.give(vec![0u8; 8]);
+        }
+        assert_eq!(shelf.items.borrow().len(), PER_THREAD);
     }
 }

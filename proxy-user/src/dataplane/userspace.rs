@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -106,22 +106,23 @@ pub fn arm_reset(sock: &TcpStream) {
 /// `quiet(limit)` resolves once no byte moved either way for `limit`,
 /// counted from the call.
 pub(super) async fn supervise<Q: Future<Output = ()>>(
-    up: impl Future<Output = DirEnd>,
-    down: impl Future<Output = DirEnd>,
+    // Pinned by the caller: a future taken by value is stored twice in this
+    // one (the argument and the pinned local), which was 4.2 of the 4.9 KB
+    // every connection's plane future took.
+    mut up: Pin<&mut impl Future<Output = DirEnd>>,
+    mut down: Pin<&mut impl Future<Output = DirEnd>>,
     quiet: impl Fn(Option<Duration>) -> Q,
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
 ) -> EndReason {
-    let mut up = pin!(up);
-    let mut down = pin!(down);
     let mut idle = pin!(quiet(conn.idle_timeout));
     let mut fin = fin::Armed::new();
     let (mut up_done, mut down_done) = (false, false);
     loop {
         let (result, from_client) = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; (r, true) }
-            r = &mut down, if !down_done => { down_done = true; (r, false) }
+            r = up.as_mut(), if !up_done => { up_done = true; (r, true) }
+            r = down.as_mut(), if !down_done => { down_done = true; (r, false) }
             end = cut_short(client, upstream, conn) => return end,
             _ = &mut idle => {
                 cut_if_owed(client, upstream, conn);
@@ -290,13 +291,14 @@ pub(super) async fn supervise_pumps<P: Pump>(
         held: &held[i],
         activity: &activity,
     };
-    supervise(
-        pump.pump(client, upstream, tally(0), conn),
-        pump.pump(upstream, client, tally(1), conn),
+    let end = supervise(
+        pin!(pump.pump(client, upstream, tally(0), conn)),
+        pin!(pump.pump(upstream, client, tally(1), conn)),
         |limit| activity.idle(limit, Instant::now()),
         client,
         upstream,
         conn,
     )
-    .await
+    .await;
+    end
 }

@@ -34,6 +34,7 @@
 //!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
 //! - **Failure to install** (socket already half-closed, map full): that
 //!   direction, or the whole pair, is copied in userspace; no byte is dropped.
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -320,7 +321,15 @@ impl FastpathPlane {
                 }
             }
         };
-        let end = supervise(up.run(), down.run(), quiet, client, upstream, conn).await;
+        let end = supervise(
+            pin!(up.run()),
+            pin!(down.run()),
+            quiet,
+            client,
+            upstream,
+            conn,
+        )
+        .await;
         let user = [
             user[0].load(Ordering::Relaxed),
             user[1].load(Ordering::Relaxed),
