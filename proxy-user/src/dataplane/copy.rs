@@ -70,7 +70,10 @@ pub(super) async fn pump(
             return DirEnd::ReadFailed(e);
         }
         let mut buf = held.take().unwrap_or_else(|| take_buffer(size));
-        match forward(src, dst, &mut buf, &tally).await {
+        // Boxed (an allocation per read, against two syscalls): this
+        // future then takes the heap only while bytes move, and an idle
+        // connection's task is smaller by that much.
+        match Box::pin(forward(src, dst, &mut buf, &tally)).await {
             // A full read: more is likely waiting, keep the buffer.
             Forwarded::Some(n) if n == buf.len() => held = Some(buf),
             // A short read cleared readiness: the source is dry, and an

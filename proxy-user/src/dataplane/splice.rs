@@ -247,7 +247,8 @@ async fn pump(
         }
         if !bulk {
             let mut buf = copy::take_buffer(FIRST_READ);
-            let forwarded = copy::forward(src, dst, &mut buf, &tally).await;
+            // Boxed, as in `copy::pump`: heap only while bytes move.
+            let forwarded = Box::pin(copy::forward(src, dst, &mut buf, &tally)).await;
             copy::give_back(buf);
             match forwarded {
                 // A full read: a bulk burst, which goes on through the pipe.
@@ -263,7 +264,7 @@ async fn pump(
                 // Between fills nothing is in flight here, so the copy pump
                 // can take over at any point.
                 tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
-                return copy::pump(src, dst, pipe_size, tally).await;
+                return Box::pin(copy::pump(src, dst, pipe_size, tally)).await;
             }
         };
         let pending = match p.fill(src) {
@@ -291,7 +292,7 @@ async fn pump(
             }
         };
         tally.read(pending);
-        if let Err(e) = p.drain(dst, pending, |m| tally.wrote(m)).await {
+        if let Err(e) = Box::pin(p.drain(dst, pending, |m| tally.wrote(m))).await {
             // It may still hold bytes: dropped, never given back.
             return DirEnd::WriteFailed(e);
         }

@@ -90,7 +90,9 @@ impl<'a> Direction<'a> {
                     if let Err(end) = self.check_inflight() {
                         return end;
                     }
-                    match self.read_available().await {
+                    // Boxed: heap only while bytes are read, not for the
+                    // whole life of an idle pair.
+                    match Box::pin(self.read_available()).await {
                         Ok(true) => {}
                         Ok(false) => return self.finish().await,
                         Err(end) => return end,
