@@ -105,24 +105,32 @@ impl AdaptivePlane {
         let moved = [AtomicU64::new(0), AtomicU64::new(0)];
         let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
         let (promote, asked) = watch::channel(false);
-        let userspace = async {
-            let asked = Some(asked);
-            match &self.start {
-                Start::Splice(p) => {
-                    carry_or_promote(p, client, upstream, conn, asked, &moved).await
+        // Each stage is boxed at its own size, one at a time: a promoted
+        // connection does not keep room for the userspace plane's future,
+        // nor an unpromoted one for the fastpath's.
+        let carried = Box::pin(async {
+            let userspace = async {
+                let asked = Some(asked);
+                match &self.start {
+                    Start::Splice(p) => {
+                        carry_or_promote(p, client, upstream, conn, asked, &moved).await
+                    }
+                    Start::Copy(p) => {
+                        carry_or_promote(p, client, upstream, conn, asked, &moved).await
+                    }
                 }
-                Start::Copy(p) => carry_or_promote(p, client, upstream, conn, asked, &moved).await,
+            };
+            let ask = async {
+                self.promotion.quiet(&moved, fds).await;
+                promote.send_replace(true);
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                carried = userspace => carried,
+                _ = ask => unreachable!("asking for a promotion never ends"),
             }
-        };
-        let ask = async {
-            self.promotion.quiet(&moved, fds).await;
-            promote.send_replace(true);
-            std::future::pending::<()>().await
-        };
-        let carried = tokio::select! {
-            carried = userspace => carried,
-            _ = ask => unreachable!("asking for a promotion never ends"),
-        };
+        })
+        .await;
         match carried {
             Carried::Done(t) => t,
             Carried::Promote {
@@ -138,10 +146,8 @@ impl AdaptivePlane {
                     t2c = moved[1],
                     "quiet connection moves into the kernel fastpath"
                 );
-                let mut transfer = self
-                    .fastpath
-                    .carry_from(client, upstream, conn, moved)
-                    .await;
+                let mut transfer =
+                    Box::pin(self.fastpath.carry_from(client, upstream, conn, moved)).await;
                 transfer.promoted_after = Some(after);
                 transfer
             }

@@ -23,7 +23,9 @@ pub use fin::FinTimeouts;
 pub use parking::Parking;
 pub use userspace::arm_reset;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -305,16 +307,21 @@ impl DataPlane {
         }
     }
 
-    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        // An async match is as large as its largest arm, and every
-        // connection's task holds it: the kernel planes' futures (install,
-        // ledger, demotion) are boxed so a splice or copy connection does
-        // not pay their size in idle memory.
+    /// The plane's future, boxed at its own size: a connection's task holds
+    /// it for the connection's life, and an enum of the planes' futures
+    /// would be as large as the largest (the kernel planes': install,
+    /// ledger, demotion), or a box inside a box for the kernel planes.
+    pub fn carry<'a>(
+        &'a self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &'a ConnInfo,
+    ) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
         match self {
-            DataPlane::Copy(p) => p.carry(client, upstream, conn).await,
-            DataPlane::Splice(p) => p.carry(client, upstream, conn).await,
-            DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn)).await,
-            DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn)).await,
+            DataPlane::Copy(p) => Box::pin(p.carry(client, upstream, conn)),
+            DataPlane::Splice(p) => Box::pin(p.carry(client, upstream, conn)),
+            DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn)),
+            DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn)),
         }
     }
 }

@@ -151,17 +151,17 @@ impl Conn {
         info: &ConnInfo,
         mut meta: MovedMeta,
     ) -> Option<Transfer> {
-        // The plane's future is boxed once here: each layer that takes a
-        // future by value (scope, carry_counting) otherwise holds it twice
-        // (rustc keeps the moved-from argument), and every idle connection's
-        // task carried those copies: 21.7 KB per connection before.
+        // The plane's future comes boxed: each layer that takes a future by
+        // value (scope, carry_counting) would otherwise hold it twice (rustc
+        // keeps the moved-from argument), and every idle connection's task
+        // carried those copies: 21.7 KB per connection before.
         if !shared.plane.moves() {
-            return Some(Box::pin(shared.plane.carry(client, upstream, info)).await);
+            return Some(shared.plane.carry(client, upstream, info).await);
         }
         loop {
             let parking = Parking::new(shared.handover.requests());
             let t = parking
-                .scope(Box::pin(shared.plane.carry(client, upstream, info)))
+                .scope(shared.plane.carry(client, upstream, info))
                 .await;
             let Some(p) = parking.take() else {
                 return Some(Transfer {

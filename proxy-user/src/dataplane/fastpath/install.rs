@@ -240,9 +240,10 @@ pub(super) async fn forward_ready(
     quiet: &Quiet,
     moved: &AtomicU64,
 ) -> Early {
-    let mut buf = take_buffer(PRE_INSTALL_READ);
+    let mut held: Option<Vec<u8>> = None;
     let end = loop {
-        match src.try_read(&mut buf) {
+        let buf = held.get_or_insert_with(|| take_buffer(PRE_INSTALL_READ));
+        match src.try_read(buf) {
             Ok(0) => break EarlyEnd::Eof,
             Ok(n) => {
                 if write_all(dst, &buf[..n]).await.is_err() {
@@ -253,6 +254,11 @@ pub(super) async fn forward_ready(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if quiet.rest(me) {
                     break EarlyEnd::Open;
+                }
+                // No buffer held while waiting: a burst of new connections
+                // has many installs waiting here at once.
+                if let Some(buf) = held.take() {
+                    give_back(buf);
                 }
                 tokio::select! {
                     r = src.readable() => {
@@ -272,7 +278,9 @@ pub(super) async fn forward_ready(
     };
     // Every byte read was written (or the write failed and the
     // connection ends), so the buffer holds nothing owed to anyone.
-    give_back(buf);
+    if let Some(buf) = held {
+        give_back(buf);
+    }
     // A finished direction counts as idle for good.
     quiet.rest(me);
     Early {
