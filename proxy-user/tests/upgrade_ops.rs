@@ -109,6 +109,13 @@ async fn failed_successor_leaves_the_old_one_serving() {
     bounded(60, "failed successors", failed_successors("splice")).await;
 }
 
+/// The same with fastpath pairs: they stay the old process's through both
+/// failures, then move to the good successor (the old one exits at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_successor_leaves_the_old_one_serving_fastpath() {
+    bounded(60, "failed successors", failed_successors("fastpath")).await;
+}
+
 /// SIGUSR2 restarts the same binary through the same path; SIGUSR1 is
 /// logged and ignored, never fatal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

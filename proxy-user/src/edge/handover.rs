@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::conn::Conn;
 use super::{AppRuntime, Shared};
+use crate::dataplane::{FastLedger, PairHold};
 
 /// What a connection is, apart from its two sockets: enough for the taker
 /// to resume it and write the one close line at its end.
@@ -38,6 +39,9 @@ pub struct MovedMeta {
     pub age_ms: u64,
     /// Processes that carried it before, oldest first.
     pub carried_by: Vec<u32>,
+    /// A fastpath pair: where it stands in its map set (which moved first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fastpath: Option<FastLedger>,
 }
 
 /// A parked connection on its way out.
@@ -47,6 +51,9 @@ pub struct Moving {
     pub app: Arc<AppRuntime>,
     pub client: TcpStream,
     pub upstream: TcpStream,
+    /// A fastpath pair's map set, kept while the pair lives (with
+    /// `meta.fastpath`).
+    pub hold: Option<PairHold>,
 }
 
 /// The old process's side: asks connections to park and collects them.

@@ -112,11 +112,17 @@ impl Takeover {
     /// Everything fallible is done: tells the giver we are ready and waits
     /// until it stopped accepting. From here this process serves whatever
     /// happens to the giver (gone, or stuck: we serve beside it).
-    pub async fn commit(self, takes_conns: bool) -> Taken {
+    pub async fn commit(self, takes_conns: bool, takes_fastpath: bool) -> Taken {
         let link = self.link;
         let l = link.clone();
         let stopped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            l.send(&Msg::Ready { takes_conns }, &[])?;
+            l.send(
+                &Msg::Ready {
+                    takes_conns,
+                    takes_fastpath,
+                },
+                &[],
+            )?;
             l.set_timeout(Some(STOPPED_WAIT))?;
             match l.expect("stopping")?.0 {
                 Msg::Stopped => Ok(()),
@@ -163,6 +169,24 @@ impl Taken {
             };
             let conns = match msg {
                 Msg::Conns { conns } => conns,
+                Msg::Maps { sets } => {
+                    let adopted = shared.plane.adopt_map_sets(&sets, fds);
+                    tracing::info!(
+                        sets = sets.len(),
+                        adopted = adopted.len(),
+                        "handoff: adopted the old process's fastpath maps"
+                    );
+                    let l = self.link.clone();
+                    let sent = tokio::task::spawn_blocking(move || {
+                        l.send(&Msg::Adopted { sets: adopted }, &[])
+                    })
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::warn!("handoff: the old process went away after sending its maps");
+                        break;
+                    }
+                    continue;
+                }
                 Msg::Done { moved } => {
                     tracing::info!(moved, "handoff: complete");
                     break;
@@ -183,6 +207,14 @@ impl Taken {
                     // Not ours to serve: the giver carries it on.
                     continue;
                 };
+                // A fastpath pair needs its map set here.
+                let hold = match &meta.fastpath {
+                    Some(ledger) => match shared.plane.hold(ledger) {
+                        Some(hold) => Some(hold),
+                        None => continue,
+                    },
+                    None => None,
+                };
                 match (stream(c), stream(u)) {
                     (Ok(client), Ok(upstream)) => {
                         took.push(meta.id);
@@ -191,6 +223,7 @@ impl Taken {
                             app: app.clone(),
                             client,
                             upstream,
+                            hold,
                         });
                     }
                     (c, u) => {
@@ -214,6 +247,7 @@ impl Taken {
                 handover::resume(&shared, m);
             }
         }
+        shared.plane.settle();
         tracing::info!(moved, "handoff: resumed connections from the old process");
     }
 }
