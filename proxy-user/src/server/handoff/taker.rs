@@ -19,6 +19,11 @@ use crate::edge::{AppRuntime, Shared};
 /// serve beside it (both accepting is harmless).
 const STOPPED_WAIT: Duration = Duration::from_secs(10);
 
+/// Tests only: the taker dies right after adopting the fastpath maps, before
+/// it takes a connection (the worst moment for the giver: its ring readers
+/// stopped, its pairs stopped).
+const DIE_AFTER_MAPS: &str = "PROXY_TEST_DIE_AFTER_MAPS";
+
 /// What the giver handed over, before this process is ready.
 pub struct Takeover {
     link: Arc<Link>,
@@ -184,6 +189,10 @@ impl Taken {
                     if !matches!(sent, Ok(Ok(()))) {
                         tracing::warn!("handoff: the old process went away after sending its maps");
                         break;
+                    }
+                    if std::env::var_os(DIE_AFTER_MAPS).is_some() {
+                        tracing::warn!("{DIE_AFTER_MAPS}: dying mid-handoff, as asked");
+                        std::process::exit(3);
                     }
                     continue;
                 }
