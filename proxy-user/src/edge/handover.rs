@@ -1,8 +1,9 @@
-//! Established userspace connections moving to another process during an
-//! upgrade (`server::handoff` carries them over the handoff socket).
+//! Established connections moving to another process during an upgrade
+//! (`server::handoff` carries them over the handoff socket).
 //!
-//! The old process raises `request`; each connection on the copy or splice
-//! plane parks at its next safe point (`dataplane::Parking`) and offers
+//! The old process raises `request`; each connection on any plane parks
+//! at its next safe point (a fastpath pair with its ledger; its map set
+//! moved first) (`dataplane::Parking`) and offers
 //! itself through `offer`. While a successor takes connections the offer is
 //! accepted and the connection's task ends with a "handed over" line;
 //! otherwise (no successor, or it stopped taking) the connection simply

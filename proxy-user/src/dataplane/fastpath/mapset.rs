@@ -142,8 +142,9 @@ impl MapSet {
         let fd = self.fds[4]
             .try_clone()
             .context("duplicating the EVENTS fd")?;
-        let map = Map::from_map_data(MapData::from_fd(fd)?)?;
-        let ring: RingBuf<MapData> = map.try_into()?;
+        let data = MapData::from_fd(fd).context("reading map `EVENTS`")?;
+        let map = Map::from_map_data(data).context("map `EVENTS`")?;
+        let ring: RingBuf<MapData> = map.try_into().context("map `EVENTS` is not a ring")?;
         *running = Some(Dispatcher::start(ring, Arc::clone(&self.waiters))?);
         Ok(())
     }

@@ -34,6 +34,9 @@
 //!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
 //! - **Failure to install** (socket already half-closed, map full): that
 //!   direction, or the whole pair, is copied in userspace; no byte is dropped.
+//! - **Upgrades.** A pair stays in the maps it was installed in for its
+//!   whole life; on an upgrade the maps move to the new process (`mapset`)
+//!   and the pair follows at a safe point with its ledger (`moving`, `run`).
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

@@ -107,8 +107,8 @@ pub async fn give(
 
 impl Given {
     /// After this process stopped accepting: says so, moves the
-    /// established userspace connections that reach a safe point within
-    /// `PARK_WAIT`, and ends the exchange. Whatever does not move (or
+    /// established connections (fastpath pairs after their map sets) that
+    /// reach a safe point within `PARK_WAIT`, and ends the exchange. Whatever does not move (or
     /// comes back) carries on here and drains.
     pub async fn finish(self, shared: &Arc<Shared>) {
         let link = self.link;

@@ -1,6 +1,7 @@
 //! Upgrades and restarts without a refused connection: the running proxy
 //! (the giver, `--handoff-socket PATH`) hands its listening sockets, and
-//! then its established userspace connections, to a new process (the
+//! then its established connections (fastpath pairs with the BPF maps
+//! they live in), to a new process (the
 //! taker, `--takeover PATH`) over a Unix seqpacket socket with SCM_RIGHTS.
 //!
 //! The exchange, one message per line (NOTES.md §"Upgrades" has the full
