@@ -109,6 +109,62 @@ async fn failed_successor_leaves_the_old_one_serving() {
     bounded(60, "failed successors", failed_successors("splice")).await;
 }
 
+/// The same with fastpath pairs: they stay the old process's through both
+/// failures, then move to the good successor (the old one exits at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_successor_leaves_the_old_one_serving_fastpath() {
+    bounded(60, "failed successors", failed_successors("fastpath")).await;
+}
+
+/// A successor that dies after adopting the fastpath maps, before taking a
+/// pair: every pair stays the old process's (it reads the rings again and
+/// resumes the pairs it had stopped, from their ledgers), and every stream
+/// completes exactly there. The listening sockets were the successor's by
+/// then, so new connections wait for the next proxy (NOTES: "taker after
+/// Ready"); this test has no load.
+async fn successor_dies_after_the_maps() {
+    let s = Setup::new("fastpath").await;
+    let mut a = s.first().await;
+    let traffic = Traffic::start(s.addr, 20, 2, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let die = [("PROXY_TEST_DIE_AFTER_MAPS", Path::new("1"))];
+    let mut b = s.spawn_env(Path::new(PROXY), &s.config, true, &[], &die);
+    assert!(
+        b.wait_exit(10).await.is_some(),
+        "the successor did not die:\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("dying mid-handoff"), "{}", b.log());
+    wait_log(&a.proxy, "they carry on here", 10).await;
+    // The streams run on in the old process for a while.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.proxy.is_running());
+    let seen = traffic.finish(&a.proxy.log_path).await;
+    assert!(seen.bytes > 0);
+    let pid = a.proxy.pid() as u64;
+    let lines = a.proxy.wait_conn_lines(22, 10).await;
+    let here = lines
+        .iter()
+        .filter(|l| l["pid"].as_u64() == Some(pid) && l["end"] == "closed")
+        .filter(|l| l["plane"] == "fastpath")
+        .count();
+    assert_eq!(
+        here, 22,
+        "streams closed by the old process; lines: {lines:?}"
+    );
+    assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn successor_dying_after_the_fastpath_maps_leaves_the_pairs_in_the_old_one() {
+    bounded(
+        60,
+        "successor dies after the maps",
+        successor_dies_after_the_maps(),
+    )
+    .await;
+}
+
 /// SIGUSR2 restarts the same binary through the same path; SIGUSR1 is
 /// logged and ignored, never fatal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

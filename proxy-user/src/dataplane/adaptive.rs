@@ -100,7 +100,15 @@ pub struct AdaptivePlane {
 }
 
 impl AdaptivePlane {
-    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
+    /// `prior`: bytes each way earlier processes carried (an upgrade moved
+    /// the connection here); the fastpath's FIN ledger counts them.
+    pub async fn carry(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &ConnInfo,
+        prior: [u64; 2],
+    ) -> Transfer {
         let began = Instant::now();
         let moved = [AtomicU64::new(0), AtomicU64::new(0)];
         let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
@@ -146,8 +154,11 @@ impl AdaptivePlane {
                     t2c = moved[1],
                     "quiet connection moves into the kernel fastpath"
                 );
-                let mut transfer =
-                    Box::pin(self.fastpath.carry_from(client, upstream, conn, moved)).await;
+                let mut transfer = Box::pin(
+                    self.fastpath
+                        .carry_from(client, upstream, conn, moved, prior),
+                )
+                .await;
                 transfer.promoted_after = Some(after);
                 transfer
             }

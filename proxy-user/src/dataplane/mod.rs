@@ -19,6 +19,7 @@ pub use copy::CopyPlane;
 #[cfg(test)]
 pub use copy::DEFAULT_BUFFER;
 pub use fastpath::Options as FastpathOptions;
+pub use fastpath::{GivenSets, Ledger as FastLedger, PairHold, FDS_PER_SET};
 pub use fin::FinTimeouts;
 pub use parking::Parking;
 pub use userspace::arm_reset;
@@ -288,12 +289,75 @@ impl DataPlane {
     }
 
     /// Whether a connection carried here can stop at a safe point and move
-    /// to another process (an upgrade; `Parking`): the userspace planes, and
-    /// the adaptive plane until it promotes a connection into the kernel.
+    /// to another process (an upgrade; `Parking`): every plane's can (a
+    /// fastpath pair moves with its map set: `fastpath::moving`).
     pub fn moves(&self) -> bool {
+        true
+    }
+
+    /// The kernel fastpath, where this plane has one (`fastpath`, `auto`).
+    fn fastpath(&self) -> Option<&fastpath::FastpathPlane> {
         match self {
-            DataPlane::Copy(_) | DataPlane::Splice(_) | DataPlane::Adaptive(_) => true,
-            DataPlane::Fastpath(_) => false,
+            DataPlane::Fastpath(p) => Some(p),
+            DataPlane::Adaptive(p) => Some(&p.fastpath),
+            DataPlane::Copy(_) | DataPlane::Splice(_) => None,
+        }
+    }
+
+    /// Whether moved fastpath pairs (and their map sets) can resume here.
+    pub fn takes_fastpath(&self) -> bool {
+        self.fastpath().is_some()
+    }
+
+    /// Upgrade, old process: every map set, its ring no longer read here.
+    pub async fn give_map_sets(&self) -> Option<GivenSets> {
+        match self.fastpath() {
+            Some(p) => Some(p.give_sets().await),
+            None => None,
+        }
+    }
+
+    /// Upgrade, new process: adopts the old one's map sets (`FDS_PER_SET`
+    /// fds each, in `ids` order); returns the ids adopted.
+    pub fn adopt_map_sets(&self, ids: &[u32], fds: Vec<std::os::fd::OwnedFd>) -> Vec<u32> {
+        self.fastpath()
+            .map(|p| p.adopt_sets(ids, fds))
+            .unwrap_or_default()
+    }
+
+    /// A moved fastpath pair can resume here: its set, kept while it lives.
+    pub fn hold(&self, ledger: &FastLedger) -> Option<PairHold> {
+        self.fastpath().and_then(|p| p.hold(ledger))
+    }
+
+    /// Upgrade, new process: every pair arrived; empty adopted sets go.
+    pub fn settle(&self) {
+        if let Some(p) = self.fastpath() {
+            p.settle();
+        }
+    }
+
+    /// Carries on a fastpath pair moved here (`hold` from `hold`).
+    pub async fn resume(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &ConnInfo,
+        ledger: FastLedger,
+        hold: PairHold,
+    ) -> Transfer {
+        match self.fastpath() {
+            Some(p) => Box::pin(p.resume(client, upstream, conn, ledger, hold)).await,
+            None => {
+                // `hold` came from a fastpath plane: this cannot happen.
+                tracing::error!(
+                    conn = conn.id,
+                    "a fastpath pair reached a plane without the fastpath; resetting"
+                );
+                arm_reset(&client);
+                arm_reset(&upstream);
+                Transfer::none(EndReason::ClientReset)
+            }
         }
     }
 
@@ -311,17 +375,21 @@ impl DataPlane {
     /// it for the connection's life, and an enum of the planes' futures
     /// would be as large as the largest (the kernel planes': install,
     /// ledger, demotion), or a box inside a box for the kernel planes.
+    /// `prior`: bytes each way that earlier processes carried (0 for a new
+    /// connection): the kernel plane's FIN ledger must count them, since
+    /// the sockets' own counters do.
     pub fn carry<'a>(
         &'a self,
         client: TcpStream,
         upstream: TcpStream,
         conn: &'a ConnInfo,
+        prior: [u64; 2],
     ) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
         match self {
             DataPlane::Copy(p) => Box::pin(p.carry(client, upstream, conn)),
             DataPlane::Splice(p) => Box::pin(p.carry(client, upstream, conn)),
             DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn)),
-            DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn)),
+            DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn, prior)),
         }
     }
 }

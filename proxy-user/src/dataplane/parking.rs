@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::fastpath::{Ledger as FastLedger, PairHold};
+
 tokio::task_local! {
     /// Set by the connection's owner when it may move the connection to
     /// another process (an upgrade): `carry` then parks at a safe point.
@@ -29,6 +31,9 @@ pub struct Parked {
     /// Bytes moved each way by the `carry` that parked it.
     pub client_to_target: u64,
     pub target_to_client: u64,
+    /// A fastpath pair: where it stands, and its map set kept alive (its
+    /// counts are all in the ledger, none in the two above).
+    pub fastpath: Option<(FastLedger, PairHold)>,
 }
 
 impl Parking {

@@ -7,6 +7,9 @@
 //!   counters go to the new process;
 //! - `--mode auto`'s promotion: the sockets go to the kernel fastpath.
 //!
+//! The fastpath's directions stop the same way (`fastpath::run`), with
+//! their own "busy" counts in place of `Tally`.
+//!
 //! Pumps are only ever dropped between polls, so "holds nothing" checked
 //! between polls stays true until they are gone. A direction that already
 //! passed its FIN is harmless to restart (it reads EOF again and passes it
@@ -92,6 +95,7 @@ pub(super) async fn carry_or_promote<P: Pump>(
                 upstream,
                 client_to_target: moved[0],
                 target_to_client: moved[1],
+                fastpath: None,
             });
             Carried::Done(transfer::<P>(EndReason::Closed, moved))
         }
@@ -109,16 +113,16 @@ fn transfer<P: Pump>(end: EndReason, [c2t, t2c]: [u64; 2]) -> Transfer {
 }
 
 /// Why a connection stopped.
-enum Stop<'a> {
+pub(super) enum Stop<'a> {
     /// For an upgrade: its sockets go to this owner.
     Park(&'a Parking),
     Promote,
 }
 
 /// Who may ask this connection to stop.
-struct Asks {
-    parking: Option<Arc<Parking>>,
-    promote: Option<watch::Receiver<bool>>,
+pub(super) struct Asks {
+    pub(super) parking: Option<Arc<Parking>>,
+    pub(super) promote: Option<watch::Receiver<bool>>,
 }
 
 impl Asks {
@@ -126,7 +130,7 @@ impl Asks {
     /// withdrawn before that (an upgrade that gave up waiting) lets the
     /// connection run on. An upgrade comes first: the new process promotes
     /// the connection itself when it is still quiet there.
-    async fn reached(&self, held: &[AtomicU64; 2]) -> Stop<'_> {
+    pub(super) async fn reached(&self, held: &[AtomicU64; 2]) -> Stop<'_> {
         let mut park = self.parking.as_ref().map(|p| p.requests());
         let mut promote = self.promote.clone();
         loop {

@@ -19,7 +19,7 @@ use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{arm_reset, ConnInfo, EndReason, Parking, Transfer};
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, PairHold, Parking, Transfer};
 use crate::ops::access_log;
 use crate::ops::metrics::{ActiveConn, ByteTally};
 use crate::upstream::connect;
@@ -133,7 +133,7 @@ impl Conn {
         };
         let local = m.client.local_addr().ok();
         if let Some(t) = self
-            .carry(&shared, m.client, m.upstream, &info, m.meta)
+            .carry(&shared, m.client, m.upstream, &info, m.meta, m.hold)
             .await
         {
             self.close(&shared, local, upstream, &t, ByteTally::default());
@@ -150,19 +150,31 @@ impl Conn {
         mut upstream: TcpStream,
         info: &ConnInfo,
         mut meta: MovedMeta,
+        hold: Option<PairHold>,
     ) -> Option<Transfer> {
         // The plane's future comes boxed: each layer that takes a future by
         // value (scope, carry_counting) would otherwise hold it twice (rustc
         // keeps the moved-from argument), and every idle connection's task
         // carried those copies: 21.7 KB per connection before.
         if !shared.plane.moves() {
-            return Some(shared.plane.carry(client, upstream, info).await);
+            return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
         }
+        // A fastpath pair moved here resumes from its ledger.
+        let mut resume = meta.fastpath.take().zip(hold);
         loop {
             let parking = Parking::new(shared.handover.requests());
-            let t = parking
-                .scope(shared.plane.carry(client, upstream, info))
-                .await;
+            let t = match resume.take() {
+                Some((ledger, hold)) => {
+                    let carry = shared.plane.resume(client, upstream, info, ledger, hold);
+                    parking.scope(Box::pin(carry)).await
+                }
+                None => {
+                    let prior = [meta.client_to_target, meta.target_to_client];
+                    parking
+                        .scope(shared.plane.carry(client, upstream, info, prior))
+                        .await
+                }
+            };
             let Some(p) = parking.take() else {
                 return Some(Transfer {
                     client_to_target: meta.client_to_target + t.client_to_target,
@@ -179,11 +191,14 @@ impl Conn {
             out.carried_by = (self.carried_by.iter().copied())
                 .chain([crate::ops::pid()])
                 .collect();
+            let (ledger, hold) = p.fastpath.unzip();
+            out.fastpath = ledger;
             let moving = Moving {
                 meta: out,
                 app: self.app.clone(),
                 client: p.client,
                 upstream: p.upstream,
+                hold,
             };
             match shared.handover.offer(Box::new(moving)) {
                 Ok(()) => {
@@ -199,7 +214,11 @@ impl Conn {
                     return None;
                 }
                 // Nobody takes it (any more): carry on here.
-                Err(back) => (client, upstream) = (back.client, back.upstream),
+                Err(back) => {
+                    let back = *back;
+                    resume = back.meta.fastpath.zip(back.hold);
+                    (client, upstream) = (back.client, back.upstream);
+                }
             }
         }
     }
@@ -301,8 +320,9 @@ impl Conn {
             userspace_bytes: 0,
             age_ms: 0,
             carried_by: Vec::new(),
+            fastpath: None,
         };
-        let carry = Box::pin(self.carry(&shared, client, c.stream, &info, meta));
+        let carry = Box::pin(self.carry(&shared, client, c.stream, &info, meta, None));
         let transfer = match sampler {
             Some((sampler, every)) => {
                 live::carry_counting(carry, sampler, every, &self.app.metrics, &mut tally).await

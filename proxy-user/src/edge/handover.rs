@@ -1,8 +1,9 @@
-//! Established userspace connections moving to another process during an
-//! upgrade (`server::handoff` carries them over the handoff socket).
+//! Established connections moving to another process during an upgrade
+//! (`server::handoff` carries them over the handoff socket).
 //!
-//! The old process raises `request`; each connection on the copy or splice
-//! plane parks at its next safe point (`dataplane::Parking`) and offers
+//! The old process raises `request`; each connection on any plane parks
+//! at its next safe point (a fastpath pair with its ledger; its map set
+//! moved first) (`dataplane::Parking`) and offers
 //! itself through `offer`. While a successor takes connections the offer is
 //! accepted and the connection's task ends with a "handed over" line;
 //! otherwise (no successor, or it stopped taking) the connection simply
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::conn::Conn;
 use super::{AppRuntime, Shared};
+use crate::dataplane::{FastLedger, PairHold};
 
 /// What a connection is, apart from its two sockets: enough for the taker
 /// to resume it and write the one close line at its end.
@@ -38,6 +40,9 @@ pub struct MovedMeta {
     pub age_ms: u64,
     /// Processes that carried it before, oldest first.
     pub carried_by: Vec<u32>,
+    /// A fastpath pair: where it stands in its map set (which moved first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fastpath: Option<FastLedger>,
 }
 
 /// A parked connection on its way out.
@@ -47,6 +52,9 @@ pub struct Moving {
     pub app: Arc<AppRuntime>,
     pub client: TcpStream,
     pub upstream: TcpStream,
+    /// A fastpath pair's map set, kept while the pair lives (with
+    /// `meta.fastpath`).
+    pub hold: Option<PairHold>,
 }
 
 /// The old process's side: asks connections to park and collects them.

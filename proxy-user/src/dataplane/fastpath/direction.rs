@@ -13,6 +13,8 @@ use socket2::SockRef;
 use tokio::{net::TcpStream, time::Instant};
 
 use super::install::Side;
+use super::mapset::MapSet;
+use super::moving::DirLedger;
 use super::FastpathPlane;
 use crate::dataplane::copy::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
@@ -28,6 +30,8 @@ const PASSED_BYTES_PATIENCE: Duration = Duration::from_secs(10);
 /// One direction of a spliced pair: bytes arriving on `src` leave from `dst`.
 pub(super) struct Direction<'a> {
     plane: &'a FastpathPlane,
+    /// The maps the pair lives in (this process's own, or adopted).
+    set: &'a MapSet,
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_side: &'a Side,
@@ -41,37 +45,65 @@ pub(super) struct Direction<'a> {
     pub(super) lost: bool,
     /// Bytes userspace wrote into `dst` since the install.
     user: &'a AtomicU64,
+    /// 1 while inside a read, write or FIN: not at a safe point for an
+    /// upgrade to stop it (0: waiting at the top of `run`, holding nothing).
+    busy: &'a AtomicU64,
+    /// Resumed in a new process: look at the limit once before waiting (a
+    /// wake-up may have gone to the old process).
+    resumed: bool,
     /// Redirected bytes already known to be handed to `dst`'s TCP.
     drained: u64,
     /// Bytes userspace forwarded before the install.
     early: u64,
+    /// Bytes forwarded before this process's carry began (`DirLedger`).
+    prior: u64,
     /// Bytes read from `src` since the demotion: the verdict's passed ones.
     read_passed: u64,
 }
 
 impl<'a> Direction<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         plane: &'a FastpathPlane,
-        src: &'a TcpStream,
-        dst: &'a TcpStream,
+        set: &'a MapSet,
+        (src, dst): (&'a TcpStream, &'a TcpStream),
         src_side: &'a Side,
         dst_side: &'a Side,
-        user: &'a AtomicU64,
-        early: u64,
+        (user, busy): (&'a AtomicU64, &'a AtomicU64),
+        start: &DirLedger,
+        resumed: bool,
     ) -> Self {
+        user.store(start.user, Ordering::Relaxed);
         Direction {
             plane,
+            set,
             src,
             dst,
             src_side,
             dst_side,
-            linked: src_side.linked,
-            demoted: false,
+            linked: start.linked,
+            demoted: start.demoted,
             lost: false,
             user,
-            drained: 0,
-            early,
-            read_passed: 0,
+            busy,
+            resumed,
+            drained: start.drained,
+            early: start.early,
+            prior: start.prior,
+            read_passed: start.read_passed,
+        }
+    }
+
+    /// Where it stands, for the process it moves to (at a safe point).
+    pub(super) fn ledger(&self) -> DirLedger {
+        DirLedger {
+            linked: self.linked,
+            demoted: self.demoted,
+            drained: self.drained,
+            early: self.early,
+            read_passed: self.read_passed,
+            user: self.user_bytes(),
+            prior: self.prior,
         }
     }
 
@@ -80,6 +112,11 @@ impl<'a> Direction<'a> {
     }
 
     pub(super) async fn run(&mut self) -> DirEnd {
+        if std::mem::take(&mut self.resumed) {
+            if let Err(end) = self.check_inflight() {
+                return end;
+            }
+        }
         loop {
             tokio::select! {
                 r = self.src.readable() => {
@@ -90,11 +127,19 @@ impl<'a> Direction<'a> {
                     if let Err(end) = self.check_inflight() {
                         return end;
                     }
+                    self.busy.store(1, Ordering::Relaxed);
                     // Boxed: heap only while bytes are read, not for the
                     // whole life of an idle pair.
-                    match Box::pin(self.read_available()).await {
+                    let read = Box::pin(self.read_available()).await;
+                    self.busy.store(0, Ordering::Relaxed);
+                    match read {
                         Ok(true) => {}
-                        Ok(false) => return self.finish().await,
+                        Ok(false) => {
+                            self.busy.store(1, Ordering::Relaxed);
+                            let end = self.finish().await;
+                            self.busy.store(0, Ordering::Relaxed);
+                            return end;
+                        }
                         Err(end) => return end,
                     }
                 }
@@ -176,7 +221,7 @@ impl<'a> Direction<'a> {
             return Ok(false);
         }
         let state = self
-            .plane
+            .set
             .state(self.src_side.cookie)
             .map_err(DirEnd::ReadFailed)?;
         Ok(state.passed > self.read_passed)
@@ -209,10 +254,11 @@ impl<'a> Direction<'a> {
     fn check_nothing_lost(&mut self) -> Result<(), DirEnd> {
         let received = tcpinfo::bytes_received(self.src).map_err(DirEnd::ReadFailed)?;
         let state = self
-            .plane
+            .set
             .state(self.src_side.cookie)
             .map_err(DirEnd::ReadFailed)?;
-        let accounted = self.early + state.redirected + state.dropped + self.user_bytes();
+        let accounted =
+            self.prior + self.early + state.redirected + state.dropped + self.user_bytes();
         // tcpi_bytes_received counts the FIN's sequence number too. More
         // forwarded than received is a duplicate (seen once in an echo).
         let received = received.saturating_sub(1);
@@ -249,7 +295,7 @@ impl<'a> Direction<'a> {
             return Ok(());
         }
         let state = self
-            .plane
+            .set
             .state(self.src_side.cookie)
             .map_err(DirEnd::ReadFailed)?;
         if state.passed > 0 {
@@ -270,7 +316,7 @@ impl<'a> Direction<'a> {
             pass: 0,
             fault_drop_at: self.plane.fault_drop_at,
         };
-        self.plane
+        self.set
             .set_control(self.src_side.cookie, next)
             .map_err(DirEnd::ReadFailed)
     }
@@ -279,7 +325,7 @@ impl<'a> Direction<'a> {
     /// handed to its TCP, so a userspace write or FIN cannot overtake it.
     async fn wait_drained(&mut self) -> Result<(), DirEnd> {
         let redirected = self
-            .plane
+            .set
             .state(self.src_side.cookie)
             .map_err(DirEnd::ReadFailed)?
             .redirected;

@@ -8,29 +8,57 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use proxy_common::FlowEvent;
-use tokio::{io::unix::AsyncFd, sync::Notify};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
 
 use super::lock;
 
 /// Wakers by source cookie: the direction the verdict reported.
 pub(super) type Waiters = Arc<Mutex<HashMap<u64, Arc<Notify>>>>;
 
-/// Starts the task that wakes each reported direction.
-pub(super) fn spawn_dispatch(ring: RingBuf<MapData>) -> Result<Waiters> {
-    let waiters: Waiters = Arc::default();
-    let ring = register(ring).context("polling the flow event ring")?;
-    tokio::spawn(dispatch_events(ring, Arc::clone(&waiters)));
-    Ok(waiters)
+/// The task that reads one map set's `EVENTS` ring. The ring has one
+/// consumer position (in the ring's shared page, cached by each reader), so
+/// exactly one process reads it at a time: an upgrade stops this task, and
+/// waits for it to end, before the new process builds its reader.
+pub(super) struct Dispatcher {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
 }
 
-async fn dispatch_events(mut ring: AsyncFd<RingBuf<MapData>>, waiters: Waiters) {
+impl Dispatcher {
+    /// Starts the task that wakes each reported direction.
+    pub(super) fn start(ring: RingBuf<MapData>, waiters: Waiters) -> Result<Dispatcher> {
+        let ring = register(ring).context("polling the flow event ring")?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(dispatch_events(ring, waiters, stopped));
+        Ok(Dispatcher { stop, task })
+    }
+
+    /// Ends the task; once this returns it reads no more records.
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn dispatch_events(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    waiters: Waiters,
+    mut stopped: oneshot::Receiver<()>,
+) {
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(e) => {
-                tracing::error!(error = %e, "flow event ring failed; linked directions are no longer checked against the in-flight bound");
-                return;
-            }
+        let mut guard = tokio::select! {
+            biased;
+            // A dropped sender (the map set is gone) stops it too.
+            _ = &mut stopped => return,
+            r = ring.readable_mut() => match r {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(error = %e, "flow event ring failed; linked directions are no longer checked against the in-flight bound");
+                    return;
+                }
+            },
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {

@@ -11,7 +11,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use proxy_common::{FlowControl, FlowState};
 use tokio::{net::TcpStream, sync::Notify};
 
-use super::{lock, FastpathPlane};
+use super::lock;
+use super::mapset::MapSet;
 use crate::dataplane::copy::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
 use crate::dataplane::userspace::write_all;
@@ -55,11 +56,17 @@ impl Maps {
     }
 }
 
-impl FastpathPlane {
+impl MapSet {
     /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
     /// socket refused by `SOCKETS` (it already received FIN) leaves its
     /// direction to userspace; one refused by `PEERS` leaves the whole pair.
-    pub(super) fn install(&self, client: &TcpStream, upstream: &TcpStream) -> Result<Pair> {
+    pub(super) fn install(
+        &self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        bound: u64,
+        fault_drop_at: u64,
+    ) -> Result<Pair> {
         let mut pair = Pair {
             client: Side::new(tcpinfo::cookie(client).context("SO_COOKIE of the client")?),
             upstream: Side::new(tcpinfo::cookie(upstream).context("SO_COOKIE of the upstream")?),
@@ -78,10 +85,10 @@ impl FastpathPlane {
             ] {
                 let control = FlowControl {
                     peer: dst.cookie,
-                    check_at: self.bound / 4,
-                    limit: self.bound,
+                    check_at: bound / 4,
+                    limit: bound,
                     pass: 0,
-                    fault_drop_at: self.fault_drop_at,
+                    fault_drop_at,
                 };
                 maps.control
                     .insert(src.cookie, control, 0)
@@ -300,7 +307,7 @@ pub(super) struct Side {
 }
 
 impl Side {
-    fn new(cookie: u64) -> Self {
+    pub(super) fn new(cookie: u64) -> Self {
         Side {
             cookie,
             base: 0,

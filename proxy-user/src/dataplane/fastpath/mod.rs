@@ -34,27 +34,32 @@
 //!   TCP: `tcpi_bytes_acked + SIOCOUTQ - baseline - userspace writes`.
 //! - **Failure to install** (socket already half-closed, map full): that
 //!   direction, or the whole pair, is copied in userspace; no byte is dropped.
-use std::pin::pin;
+//! - **Upgrades.** A pair stays in the maps it was installed in for its
+//!   whole life; on an upgrade the maps move to the new process (`mapset`)
+//!   and the pair follows at a safe point with its ledger (`moving`, `run`).
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{MapData, SockHash},
-    programs::SkSkb,
-    Ebpf, EbpfLoader,
-};
-use tokio::{net::TcpStream, time::Instant};
+use aya::{programs::SkSkb, Ebpf, EbpfLoader};
+use tokio::net::TcpStream;
 
-use super::userspace::{arm_reset, cut_short, supervise};
+use super::userspace::{arm_reset, cut_short};
 use super::{ConnInfo, CopyPlane, EndReason, Plane, Transfer};
-use crate::bpf::{self, take_map};
-use direction::{Direction, IdleWatch};
-use install::{forward_ready, EarlyEnd, Maps, Pair, Quiet};
+use crate::bpf;
+use install::{forward_ready, EarlyEnd, Quiet};
+use mapset::{MapSet, Sets};
+use moving::DirLedger;
 
 mod direction;
 mod events;
 mod install;
+mod mapset;
+mod moving;
+mod run;
+
+pub use mapset::{GivenSets, PairHold, FDS_PER_SET};
+pub use moving::Ledger;
 
 /// Bound on one direction's bytes inside the kernel (redirected but not yet
 /// acknowledged by the receiver) with kernel autotuning (`--socket-buffer 0`).
@@ -140,9 +145,8 @@ fn raise_socket_buffers(sock: &TcpStream, fixed: Option<u32>) -> std::io::Result
 }
 
 pub struct FastpathPlane {
-    maps: Mutex<Maps>,
-    /// Wakes the direction whose source cookie the verdict reported.
-    waiters: events::Waiters,
+    /// This process's map set (new pairs go there) and the adopted ones.
+    sets: Arc<Sets>,
     fallback: CopyPlane,
     bound: u64,
     socket_buffer: Option<u32>,
@@ -161,7 +165,7 @@ impl FastpathPlane {
             Ok(logger) => events::spawn_bpf_logger(logger)?,
             Err(e) => tracing::debug!(error = %e, "BPF program has no log buffer"),
         }
-        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, "SOCKETS")?;
+        let own = MapSet::from_loaded(&mut ebpf)?;
         let program: &mut SkSkb = ebpf
             .program_mut("splice")
             .context("the eBPF object has no `splice` program")?
@@ -170,20 +174,15 @@ impl FastpathPlane {
         program.load().context(bpf::privilege_hint(
             "loading the stream verdict (verifier output above)",
         ))?;
-        program
-            .attach(sockets.fd())
-            .context("attaching the stream verdict to the socket map")?;
-        let mut maps = Maps {
-            sockets,
-            peers: take_map(&mut ebpf, "PEERS")?,
-            control: take_map(&mut ebpf, "CONTROL")?,
-            state: take_map(&mut ebpf, "STATE")?,
-        };
-        maps.probe_insert()?;
-        let waiters = events::spawn_dispatch(take_map(&mut ebpf, "EVENTS")?)?;
+        {
+            let mut maps = lock(&own.maps);
+            program
+                .attach(maps.sockets.fd())
+                .context("attaching the stream verdict to the socket map")?;
+            maps.probe_insert()?;
+        }
         Ok(FastpathPlane {
-            maps: Mutex::new(maps),
-            waiters,
+            sets: Sets::new(own),
             fallback,
             bound,
             socket_buffer: options.socket_buffer,
@@ -193,18 +192,22 @@ impl FastpathPlane {
     }
 
     pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        self.carry_from(client, upstream, conn, [0, 0]).await
+        self.carry_from(client, upstream, conn, [0, 0], [0, 0])
+            .await
     }
 
     /// Carries a connection whose first `before` bytes each way
     /// (client→target, target→client) another plane already forwarded, all
-    /// of them written out: the FIN ledger counts them as forwarded.
+    /// of them written out: the FIN ledger counts them as forwarded. `prior`:
+    /// bytes each way that earlier processes forwarded (the FIN ledger counts
+    /// them too; the transfer does not, its owner reports them).
     pub async fn carry_from(
         &self,
         client: TcpStream,
         upstream: TcpStream,
         conn: &ConnInfo,
         before: [u64; 2],
+        prior: [u64; 2],
     ) -> Transfer {
         for sock in [&client, &upstream] {
             if let Err(e) = raise_socket_buffers(sock, self.socket_buffer) {
@@ -243,144 +246,77 @@ impl FastpathPlane {
             (EarlyEnd::WriteFailed, _) | (_, EarlyEnd::ReadFailed) => Some(EndReason::TargetReset),
             _ => None,
         };
-        let mut transfer = if let Some(end) = reset {
+        if let Some(end) = reset {
             arm_reset(if end == EndReason::ClientReset {
                 &upstream
             } else {
                 &client
             });
-            Transfer {
+            return Transfer {
                 plane: Plane::CopyFallback,
                 ..Transfer::none(end)
             }
-        } else {
-            let installed = match (&up.end, &down.end) {
-                (EarlyEnd::Open, EarlyEnd::Open) => self.install(&client, &upstream),
-                _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
-            };
-            match installed {
-                Ok(pair) => {
-                    let transfer = self.splice(&pair, &client, &upstream, early, conn).await;
-                    self.uninstall(&pair);
-                    transfer
-                }
-                Err(e) => {
-                    tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
-                        "fastpath not installed; this connection stays on the copy plane");
-                    // TCP keeps reporting EOF, so the copy plane sees the FIN again.
-                    let mut transfer = self.fallback.carry(client, upstream, conn).await;
-                    transfer.plane = Plane::CopyFallback;
-                    transfer
-                }
+            .plus(early);
+        }
+        let installed = match (&up.end, &down.end) {
+            (EarlyEnd::Open, EarlyEnd::Open) => {
+                self.sets
+                    .own
+                    .install(&client, &upstream, self.bound, self.fault_drop_at)
             }
+            _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
         };
-        transfer.client_to_target += early[0];
-        transfer.target_to_client += early[1];
-        transfer.userspace_bytes += early[0] + early[1];
-        transfer
-    }
-    async fn splice(
-        &self,
-        pair: &Pair,
-        client: &TcpStream,
-        upstream: &TcpStream,
-        early: [u64; 2],
-        conn: &ConnInfo,
-    ) -> Transfer {
-        let user = [AtomicU64::new(0), AtomicU64::new(0)];
-        let mut up = Direction::new(
-            self,
-            client,
-            upstream,
-            &pair.client,
-            &pair.upstream,
-            &user[0],
-            early[0],
-        );
-        let mut down = Direction::new(
-            self,
-            upstream,
-            client,
-            &pair.upstream,
-            &pair.client,
-            &user[1],
-            early[1],
-        );
-        let start = Instant::now();
-        // The kernel moves bytes userspace never sees: idle (and a fin
-        // timeout) is judged from the verdict's counters plus what
-        // userspace copied.
-        let moved =
-            || self.moved(pair) + user[0].load(Ordering::Relaxed) + user[1].load(Ordering::Relaxed);
-        let quiet = |limit| async move {
-            let mut watch = IdleWatch::new(limit, moved());
-            loop {
-                watch.tick().await;
-                if watch.is_idle(moved()) {
-                    return;
-                }
+        match installed {
+            Ok(pair) => {
+                let set = Arc::clone(&self.sets.own);
+                let hold = self.sets.hold_own();
+                let fresh = |linked, early, prior| DirLedger {
+                    linked,
+                    early,
+                    prior,
+                    ..DirLedger::default()
+                };
+                let dirs = [
+                    fresh(pair.client.linked, early[0], prior[0]),
+                    fresh(pair.upstream.linked, early[1], prior[1]),
+                ];
+                let ran = self
+                    .run_pair(&set, &pair, (&client, &upstream), &dirs, false, conn)
+                    .await;
+                self.ended(ran, &set, &pair, client, upstream, hold)
             }
-        };
-        let end = supervise(
-            pin!(up.run()),
-            pin!(down.run()),
-            quiet,
-            client,
-            upstream,
-            conn,
-        )
-        .await;
-        let user = [
-            user[0].load(Ordering::Relaxed),
-            user[1].load(Ordering::Relaxed),
-        ];
-        let client_state = self.state(pair.client.cookie).unwrap_or_default();
-        let upstream_state = self.state(pair.upstream.cookie).unwrap_or_default();
-        tracing::debug!(
-            conn = conn.id,
-            user_c2t = user[0],
-            user_t2c = user[1],
-            kernel_c2t = client_state.redirected,
-            kernel_t2c = upstream_state.redirected,
-            dropped = client_state.dropped + upstream_state.dropped,
-            passed_c2t = client_state.passed,
-            passed_t2c = upstream_state.passed,
-            demoted_c2t = up.demoted,
-            demoted_t2c = down.demoted,
-            elapsed_ms = start.elapsed().as_millis() as u64,
-            "fastpath pair done"
-        );
-        Transfer {
-            client_to_target: client_state.redirected + user[0],
-            target_to_client: upstream_state.redirected + user[1],
-            userspace_bytes: user[0] + user[1],
-            end,
-            promoted_after: None,
-            demoted: u8::from(up.demoted) + u8::from(down.demoted),
-            lost: up.lost || down.lost,
-            plane: if pair.client.linked || pair.upstream.linked {
-                Plane::Fastpath
-            } else {
-                Plane::CopyFallback
-            },
+            Err(e) => {
+                tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
+                    "fastpath not installed; this connection stays on the copy plane");
+                // TCP keeps reporting EOF, so the copy plane sees the FIN again.
+                let transfer = self.fallback.carry(client, upstream, conn).await;
+                transfer.on(Plane::CopyFallback).plus(early)
+            }
         }
     }
+}
 
-    /// Bytes the kernel moved both ways so far: part of the idle signal.
-    fn moved(&self, pair: &Pair) -> u64 {
-        [pair.client.cookie, pair.upstream.cookie]
-            .iter()
-            .filter_map(|c| self.state(*c).ok())
-            .map(|s| s.redirected)
-            .sum()
+impl Transfer {
+    /// The same, with `early` bytes each way forwarded by userspace first.
+    fn plus(mut self, early: [u64; 2]) -> Transfer {
+        self.client_to_target += early[0];
+        self.target_to_client += early[1];
+        self.userspace_bytes += early[0] + early[1];
+        self
     }
 }
 
 impl Drop for FastpathPlane {
     /// Every pair uninstalls itself; whatever is left here at exit leaked.
     fn drop(&mut self) {
-        let left = lock(&self.maps).entries();
-        if left == 0 {
+        let left = lock(&self.sets.own.maps).entries();
+        if self.sets.given.load(Ordering::Relaxed) {
+            tracing::info!(
+                entries = left,
+                pairs = self.sets.own.pairs(),
+                "fastpath maps handed to the new process"
+            );
+        } else if left == 0 {
             tracing::info!("fastpath maps empty at exit");
         } else {
             tracing::warn!(

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::wire::{Link, MAX_FDS};
 use super::Msg;
+use crate::dataplane::{GivenSets, FDS_PER_SET};
 use crate::edge::handover::{self, Moving, PARK_WAIT};
 use crate::edge::Shared;
 
@@ -27,6 +28,7 @@ pub struct Given {
     link: Arc<Link>,
     pub pid: u32,
     takes_conns: bool,
+    takes_fastpath: bool,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -87,22 +89,26 @@ pub async fn give(
         }
         l.set_timeout(Some(READY_WAIT))?;
         match l.expect("getting ready")?.0 {
-            Msg::Ready { takes_conns } => Ok((pid, takes_conns)),
+            Msg::Ready {
+                takes_conns,
+                takes_fastpath,
+            } => Ok((pid, takes_conns, takes_fastpath)),
             other => bail!("expected ready, got {other:?}"),
         }
     })
     .await
-    .map(|(pid, takes_conns)| Given {
+    .map(|(pid, takes_conns, takes_fastpath)| Given {
         link,
         pid,
         takes_conns,
+        takes_fastpath,
     })
 }
 
 impl Given {
     /// After this process stopped accepting: says so, moves the
-    /// established userspace connections that reach a safe point within
-    /// `PARK_WAIT`, and ends the exchange. Whatever does not move (or
+    /// established connections (fastpath pairs after their map sets) that
+    /// reach a safe point within `PARK_WAIT`, and ends the exchange. Whatever does not move (or
     /// comes back) carries on here and drains.
     pub async fn finish(self, shared: &Arc<Shared>) {
         let link = self.link;
@@ -112,6 +118,11 @@ impl Given {
         }
         let mut moved = 0u64;
         if self.takes_conns {
+            // The maps first: a fastpath pair's entries stay in them.
+            let given = match self.takes_fastpath {
+                true => give_map_sets(&link, shared).await,
+                false => None,
+            };
             let mut parked = shared.handover.start();
             let deadline = Instant::now() + PARK_WAIT;
             let mut ok = true;
@@ -142,6 +153,13 @@ impl Given {
                     carry_on(chunk, shared);
                 }
             }
+            if !ok {
+                // The successor is gone (or stuck): its readers of the
+                // rings with it. The pairs that stayed need them here.
+                if let Some(sets) = &given {
+                    sets.restart(&[]);
+                }
+            }
         }
         let _ = blocking(&link, move |l| l.send(&Msg::Done { moved }, &[])).await;
         tracing::info!(
@@ -150,6 +168,44 @@ impl Given {
             draining = shared.tracker.live(),
             "handoff: done; the connections that did not move drain here"
         );
+    }
+}
+
+/// Sends every fastpath map set this process holds, its ring reader
+/// stopped first (one reader at a time); reads again those the successor
+/// did not adopt. None: no fastpath here, or the successor is gone.
+async fn give_map_sets(link: &Arc<Link>, shared: &Arc<Shared>) -> Option<GivenSets> {
+    let sets = shared.plane.give_map_sets().await?;
+    let (ids, fds) = (sets.ids(), sets.fds());
+    let per_msg = MAX_FDS / FDS_PER_SET;
+    let sent = blocking(link, move |l| {
+        l.set_timeout(Some(STEP_WAIT))?;
+        let mut adopted = Vec::new();
+        for (ids, fds) in ids.chunks(per_msg).zip(fds.chunks(per_msg * FDS_PER_SET)) {
+            l.send(&Msg::Maps { sets: ids.to_vec() }, fds)?;
+            match l.expect("adopting map sets")?.0 {
+                Msg::Adopted { sets } => adopted.extend(sets),
+                other => bail!("expected adopted, got {other:?}"),
+            }
+        }
+        Ok(adopted)
+    })
+    .await;
+    match sent {
+        Ok(adopted) => {
+            tracing::info!(
+                sets = sets.len(),
+                adopted = adopted.len(),
+                "handoff: fastpath map sets sent"
+            );
+            sets.restart(&adopted);
+            Some(sets)
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "handoff: successor did not adopt the fastpath maps; their pairs stay here");
+            sets.restart(&[]);
+            None
+        }
     }
 }
 

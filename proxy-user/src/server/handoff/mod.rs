@@ -1,6 +1,7 @@
 //! Upgrades and restarts without a refused connection: the running proxy
 //! (the giver, `--handoff-socket PATH`) hands its listening sockets, and
-//! then its established userspace connections, to a new process (the
+//! then its established connections (fastpath pairs with the BPF maps
+//! they live in), to a new process (the
 //! taker, `--takeover PATH`) over a Unix seqpacket socket with SCM_RIGHTS.
 //!
 //! The exchange, one message per line (NOTES.md §"Upgrades" has the full
@@ -17,6 +18,10 @@
 //!                                        give up the handoff socket path
 //!                                  <-    Stopped
 //! (open the gate: accept; bind the handoff socket path)
+//!                                  <-    Maps{sets} + 5 fds each (fastpath
+//!                                        map sets; their rings no longer
+//!                                        read by the giver)
+//! Adopted{sets}                    ->    (the giver reads the rest again)
 //!                                  <-    Conns{conns} + 2 fds each (batches)
 //! Took{ids}                        ->    (giver closes its copies; anything
 //!                                        not taken carries on in the giver)
@@ -61,8 +66,21 @@ enum Msg {
     /// userspace plane).
     Ready {
         takes_conns: bool,
+        /// It can adopt fastpath map sets and resume their pairs.
+        #[serde(default)]
+        takes_fastpath: bool,
     },
     Stopped,
+    /// Fastpath map sets, `FDS_PER_SET` fds each (`SOCKETS`, `PEERS`,
+    /// `CONTROL`, `STATE`, `EVENTS`); sent before any `Conns`, with their
+    /// rings no longer read by the giver.
+    Maps {
+        sets: Vec<u32>,
+    },
+    /// The sets the taker adopted (it reads their rings from now on).
+    Adopted {
+        sets: Vec<u32>,
+    },
     /// Two fds per connection: client, then upstream.
     Conns {
         conns: Vec<MovedMeta>,

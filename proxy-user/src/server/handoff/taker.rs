@@ -19,6 +19,11 @@ use crate::edge::{AppRuntime, Shared};
 /// serve beside it (both accepting is harmless).
 const STOPPED_WAIT: Duration = Duration::from_secs(10);
 
+/// Tests only: the taker dies right after adopting the fastpath maps, before
+/// it takes a connection (the worst moment for the giver: its ring readers
+/// stopped, its pairs stopped).
+const DIE_AFTER_MAPS: &str = "PROXY_TEST_DIE_AFTER_MAPS";
+
 /// What the giver handed over, before this process is ready.
 pub struct Takeover {
     link: Arc<Link>,
@@ -112,11 +117,17 @@ impl Takeover {
     /// Everything fallible is done: tells the giver we are ready and waits
     /// until it stopped accepting. From here this process serves whatever
     /// happens to the giver (gone, or stuck: we serve beside it).
-    pub async fn commit(self, takes_conns: bool) -> Taken {
+    pub async fn commit(self, takes_conns: bool, takes_fastpath: bool) -> Taken {
         let link = self.link;
         let l = link.clone();
         let stopped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            l.send(&Msg::Ready { takes_conns }, &[])?;
+            l.send(
+                &Msg::Ready {
+                    takes_conns,
+                    takes_fastpath,
+                },
+                &[],
+            )?;
             l.set_timeout(Some(STOPPED_WAIT))?;
             match l.expect("stopping")?.0 {
                 Msg::Stopped => Ok(()),
@@ -163,6 +174,28 @@ impl Taken {
             };
             let conns = match msg {
                 Msg::Conns { conns } => conns,
+                Msg::Maps { sets } => {
+                    let adopted = shared.plane.adopt_map_sets(&sets, fds);
+                    tracing::info!(
+                        sets = sets.len(),
+                        adopted = adopted.len(),
+                        "handoff: adopted the old process's fastpath maps"
+                    );
+                    let l = self.link.clone();
+                    let sent = tokio::task::spawn_blocking(move || {
+                        l.send(&Msg::Adopted { sets: adopted }, &[])
+                    })
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::warn!("handoff: the old process went away after sending its maps");
+                        break;
+                    }
+                    if std::env::var_os(DIE_AFTER_MAPS).is_some() {
+                        tracing::warn!("{DIE_AFTER_MAPS}: dying mid-handoff, as asked");
+                        std::process::exit(3);
+                    }
+                    continue;
+                }
                 Msg::Done { moved } => {
                     tracing::info!(moved, "handoff: complete");
                     break;
@@ -183,6 +216,14 @@ impl Taken {
                     // Not ours to serve: the giver carries it on.
                     continue;
                 };
+                // A fastpath pair needs its map set here.
+                let hold = match &meta.fastpath {
+                    Some(ledger) => match shared.plane.hold(ledger) {
+                        Some(hold) => Some(hold),
+                        None => continue,
+                    },
+                    None => None,
+                };
                 match (stream(c), stream(u)) {
                     (Ok(client), Ok(upstream)) => {
                         took.push(meta.id);
@@ -191,6 +232,7 @@ impl Taken {
                             app: app.clone(),
                             client,
                             upstream,
+                            hold,
                         });
                     }
                     (c, u) => {
@@ -214,6 +256,7 @@ impl Taken {
                 handover::resume(&shared, m);
             }
         }
+        shared.plane.settle();
         tracing::info!(moved, "handoff: resumed connections from the old process");
     }
 }

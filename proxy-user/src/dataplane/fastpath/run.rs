@@ -1,0 +1,199 @@
+//! An installed (or resumed) pair running until it ends, or until an
+//! upgrade stops it at a safe point to move it to the new process.
+
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::{net::TcpStream, time::Instant};
+
+use super::direction::{Direction, IdleWatch};
+use super::install::Pair;
+use super::mapset::{MapSet, PairHold};
+use super::moving::{DirLedger, Ledger, SideLedger};
+use super::{lock, FastpathPlane};
+use crate::dataplane::parking::{Parked, Parking, PARKING};
+use crate::dataplane::safepoint::{Asks, Stop};
+use crate::dataplane::userspace::supervise;
+use crate::dataplane::{ConnInfo, EndReason, Plane, Transfer};
+
+/// How a pair's run ended.
+pub(super) enum Ran {
+    /// Closed (or failed): its transfer, with every byte each way counted.
+    Ended(Transfer),
+    /// Stopped for an upgrade, both directions holding nothing.
+    Parked {
+        parking: Arc<Parking>,
+        dirs: [DirLedger; 2],
+    },
+}
+
+impl FastpathPlane {
+    /// Runs both directions of `pair` from `dirs` (fresh after an install,
+    /// or a moved pair's ledger) under the idle, FIN and drain rules.
+    pub(super) async fn run_pair(
+        &self,
+        set: &MapSet,
+        pair: &Pair,
+        (client, upstream): (&TcpStream, &TcpStream),
+        dirs: &[DirLedger; 2],
+        resumed: bool,
+        conn: &ConnInfo,
+    ) -> Ran {
+        let user = [AtomicU64::new(0), AtomicU64::new(0)];
+        let busy = [AtomicU64::new(0), AtomicU64::new(0)];
+        let parking = PARKING.try_with(Arc::clone).ok();
+        let asks = Asks {
+            parking: parking.clone(),
+            promote: None,
+        };
+        let mut up = Direction::new(
+            self,
+            set,
+            (client, upstream),
+            &pair.client,
+            &pair.upstream,
+            (&user[0], &busy[0]),
+            &dirs[0],
+            resumed,
+        );
+        let mut down = Direction::new(
+            self,
+            set,
+            (upstream, client),
+            &pair.upstream,
+            &pair.client,
+            (&user[1], &busy[1]),
+            &dirs[1],
+            resumed,
+        );
+        let start = Instant::now();
+        // The kernel moves bytes userspace never sees: idle (and a fin
+        // timeout) is judged from the verdict's counters plus what
+        // userspace copied.
+        let moved = || {
+            moved_by_kernel(set, pair)
+                + user[0].load(Ordering::Relaxed)
+                + user[1].load(Ordering::Relaxed)
+        };
+        let quiet = |limit| async move {
+            let mut watch = IdleWatch::new(limit, moved());
+            loop {
+                watch.tick().await;
+                if watch.is_idle(moved()) {
+                    return;
+                }
+            }
+        };
+        let stopped = {
+            let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
+            let supervised = supervise(up_run, down_run, quiet, client, upstream, conn);
+            tokio::select! {
+                biased;
+                end = supervised => Err(end),
+                stop = asks.reached(&busy) => Ok(matches!(stop, Stop::Park(_))),
+            }
+        };
+        let end = match stopped {
+            Ok(true) => {
+                if let Some(parking) = parking {
+                    return Ran::Parked {
+                        parking,
+                        dirs: [up.ledger(), down.ledger()],
+                    };
+                }
+                EndReason::Closed
+            }
+            // Only an upgrade asks (no promotion request here).
+            Ok(false) => EndReason::Closed,
+            Err(end) => end,
+        };
+        let user = [
+            user[0].load(Ordering::Relaxed),
+            user[1].load(Ordering::Relaxed),
+        ];
+        let early = [dirs[0].early, dirs[1].early];
+        let client_state = set.state(pair.client.cookie).unwrap_or_default();
+        let upstream_state = set.state(pair.upstream.cookie).unwrap_or_default();
+        tracing::debug!(
+            conn = conn.id,
+            user_c2t = user[0],
+            user_t2c = user[1],
+            kernel_c2t = client_state.redirected,
+            kernel_t2c = upstream_state.redirected,
+            dropped = client_state.dropped + upstream_state.dropped,
+            passed_c2t = client_state.passed,
+            passed_t2c = upstream_state.passed,
+            demoted_c2t = up.demoted,
+            demoted_t2c = down.demoted,
+            resumed,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "fastpath pair done"
+        );
+        Ran::Ended(Transfer {
+            client_to_target: client_state.redirected + user[0] + early[0],
+            target_to_client: upstream_state.redirected + user[1] + early[1],
+            userspace_bytes: user[0] + user[1] + early[0] + early[1],
+            end,
+            promoted_after: None,
+            demoted: u8::from(up.demoted) + u8::from(down.demoted),
+            lost: up.lost || down.lost,
+            plane: if pair.client.linked || pair.upstream.linked {
+                Plane::Fastpath
+            } else {
+                Plane::CopyFallback
+            },
+        })
+    }
+
+    /// After `run_pair`: a closed pair leaves the maps; a parked one stays
+    /// in them and goes, with its ledger and its set's hold, to the owner.
+    pub(super) fn ended(
+        &self,
+        ran: Ran,
+        set: &MapSet,
+        pair: &Pair,
+        client: TcpStream,
+        upstream: TcpStream,
+        hold: PairHold,
+    ) -> Transfer {
+        match ran {
+            Ran::Ended(transfer) => {
+                set.uninstall(pair);
+                drop(hold);
+                transfer
+            }
+            Ran::Parked { parking, dirs } => {
+                {
+                    let mut waiters = lock(&set.waiters);
+                    waiters.remove(&pair.client.cookie);
+                    waiters.remove(&pair.upstream.cookie);
+                }
+                let ledger = Ledger {
+                    set: set.id,
+                    client: SideLedger::of(&pair.client),
+                    upstream: SideLedger::of(&pair.upstream),
+                    dirs,
+                };
+                parking.park(Parked {
+                    client,
+                    upstream,
+                    // The ledger carries every count on.
+                    client_to_target: 0,
+                    target_to_client: 0,
+                    fastpath: Some((ledger, hold)),
+                });
+                Transfer::none(EndReason::Closed).on(Plane::Fastpath)
+            }
+        }
+    }
+}
+
+/// Bytes the kernel moved both ways so far: part of the idle signal.
+fn moved_by_kernel(set: &MapSet, pair: &Pair) -> u64 {
+    [pair.client.cookie, pair.upstream.cookie]
+        .iter()
+        .filter_map(|c| set.state(*c).ok())
+        .map(|s| s.redirected)
+        .sum()
+}
