@@ -14,7 +14,7 @@
 #
 # BIN is a proxy binary (e.g. target/release/proxy, or a copy of an older
 # build to compare against); MODE is --mode; LOAD is a tester-go bench load
-# (connrate, pingpong, bulk, bidi, idle). Loopback only; every port is
+# (connrate, churn, pingpong, bulk, bidi, idle). Loopback only; every port is
 # picked by the kernel.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -29,8 +29,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 BPORT=$(free_port) PPORT=$(free_port)
 "$TESTER" backends --listen 127.0.0.1:$BPORT --kind bench --duration 120s >/dev/null 2>&1 &
 echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
-# Logs go nowhere but are still formatted: the close line is part of the cost.
-env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" --listen-address 127.0.0.1 2>/dev/null &
+# Logs go nowhere but are still formatted: the close line is part of the
+# cost. PROXY_FLAGS adds flags (the bench runs ours with --log-level warn).
+# shellcheck disable=SC2086
+env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" --listen-address 127.0.0.1 ${PROXY_FLAGS:-} 2>/dev/null &
 PROXY=$!
 sleep 0.7
 
@@ -43,7 +45,7 @@ cpu)
 import json, sys
 d = json.load(open(sys.argv[1]))
 load, cpu = d["load"], d.get("proxy_cpu_s", 0)
-if load == "connrate":
+if load in ("connrate", "churn"):
     per = f"{1e6 * cpu / d['conns']:.1f} µs CPU/connection, {d['conns'] / d['seconds']:.0f} conn/s"
 elif load == "pingpong":
     n = int(d["verified"].split()[0])
@@ -67,8 +69,8 @@ calls)
     python3 - "$WORK/out.json" "$WORK/strace.txt" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-n = d["conns"] if d["load"] == "connrate" else int(d["verified"].split()[0])
-unit = "connection" if d["load"] == "connrate" else "round trip"
+n = d["conns"] if d["load"] in ("connrate", "churn") else int(d["verified"].split()[0])
+unit = "connection" if d["load"] in ("connrate", "churn") else "round trip"
 rows = [l.split() for l in open(sys.argv[2]) if l.strip() and l.split()[0][0].isdigit()]
 total = 0
 for r in rows:

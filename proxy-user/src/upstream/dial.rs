@@ -141,9 +141,7 @@ pub async fn dial(
                 ))
             }
             Ok(Ok(s)) => {
-                if s.local_addr()
-                    .is_ok_and(|local| guard.connected_to_us(local, addr))
-                {
+                if guard.connected_to_us(|| s.local_addr().ok(), addr) {
                     looped = Some(loop_error(target, addr));
                     continue;
                 }
