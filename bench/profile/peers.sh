@@ -76,7 +76,7 @@ cpu)
     # machine that is most of the difference between runtimes.
     csw() { for p in $PID ${MORE//,/ }; do cat /proc/$p/task/*/status; done 2>/dev/null | awk '/ctxt_switches/ {s+=$2} END {print s}'; }
     C0=$(cpu) S0=$(csw)
-    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" --json > "$WORK/out.json"
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" ${BENCH_FLAGS:-} --json > "$WORK/out.json"
     C1=$(cpu) S1=$(csw)
     python3 - "$WORK/out.json" "$ENDPOINT" "$C0" "$C1" "$S0" "$S1" <<'PY'
 import json, sys
