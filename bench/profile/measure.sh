@@ -17,17 +17,10 @@
 # (connrate, churn, pingpong, bulk, bidi, idle). Loopback only; every port is
 # picked by the kernel.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TESTER=$ROOT/target/tester-go
-[ -x "$TESTER" ] || { echo "build first: cargo xtask build" >&2; exit 2; }
 WHAT=$1 BIN=$2 MODE=$3 LOAD=$4
 shift 4
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BPORT=$(free_port) PPORT=$(free_port)
-"$TESTER" backends --listen 127.0.0.1:$BPORT --kind bench --duration 120s >/dev/null 2>&1 &
+# shellcheck source=bench/profile/setup.sh
+source "$(dirname "$0")/setup.sh"
 echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
 # Logs go nowhere but are still formatted: the close line is part of the
 # cost. PROXY_FLAGS adds flags (the bench runs ours with --log-level warn).
@@ -66,22 +59,7 @@ calls)
     sleep 0.5
     kill -INT $STRACE
     wait $STRACE || true
-    python3 - "$WORK/out.json" "$WORK/strace.txt" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-n = d["conns"] if d["load"] in ("connrate", "churn") else int(d["verified"].split()[0])
-unit = "connection" if d["load"] in ("connrate", "churn") else "round trip"
-rows = [l.split() for l in open(sys.argv[2]) if l.strip() and l.split()[0][0].isdigit()]
-total = 0
-for r in rows:
-    calls, name = int(r[3]), r[-1]
-    if name == "total":
-        total = calls
-        continue
-    if calls / n >= 0.05:
-        print(f"  {name:14} {calls / n:6.2f} per {unit}")
-print(f"  {'total':14} {total / n:6.2f} per {unit} ({n} {unit}s)")
-PY
+    python3 "$(dirname "$0")/syscalls.py" "$WORK/out.json" "$WORK/strace.txt"
     ;;
 flame)
     OUT=$1

@@ -15,17 +15,10 @@
 # target/release/proxy:splice, /tmp/proxy-main:auto). Extra flags for ours
 # go in PROXY_FLAGS. Loopback only; every port is picked by the kernel.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TESTER=$ROOT/target/tester-go
-[ -x "$TESTER" ] || { echo "build first: cargo xtask build" >&2; exit 2; }
 WHAT=$1 ENDPOINT=$2 LOAD=$3
 shift 3
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BPORT=$(free_port) PPORT=$(free_port)
-"$TESTER" backends --listen 127.0.0.1:$BPORT --kind bench --duration 300s >/dev/null 2>&1 &
+# shellcheck source=bench/profile/setup.sh
+source "$(dirname "$0")/setup.sh"
 
 case $ENDPOINT in
 haproxy)
@@ -102,23 +95,7 @@ calls)
     sleep 0.5
     kill -INT $STRACE
     wait $STRACE || true
-    python3 - "$WORK/out.json" "$WORK/strace.txt" "$ENDPOINT" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-n = d["conns"] if d["load"] in ("churn", "connrate") else int(d["verified"].split()[0])
-unit = "connection" if d["load"] in ("churn", "connrate") else "round trip"
-rows = [l.split() for l in open(sys.argv[2]) if l.strip() and l.split()[0][0].isdigit()]
-total = 0
-out = []
-for r in rows:
-    calls, name = int(r[3]), r[-1]
-    if name == "total":
-        total = calls
-        continue
-    if calls / n >= 0.05:
-        out.append(f"{name} {calls / n:.2f}")
-print(f"{sys.argv[3]} {d['load']}: {total / n:.2f} syscalls per {unit} ({n}): " + ", ".join(out))
-PY
+    python3 "$(dirname "$0")/syscalls.py" "$WORK/out.json" "$WORK/strace.txt" "$ENDPOINT"
     ;;
 *) echo "usage: see the head of $0" >&2; exit 2 ;;
 esac
