@@ -14,23 +14,18 @@
 #
 # BIN is a proxy binary (e.g. target/release/proxy, or a copy of an older
 # build to compare against); MODE is --mode; LOAD is a tester-go bench load
-# (connrate, pingpong, bulk, bidi, idle). Loopback only; every port is
+# (connrate, churn, pingpong, bulk, bidi, idle). Loopback only; every port is
 # picked by the kernel.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TESTER=$ROOT/target/tester-go
-[ -x "$TESTER" ] || { echo "build first: cargo xtask build" >&2; exit 2; }
 WHAT=$1 BIN=$2 MODE=$3 LOAD=$4
 shift 4
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BPORT=$(free_port) PPORT=$(free_port)
-"$TESTER" backends --listen 127.0.0.1:$BPORT --kind bench --duration 120s >/dev/null 2>&1 &
+# shellcheck source=bench/profile/setup.sh
+source "$(dirname "$0")/setup.sh"
 echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
-# Logs go nowhere but are still formatted: the close line is part of the cost.
-env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" --listen-address 127.0.0.1 2>/dev/null &
+# Logs go nowhere but are still formatted: the close line is part of the
+# cost. PROXY_FLAGS adds flags (the bench runs ours with --log-level warn).
+# shellcheck disable=SC2086
+env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" --listen-address 127.0.0.1 ${PROXY_FLAGS:-} 2>/dev/null &
 PROXY=$!
 sleep 0.7
 
@@ -43,7 +38,7 @@ cpu)
 import json, sys
 d = json.load(open(sys.argv[1]))
 load, cpu = d["load"], d.get("proxy_cpu_s", 0)
-if load == "connrate":
+if load in ("connrate", "churn"):
     per = f"{1e6 * cpu / d['conns']:.1f} µs CPU/connection, {d['conns'] / d['seconds']:.0f} conn/s"
 elif load == "pingpong":
     n = int(d["verified"].split()[0])
@@ -64,22 +59,7 @@ calls)
     sleep 0.5
     kill -INT $STRACE
     wait $STRACE || true
-    python3 - "$WORK/out.json" "$WORK/strace.txt" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-n = d["conns"] if d["load"] == "connrate" else int(d["verified"].split()[0])
-unit = "connection" if d["load"] == "connrate" else "round trip"
-rows = [l.split() for l in open(sys.argv[2]) if l.strip() and l.split()[0][0].isdigit()]
-total = 0
-for r in rows:
-    calls, name = int(r[3]), r[-1]
-    if name == "total":
-        total = calls
-        continue
-    if calls / n >= 0.05:
-        print(f"  {name:14} {calls / n:6.2f} per {unit}")
-print(f"  {'total':14} {total / n:6.2f} per {unit} ({n} {unit}s)")
-PY
+    python3 "$(dirname "$0")/syscalls.py" "$WORK/out.json" "$WORK/strace.txt"
     ;;
 flame)
     OUT=$1

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::pool::Shelf;
 use super::safepoint;
-use super::userspace::{pass_fin, DirEnd, Pump, Tally};
+use super::userspace::{DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -109,7 +109,7 @@ pub(super) async fn forward(
         Ok(0) => {
             // Everything read so far was written in full (write loop
             // below), so the FIN can follow it now.
-            return Forwarded::End(pass_fin(dst));
+            return Forwarded::End(tally.pass_fin(dst));
         }
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Forwarded::Dry,

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, CopyPlane, Forwarded};
 use super::pool::Shelf;
 use super::safepoint;
-use super::userspace::{pass_fin, DirEnd, Pump, Tally};
+use super::userspace::{DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -272,7 +272,7 @@ async fn pump(
                 // The pipe is empty (drained below before every fill), so
                 // every byte read was handed on: the FIN may follow.
                 give_back(p);
-                return pass_fin(dst);
+                return tally.pass_fin(dst);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -71,7 +71,8 @@ fn over_fair_share(app: &AppRuntime, shared: &Shared) -> bool {
 pub(super) struct Client {
     /// The PROXY header's source, else the socket's peer.
     pub(super) addr: SocketAddr,
-    /// The address it connected to: the header's destination, else ours.
+    /// The address it connected to, from its PROXY header; None without
+    /// one (the socket's own address is looked up where it is needed).
     pub(super) local: Option<SocketAddr>,
     _slots: [Option<ClientSlot>; 2],
 }
@@ -85,7 +86,7 @@ pub(super) async fn admit_client(
     app: &AppRuntime,
     shared: &Shared,
 ) -> Option<Client> {
-    let (mut addr, mut local) = (peer, sock.local_addr().ok());
+    let (mut addr, mut local) = (peer, None);
     if let Some(accept) = &app.accept_proxy {
         let read = async {
             if !accept.trusts(peer.ip()) {

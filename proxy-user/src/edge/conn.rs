@@ -240,7 +240,12 @@ impl Conn {
             return;
         };
         self.client = admitted.addr;
-        let local = admitted.local;
+        // The address the client connected to: only the access log and the
+        // PROXY header use it, and a getsockname per connection is not free.
+        let local = match (admitted.local, &shared.access_log) {
+            (None, Some(_)) => client.local_addr().ok(),
+            (local, _) => local,
+        };
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
         let connected = tokio::select! {
@@ -306,7 +311,7 @@ impl Conn {
         let mut tally = ByteTally::default();
         let sampler = shared
             .bytes_flush
-            .and_then(|every| Some((Sampler::new(&client, &c.stream, header)?, every)));
+            .map(|every| (Sampler::new(&client, &c.stream, header), every));
         let meta = MovedMeta {
             id: self.id,
             app: balancer.app.to_string(),

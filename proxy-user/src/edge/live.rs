@@ -8,6 +8,10 @@
 //! The sockets belong to the data plane's future; they are read by fd
 //! between its polls in the same task, and each read first checks the
 //! socket cookie, so a closed fd reused for another socket is never read.
+//! The cookies are taken at the first sample, not at the start: most
+//! connections end before it, and that saves two getsockopts on each.
+//! The first sample comes while the plane's future is still running, and
+//! that future owns both sockets until it ends, so the fds are still ours.
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,25 +31,26 @@ const TCP_CLOSE_WAIT: u8 = 8;
 
 struct Sock {
     fd: RawFd,
-    cookie: u64,
+    /// Taken at the first sample (see the head of this file).
+    cookie: Option<u64>,
     /// Counted bytes that are not the other side's payload (our SYN, the
     /// PROXY header).
     ours: u64,
 }
 
 impl Sock {
-    fn new(s: &TcpStream, ours: u64) -> Option<Sock> {
-        let fd = s.as_raw_fd();
-        Some(Sock {
-            fd,
-            cookie: cookie(fd)?,
+    fn new(s: &TcpStream, ours: u64) -> Sock {
+        Sock {
+            fd: s.as_raw_fd(),
+            cookie: None,
             ours,
-        })
+        }
     }
 
     /// Payload bytes the peer acknowledged, if this is still our socket.
-    fn acked(&self) -> Option<u64> {
-        if cookie(self.fd)? != self.cookie {
+    fn acked(&mut self) -> Option<u64> {
+        let now = cookie(self.fd)?;
+        if *self.cookie.get_or_insert(now) != now {
             return None;
         }
         let mut info = [0u8; 232];
@@ -99,17 +104,17 @@ pub(super) struct Sampler {
 
 impl Sampler {
     /// `header`: bytes the proxy itself wrote to the upstream first.
-    pub(super) fn new(client: &TcpStream, upstream: &TcpStream, header: u64) -> Option<Sampler> {
-        Some(Sampler {
-            client: Sock::new(client, 0)?,
+    pub(super) fn new(client: &TcpStream, upstream: &TcpStream, header: u64) -> Sampler {
+        Sampler {
+            client: Sock::new(client, 0),
             // +1: on a socket that connect()ed, the ack of its SYN counts in
             // tcpi_bytes_acked (tcp_ack in SYN-SENT); on an accepted one not.
-            upstream: Sock::new(upstream, header + 1)?,
-        })
+            upstream: Sock::new(upstream, header + 1),
+        }
     }
 
     /// (client → target, target → client) delivered so far.
-    fn sample(&self) -> Option<(u64, u64)> {
+    fn sample(&mut self) -> Option<(u64, u64)> {
         Some((self.upstream.acked()?, self.client.acked()?))
     }
 }
@@ -118,7 +123,7 @@ impl Sampler {
 /// every `every` meanwhile.
 pub(super) async fn carry_counting<T>(
     carry: impl Future<Output = T>,
-    sampler: Sampler,
+    mut sampler: Sampler,
     every: Duration,
     metrics: &AppMetrics,
     tally: &mut ByteTally,

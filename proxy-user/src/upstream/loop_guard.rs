@@ -54,12 +54,17 @@ impl LoopGuard {
     }
 
     /// After connecting from `local` to `peer`: was that one of our
-    /// listeners at an address `is_ours` did not know?
-    pub fn connected_to_us(&self, local: SocketAddr, peer: SocketAddr) -> bool {
+    /// listeners at an address `is_ours` did not know? `local` is asked
+    /// for only when it can be (a getsockname per connection otherwise).
+    pub fn connected_to_us(
+        &self,
+        local: impl FnOnce() -> Option<SocketAddr>,
+        peer: SocketAddr,
+    ) -> bool {
         let ip = peer.ip().to_canonical();
         let ours = self.ports.load().contains(&peer.port())
             && self.listen.load().ip().is_unspecified()
-            && local.ip().to_canonical() == ip;
+            && local().is_some_and(|local| local.ip().to_canonical() == ip);
         if ours {
             self.learned().insert(ip);
         }
@@ -84,9 +89,11 @@ mod tests {
         assert!(!g.is_ours(addr("127.0.0.1:5001")));
         assert!(!g.is_ours(addr("10.9.9.9:5000")));
         // 10.9.9.9 turned out to be ours: remembered from then on.
-        assert!(g.connected_to_us(addr("10.9.9.9:40000"), addr("10.9.9.9:5000")));
+        assert!(g.connected_to_us(|| Some(addr("10.9.9.9:40000")), addr("10.9.9.9:5000")));
         assert!(g.is_ours(addr("10.9.9.9:5000")));
-        assert!(!g.connected_to_us(addr("10.0.0.1:40000"), addr("10.9.9.8:5000")));
+        assert!(!g.connected_to_us(|| Some(addr("10.0.0.1:40000")), addr("10.9.9.8:5000")));
+        // Not one of our ports: the local address is never asked for.
+        assert!(!g.connected_to_us(|| unreachable!(), addr("10.9.9.9:5002")));
         g.set_ports([5001]);
         assert!(!g.is_ours(addr("127.0.0.1:5000")));
     }

@@ -1,0 +1,101 @@
+#!/bin/bash
+# Per-connection costs of our proxy next to the bench's peers, under the
+# same tester-go load, configured as `cargo xtask bench` configures them
+# (xtask/src/bench_peers.rs; ours with --log-level warn like the bench).
+#
+#   bench/profile/peers.sh cpu   ENDPOINT LOAD [DURATION]
+#       conn/s (churn, connrate) or round trips/s (pingpong, rr50), the
+#       latency percentiles, and CPU per connection or round trip of every
+#       process of the endpoint (nginx: master and workers)
+#   bench/profile/peers.sh calls ENDPOINT LOAD
+#       syscalls per connection or round trip: strace -c -f over a short
+#       load (strace slows it, so only the counts mean anything)
+#
+# ENDPOINT: haproxy, nginx, or BIN:MODE for one of ours (e.g.
+# target/release/proxy:splice, /tmp/proxy-main:auto). Extra flags for ours
+# go in PROXY_FLAGS. Loopback only; every port is picked by the kernel.
+set -euo pipefail
+WHAT=$1 ENDPOINT=$2 LOAD=$3
+shift 3
+# shellcheck source=bench/profile/setup.sh
+source "$(dirname "$0")/setup.sh"
+
+case $ENDPOINT in
+haproxy)
+    printf 'global\n    maxconn 4000\n    nbthread 2\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\nfrontend bench\n    bind 127.0.0.1:%s\n    default_backend targets\nbackend targets\n    server s1 127.0.0.1:%s\n' \
+        $PPORT $BPORT > "$WORK/haproxy.cfg"
+    haproxy -db -f "$WORK/haproxy.cfg" 2>/dev/null &
+    PID=$!
+    ;;
+nginx)
+    mkdir -p "$WORK/nginx/logs"
+    cat > "$WORK/nginx/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 2;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+events { worker_connections 8000; }
+stream {
+  server {
+    listen 127.0.0.1:$PPORT;
+    proxy_pass 127.0.0.1:$BPORT;
+    proxy_buffer_size 64k;
+    proxy_half_close on;
+  }
+}
+EOF
+    nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+    PID=$!
+    ;;
+*:*)
+    BIN=${ENDPOINT%:*} MODE=${ENDPOINT##*:}
+    echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
+    # shellcheck disable=SC2086
+    env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" \
+        --listen-address 127.0.0.1 --log-level warn ${PROXY_FLAGS:-} 2>/dev/null &
+    PID=$!
+    ;;
+*) echo "ENDPOINT: haproxy, nginx or BIN:MODE" >&2; exit 2 ;;
+esac
+sleep 0.8
+# The pid tester-go reads, and the rest of the endpoint's processes.
+MORE=$(pgrep -P $PID | paste -sd, || true)
+
+case $WHAT in
+cpu)
+    DURATION=${1:-4s}
+    cpu() { for p in $PID ${MORE//,/ }; do cut -d' ' -f14,15 /proc/$p/stat; done | awk '{s+=$1+$2} END {print s/100}'; }
+    # Context switches of every thread: wakeups cost CPU, and on a quiet
+    # machine that is most of the difference between runtimes.
+    csw() { for p in $PID ${MORE//,/ }; do cat /proc/$p/task/*/status; done 2>/dev/null | awk '/ctxt_switches/ {s+=$2} END {print s}'; }
+    C0=$(cpu) S0=$(csw)
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" ${BENCH_FLAGS:-} --json > "$WORK/out.json"
+    C1=$(cpu) S1=$(csw)
+    python3 - "$WORK/out.json" "$ENDPOINT" "$C0" "$C1" "$S0" "$S1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+load, cpu = d["load"], float(sys.argv[4]) - float(sys.argv[3])
+lat = d.get("latency") or {}
+p = lambda k: lat.get(k, 0)
+if load in ("churn", "connrate"):
+    n, unit = d["conns"], "conn"
+else:
+    n, unit = int(d["verified"].split()[0]), "rt"
+print(f"{sys.argv[2]:28} {load:8} {n / d['seconds']:8.0f} {unit}/s  "
+      f"p50 {p('p50_us'):6.1f} p99 {p('p99_us'):7.1f} p99.9 {p('p99_9_us'):7.1f} us  "
+      f"CPU {1e6 * cpu / n:6.1f} us/{unit}  csw {(int(sys.argv[6]) - int(sys.argv[5])) / n:5.2f}/{unit}  errors {d['errors']}")
+PY
+    ;;
+calls)
+    # shellcheck disable=SC2046
+    strace -c -f $(for p in $PID ${MORE//,/ }; do echo -p $p; done) -o "$WORK/strace.txt" &
+    STRACE=$!
+    sleep 0.5
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration 3s --json > "$WORK/out.json"
+    sleep 0.5
+    kill -INT $STRACE
+    wait $STRACE || true
+    python3 "$(dirname "$0")/syscalls.py" "$WORK/out.json" "$WORK/strace.txt" "$ENDPOINT"
+    ;;
+*) echo "usage: see the head of $0" >&2; exit 2 ;;
+esac
