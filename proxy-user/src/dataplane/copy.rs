@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::pool::Shelf;
+use super::pool::{give_back, take_buffer};
 use super::safepoint;
 use super::userspace::{DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
@@ -160,23 +160,4 @@ fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         Some(n) => Ok(n),
         None => read,
     }
-}
-
-thread_local! {
-    /// Buffers between uses. A reused buffer's old bytes are never sent:
-    /// only the `n` bytes a read just put there are written.
-    static BUFFERS: Shelf<Vec<u8>> = const { Shelf::new() };
-}
-
-pub(super) fn take_buffer(size: usize) -> Vec<u8> {
-    let fresh = || Ok::<_, std::convert::Infallible>(vec![0u8; size]);
-    match BUFFERS.with(|s| s.take(|b| b.len() == size, fresh)) {
-        Ok(buf) => buf,
-        Err(never) => match never {},
-    }
-}
-
-/// Keeps an emptied buffer (one `forward` wrote in full) for reuse.
-pub(super) fn give_back(buf: Vec<u8>) {
-    BUFFERS.with(|s| s.give(buf));
 }

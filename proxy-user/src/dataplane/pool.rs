@@ -49,6 +49,25 @@ impl<T> Shelf<T> {
     }
 }
 
+thread_local! {
+    /// Buffers between uses. A reused buffer's old bytes are never sent:
+    /// only the `n` bytes a read just put there are written.
+    static BUFFERS: Shelf<Vec<u8>> = const { Shelf::new() };
+}
+
+pub(in crate::dataplane) fn take_buffer(size: usize) -> Vec<u8> {
+    let fresh = || Ok::<_, std::convert::Infallible>(vec![0u8; size]);
+    match BUFFERS.with(|s| s.take(|b| b.len() == size, fresh)) {
+        Ok(buf) => buf,
+        Err(never) => match never {},
+    }
+}
+
+/// Keeps an emptied buffer (one `forward` wrote in full) for reuse.
+pub(in crate::dataplane) fn give_back(buf: Vec<u8>) {
+    BUFFERS.with(|s| s.give(buf));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

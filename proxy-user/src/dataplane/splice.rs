@@ -26,7 +26,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy::{self, CopyPlane, Forwarded};
-use super::pool::Shelf;
+use super::pool::{self, Shelf};
 use super::safepoint;
 use super::userspace::{DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
@@ -246,10 +246,10 @@ async fn pump(
             return DirEnd::ReadFailed(e);
         }
         if !bulk {
-            let mut buf = copy::take_buffer(FIRST_READ);
+            let mut buf = pool::take_buffer(FIRST_READ);
             // Boxed, as in `copy::pump`: heap only while bytes move.
             let forwarded = Box::pin(copy::forward(src, dst, &mut buf, &tally)).await;
-            copy::give_back(buf);
+            pool::give_back(buf);
             match forwarded {
                 // A full read: a bulk burst, which goes on through the pipe.
                 Forwarded::Some(n) => bulk = n == FIRST_READ,

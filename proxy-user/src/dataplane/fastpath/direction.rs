@@ -16,7 +16,7 @@ use super::install::Side;
 use super::mapset::MapSet;
 use super::moving::DirLedger;
 use super::FastpathPlane;
-use crate::dataplane::copy::{give_back, take_buffer};
+use crate::dataplane::pool::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
 use crate::dataplane::userspace::{write_all, DirEnd};
 

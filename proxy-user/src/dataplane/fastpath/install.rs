@@ -7,54 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use proxy_common::{FlowControl, FlowState};
 use tokio::{net::TcpStream, sync::Notify};
 
 use super::lock;
 use super::mapset::MapSet;
-use crate::dataplane::copy::{give_back, take_buffer};
+use crate::dataplane::pool::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
 use crate::dataplane::userspace::write_all;
-
-/// The maps userspace writes: declared in proxy-ebpf's `main.rs`.
-pub(super) struct Maps {
-    /// Sockets whose received bytes the verdict forwards.
-    pub(super) sockets: SockHash<MapData, u64>,
-    /// Redirect targets, by cookie.
-    pub(super) peers: SockHash<MapData, u64>,
-    pub(super) control: BpfHashMap<MapData, u64, FlowControl>,
-    pub(super) state: BpfHashMap<MapData, u64, FlowState>,
-}
-
-impl Maps {
-    /// Entries left in all four maps: 0 once every pair is uninstalled.
-    pub(super) fn entries(&self) -> usize {
-        self.control.keys().count()
-            + self.state.keys().count()
-            + self.peers.keys().count()
-            + self.sockets.keys().count()
-    }
-
-    /// Proves the kernel takes an established TCP socket into the map, so that
-    /// `--mode auto` falls back at start rather than on every connection.
-    pub(super) fn probe_insert(&mut self) -> Result<()> {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("probe: binding loopback")?;
-        let probe =
-            std::net::TcpStream::connect(listener.local_addr()?).context("probe: connect")?;
-        let (accepted, _) = listener.accept().context("probe: accept")?;
-        let key = tcpinfo::cookie(&probe)?;
-        self.sockets
-            .insert(key, probe.as_raw_fd(), 0)
-            .context("probe: this kernel refused a TCP socket in the socket map")?;
-        self.sockets
-            .remove(&key)
-            .context("probe: removing the probe socket")?;
-        drop((probe, accepted));
-        Ok(())
-    }
-}
 
 impl MapSet {
     /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
