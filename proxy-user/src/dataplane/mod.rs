@@ -337,17 +337,18 @@ impl DataPlane {
         }
     }
 
-    /// Carries on a fastpath pair moved here (`hold` from `hold`).
-    pub async fn resume(
-        &self,
+    /// Carries on a fastpath pair moved here (`hold` from `hold`). Boxed
+    /// like `carry`, so the caller holds either behind one pointer.
+    pub fn resume<'a>(
+        &'a self,
         client: TcpStream,
         upstream: TcpStream,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         ledger: FastLedger,
         hold: PairHold,
-    ) -> Transfer {
+    ) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
         match self.fastpath() {
-            Some(p) => Box::pin(p.resume(client, upstream, conn, ledger, hold)).await,
+            Some(p) => Box::pin(p.resume(client, upstream, conn, ledger, hold)),
             None => {
                 // `hold` came from a fastpath plane: this cannot happen.
                 tracing::error!(
@@ -356,7 +357,7 @@ impl DataPlane {
                 );
                 arm_reset(&client);
                 arm_reset(&upstream);
-                Transfer::none(EndReason::ClientReset)
+                Box::pin(std::future::ready(Transfer::none(EndReason::ClientReset)))
             }
         }
     }

@@ -163,18 +163,14 @@ impl Conn {
         let mut resume = meta.fastpath.take().zip(hold);
         loop {
             let parking = Parking::new(shared.handover.requests());
-            let t = match resume.take() {
-                Some((ledger, hold)) => {
-                    let carry = shared.plane.resume(client, upstream, info, ledger, hold);
-                    parking.scope(Box::pin(carry)).await
-                }
+            let carry = match resume.take() {
+                Some((ledger, hold)) => shared.plane.resume(client, upstream, info, ledger, hold),
                 None => {
                     let prior = [meta.client_to_target, meta.target_to_client];
-                    parking
-                        .scope(shared.plane.carry(client, upstream, info, prior))
-                        .await
+                    shared.plane.carry(client, upstream, info, prior)
                 }
             };
+            let t = parking.scope(carry).await;
             let Some(p) = parking.take() else {
                 return Some(Transfer {
                     client_to_target: meta.client_to_target + t.client_to_target,

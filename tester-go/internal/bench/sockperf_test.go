@@ -30,6 +30,25 @@ const sockperfOut = "sockperf: \x1b[2;35m== version #3.7-no.git == \x1b[0m\n" +
 	"sockperf: ---> percentile 25.000 =   17.292\n" +
 	"sockperf: ---> <MIN> observation =   15.829\n"
 
+// parsedOut is what sockperfOut says.
+var parsedOut = Sockperf{Latency: Latency{Count: 30770, MeanUS: 50.352, P50US: 17.402, P90US: 20.848,
+	P99US: 91.722, P999US: 3914.385, MaxUS: 91553.89}, Duplicated: 2, OutOfOrder: 1}
+
+// checkParsed fails unless a parse failed with wantErr in its message
+// (when wantErr is set) or returned want.
+func checkParsed[T comparable](t *testing.T, got *T, err error, want T, wantErr string) {
+	t.Helper()
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("err = %v, want %q", err, wantErr)
+		}
+		return
+	}
+	if err != nil || *got != want {
+		t.Fatalf("got %+v, %v; want %+v", got, err, want)
+	}
+}
+
 func TestParseSockperf(t *testing.T) {
 	tests := []struct {
 		name string
@@ -37,25 +56,15 @@ func TestParseSockperf(t *testing.T) {
 		want Sockperf
 		err  string
 	}{
-		{"3.7 full-rtt", sockperfOut, Sockperf{Latency: Latency{Count: 30770, MeanUS: 50.352, P50US: 17.402, P90US: 20.848,
-			P99US: 91.722, P999US: 3914.385, MaxUS: 91553.89}, Duplicated: 2, OutOfOrder: 1}, ""},
-		{"older avg-latency wording", strings.Replace(sockperfOut, "avg-rtt", "avg-latency", 1), Sockperf{Latency: Latency{Count: 30770, MeanUS: 50.352, P50US: 17.402, P90US: 20.848,
-			P99US: 91.722, P999US: 3914.385, MaxUS: 91553.89}, Duplicated: 2, OutOfOrder: 1}, ""},
+		{"3.7 full-rtt", sockperfOut, parsedOut, ""},
+		{"older avg-latency wording", strings.Replace(sockperfOut, "avg-rtt", "avg-latency", 1), parsedOut, ""},
 		{"no percentiles", "sockperf: ERROR: connect failed\n", Sockperf{}, "no percentile 50.000"},
 		{"p99.9 missing", strings.Replace(sockperfOut, "percentile 99.900", "percentile 99.800", 1), Sockperf{}, "no percentile 99.900"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := ParseSockperf(tt.in)
-			if tt.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.err) {
-					t.Fatalf("err = %v, want %q", err, tt.err)
-				}
-				return
-			}
-			if err != nil || *got != tt.want {
-				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
-			}
+			checkParsed(t, got, err, tt.want, tt.err)
 		})
 	}
 }
@@ -102,15 +111,7 @@ func TestParseIperf3(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := ParseIperf3([]byte(tt.in))
-			if tt.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.err) {
-					t.Fatalf("err = %v, want %q", err, tt.err)
-				}
-				return
-			}
-			if err != nil || *got != tt.want {
-				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
-			}
+			checkParsed(t, got, err, tt.want, tt.err)
 		})
 	}
 }
