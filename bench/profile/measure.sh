@@ -45,6 +45,9 @@ elif load == "pingpong":
     per = f"{1e6 * cpu / n:.1f} µs CPU/round trip, {n / d['seconds']:.0f} round trips/s"
 elif load == "idle":
     per = f"{d['proxy_kib_per_conn']:.1f} KiB/connection held"
+elif load == "idle-mostly":
+    per = (f"{d['proxy_kib_per_conn']:.1f} KiB/connection held, "
+           f"{d.get('proxy_cpu_us_per_conn_s', 0):.1f} µs CPU/connection/s")
 else:
     gb = d["bytes"] / 1e9
     per = f"{cpu / gb:.3f} s CPU/GB, {gb / d['seconds']:.2f} GB/s"
