@@ -6,24 +6,25 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::accept_proxy;
-use super::conn::Conn;
 use super::per_client::ClientSlot;
 use super::{AppRuntime, Shared};
 use crate::dataplane::{arm_reset, EndReason};
 use crate::ops::metrics::{HeaderFailure, Limit};
 
+/// The first gate, as the listener accepts: the connection's app and global
+/// permits, or None: the client was reset, and counted.
 pub(super) fn admit(
-    sock: TcpStream,
+    sock: &TcpStream,
     peer: SocketAddr,
     port: u16,
-    app: &Arc<AppRuntime>,
-    shared: &Arc<Shared>,
-) {
+    app: &AppRuntime,
+    shared: &Shared,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
     app.metrics.accepted();
     let permits = match (
         app.permits.clone().try_acquire_owned(),
@@ -42,14 +43,11 @@ pub(super) fn admit(
             }
             // RST, not FIN: the client must not read an empty stream as a
             // complete response.
-            arm_reset(&sock);
-            drop(sock);
-            return;
+            arm_reset(sock);
+            return None;
         }
     };
-    let conn = Conn::admitted(peer, port, app.clone(), shared, permits);
-    let shared = shared.clone();
-    tokio::spawn(conn.serve(sock, shared));
+    Some(permits)
 }
 
 /// Only the reserved tenth of the global limit is left, and `app` already

@@ -1,7 +1,8 @@
-//! One admitted client connection: connect to a target, carry the bytes,
-//! write one close record. The `Conn` owns what the connection holds (limit
-//! permits, its place in the drain tracker, the active gauge), so whatever
-//! path it ends on releases all of it.
+//! One client connection: admitted, connected to a target, carried, and
+//! closed with one record. The `Conn` owns what the connection holds
+//! (limit permits, its place in the drain tracker, the active gauge), so
+//! whatever path it ends on releases all of it. A connection moved here by
+//! an upgrade enters at `resume` and goes straight to carrying.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,17 +14,46 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::admission::admit_client;
+use super::admission::{admit, admit_client};
 use super::handover::{MovedMeta, Moving};
 use super::live::{self, Sampler};
 use super::tracker::Tracked;
 use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
-use crate::dataplane::{arm_reset, ConnInfo, EndReason, PairHold, Parking, Transfer};
-use crate::ops::access_log;
+use crate::dataplane::{arm_reset, ConnInfo, EndReason, Transfer};
 use crate::ops::metrics::{ActiveConn, ByteTally};
 use crate::upstream::connect;
 use crate::upstream::proxy_protocol;
+
+mod carry;
+mod close;
+
+/// A client a listener accepted: let in if the connection limits have room
+/// (else `admit` reset it), then served on a task of its own.
+pub(super) fn spawn(
+    sock: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    app: &Arc<AppRuntime>,
+    shared: &Arc<Shared>,
+) {
+    let Some(permits) = admit(&sock, peer, port, app, shared) else {
+        return;
+    };
+    let conn = Conn::admitted(peer, port, app.clone(), shared, permits);
+    let shared = shared.clone();
+    tokio::spawn(conn.serve(sock, shared));
+}
+
+/// Resumes a connection moved here (or given back to this process when
+/// the successor could not take it): it counts against the limits as any
+/// other (without being refused for them: it is already established), and
+/// its close line continues the one it started.
+pub fn resume(shared: &Arc<Shared>, moving: Moving) {
+    let conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
+    let shared = shared.clone();
+    tokio::spawn(conn.carry_resumed(moving, shared));
+}
 
 /// What a connection holds until it is closed.
 /// (A connection moved here from another process holds permits only if
@@ -35,7 +65,7 @@ struct Held {
     _active: ActiveConn,
 }
 
-pub(super) struct Conn {
+struct Conn {
     id: u64,
     client: SocketAddr,
     port: u16,
@@ -65,7 +95,7 @@ impl Upstream {
 }
 
 impl Conn {
-    pub(super) fn admitted(
+    fn admitted(
         client: SocketAddr,
         port: u16,
         app: Arc<AppRuntime>,
@@ -89,8 +119,8 @@ impl Conn {
         }
     }
 
-    /// A connection another process carried until now (`handover::resume`).
-    pub(super) fn resumed(meta: &MovedMeta, app: Arc<AppRuntime>, shared: &Shared) -> Conn {
+    /// A connection another process carried until now (`resume`).
+    fn resumed(meta: &MovedMeta, app: Arc<AppRuntime>, shared: &Shared) -> Conn {
         let now = Instant::now();
         Conn {
             id: meta.id,
@@ -113,114 +143,8 @@ impl Conn {
         }
     }
 
-    /// Carries on a connection moved here, to its close line.
-    pub(super) async fn carry_resumed(self, m: Moving, shared: Arc<Shared>) {
-        let info = ConnInfo {
-            id: self.id,
-            app: self.app.balancer.app.clone(),
-            listen_port: self.port,
-            client: self.client,
-            target: m.meta.target.clone(),
-            upstream: m.meta.upstream,
-            idle_timeout: shared.idle_timeout,
-            fin_timeouts: shared.fin_timeouts,
-            hard_stop: shared.hard_stop.clone(),
-        };
-        let upstream = Upstream {
-            target: m.meta.target.clone(),
-            attempts: m.meta.attempts,
-            connect: Duration::ZERO,
-        };
-        let local = m.client.local_addr().ok();
-        if let Some(t) = self
-            .carry(&shared, m.client, m.upstream, &info, m.meta, m.hold)
-            .await
-        {
-            self.close(&shared, local, upstream, &t, ByteTally::default());
-        }
-    }
-
-    /// Carries the bytes. On the userspace planes the connection may park
-    /// for an upgrade and move to the new process: then None, and the new
-    /// process writes the close line.
-    async fn carry(
-        &self,
-        shared: &Arc<Shared>,
-        mut client: TcpStream,
-        mut upstream: TcpStream,
-        info: &ConnInfo,
-        mut meta: MovedMeta,
-        hold: Option<PairHold>,
-    ) -> Option<Transfer> {
-        // The plane's future comes boxed: each layer that takes a future by
-        // value (scope, carry_counting) would otherwise hold it twice (rustc
-        // keeps the moved-from argument), and every idle connection's task
-        // carried those copies: 21.7 KB per connection before.
-        if !shared.plane.moves() {
-            return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
-        }
-        // A fastpath pair moved here resumes from its ledger.
-        let mut resume = meta.fastpath.take().zip(hold);
-        loop {
-            let parking = Parking::new(shared.handover.requests());
-            let carry = match resume.take() {
-                Some((ledger, hold)) => shared.plane.resume(client, upstream, info, ledger, hold),
-                None => {
-                    let prior = [meta.client_to_target, meta.target_to_client];
-                    shared.plane.carry(client, upstream, info, prior)
-                }
-            };
-            let t = parking.scope(carry).await;
-            let Some(p) = parking.take() else {
-                return Some(Transfer {
-                    client_to_target: meta.client_to_target + t.client_to_target,
-                    target_to_client: meta.target_to_client + t.target_to_client,
-                    userspace_bytes: meta.userspace_bytes + t.userspace_bytes,
-                    ..t
-                });
-            };
-            meta.client_to_target += p.client_to_target;
-            meta.target_to_client += p.target_to_client;
-            meta.userspace_bytes += p.client_to_target + p.target_to_client;
-            meta.age_ms = self.started.elapsed().as_millis() as u64;
-            let mut out = meta.clone();
-            out.carried_by = (self.carried_by.iter().copied())
-                .chain([crate::ops::pid()])
-                .collect();
-            let (ledger, hold) = p.fastpath.unzip();
-            out.fastpath = ledger;
-            let moving = Moving {
-                meta: out,
-                app: self.app.clone(),
-                client: p.client,
-                upstream: p.upstream,
-                hold,
-            };
-            match shared.handover.offer(Box::new(moving)) {
-                Ok(()) => {
-                    tracing::info!(
-                        conn = self.id,
-                        app = %self.app.balancer.app,
-                        client = %self.client,
-                        bytes_in = meta.client_to_target,
-                        bytes_out = meta.target_to_client,
-                        pid = crate::ops::pid(),
-                        "connection handed over to the new process"
-                    );
-                    return None;
-                }
-                // Nobody takes it (any more): carry on here.
-                Err(back) => {
-                    let back = *back;
-                    resume = back.meta.fastpath.zip(back.hold);
-                    (client, upstream) = (back.client, back.upstream);
-                }
-            }
-        }
-    }
-
     /// Connects, carries and closes; the record is written on every path.
-    pub(super) async fn serve(mut self, mut client: TcpStream, shared: Arc<Shared>) {
+    async fn serve(mut self, mut client: TcpStream, shared: Arc<Shared>) {
         // Interactive protocols through the proxy must not gain Nagle
         // delays; the upstream side is set where it is dialed. Both stay
         // set whichever plane carries them (or process, after an upgrade).
@@ -335,80 +259,6 @@ impl Conn {
         if let Some(transfer) = transfer {
             self.close(&shared, local, upstream, &transfer, tally);
         }
-    }
-
-    /// The one record per connection: metrics, the access log and the log
-    /// line. `bytes_in` is client→target and `bytes_out` target→client, as
-    /// seen from the client's side of the proxy (HAProxy's and Envoy's
-    /// convention for "received"/"sent" by the listener).
-    fn close(
-        self,
-        shared: &Shared,
-        local: Option<SocketAddr>,
-        upstream: Upstream,
-        t: &Transfer,
-        tally: ByteTally,
-    ) {
-        let lived = self.started.elapsed();
-        self.app
-            .metrics
-            .finished(t, upstream.attempts, tally, lived.as_secs_f64());
-        let target = if upstream.target.is_empty() {
-            "-"
-        } else {
-            upstream.target.as_str()
-        };
-        let duration_ms = lived.as_millis() as u64;
-        let connect_ms = upstream.connect.as_millis() as u64;
-        let carried_by = self
-            .carried_by
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        if let Some(log) = &shared.access_log {
-            log.record(&access_log::Entry {
-                timestamp: access_log::rfc3339(SystemTime::now()),
-                start: access_log::rfc3339(self.started_at),
-                conn: self.id,
-                app: &self.app.balancer.app,
-                port: self.port,
-                client: self.client.to_string(),
-                local: local.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                connect_ms,
-                target,
-                attempts: upstream.attempts,
-                bytes_in: t.client_to_target,
-                bytes_out: t.target_to_client,
-                userspace_bytes: t.userspace_bytes,
-                duration_ms,
-                plane: t.plane.as_str(),
-                end: t.end.as_str(),
-            });
-        }
-        if !shared.log_connections {
-            return;
-        }
-        tracing::info!(
-            conn = self.id,
-            app = %self.app.balancer.app,
-            port = self.port,
-            client = %self.client,
-            target,
-            attempts = upstream.attempts,
-            connect_ms,
-            bytes_in = t.client_to_target,
-            bytes_out = t.target_to_client,
-            userspace_bytes = t.userspace_bytes,
-            duration_ms,
-            plane = t.plane.as_str(),
-            promoted_ms = t.promoted_after.map(|d| d.as_millis() as u64),
-            demoted = t.demoted,
-            end = t.end.as_str(),
-            pid = crate::ops::pid(),
-            carried_by = %carried_by,
-            "connection closed"
-        );
     }
 }
 

@@ -1,5 +1,6 @@
 //! Established connections moving to another process during an upgrade
-//! (`server::handoff` carries them over the handoff socket).
+//! (`server::handoff` carries them over the handoff socket; the taker
+//! carries each on with `edge::conn::resume`).
 //!
 //! The old process raises `request`; each connection on any plane parks
 //! at its next safe point (a fastpath pair with its ledger; its map set
@@ -17,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::conn::Conn;
-use super::{AppRuntime, Shared};
+use super::AppRuntime;
 use crate::dataplane::{FastLedger, PairHold};
 
 /// What a connection is, apart from its two sockets: enough for the taker
@@ -99,16 +99,6 @@ impl Handover {
             None => Err(m),
         }
     }
-}
-
-/// Resumes a connection moved here (or given back to this process when
-/// the successor could not take it): it counts against the limits as any
-/// other (without being refused for them: it is already established), and
-/// its close line continues the one it started.
-pub fn resume(shared: &Arc<Shared>, moving: Moving) {
-    let conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
-    let shared = shared.clone();
-    tokio::spawn(conn.carry_resumed(moving, shared));
 }
 
 /// How long the old process waits for connections to reach a safe point:

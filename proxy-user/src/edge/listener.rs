@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::admission::admit;
+use super::conn;
 use super::{AppSlot, RateLimit, Shared};
 use crate::dataplane::SocketBuffers;
 use crate::upstream::dial::is_local_resource_error;
@@ -83,13 +83,13 @@ pub async fn accept_loop(
 ) {
     let label = format!("{} port {port}", slot.load().balancer.app);
     accept_until_stopped(&listener, &label, &shared, &mut stop, |sock, peer| {
-        admit(sock, peer, port, &slot.load_full(), &shared)
+        conn::spawn(sock, peer, port, &slot.load_full(), &shared)
     })
     .await;
     // Clients whose handshake the kernel already completed are served, not
     // reset: a reload that removes this port must not break them.
     while let Ok(Ok((sock, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        admit(sock, peer, port, &slot.load_full(), &shared);
+        conn::spawn(sock, peer, port, &slot.load_full(), &shared);
     }
     // Dropping the listener closes the port: new clients get refused
     // instead of queueing behind a proxy that is going away.

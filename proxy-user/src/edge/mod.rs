@@ -20,7 +20,7 @@ use crate::upstream::loop_guard::LoopGuard;
 
 mod accept_proxy;
 mod admission;
-mod conn;
+pub mod conn;
 pub mod handover;
 pub mod listener;
 mod live;

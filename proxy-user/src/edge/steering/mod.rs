@@ -30,7 +30,7 @@ use proxy_common::{
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::admission::admit;
+use super::conn;
 use super::listener::accept_until_stopped;
 use super::{AppRuntime, RateLimit, Shared};
 use crate::dataplane::arm_reset;
@@ -124,7 +124,7 @@ pub async fn accept_loop(
             }
         };
         match table.load().get(&port) {
-            Some(app) => admit(sock, peer, port, app, &shared),
+            Some(app) => conn::spawn(sock, peer, port, app, &shared),
             None => {
                 // Steered just before a reload removed its port, or
                 // dialled to the listener's own port: refuse with RST.

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use super::wire::{Link, MAX_FDS};
 use super::Msg;
 use crate::dataplane::{GivenSets, FDS_PER_SET};
-use crate::edge::handover::{self, Moving, PARK_WAIT};
+use crate::edge::conn;
+use crate::edge::handover::{Moving, PARK_WAIT};
 use crate::edge::Shared;
 
 /// How long a successor may take from connecting to `Ready` (reading its
@@ -278,6 +279,6 @@ async fn send_conns(link: &Arc<Link>, batch: Vec<Moving>, shared: &Arc<Shared>) 
 
 fn carry_on(kept: Vec<Moving>, shared: &Arc<Shared>) {
     for m in kept {
-        handover::resume(shared, m);
+        conn::resume(shared, m);
     }
 }

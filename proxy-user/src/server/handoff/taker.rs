@@ -11,7 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::wire::Link;
 use super::Msg;
-use crate::edge::handover::{self, Moving};
+use crate::edge::conn;
+use crate::edge::handover::Moving;
 use crate::edge::{AppRuntime, Shared};
 
 /// How long the giver may take to stop accepting after `Ready`: it only
@@ -253,7 +254,7 @@ impl Taken {
             }
             moved += n;
             for m in resumed {
-                handover::resume(&shared, m);
+                conn::resume(&shared, m);
             }
         }
         shared.plane.settle();

@@ -1,0 +1,88 @@
+//! The one record a connection leaves, on whichever path it ends and in
+//! whichever process: its metrics, its access log entry and its "connection
+//! closed" line.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use super::{Conn, Upstream};
+use crate::dataplane::Transfer;
+use crate::edge::Shared;
+use crate::ops::access_log;
+use crate::ops::metrics::ByteTally;
+
+impl Conn {
+    /// The one record per connection: metrics, the access log and the log
+    /// line. `bytes_in` is client→target and `bytes_out` target→client, as
+    /// seen from the client's side of the proxy (HAProxy's and Envoy's
+    /// convention for "received"/"sent" by the listener).
+    pub(super) fn close(
+        self,
+        shared: &Shared,
+        local: Option<SocketAddr>,
+        upstream: Upstream,
+        t: &Transfer,
+        tally: ByteTally,
+    ) {
+        let lived = self.started.elapsed();
+        self.app
+            .metrics
+            .finished(t, upstream.attempts, tally, lived.as_secs_f64());
+        let target = if upstream.target.is_empty() {
+            "-"
+        } else {
+            upstream.target.as_str()
+        };
+        let duration_ms = lived.as_millis() as u64;
+        let connect_ms = upstream.connect.as_millis() as u64;
+        let carried_by = self
+            .carried_by
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if let Some(log) = &shared.access_log {
+            log.record(&access_log::Entry {
+                timestamp: access_log::rfc3339(SystemTime::now()),
+                start: access_log::rfc3339(self.started_at),
+                conn: self.id,
+                app: &self.app.balancer.app,
+                port: self.port,
+                client: self.client.to_string(),
+                local: local.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                connect_ms,
+                target,
+                attempts: upstream.attempts,
+                bytes_in: t.client_to_target,
+                bytes_out: t.target_to_client,
+                userspace_bytes: t.userspace_bytes,
+                duration_ms,
+                plane: t.plane.as_str(),
+                end: t.end.as_str(),
+            });
+        }
+        if !shared.log_connections {
+            return;
+        }
+        tracing::info!(
+            conn = self.id,
+            app = %self.app.balancer.app,
+            port = self.port,
+            client = %self.client,
+            target,
+            attempts = upstream.attempts,
+            connect_ms,
+            bytes_in = t.client_to_target,
+            bytes_out = t.target_to_client,
+            userspace_bytes = t.userspace_bytes,
+            duration_ms,
+            plane = t.plane.as_str(),
+            promoted_ms = t.promoted_after.map(|d| d.as_millis() as u64),
+            demoted = t.demoted,
+            end = t.end.as_str(),
+            pid = crate::ops::pid(),
+            carried_by = %carried_by,
+            "connection closed"
+        );
+    }
+}
