@@ -28,6 +28,8 @@ use crate::upstream::proxy_protocol;
 mod carry;
 mod close;
 
+use carry::Prior;
+
 /// A client a listener accepted: let in if the connection limits have room
 /// (else `admit` reset it), then served on a task of its own.
 pub(super) fn spawn(
@@ -154,29 +156,29 @@ impl Conn {
         // Admission and connect are boxed while they run: a task is as big
         // as its largest await, and theirs (1.5 and 1.8 KB) stayed in every
         // idle connection's task, which only needs 1.3 KB to carry.
-        let Some(admitted) =
-            Box::pin(admit_client(&mut client, self.client, &self.app, &shared)).await
-        else {
+        // Taken apart at once (here and at connect): a whole result kept as
+        // a local stays in the task's every later state, idle ones too.
+        let admitted = Box::pin(admit_client(&mut client, self.client, &self.app, &shared));
+        let Some((addr, local)) = admitted.await.map(|a| (a.addr, a.local)) else {
             return;
         };
-        self.client = admitted.addr;
+        self.client = addr;
         // The address the client connected to: only the access log and the
         // PROXY header use it, and a getsockname per connection is not free.
-        let local = match (admitted.local, &shared.access_log) {
+        let local = match (local, &shared.access_log) {
             (None, Some(_)) => client.local_addr().ok(),
             (local, _) => local,
         };
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
-        let connected = tokio::select! {
+        let mut c = match tokio::select! {
             r = Box::pin(connect::connect(balancer, &shared.policy, &shared.loop_guard)) => r,
             _ = hard_stop.wait_for(|s| *s) => {
                 arm_reset(&client);
                 let t = Transfer::none(EndReason::DrainTimeout);
                 return self.close(&shared, local, Upstream::NONE, &t, ByteTally::default());
             }
-        };
-        let mut c = match connected {
+        } {
             Ok(c) => c,
             Err(failed) => {
                 tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, resetting client");
@@ -232,22 +234,16 @@ impl Conn {
         let sampler = shared
             .bytes_flush
             .map(|every| (Sampler::new(&client, &c.stream, header), every));
-        let meta = MovedMeta {
-            id: self.id,
-            app: balancer.app.to_string(),
-            port: self.port,
-            client: self.client,
-            target: upstream.target.clone(),
-            upstream: c.peer,
-            attempts: upstream.attempts,
-            client_to_target: 0,
-            target_to_client: 0,
-            userspace_bytes: 0,
-            age_ms: 0,
-            carried_by: Vec::new(),
-            fastpath: None,
-        };
-        let carry = Box::pin(self.carry(&shared, client, c.stream, &info, meta, None));
+        let attempts = upstream.attempts;
+        let carry = Box::pin(self.carry(
+            &shared,
+            client,
+            c.stream,
+            &info,
+            attempts,
+            Prior::default(),
+            None,
+        ));
         let transfer = match sampler {
             Some((sampler, every)) => {
                 live::carry_counting(carry, sampler, every, &self.app.metrics, &mut tally).await

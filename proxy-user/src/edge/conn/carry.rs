@@ -9,10 +9,23 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::{Conn, Upstream};
-use crate::dataplane::{ConnInfo, PairHold, Parking, Transfer};
+use crate::dataplane::{ConnInfo, FastLedger, PairHold, Parking, Transfer};
 use crate::edge::handover::{MovedMeta, Moving};
 use crate::edge::Shared;
 use crate::ops::metrics::ByteTally;
+
+/// Bytes moved so far, each way and by userspace, by the processes that
+/// carried a connection before this one (zero for a new connection).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Prior {
+    pub(super) client_to_target: u64,
+    pub(super) target_to_client: u64,
+    pub(super) userspace_bytes: u64,
+}
+
+/// A fastpath pair moved here: its ledger and its map set's hold. Boxed
+/// where it waits, since most connections have none.
+pub(super) type PairResume = Box<(FastLedger, PairHold)>;
 
 impl Conn {
     /// Carries on a connection moved here, to its close line.
@@ -33,26 +46,43 @@ impl Conn {
             attempts: m.meta.attempts,
             connect: Duration::ZERO,
         };
+        let prior = Prior {
+            client_to_target: m.meta.client_to_target,
+            target_to_client: m.meta.target_to_client,
+            userspace_bytes: m.meta.userspace_bytes,
+        };
+        let resume = m.meta.fastpath.zip(m.hold).map(Box::new);
         let local = m.client.local_addr().ok();
-        if let Some(t) = self
-            .carry(&shared, m.client, m.upstream, &info, m.meta, m.hold)
-            .await
-        {
+        let carried = self.carry(
+            &shared,
+            m.client,
+            m.upstream,
+            &info,
+            upstream.attempts,
+            prior,
+            resume,
+        );
+        if let Some(t) = carried.await {
             self.close(&shared, local, upstream, &t, ByteTally::default());
         }
     }
 
     /// Carries the bytes. On any plane the connection may park for an
     /// upgrade and move to the new process: then None, and the new process
-    /// writes the close line.
+    /// writes the close line. The record that goes with it (`MovedMeta`) is
+    /// made only then: an idle connection's task holds this future, and
+    /// two copies of the record were 672 of its 1,048 bytes (plus two
+    /// strings allocated for every new connection).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn carry(
         &self,
         shared: &Arc<Shared>,
         mut client: TcpStream,
         mut upstream: TcpStream,
         info: &ConnInfo,
-        mut meta: MovedMeta,
-        hold: Option<PairHold>,
+        attempts: u32,
+        mut prior: Prior,
+        mut resume: Option<PairResume>,
     ) -> Option<Transfer> {
         // The plane's future comes boxed: each layer that takes a future by
         // value (scope, carry_counting) would otherwise hold it twice (rustc
@@ -61,38 +91,34 @@ impl Conn {
         if !shared.plane.moves() {
             return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
         }
-        // A fastpath pair moved here resumes from its ledger.
-        let mut resume = meta.fastpath.take().zip(hold);
         loop {
             let parking = Parking::new(shared.handover.requests());
             let carry = match resume.take() {
-                Some((ledger, hold)) => shared.plane.resume(client, upstream, info, ledger, hold),
+                // A fastpath pair moved here resumes from its ledger.
+                Some(pair) => {
+                    let (ledger, hold) = *pair;
+                    shared.plane.resume(client, upstream, info, ledger, hold)
+                }
                 None => {
-                    let prior = [meta.client_to_target, meta.target_to_client];
-                    shared.plane.carry(client, upstream, info, prior)
+                    let before = [prior.client_to_target, prior.target_to_client];
+                    shared.plane.carry(client, upstream, info, before)
                 }
             };
             let t = parking.scope(carry).await;
             let Some(p) = parking.take() else {
                 return Some(Transfer {
-                    client_to_target: meta.client_to_target + t.client_to_target,
-                    target_to_client: meta.target_to_client + t.target_to_client,
-                    userspace_bytes: meta.userspace_bytes + t.userspace_bytes,
+                    client_to_target: prior.client_to_target + t.client_to_target,
+                    target_to_client: prior.target_to_client + t.target_to_client,
+                    userspace_bytes: prior.userspace_bytes + t.userspace_bytes,
                     ..t
                 });
             };
-            meta.client_to_target += p.client_to_target;
-            meta.target_to_client += p.target_to_client;
-            meta.userspace_bytes += p.client_to_target + p.target_to_client;
-            meta.age_ms = self.started.elapsed().as_millis() as u64;
-            let mut out = meta.clone();
-            out.carried_by = (self.carried_by.iter().copied())
-                .chain([crate::ops::pid()])
-                .collect();
+            prior.client_to_target += p.client_to_target;
+            prior.target_to_client += p.target_to_client;
+            prior.userspace_bytes += p.client_to_target + p.target_to_client;
             let (ledger, hold) = p.fastpath.unzip();
-            out.fastpath = ledger;
             let moving = Moving {
-                meta: out,
+                meta: self.moved_meta(info, attempts, prior, ledger),
                 app: self.app.clone(),
                 client: p.client,
                 upstream: p.upstream,
@@ -104,8 +130,8 @@ impl Conn {
                         conn = self.id,
                         app = %self.app.balancer.app,
                         client = %self.client,
-                        bytes_in = meta.client_to_target,
-                        bytes_out = meta.target_to_client,
+                        bytes_in = prior.client_to_target,
+                        bytes_out = prior.target_to_client,
                         pid = crate::ops::pid(),
                         "connection handed over to the new process"
                     );
@@ -114,10 +140,37 @@ impl Conn {
                 // Nobody takes it (any more): carry on here.
                 Err(back) => {
                     let back = *back;
-                    resume = back.meta.fastpath.zip(back.hold);
+                    resume = back.meta.fastpath.zip(back.hold).map(Box::new);
                     (client, upstream) = (back.client, back.upstream);
                 }
             }
+        }
+    }
+
+    /// The record a parked connection moves with.
+    fn moved_meta(
+        &self,
+        info: &ConnInfo,
+        attempts: u32,
+        prior: Prior,
+        fastpath: Option<FastLedger>,
+    ) -> MovedMeta {
+        MovedMeta {
+            id: self.id,
+            app: self.app.balancer.app.to_string(),
+            port: self.port,
+            client: self.client,
+            target: info.target.clone(),
+            upstream: info.upstream,
+            attempts,
+            client_to_target: prior.client_to_target,
+            target_to_client: prior.target_to_client,
+            userspace_bytes: prior.userspace_bytes,
+            age_ms: self.started.elapsed().as_millis() as u64,
+            carried_by: (self.carried_by.iter().copied())
+                .chain([crate::ops::pid()])
+                .collect(),
+            fastpath,
         }
     }
 }
