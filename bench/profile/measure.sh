@@ -40,6 +40,10 @@ d = json.load(open(sys.argv[1]))
 load, cpu = d["load"], d.get("proxy_cpu_s", 0)
 if load in ("connrate", "churn"):
     per = f"{1e6 * cpu / d['conns']:.1f} µs CPU/connection, {d['conns'] / d['seconds']:.0f} conn/s"
+elif load == "rr50":
+    n = int(d["verified"].split()[0])
+    per = (f"{1e6 * cpu / n:.1f} µs CPU/request, {n / d['seconds']:.0f} req/s, "
+           f"p99 {d['latency']['p99_us']:.0f} µs")
 elif load == "pingpong":
     n = int(d["verified"].split()[0])
     per = f"{1e6 * cpu / n:.1f} µs CPU/round trip, {n / d['seconds']:.0f} round trips/s"

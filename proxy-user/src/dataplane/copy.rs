@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::pool::{give_back, take_buffer};
 use super::safepoint;
-use super::userspace::{DirEnd, Pump, Tally};
+use super::userspace::{readable, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -63,7 +63,7 @@ pub(super) async fn pump(
     loop {
         // Between iterations this direction holds nothing (a held buffer
         // is empty): where `safepoint` may stop it.
-        if let Err(e) = src.readable().await {
+        if let Err(e) = readable(src).await {
             if let Some(buf) = held {
                 give_back(buf);
             }

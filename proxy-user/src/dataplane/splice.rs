@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, CopyPlane, Forwarded};
 use super::pool::{self, Shelf};
 use super::safepoint;
-use super::userspace::{DirEnd, Pump, Tally};
+use super::userspace::{readable, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -239,7 +239,7 @@ async fn pump(
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
     loop {
-        if let Err(e) = src.readable().await {
+        if let Err(e) = readable(src).await {
             if let Some(p) = pipe {
                 give_back(p);
             }

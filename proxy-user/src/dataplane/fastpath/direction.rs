@@ -18,7 +18,7 @@ use super::moving::DirLedger;
 use super::FastpathPlane;
 use crate::dataplane::pool::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
-use crate::dataplane::userspace::{write_all, DirEnd};
+use crate::dataplane::userspace::{readable, write_all, DirEnd};
 
 /// How often a direction waiting for the kernel to drain looks again.
 const POLL: Duration = Duration::from_millis(1);
@@ -119,7 +119,7 @@ impl<'a> Direction<'a> {
         }
         loop {
             tokio::select! {
-                r = self.src.readable() => {
+                r = readable(self.src) => {
                     if let Err(e) = r {
                         return DirEnd::ReadFailed(e);
                     }

@@ -296,12 +296,8 @@ impl FastpathPlane {
                 tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
                     "fastpath not installed; this connection stays on the copy plane");
                 // TCP keeps reporting EOF, so the copy plane sees the FIN again.
-                // Boxed: this rare path is the largest await here, and in
-                // place it made every installed pair's future 3,056 bytes
-                // instead of 2,6xx (and one size class above auto's
-                // userspace stage, so the heap could not reuse the stage a
-                // promotion freed: auto held 10.6 KiB per idle connection
-                // where the fastpath held 7.0; NOTES §2).
+                // Boxed: this rare path was the largest await here, and
+                // every installed pair's future kept room for it.
                 let transfer = Box::pin(self.fallback.carry(client, upstream, conn)).await;
                 transfer.on(Plane::CopyFallback).plus(early)
             }
