@@ -17,6 +17,7 @@ planes!(
     connect_failure_resets_the_client,
     second_signal_resets_live_streams,
     client_reset_frees_the_connection_while_target_stalls,
+    client_reset_after_its_fin_reaches_the_target,
 );
 
 /// How a read loop ended.
@@ -163,6 +164,48 @@ async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
     assert_eq!(lines[0]["end"], "client_reset", "{mode}");
     assert!(
         freed < Duration::from_secs(1),
+        "{mode}: freed after {freed:?}"
+    );
+}
+
+/// The client sends its request and FIN, then resets while the target,
+/// having read to EOF, computes and sends nothing. The proxy reads the
+/// client no more after its FIN, yet must notice the reset at once and
+/// pass it on, not hold the target until the server-fin timeout (1 min).
+async fn client_reset_after_its_fin_reaches_the_target(mode: &str) {
+    let (got_eof, mut eof_seen) = tokio::sync::mpsc::channel::<()>(1);
+    let computing = Backend::with("computing", move |mut s: TcpStream| {
+        let got_eof = got_eof.clone();
+        async move {
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+            let _ = got_eof.send(()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![computing.target()])], &[]).await;
+    let reset_at = bounded(30, "client reset after FIN", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.write_all(b"request").await.unwrap();
+        s.shutdown().await.unwrap();
+        eof_seen
+            .recv()
+            .await
+            .expect("the target saw the request's end");
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+        Instant::now()
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    let freed = reset_at.elapsed();
+    assert_eq!(lines.len(), 1, "{mode}: the connection is still open");
+    assert_eq!(lines[0]["end"], "client_reset", "{mode}");
+    assert!(
+        freed < Duration::from_secs(2),
         "{mode}: freed after {freed:?}"
     );
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::pool::{give_back, take_buffer};
 use super::safepoint;
-use super::userspace::{readable, DirEnd, Pump, Tally};
+use super::userspace::{readable, writable, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -119,8 +119,8 @@ pub(super) async fn forward(
     tally.read(n);
     let mut off = 0;
     while off < n {
-        if let Err(e) = dst.writable().await {
-            return Forwarded::End(DirEnd::WriteFailed(e));
+        if let Err(end) = writable(src, dst).await {
+            return Forwarded::End(end);
         }
         match dst.try_write(&buf[off..n]) {
             Ok(m) => {

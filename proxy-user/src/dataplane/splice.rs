@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, CopyPlane, Forwarded};
 use super::pool::{self, Shelf};
 use super::safepoint;
-use super::userspace::{readable, DirEnd, Pump, Tally};
+use super::userspace::{readable, writable, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 #[derive(Debug, Clone)]
@@ -117,28 +117,29 @@ impl Pipe {
         })
     }
 
-    /// Writes the `pending` bytes a fill left in the pipe into `dst`,
-    /// reporting each partial write to `written`.
+    /// Writes the `pending` bytes a fill from `src` left in the pipe into
+    /// `dst`, reporting each partial write to `written`.
     async fn drain(
         &self,
+        src: &TcpStream,
         dst: &TcpStream,
         mut pending: usize,
         mut written: impl FnMut(usize),
-    ) -> io::Result<()> {
+    ) -> Result<(), DirEnd> {
         while pending > 0 {
-            dst.writable().await?;
+            writable(src, dst).await?;
             let drained = dst.try_io(Interest::WRITABLE, || {
                 splice(self.read.as_raw_fd(), dst.as_raw_fd(), pending)
             });
             match drained {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err(DirEnd::WriteFailed(io::ErrorKind::WriteZero.into())),
                 Ok(m) => {
                     pending -= m;
                     written(m);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(DirEnd::WriteFailed(e)),
             }
         }
         Ok(())
@@ -292,9 +293,9 @@ async fn pump(
             }
         };
         tally.read(pending);
-        if let Err(e) = Box::pin(p.drain(dst, pending, |m| tally.wrote(m))).await {
+        if let Err(end) = Box::pin(p.drain(src, dst, pending, |m| tally.wrote(m))).await {
             // It may still hold bytes: dropped, never given back.
-            return DirEnd::WriteFailed(e);
+            return end;
         }
         pipe = Some(p);
     }

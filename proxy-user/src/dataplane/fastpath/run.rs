@@ -14,7 +14,7 @@ use super::moving::{DirLedger, Ledger, SideLedger};
 use super::{lock, FastpathPlane};
 use crate::dataplane::parking::{Parked, Parking, PARKING};
 use crate::dataplane::safepoint::{Asks, Stop};
-use crate::dataplane::userspace::supervise;
+use crate::dataplane::userspace::{cut_short, supervise};
 use crate::dataplane::{ConnInfo, EndReason, Plane, Transfer};
 
 /// How a pair's run ended.
@@ -87,7 +87,8 @@ impl FastpathPlane {
         };
         let stopped = {
             let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
-            let supervised = supervise(up_run, down_run, quiet, client, upstream, conn);
+            let cut = pin!(cut_short(client, upstream, conn));
+            let supervised = supervise(up_run, down_run, quiet, cut, client, upstream, conn);
             tokio::select! {
                 biased;
                 end = supervised => Err(end),
