@@ -8,6 +8,9 @@
 #   bench/profile/measure.sh calls BIN MODE LOAD
 #       syscalls per connection: strace -c over a short load (slow, so only
 #       the counts mean anything, not the rate)
+#   bench/profile/measure.sh faults BIN MODE LOAD OUT.folded
+#       page-fault profile of the proxy (perf, DWARF call graphs), folded,
+#       with KiB per connection per allocation site (idle, idle-mostly)
 #   bench/profile/measure.sh flame BIN MODE LOAD OUT.svg
 #       perf record (DWARF call graphs) of the proxy, folded and drawn
 #       with inferno (installed with `cargo install inferno` if missing)
@@ -78,6 +81,35 @@ flame)
     perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "${OUT%.svg}.folded"
     inferno-flamegraph --minwidth 0.2 --title "$(basename "$BIN") --mode $MODE, $LOAD" < "${OUT%.svg}.folded" > "$OUT"
     echo "wrote $OUT and ${OUT%.svg}.folded"
+    ;;
+faults)
+    # Where the proxy's memory comes from: every page fault it takes while
+    # the load runs (first touch of a heap page), with the call stack that
+    # touched it, folded per stack and summed per allocation site.
+    OUT=$1
+    command -v inferno-collapse-perf >/dev/null || cargo install inferno --locked
+    perf record -e page-faults -c 1 --call-graph dwarf,16384 -p $PROXY -o "$WORK/perf.data" >/dev/null 2>&1 &
+    PERF=$!
+    sleep 0.3
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --streams 50 --duration 12s --proxy-pid $PROXY --json > "$WORK/out.json"
+    kill -INT $PERF
+    wait $PERF || true
+    perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$OUT"
+    python3 - "$OUT" "$WORK/out.json" <<'PY'
+import collections, json, re, sys
+d = json.load(open(sys.argv[2]))
+conns = d.get("conns") or 1
+sites, total = collections.Counter(), 0
+for line in open(sys.argv[1]):
+    stack, n = line.rstrip().rsplit(" ", 1)
+    ours = [re.sub(r"<[^<>]*>", "", f)[:70] for f in stack.split(";") if "proxy_user" in f or "tokio::" in f]
+    sites[" ; ".join(ours[-3:])] += int(n)
+    total += int(n)
+print(f"{total} pages faulted in, {4 * total / conns:.2f} KiB per connection "
+      f"(RSS: {d.get('proxy_kib_per_conn', 0):.2f} KiB per connection, {conns} connections)")
+for site, n in sites.most_common(12):
+    print(f"{4 * n / conns:7.2f} KiB/conn  {site}")
+PY
     ;;
 *) echo "usage: see the head of $0" >&2; exit 2 ;;
 esac
