@@ -151,21 +151,34 @@ async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
             .await
             .is_ok()
         {}
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(s);
-        Instant::now()
+        reset(s)
     })
     .await;
+    assert_freed_by_client_reset(&proxy, mode, reset_at, Duration::from_secs(1)).await;
+}
+
+/// Closes `s` with a reset; returns when.
+fn reset(s: TcpStream) -> Instant {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    Instant::now()
+}
+
+/// The proxy's one connection ended as a client reset within `within` of
+/// `reset_at`.
+async fn assert_freed_by_client_reset(
+    proxy: &Proxy,
+    mode: &str,
+    reset_at: Instant,
+    within: Duration,
+) {
     let lines = proxy.wait_conn_lines(1, 5).await;
     let freed = reset_at.elapsed();
     assert_eq!(lines.len(), 1, "{mode}: the connection is still open");
     assert_eq!(lines[0]["end"], "client_reset", "{mode}");
-    assert!(
-        freed < Duration::from_secs(1),
-        "{mode}: freed after {freed:?}"
-    );
+    assert!(freed < within, "{mode}: freed after {freed:?}");
 }
 
 /// The client sends its request and FIN, then resets while the target,
@@ -193,19 +206,8 @@ async fn client_reset_after_its_fin_reaches_the_target(mode: &str) {
             .recv()
             .await
             .expect("the target saw the request's end");
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(s);
-        Instant::now()
+        reset(s)
     })
     .await;
-    let lines = proxy.wait_conn_lines(1, 5).await;
-    let freed = reset_at.elapsed();
-    assert_eq!(lines.len(), 1, "{mode}: the connection is still open");
-    assert_eq!(lines[0]["end"], "client_reset", "{mode}");
-    assert!(
-        freed < Duration::from_secs(2),
-        "{mode}: freed after {freed:?}"
-    );
+    assert_freed_by_client_reset(&proxy, mode, reset_at, Duration::from_secs(2)).await;
 }

@@ -20,16 +20,16 @@
 //! (`safepoint`), so under `Parking` it moves to a new process too.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::copy::CopyPlane;
 use super::fastpath::FastpathPlane;
-use super::safepoint::{carry_or_promote, Carried};
+use super::safepoint::{carry_or_promote, Carried, Promote};
 use super::splice::SplicePlane;
 use super::{tcpinfo, ConnInfo, Plane, Transfer};
 
@@ -112,7 +112,6 @@ impl AdaptivePlane {
         let began = Instant::now();
         let moved = [AtomicU64::new(0), AtomicU64::new(0)];
         let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-        let (promote, asked) = watch::channel(false);
         // Both stages in this one future (the caller boxes it), not each
         // boxed at its own size: the two are within a few hundred bytes of
         // each other, and a promotion that freed one box and allocated the
@@ -121,25 +120,15 @@ impl AdaptivePlane {
         // KiB per promoted idle connection where the fastpath alone held
         // 7.0 (NOTES §2).
         let carried = async {
-            let userspace = async {
-                let asked = Some(asked);
-                match &self.start {
-                    Start::Splice(p) => {
-                        carry_or_promote(p, client, upstream, conn, asked, &moved).await
-                    }
-                    Start::Copy(p) => {
-                        carry_or_promote(p, client, upstream, conn, asked, &moved).await
-                    }
+            let quiet = pin!(self.promotion.quiet(&moved, fds));
+            let promote: Promote<'_> = quiet;
+            match &self.start {
+                Start::Splice(p) => {
+                    carry_or_promote(p, client, upstream, conn, Some(promote), &moved).await
                 }
-            };
-            let ask = async {
-                self.promotion.quiet(&moved, fds).await;
-                promote.send_replace(true);
-                std::future::pending::<()>().await
-            };
-            tokio::select! {
-                carried = userspace => carried,
-                _ = ask => unreachable!("asking for a promotion never ends"),
+                Start::Copy(p) => {
+                    carry_or_promote(p, client, upstream, conn, Some(promote), &moved).await
+                }
             }
         }
         .await;

@@ -15,6 +15,8 @@
 //! passed its FIN is harmless to restart (it reads EOF again and passes it
 //! again).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,18 +59,18 @@ pub(super) async fn carry<P: Pump>(
 }
 
 /// Like `carry`, and the connection also stops at a safe point once
-/// `promote` turns true. `moved` counts the bytes written each way
-/// (client→target, target→client) as they go.
+/// `promote` (the promotion policy's verdict) resolves. `moved` counts the
+/// bytes written each way (client→target, target→client) as they go.
 pub(super) async fn carry_or_promote<P: Pump>(
     pump: &P,
     client: TcpStream,
     upstream: TcpStream,
     conn: &ConnInfo,
-    promote: Option<watch::Receiver<bool>>,
+    promote: Option<Promote<'_>>,
     moved: &[AtomicU64; 2],
 ) -> Carried {
     let held = [AtomicU64::new(0), AtomicU64::new(0)];
-    let asks = Asks {
+    let mut asks = Asks {
         parking: PARKING.try_with(Arc::clone).ok(),
         promote,
     };
@@ -119,27 +121,32 @@ pub(super) enum Stop<'a> {
     Promote,
 }
 
+/// The promotion policy's verdict: resolves once the connection should
+/// move into the kernel. A future rather than a channel: it is polled
+/// where the request is awaited, so no connection allocates a channel or
+/// keeps a second waiter for it.
+pub(super) type Promote<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send + 'a)>;
+
 /// Who may ask this connection to stop.
-pub(super) struct Asks {
+pub(super) struct Asks<'a> {
     pub(super) parking: Option<Arc<Parking>>,
-    pub(super) promote: Option<watch::Receiver<bool>>,
+    pub(super) promote: Option<Promote<'a>>,
 }
 
-impl Asks {
-    /// Resolves at the first safe point while a stop is asked. A request
-    /// withdrawn before that (an upgrade that gave up waiting) lets the
-    /// connection run on. An upgrade comes first: the new process promotes
-    /// the connection itself when it is still quiet there.
-    pub(super) async fn reached(&self, held: &[AtomicU64; 2]) -> Stop<'_> {
+impl Asks<'_> {
+    /// Resolves at the first safe point while a stop is asked. A park
+    /// request withdrawn before that (an upgrade that gave up waiting) lets
+    /// the connection run on; a promotion, once asked, stays asked. An
+    /// upgrade comes first: the new process promotes the connection itself
+    /// when it is still quiet there.
+    pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop<'_> {
         let mut park = self.parking.as_ref().map(|p| p.requests());
-        let mut promote = self.promote.clone();
+        let mut promoted = false;
         loop {
-            let now = |r: &mut Option<watch::Receiver<bool>>| {
-                r.as_mut().is_some_and(|r| *r.borrow_and_update())
-            };
+            let parked = park.as_mut().is_some_and(|r| *r.borrow_and_update());
             let asked = match &self.parking {
-                Some(p) if now(&mut park) => Some(Stop::Park(p)),
-                _ if now(&mut promote) => Some(Stop::Promote),
+                Some(p) if parked => Some(Stop::Park(p)),
+                _ if promoted => Some(Stop::Promote),
                 _ => None,
             };
             match asked {
@@ -148,10 +155,18 @@ impl Asks {
                 Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                 None => tokio::select! {
                     () = changed(&mut park) => {}
-                    () = changed(&mut promote) => {}
+                    () = verdict(&mut self.promote), if !promoted => promoted = true,
                 },
             }
         }
+    }
+}
+
+/// Resolves with the promotion policy's verdict; never without a policy.
+async fn verdict(promote: &mut Option<Promote<'_>>) {
+    match promote {
+        Some(p) => p.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

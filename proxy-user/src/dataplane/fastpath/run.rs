@@ -43,7 +43,7 @@ impl FastpathPlane {
         let user = [AtomicU64::new(0), AtomicU64::new(0)];
         let busy = [AtomicU64::new(0), AtomicU64::new(0)];
         let parking = PARKING.try_with(Arc::clone).ok();
-        let asks = Asks {
+        let mut asks = Asks {
             parking: parking.clone(),
             promote: None,
         };
