@@ -72,7 +72,15 @@ pub(super) struct Client {
     /// The address it connected to, from its PROXY header; None without
     /// one (the socket's own address is looked up where it is needed).
     pub(super) local: Option<SocketAddr>,
-    _slots: [Option<ClientSlot>; 2],
+    /// Its places under the per-client limits (global, the app's): held
+    /// until the connection closes.
+    pub(super) slots: ClientSlots,
+}
+
+/// A client's places under the per-client limits; dropping them frees them.
+#[derive(Default)]
+pub(super) struct ClientSlots {
+    _held: [Option<ClientSlot>; 2],
 }
 
 /// The second gate, once a task serves the client: its PROXY header (apps
@@ -131,7 +139,9 @@ pub(super) async fn admit_client(
     Some(Client {
         addr,
         local,
-        _slots: [global, own],
+        slots: ClientSlots {
+            _held: [global, own],
+        },
     })
 }
 

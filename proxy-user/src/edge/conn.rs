@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::admission::{admit, admit_client};
+use super::admission::{admit, admit_client, ClientSlots};
 use super::handover::{MovedMeta, Moving};
 use super::live::{self, Sampler};
 use super::tracker::Tracked;
@@ -44,7 +44,7 @@ pub(super) fn spawn(
     };
     let conn = Conn::admitted(peer, port, app.clone(), shared, permits);
     let shared = shared.clone();
-    tokio::spawn(conn.serve(sock, shared));
+    tokio::spawn(Box::new(conn).serve(sock, shared));
 }
 
 /// Resumes a connection moved here (or given back to this process when
@@ -63,6 +63,8 @@ pub fn resume(shared: &Arc<Shared>, moving: Moving) {
 struct Held {
     _app_permit: Option<OwnedSemaphorePermit>,
     _global_permit: Option<OwnedSemaphorePermit>,
+    /// Set once the client's real address is known (`serve`).
+    _client_slots: ClientSlots,
     _tracked: Tracked,
     _active: ActiveConn,
 }
@@ -111,6 +113,7 @@ impl Conn {
             _held: Held {
                 _app_permit: Some(app_permit),
                 _global_permit: Some(global_permit),
+                _client_slots: ClientSlots::default(),
                 _tracked: shared.tracker.track(),
                 _active: app.metrics.open(),
             },
@@ -131,6 +134,7 @@ impl Conn {
             _held: Held {
                 _app_permit: app.permits.clone().try_acquire_owned().ok(),
                 _global_permit: shared.global.clone().try_acquire_owned().ok(),
+                _client_slots: ClientSlots::default(),
                 _tracked: shared.tracker.track(),
                 _active: app.metrics.open(),
             },
@@ -146,7 +150,11 @@ impl Conn {
     }
 
     /// Connects, carries and closes; the record is written on every path.
-    async fn serve(mut self, mut client: TcpStream, shared: Arc<Shared>) {
+    ///
+    /// Boxed: an async fn keeps a by-value `self` twice (the argument and
+    /// the local it moves to), 320 bytes in every connection's task for as
+    /// long as it lives, where the box costs one allocation of 160.
+    async fn serve(mut self: Box<Self>, mut client: TcpStream, shared: Arc<Shared>) {
         // Interactive protocols through the proxy must not gain Nagle
         // delays; the upstream side is set where it is dialed. Both stay
         // set whichever plane carries them (or process, after an upgrade).
@@ -157,12 +165,17 @@ impl Conn {
         // as its largest await, and theirs (1.5 and 1.8 KB) stayed in every
         // idle connection's task, which only needs 1.3 KB to carry.
         // Taken apart at once (here and at connect): a whole result kept as
-        // a local stays in the task's every later state, idle ones too.
-        let admitted = Box::pin(admit_client(&mut client, self.client, &self.app, &shared));
-        let Some((addr, local)) = admitted.await.map(|a| (a.addr, a.local)) else {
-            return;
+        // a local stays in the task's every later state, idle ones too. Its
+        // per-client slots go where the connection keeps what it holds.
+        let local = {
+            let admitted = Box::pin(admit_client(&mut client, self.client, &self.app, &shared));
+            let Some(admitted) = admitted.await else {
+                return;
+            };
+            self.client = admitted.addr;
+            self._held._client_slots = admitted.slots;
+            admitted.local
         };
-        self.client = addr;
         // The address the client connected to: only the access log and the
         // PROXY header use it, and a getsockname per connection is not free.
         let local = match (local, &shared.access_log) {
@@ -176,7 +189,7 @@ impl Conn {
             _ = hard_stop.wait_for(|s| *s) => {
                 arm_reset(&client);
                 let t = Transfer::none(EndReason::DrainTimeout);
-                return self.close(&shared, local, Upstream::NONE, &t, ByteTally::default());
+                return (*self).close(&shared, local, Upstream::NONE, &t, ByteTally::default());
             }
         } {
             Ok(c) => c,
@@ -192,7 +205,7 @@ impl Conn {
                     ..Upstream::NONE
                 };
                 let t = Transfer::none(EndReason::ConnectFailed);
-                return self.close(&shared, local, upstream, &t, ByteTally::default());
+                return (*self).close(&shared, local, upstream, &t, ByteTally::default());
             }
         };
         let upstream = Upstream {
@@ -215,7 +228,7 @@ impl Conn {
                     arm_reset(&client);
                     arm_reset(&c.stream);
                     let t = Transfer::none(EndReason::TargetReset);
-                    return self.close(&shared, local, upstream, &t, ByteTally::default());
+                    return (*self).close(&shared, local, upstream, &t, ByteTally::default());
                 }
             }
         }
@@ -253,7 +266,7 @@ impl Conn {
         drop(c.guard);
         // None: handed over to a new process, which writes the close line.
         if let Some(transfer) = transfer {
-            self.close(&shared, local, upstream, &transfer, tally);
+            (*self).close(&shared, local, upstream, &transfer, tally);
         }
     }
 }
