@@ -138,7 +138,8 @@ impl Asks<'_> {
     /// request withdrawn before that (an upgrade that gave up waiting) lets
     /// the connection run on; a promotion, once asked, stays asked. An
     /// upgrade comes first: the new process promotes the connection itself
-    /// when it is still quiet there.
+    /// when it is still quiet there. Awaited once per `Asks` (the verdict
+    /// future is finished once it resolved, and this holds that it did).
     pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop<'_> {
         let mut park = self.parking.as_ref().map(|p| p.requests());
         let mut promoted = false;
