@@ -152,7 +152,7 @@ pub(super) async fn supervise<Q: Future<Output = ()>>(
                 return end;
             }
         };
-        if matches!(result, DirEnd::Eof) {
+        if matches!(result, DirEnd::Eof) && !(up_done && down_done) {
             fin.arm(from_client, conn, &quiet);
             let src = if from_client { client } else { upstream };
             ended = Some(Box::pin(failed(src)));
@@ -203,8 +203,9 @@ pub(super) async fn drain_deadline(
 /// Resolves when a kernel-plane connection must end whatever its
 /// directions are doing: an error on either socket (its peer's reset; the
 /// other side gets one too), or the drain deadline (both get one). Its
-/// directions wait on the verdict, not on their sockets, and its
-/// pre-install copy may be blocked writing to a side that does not read.
+/// directions also wait on the verdict and on the kernel's drain, where
+/// they read nothing, and its pre-install copy may be blocked writing to a
+/// side that does not read.
 pub(super) async fn cut_short(
     client: &TcpStream,
     upstream: &TcpStream,

@@ -149,6 +149,22 @@ impl Conn {
         }
     }
 
+    /// What the data plane is told about this connection, once it is
+    /// connected to `target` at `upstream`.
+    fn info(&self, shared: &Shared, target: String, upstream: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            id: self.id,
+            app: self.app.balancer.app.clone(),
+            listen_port: self.port,
+            client: self.client,
+            target,
+            upstream,
+            idle_timeout: shared.idle_timeout,
+            fin_timeouts: shared.fin_timeouts,
+            hard_stop: shared.hard_stop.clone(),
+        }
+    }
+
     /// Connects, carries and closes; the record is written on every path.
     ///
     /// Boxed: an async fn keeps a by-value `self` twice (the argument and
@@ -232,17 +248,7 @@ impl Conn {
                 }
             }
         }
-        let info = ConnInfo {
-            id: self.id,
-            app: balancer.app.clone(),
-            listen_port: self.port,
-            client: self.client,
-            target: upstream.target.clone(),
-            upstream: c.peer,
-            idle_timeout: shared.idle_timeout,
-            fin_timeouts: shared.fin_timeouts,
-            hard_stop: shared.hard_stop.clone(),
-        };
+        let info = self.info(&shared, upstream.target.clone(), c.peer);
         let mut tally = ByteTally::default();
         let sampler = shared
             .bytes_flush

@@ -30,17 +30,7 @@ pub(super) type PairResume = Box<(FastLedger, PairHold)>;
 impl Conn {
     /// Carries on a connection moved here, to its close line.
     pub(super) async fn carry_resumed(self, m: Moving, shared: Arc<Shared>) {
-        let info = ConnInfo {
-            id: self.id,
-            app: self.app.balancer.app.clone(),
-            listen_port: self.port,
-            client: self.client,
-            target: m.meta.target.clone(),
-            upstream: m.meta.upstream,
-            idle_timeout: shared.idle_timeout,
-            fin_timeouts: shared.fin_timeouts,
-            hard_stop: shared.hard_stop.clone(),
-        };
+        let info = self.info(&shared, m.meta.target.clone(), m.meta.upstream);
         let upstream = Upstream {
             target: m.meta.target.clone(),
             attempts: m.meta.attempts,
