@@ -51,6 +51,17 @@ pub struct FlowState {
     pub passed: u64,
     /// Skbs dropped by `FlowControl::fault_drop_at` (0 or 1).
     pub faults: u64,
+    /// The TCP sequence number after the last byte the verdict handed on,
+    /// with bit 32 set once known (0: no skb seen since the install).
+    pub next_seq: u64,
+    /// Bytes cut from the head of skbs that began before `next_seq`: a
+    /// retransmitted segment that overlaps what already arrived is queued
+    /// whole, and the verdict is handed whole skbs (`tcp_read_skb` ignores
+    /// the overlap `tcp_recvmsg` would skip), so its head would go out twice.
+    pub trimmed: u64,
+    /// Skbs whose `TCP_SKB_CB` did not match their length (a kernel whose
+    /// `struct sk_buff` differs from `SKB_CB_OFFSET`): not trimmed. 0 here.
+    pub unreadable: u64,
 }
 
 /// What the verdict program tells userspace through the ring buffer: this
@@ -61,6 +72,12 @@ pub struct FlowEvent {
     /// Cookie of the source socket.
     pub cookie: u64,
 }
+
+/// Where `cb` (which holds `TCP_SKB_CB`: `seq`, then `end_seq`) sits in
+/// `struct sk_buff`: 40 on x86_64 kernels since 5.x, and on 6.18.44 (BTF).
+/// The verdict checks what it reads against the skb's length and trims
+/// nothing when they disagree (`FlowState::unreadable`).
+pub const SKB_CB_OFFSET: usize = 40;
 
 /// Capacity of each socket map and flow map: two sockets per spliced pair.
 pub const MAX_SOCKETS: u32 = 65_536;

@@ -20,7 +20,7 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
         BPF_F_NO_PREALLOC,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{map, sk_lookup, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash, SockMap},
     programs::{SkBuffContext, SkLookupContext},
@@ -28,7 +28,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, read_volatile};
 use proxy_common::{
-    FlowControl, FlowEvent, FlowState, SteerConfig, EVENTS_BYTES, MAX_SOCKETS, STEER_MATCH_ANY,
+    FlowControl, FlowEvent, FlowState, SteerConfig, EVENTS_BYTES, MAX_SOCKETS, SKB_CB_OFFSET,
+    STEER_MATCH_ANY,
     STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6, STEER_MAX_PORTS,
 };
 
@@ -101,6 +102,10 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // Verdicts for one socket run one at a time under its lock, so this
     // read-modify-write of the socket's own state does not race.
     let state = unsafe { &mut *state };
+    let len = match trim_retransmitted(&ctx, state, len) {
+        Some(len) => len,
+        None => return SK_DROP,
+    };
     // Demoted: the skb goes to this socket's own receive queue, in order
     // behind the ones already there, where userspace reads it once every
     // byte redirected before it has left the peer. Passing is for good once
@@ -137,6 +142,73 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     }
     SK_PASS
 }
+
+/// Cuts from the head of this skb the bytes that arrived before (`TCP_SKB_CB`
+/// `seq` below `state.next_seq`) and returns what is left of its length;
+/// None if nothing new is left, or the cut failed: the skb is dropped.
+///
+/// TCP queues a retransmitted segment that partly overlaps bytes already
+/// received as it is, starting before `rcv_nxt`; `tcp_recvmsg` skips the
+/// overlap, but `tcp_read_skb` hands the verdict the whole skb, so without
+/// this the overlap would be forwarded a second time (seen: 24 bytes
+/// duplicated in a 1 GiB echo). The first skb after an install sets the
+/// mark: userspace installs only once it read each queue to EAGAIN.
+#[inline(always)]
+fn trim_retransmitted(ctx: &SkBuffContext, state: &mut FlowState, len: u64) -> Option<u64> {
+    // The context is the kernel's sk_buff; `seq` and `end_seq` are the first
+    // two words of its cb. A probe read cannot fault, and the two words are
+    // checked against the length before they are trusted.
+    let cb = (ctx.skb.skb as usize + SKB_CB_OFFSET) as *const [u32; 2];
+    let Ok([seq, end_seq]) = (unsafe { bpf_probe_read_kernel(cb) }) else {
+        state.unreadable += 1;
+        return Some(len);
+    };
+    // end_seq counts a FIN as one more.
+    let span = u64::from(end_seq.wrapping_sub(seq));
+    if span != len && span != len + 1 {
+        state.unreadable += 1;
+        return Some(len);
+    }
+    let new_end = seq.wrapping_add(len as u32);
+    let known = state.next_seq >> 32 != 0;
+    let overlap = (state.next_seq as u32).wrapping_sub(seq) as i32;
+    if !known || overlap <= 0 {
+        state.next_seq = (1 << 32) | u64::from(new_end);
+        return Some(len);
+    }
+    // A segment wholly inside what arrived is cut to nothing: dropped with
+    // bytes left, the kernel would count them as read a second time.
+    let overlap = if overlap as u64 > len { len } else { overlap as u64 };
+    // adjust_room removes at most 0xfff bytes from the head per call.
+    let mut left = overlap;
+    for _ in 0..MAX_TRIM_CALLS {
+        if left == 0 {
+            break;
+        }
+        let step = if left > TRIM_STEP { TRIM_STEP } else { left };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    state.trimmed += overlap - left;
+    if left != 0 {
+        // Not all of it could be cut, and forwarding it would duplicate
+        // bytes: the skb goes, and the FIN ledger, short by its new part,
+        // resets both sides rather than let the stream pass as whole.
+        return None;
+    }
+    if overlap == len {
+        return None;
+    }
+    state.next_seq = (1 << 32) | u64::from(new_end);
+    Some(len - overlap)
+}
+
+/// Largest head cut one `bpf_skb_adjust_room` call makes on an `sk_skb`.
+const TRIM_STEP: u64 = 0xfff;
+/// Enough calls for an overlap of 64 KiB (one loopback GSO segment) and more.
+const MAX_TRIM_CALLS: usize = 32;
 
 // ------------------------------------------------------------------------
 // sk_lookup port steering (`--steering sk_lookup`), independent of `splice`:

@@ -6,7 +6,7 @@ pub mod seq;
 use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -722,15 +722,32 @@ impl Drop for Proxy {
             }
         }
         let _ = std::fs::remove_file(&self.config_path);
-        if !std::thread::panicking() && checked.is_ok() {
+        // PROXY_TEST_KEEP_LOGS=1 keeps every log, to read what passing runs did.
+        let keep = std::env::var_os("PROXY_TEST_KEEP_LOGS").is_some();
+        if !std::thread::panicking() && checked.is_ok() && !keep {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
             eprintln!("proxy log kept at {}", self.log_path.display());
+            print_tail(&self.log_path, 60);
         }
         if let Err(e) = checked {
             std::panic::resume_unwind(e);
         }
     }
+}
+
+/// The last `n` lines of a kept log, on stderr: CI shows a failed test's
+/// output, not the files it leaves behind.
+fn print_tail(path: &Path, n: usize) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    eprintln!("--- last {} lines of {} ---", n.min(lines.len()), path.display());
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        eprintln!("{line}");
+    }
+    eprintln!("--- end of log ---");
 }
 
 // ---------------------------------------------------------------- payloads

@@ -191,7 +191,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn code(self) -> u64 {
+    pub fn code(self) -> u64 {
         self as u64
     }
     fn from_code(c: u64) -> Option<Kind> {

@@ -125,12 +125,21 @@ impl FastpathPlane {
             dropped = client_state.dropped + upstream_state.dropped,
             passed_c2t = client_state.passed,
             passed_t2c = upstream_state.passed,
+            trimmed_c2t = client_state.trimmed,
+            trimmed_t2c = upstream_state.trimmed,
             demoted_c2t = up.demoted,
             demoted_t2c = down.demoted,
             resumed,
             elapsed_ms = start.elapsed().as_millis() as u64,
             "fastpath pair done"
         );
+        if client_state.unreadable + upstream_state.unreadable > 0 {
+            tracing::warn!(
+                conn = conn.id,
+                skbs = client_state.unreadable + upstream_state.unreadable,
+                "the verdict could not read TCP sequence numbers on this kernel; retransmitted overlaps are not cut (the FIN ledger still checks)"
+            );
+        }
         Ran::Ended(Transfer {
             client_to_target: client_state.redirected + user[0] + early[0],
             target_to_client: upstream_state.redirected + user[1] + early[1],
