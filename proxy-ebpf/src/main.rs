@@ -29,8 +29,7 @@ use aya_log_ebpf::debug;
 use core::ptr::{addr_of, read_volatile};
 use proxy_common::{
     FlowControl, FlowEvent, FlowState, SteerConfig, EVENTS_BYTES, MAX_SOCKETS, SKB_CB_OFFSET,
-    STEER_MATCH_ANY,
-    STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6, STEER_MAX_PORTS,
+    STEER_MATCH_ANY, STEER_MATCH_ANY4, STEER_MATCH_IP4, STEER_MATCH_IP6, STEER_MAX_PORTS,
 };
 
 // ------------------------------------------------------------------------
@@ -120,7 +119,8 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     }
     // Test-only fault (never set in service): one skb vanishes.
-    if control.fault_drop_at != 0 && state.redirected >= control.fault_drop_at && state.faults == 0 {
+    if control.fault_drop_at != 0 && state.redirected >= control.fault_drop_at && state.faults == 0
+    {
         state.faults = 1;
         return SK_DROP;
     }
@@ -178,7 +178,11 @@ fn trim_retransmitted(ctx: &SkBuffContext, state: &mut FlowState, len: u64) -> O
     }
     // A segment wholly inside what arrived is cut to nothing: dropped with
     // bytes left, the kernel would count them as read a second time.
-    let overlap = if overlap as u64 > len { len } else { overlap as u64 };
+    let overlap = if overlap as u64 > len {
+        len
+    } else {
+        overlap as u64
+    };
     // adjust_room removes at most 0xfff bytes from the head per call.
     let mut left = overlap;
     for _ in 0..MAX_TRIM_CALLS {

@@ -242,7 +242,7 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
     let proxy = Proxy::start(
         "fastpath",
         &[AppSpec::new("seq", 1, vec![backend.target()])],
-        &[],
+        &["--admin-address", "127.0.0.1:0"],
     )
     .await;
     let (len, tag) = (64 * 1024u64, 0x76 << 41);
@@ -258,10 +258,13 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
         s.write_all(&header).await.expect("header");
         let mut greeting = [0u8; 1];
         s.read_exact(&mut greeting).await.expect("greeting");
-        // Installed by now: the pre-install copy stops once both sides are quiet.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Installed by now: the pre-install copy stops once both sides are
+        // quiet (the other tests here give it 20 ms, under a CPU hog).
+        tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(b"g").await.expect("go");
-        s.write_all(&seq_bytes(tag, 0, sent_first)).await.expect("first part");
+        s.write_all(&seq_bytes(tag, 0, sent_first))
+            .await
+            .expect("first part");
         wait_all_acked(&s).await;
         inject_overlap(&s, |seq_of_next| {
             let at = sent_first - overlap;
@@ -300,6 +303,16 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
     assert!(
         trimmed.is_some_and(|t| t >= overlap),
         "the verdict must have cut the {overlap} overlapping bytes itself (trimmed_c2t {trimmed:?}): the injection did not reach it as one skb"
+    );
+    proxy.wait_conn_lines(1, 5).await;
+    let metrics = http_get(&admin_addr(&proxy), "/metrics")
+        .await
+        .expect("metrics")
+        .1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_fastpath_overlap_bytes_total{app="seq"}"#) as u64,
+        trimmed.unwrap_or_default(),
+        "the metric counts what the close line says was cut"
     );
 }
 
@@ -342,16 +355,32 @@ fn inject_overlap(s: &tokio::net::TcpStream, make: impl FnOnce(u32) -> (u32, Vec
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setsockopt {opt}: {}",
+            std::io::Error::last_os_error()
+        );
     };
     let get = |opt: libc::c_int| -> u32 {
         let mut val: u32 = 0;
         let mut n = std::mem::size_of::<u32>() as libc::socklen_t;
         // SAFETY: a u32 option.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::IPPROTO_TCP, opt, (&mut val as *mut u32).cast(), &mut n)
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&mut val as *mut u32).cast(),
+                &mut n,
+            )
         };
-        assert_eq!(rc, 0, "getsockopt {opt}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "getsockopt {opt}: {}",
+            std::io::Error::last_os_error()
+        );
         val
     };
     set(libc::TCP_REPAIR, 1);

@@ -137,6 +137,9 @@ pub struct Transfer {
     pub demoted: u8,
     /// The FIN ledger found bytes lost or duplicated; both sides were reset.
     pub lost: bool,
+    /// Bytes of retransmitted segments the fastpath's verdict cut because
+    /// they overlapped bytes already received (both ways).
+    pub overlaps_cut: u64,
 }
 
 impl Transfer {
@@ -151,6 +154,7 @@ impl Transfer {
             promoted_after: None,
             demoted: 0,
             lost: false,
+            overlaps_cut: 0,
         }
     }
 

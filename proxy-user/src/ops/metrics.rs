@@ -114,6 +114,7 @@ pub struct AppMetrics {
     promotions: Counter,
     demotions: Counter,
     ledger_failures: Counter,
+    overlaps_cut: Counter,
     duration: Histogram,
     header_failures: [Counter; HeaderFailure::ALL.len()],
 }
@@ -180,6 +181,7 @@ impl AppMetrics {
         if t.lost {
             self.ledger_failures.inc();
         }
+        self.overlaps_cut.inc_by(t.overlaps_cut);
         self.duration.observe(lived);
     }
 }
@@ -205,6 +207,7 @@ pub struct Metrics {
     promotions: Family<AppLabels, Counter>,
     demotions: Family<AppLabels, Counter>,
     ledger_failures: Family<AppLabels, Counter>,
+    overlaps_cut: Family<AppLabels, Counter>,
     duration: DurationFamily,
     header_failures: Family<HeaderLabels, Counter>,
     pub accept_resource_errors: Counter,
@@ -281,6 +284,12 @@ impl Metrics {
                 "proxy_fin_ledger_failures",
                 "Fastpath connections reset because the FIN ledger found bytes of a \
                  direction lost or duplicated, by app (expected 0)",
+            ),
+            overlaps_cut: registered(
+                r,
+                "proxy_fastpath_overlap_bytes",
+                "Bytes of retransmitted segments that overlapped bytes already received, \
+                 cut by the fastpath's verdict so they went out once, by app",
             ),
             duration: {
                 let f = DurationFamily::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
@@ -368,6 +377,7 @@ impl Metrics {
             promotions: self.promotions.get_or_create_owned(&of),
             demotions: self.demotions.get_or_create_owned(&of),
             ledger_failures: self.ledger_failures.get_or_create_owned(&of),
+            overlaps_cut: self.overlaps_cut.get_or_create_owned(&of),
             duration: self.duration.get_or_create_owned(&of),
             header_failures: HeaderFailure::ALL.map(|reason| {
                 self.header_failures

@@ -743,7 +743,11 @@ fn print_tail(path: &Path, n: usize) {
         return;
     };
     let lines: Vec<&str> = text.lines().collect();
-    eprintln!("--- last {} lines of {} ---", n.min(lines.len()), path.display());
+    eprintln!(
+        "--- last {} lines of {} ---",
+        n.min(lines.len()),
+        path.display()
+    );
     for line in &lines[lines.len().saturating_sub(n)..] {
         eprintln!("{line}");
     }

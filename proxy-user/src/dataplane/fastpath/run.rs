@@ -148,6 +148,7 @@ impl FastpathPlane {
             promoted_after: None,
             demoted: u8::from(up.demoted) + u8::from(down.demoted),
             lost: up.lost || down.lost,
+            overlaps_cut: client_state.trimmed + upstream_state.trimmed,
             plane: if pair.client.linked || pair.upstream.linked {
                 Plane::Fastpath
             } else {
