@@ -4,12 +4,14 @@
 //!   client socket and its upstream socket together. Every byte a socket in
 //!   `SOCKETS` receives is redirected out of its peer (found in `PEERS` by the
 //!   cookie userspace wrote into `CONTROL`). It counts what it redirects and
-//!   wakes userspace every so many bytes, so userspace can move a direction
-//!   move a direction's `CONTROL.limit` along with what the peer's receiver
+//!   wakes userspace every so many bytes, so userspace can move a
+//!   direction's `CONTROL.limit` along with what the peer's receiver
 //!   acknowledged. An skb that would take the direction past its limit (or
 //!   any skb once userspace sets `CONTROL.pass`) is passed, `SK_PASS`, to
 //!   the socket's own receive queue, and so is every later one: userspace
-//!   carries that direction from then on;
+//!   carries that direction from then on. Before any of that it cuts the
+//!   head of a retransmitted skb that overlaps bytes already handed on
+//!   (`trim_retransmitted`), as `tcp_recvmsg` would skip it;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
 //!   to any configured port to the proxy's one listening socket.
 #![no_std]
