@@ -318,7 +318,9 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
 
 /// The stream tagged `tag`, bytes `[at, at + n)`.
 fn seq_bytes(tag: u64, at: u64, n: u64) -> Vec<u8> {
-    (at..at + n).map(|off| byte_at(tag, off)).collect()
+    let mut bytes = vec![0; n as usize];
+    fill_at(tag, at, &mut bytes);
+    bytes
 }
 
 /// Waits until the peer acknowledged every byte `s` sent (SIOCOUTQ 0).

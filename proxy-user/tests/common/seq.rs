@@ -41,7 +41,7 @@ impl SeqGen {
 }
 
 /// Writes the stream's bytes `[at, at + buf.len())` into `buf`.
-fn fill_at(tag: u64, at: u64, buf: &mut [u8]) {
+pub fn fill_at(tag: u64, at: u64, buf: &mut [u8]) {
     let head = (((8 - (at & 7)) & 7) as usize).min(buf.len());
     for (i, b) in buf[..head].iter_mut().enumerate() {
         *b = byte_at(tag, at + i as u64);
