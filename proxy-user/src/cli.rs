@@ -11,7 +11,7 @@ use crate::edge::steering::Steering;
 use crate::ops::logging::LogFormat;
 use crate::server::Settings;
 use crate::upstream::connect::ConnectPolicy;
-use crate::upstream::health::HealthConfig;
+use crate::upstream::probe::HealthConfig;
 
 const LONG_ABOUT: &str = "\
 A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\",\"Ports\",\"Targets\"}]}), \

@@ -3,7 +3,7 @@
 //! endpoint, so a number can be read with what produced it.
 use std::{fmt::Write as _, fs};
 
-use crate::bench::{Endpoint, Options, Targets, DURATION, HOLD, ROUNDS};
+use crate::bench_model::{Endpoint, Options, Targets, DURATION, HOLD, ROUNDS};
 use crate::sh::cmd;
 
 /// Seconds in "3s", "500ms", "1m" (what Go's time.ParseDuration takes for

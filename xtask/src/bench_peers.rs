@@ -7,7 +7,7 @@ use std::{fmt::Write as _, fs, path::Path, process::Stdio};
 
 use anyhow::Result;
 
-use crate::bench::{free_port, Endpoint, Targets};
+use crate::bench_model::{free_port, Endpoint, Targets, NGINX_WORKERS};
 use crate::sh::cmd;
 
 pub fn haproxy(
@@ -58,9 +58,6 @@ pub fn haproxy(
     ];
     Ok(Endpoint::proxy(name, "peer", port, routes, process, about))
 }
-
-/// nginx's workers: one per core, as the issue measured it.
-pub const NGINX_WORKERS: usize = 2;
 
 pub fn nginx(targets: &Targets, work: &Path) -> Result<Endpoint> {
     let port = free_port()?;

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. A fresh machine needs only these.
 mod bench;
 mod bench_about;
+mod bench_model;
 mod bench_peers;
 mod debroot;
 mod e2e;
@@ -54,16 +55,16 @@ enum Task {
     /// (about 20 minutes with the defaults); writes bench/results.md, results.json and SVG charts.
     Bench {
         /// Time per load per endpoint per round (shorter than the default marks a smoke run).
-        #[arg(long, default_value = bench::DURATION)]
+        #[arg(long, default_value = bench_model::DURATION)]
         duration: String,
         /// Interleaved rounds (medians and min-max are reported; fewer than the default marks a smoke run).
-        #[arg(long, default_value_t = bench::ROUNDS)]
+        #[arg(long, default_value_t = bench_model::ROUNDS)]
         rounds: u32,
         /// How long idle-mostly holds its 2,000 connections.
-        #[arg(long, default_value = bench::HOLD)]
+        #[arg(long, default_value = bench_model::HOLD)]
         hold: String,
         /// Loads to run (tester-go compare --loads).
-        #[arg(long, default_value = bench::LOADS)]
+        #[arg(long, default_value = bench_model::LOADS)]
         loads: String,
     },
 }
@@ -119,7 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             let command = format!(
                 "cargo xtask bench --duration {duration} --rounds {rounds} --hold {hold} --loads {loads}"
             );
-            bench::run(&bench::Options {
+            bench::run(&bench_model::Options {
                 duration,
                 rounds,
                 hold,
@@ -250,7 +251,7 @@ fn test() -> Result<()> {
     println!("xtask test: the Debian package installs on a clean Debian 12 and checks its config");
     package::package(package::Build::Reuse)?;
     println!("xtask test: short data-plane comparison (numbers only; `cargo xtask bench` is the real one)");
-    bench::run(&bench::Options::short())?;
+    bench::run(&bench_model::Options::short())?;
     println!("xtask test: all passed");
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::dataplane::{CopyPlane, FastpathOptions, FinTimeouts, Mode, SocketBuff
 use crate::edge::listener::listen_addr;
 use crate::edge::steering::Steering;
 use crate::upstream::connect::ConnectPolicy;
-use crate::upstream::health::HealthConfig;
+use crate::upstream::probe::HealthConfig;
 
 /// Everything a server needs to start; `Cli::settings` fills it from flags.
 #[derive(Debug, Clone)]

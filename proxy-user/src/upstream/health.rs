@@ -6,7 +6,6 @@
 //! lucky connection cannot flap it up.
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -15,16 +14,6 @@ use tokio::sync::watch;
 use super::loop_guard::LoopGuard;
 use super::probe::{self, ProbeSpec};
 use crate::config::Target;
-
-#[derive(Debug, Clone, Copy)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    /// Consecutive successful probes to mark a down target up.
-    pub rise: u32,
-    /// Consecutive failed probes to mark an up target down.
-    pub fall: u32,
-    pub timeout: Duration,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transition {

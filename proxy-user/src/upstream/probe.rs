@@ -12,10 +12,21 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::dial::dial;
-use super::health::HealthConfig;
 use super::loop_guard::LoopGuard;
 use super::proxy_protocol;
 use crate::config::{App, ProxyProtocol, Target};
+
+/// The `--health-*` flags: how targets are probed unless their app says
+/// otherwise (`ProbeSpec::for_app`).
+#[derive(Debug, Clone, Copy)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    /// Consecutive successful probes to mark a down target up.
+    pub rise: u32,
+    /// Consecutive failed probes to mark an up target down.
+    pub fall: u32,
+    pub timeout: Duration,
+}
 
 /// How an app's targets are probed: the `--health-*` flags, overridden by
 /// the app's `HealthCheck` fields.
