@@ -294,6 +294,8 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
         "an overlapping retransmission must reach the target once: {outcome:?}; log at {}",
         proxy.log_path.display()
     );
+    // The pair's debug line comes just before its close line.
+    proxy.wait_conn_lines(1, 5).await;
     let log = proxy.log();
     let done = log
         .lines()
@@ -304,7 +306,6 @@ async fn a_retransmitted_overlap_is_forwarded_once() {
         trimmed.is_some_and(|t| t >= overlap),
         "the verdict must have cut the {overlap} overlapping bytes itself (trimmed_c2t {trimmed:?}): the injection did not reach it as one skb"
     );
-    proxy.wait_conn_lines(1, 5).await;
     let metrics = http_get(&admin_addr(&proxy), "/metrics")
         .await
         .expect("metrics")
@@ -416,30 +417,16 @@ fn inject_overlap(s: &tokio::net::TcpStream, make: impl FnOnce(u32) -> (u32, Vec
     let sum = checksum(src, dst, &seg);
     seg[16..18].copy_from_slice(&sum.to_be_bytes());
 
-    // SAFETY: plain socket calls on a fd owned here and closed below.
-    unsafe {
-        let raw = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP);
-        assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(dst).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let n = libc::sendto(
-            raw,
-            seg.as_ptr().cast(),
-            seg.len(),
-            0,
-            (&to as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(raw);
-        assert_eq!(n, seg.len() as isize, "raw send: {err}");
-    }
+    // The kernel writes the IP header; the TCP header is ours.
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("raw socket");
+    let to = std::net::SocketAddr::from((dst, 0));
+    let sent = raw.send_to(&seg, &to.into()).expect("raw send");
+    assert_eq!(sent, seg.len(), "raw send: short");
 }
 
 /// TCP_REPAIR_QUEUE's queues (include/uapi/linux/tcp.h; not in libc).
