@@ -64,17 +64,22 @@ MORE=$(pgrep -P $PID | paste -sd, || true)
 case $WHAT in
 cpu)
     DURATION=${1:-4s}
-    cpu() { for p in $PID ${MORE//,/ }; do cut -d' ' -f14,15 /proc/$p/stat; done | awk '{s+=$1+$2} END {print s/100}'; }
+    # User and system CPU seconds of the endpoint's processes, and the
+    # machine's busy and total CPU seconds (every core, from /proc/stat).
+    cpu() { for p in $PID ${MORE//,/ }; do cut -d' ' -f14,15 /proc/$p/stat; done | awk '{u+=$1; s+=$2} END {print u/100, s/100}'; }
+    machine() { awk '/^cpu / {print ($2+$3+$4+$7+$8+$9)/100, ($2+$3+$4+$5+$6+$7+$8+$9)/100}' /proc/stat; }
     # Context switches of every thread: wakeups cost CPU, and on a quiet
     # machine that is most of the difference between runtimes.
     csw() { for p in $PID ${MORE//,/ }; do cat /proc/$p/task/*/status; done 2>/dev/null | awk '/ctxt_switches/ {s+=$2} END {print s}'; }
-    C0=$(cpu) S0=$(csw)
+    C0=$(cpu) S0=$(csw) M0=$(machine)
     "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" ${BENCH_FLAGS:-} --json > "$WORK/out.json"
-    C1=$(cpu) S1=$(csw)
-    python3 - "$WORK/out.json" "$ENDPOINT" "$C0" "$C1" "$S0" "$S1" <<'PY'
+    C1=$(cpu) S1=$(csw) M1=$(machine)
+    python3 - "$WORK/out.json" "$ENDPOINT" "$C0" "$C1" "$S0" "$S1" "$M0" "$M1" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-load, cpu = d["load"], float(sys.argv[4]) - float(sys.argv[3])
+diff = lambda a, b: [float(y) - float(x) for x, y in zip(sys.argv[a].split(), sys.argv[b].split())]
+(user, system), (busy, total) = diff(3, 4), diff(7, 8)
+load, cpu = d["load"], user + system
 lat = d.get("latency") or {}
 p = lambda k: lat.get(k, 0)
 if load in ("churn", "connrate"):
@@ -84,6 +89,14 @@ else:
 print(f"{sys.argv[2]:28} {load:8} {n / d['seconds']:8.0f} {unit}/s  "
       f"p50 {p('p50_us'):6.1f} p99 {p('p99_us'):7.1f} p99.9 {p('p99_9_us'):7.1f} us  "
       f"CPU {1e6 * cpu / n:6.1f} us/{unit}  csw {(int(sys.argv[6]) - int(sys.argv[5])) / n:5.2f}/{unit}  errors {d['errors']}")
+# The ceiling the machine sets: when it is busy, every unit costs the
+# client, the backend and the endpoint their CPU. An endpoint that spent
+# nothing in userspace (only its own syscalls' kernel time) would reach at
+# most the busy CPU divided by what is left per unit.
+rest = busy - cpu
+print(f"{'':28} machine {100 * busy / total:3.0f}% busy: {1e6 * busy / n:6.1f} us/{unit} in all, "
+      f"the rest (client, backend) {1e6 * rest / n:6.1f}, the endpoint's user {1e6 * user / n:5.1f} "
+      f"and system {1e6 * system / n:5.1f}; at zero user time: at most {n / d['seconds'] * busy / (rest + system):6.0f} {unit}/s")
 PY
     ;;
 calls)
