@@ -213,16 +213,48 @@ impl Drop for DecOnDrop {
     }
 }
 
+/// Echoes with reading and writing apart: a reader task keeps reading
+/// while the writer waits on a slow peer, up to `ECHO_BUFFER` held here.
+///
+/// A loop that stops reading while its write waits can wedge for good on
+/// this kernel: with its receive queue full, one more segment in the
+/// window it advertised fails for memory, TCP retracts the window to zero
+/// ("tcp: correct handling of extreme memory squeeze"), and from then on
+/// every segment of the proxy's socket, pure ACKs included, carries a
+/// sequence number past that window and is dropped (`TCP_INVALID_SEQUENCE`)
+/// before its ACK is read. The echo never learns its own bytes arrived,
+/// its write never ends, and it never reads again. Seen once in about 15
+/// runs of `heavy` on copy and splice alike (NOTES.md §2, "Socket buffers
+/// on the fastpath"). A server that couples its directions like that is
+/// its own hazard; the proxy tests need a target that is not.
 pub async fn echo_conn(s: TcpStream) -> std::io::Result<()> {
+    const CHUNK: usize = 256 * 1024;
+    const ECHO_BUFFER: usize = 64 << 20;
     let (mut r, mut w) = s.into_split();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(ECHO_BUFFER / CHUNK);
+    // Both halves in this task, not a spawned reader: a killed backend
+    // (its connection tasks aborted) must close its sockets at once.
+    let reading = async move {
+        let tx = tx; // dropped at EOF, which ends the writer's loop
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx.send(buf).await.is_err() {
+                return Ok(());
+            }
         }
-        w.write_all(&buf[..n]).await?;
-    }
+    };
+    let writing = async {
+        while let Some(buf) = rx.recv().await {
+            w.write_all(&buf).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::try_join!(reading, writing)?;
     w.shutdown().await
 }
 
