@@ -171,10 +171,10 @@ impl Conn {
     /// the local it moves to), 320 bytes in every connection's task for as
     /// long as it lives, where the box costs one allocation of 160.
     async fn serve(mut self: Box<Self>, mut client: TcpStream, shared: Arc<Shared>) {
-        // Interactive protocols through the proxy must not gain Nagle
-        // delays; the upstream side is set where it is dialed. Both stay
-        // set whichever plane carries them (or process, after an upgrade).
-        let _ = client.set_nodelay(true);
+        // The client socket came with TCP_NODELAY from its listener
+        // (`listener::nodelay`); the upstream side is set where it is
+        // dialed. Both stay set whichever plane carries them (or process,
+        // after an upgrade).
         // The PROXY header and the per-client limits: refused clients are
         // counted there and get no close record, like those over a limit.
         // Admission and connect are boxed while they run: a task is as big

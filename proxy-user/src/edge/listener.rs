@@ -19,7 +19,7 @@ const BACKLOG: u32 = 1024;
 
 /// A listening socket on `addr`. Accepted sockets inherit `buffers`
 /// (SO_SNDBUF/SO_RCVBUF), set before any handshake so the window they
-/// advertise matches.
+/// advertise matches, and TCP_NODELAY (`nodelay`).
 pub fn bind(addr: SocketAddr, buffers: SocketBuffers) -> anyhow::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -39,12 +39,23 @@ pub fn bind(addr: SocketAddr, buffers: SocketBuffers) -> anyhow::Result<TcpListe
     buffers
         .apply(&sock)
         .context("cannot set the socket buffer sizes")?;
+    nodelay(&sock)?;
     if let Err(e) = sock.bind(addr) {
         let hint = ephemeral_hint(&e, addr.port()).unwrap_or_default();
         return Err(anyhow::Error::new(e).context(format!("cannot bind {addr}{hint}")));
     }
     sock.listen(BACKLOG)
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Interactive protocols through the proxy must not gain Nagle delays.
+/// Set on the listener, not on each accepted socket: Linux copies it into
+/// every socket the listener accepts, which saves a setsockopt per
+/// connection. Listeners handed over by an older process get it too.
+pub fn nodelay(listener: &impl std::os::fd::AsFd) -> anyhow::Result<()> {
+    socket2::SockRef::from(listener)
+        .set_nodelay(true)
+        .context("cannot set TCP_NODELAY on a listening socket")
 }
 
 /// A port taken inside the ephemeral range may be held by an outgoing
@@ -148,5 +159,31 @@ pub(super) async fn accept_until_stopped(
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection setsockopt is gone on the strength of Linux
+    /// copying TCP_NODELAY from a listener into the sockets it accepts: if
+    /// a kernel stopped doing that, clients would get Nagle delays.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listener = bind(addr, SocketBuffers { size: None }).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "accepted socket lacks TCP_NODELAY"
+        );
+        assert!(
+            !client.nodelay().unwrap(),
+            "a plain socket has it: the check proves nothing"
+        );
     }
 }

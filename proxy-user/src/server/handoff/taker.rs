@@ -42,6 +42,7 @@ fn listener(fd: OwnedFd) -> anyhow::Result<TcpListener> {
     let l = TcpListener::from_std(l)?;
     l.local_addr()
         .context("a handed-over socket is not a TCP socket")?;
+    crate::edge::listener::nodelay(&l)?;
     Ok(l)
 }
 
