@@ -213,37 +213,38 @@ impl Drop for DecOnDrop {
     }
 }
 
-/// Echoes with reading and writing apart: a reader task keeps reading
-/// while the writer waits on a slow peer, up to `ECHO_BUFFER` held here.
+/// Echoes with reading and writing apart: a reader keeps reading
+/// everything the peer sends while the writer waits on a slow peer, held
+/// here without a bound (at most what one test sends).
 ///
-/// A loop that stops reading while its write waits can wedge for good on
-/// this kernel: with its receive queue full, one more segment in the
+/// A server that stops reading while its write waits can wedge for good
+/// on this kernel: with its receive queue full, one more segment in the
 /// window it advertised fails for memory, TCP retracts the window to zero
 /// ("tcp: correct handling of extreme memory squeeze"), and from then on
 /// every segment of the proxy's socket, pure ACKs included, carries a
 /// sequence number past that window and is dropped (`TCP_INVALID_SEQUENCE`)
-/// before its ACK is read. The echo never learns its own bytes arrived,
-/// its write never ends, and it never reads again. Seen once in about 15
-/// runs of `heavy` on copy and splice alike (NOTES.md §2, "Socket buffers
-/// on the fastpath"). A server that couples its directions like that is
-/// its own hazard; the proxy tests need a target that is not.
+/// before its ACK is read. The echo never learns its bytes arrived, its
+/// write never ends, and it never reads again. The same happened with a
+/// 64 MiB bound on what the reader may hold, once the writer had waited
+/// for that much. NOTES.md §2, "Socket buffers on the fastpath", has the
+/// evidence; the proxy tests need a target that cannot wedge itself.
 pub async fn echo_conn(s: TcpStream) -> std::io::Result<()> {
     const CHUNK: usize = 256 * 1024;
-    const ECHO_BUFFER: usize = 64 << 20;
     let (mut r, mut w) = s.into_split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(ECHO_BUFFER / CHUNK);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     // Both halves in this task, not a spawned reader: a killed backend
     // (its connection tasks aborted) must close its sockets at once.
     let reading = async move {
         let tx = tx; // dropped at EOF, which ends the writer's loop
+        let mut buf = vec![0u8; CHUNK];
         loop {
-            let mut buf = vec![0u8; CHUNK];
             let n = r.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
             }
-            buf.truncate(n);
-            if tx.send(buf).await.is_err() {
+            // A copy of what was read, not the whole read buffer: held
+            // chunks cost what they carry.
+            if tx.send(buf[..n].to_vec()).is_err() {
                 return Ok(());
             }
         }
