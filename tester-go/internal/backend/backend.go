@@ -255,16 +255,16 @@ type faultConn struct {
 	done      chan struct{}
 	read, wr  int64
 	start     time.Time
-	dead      bool
+	dead      atomic.Bool // read and written by echo's reader and writer
 	rateBytes int64
 }
 
 func (f *faultConn) limit(n int, count int64) (int, error) {
-	if f.dead {
+	if f.dead.Load() {
 		return 0, errDied
 	}
 	if f.o.DieAfter > 0 && count >= f.o.DieAfter {
-		f.dead = true
+		f.dead.Store(true)
 		f.TCPConn.SetLinger(0)
 		f.TCPConn.Close()
 		return 0, errDied
@@ -333,7 +333,7 @@ func (f *faultConn) Write(p []byte) (int, error) {
 }
 
 func (f *faultConn) closeWrite() {
-	if !f.dead {
+	if !f.dead.Load() {
 		f.TCPConn.CloseWrite()
 	}
 }
@@ -366,25 +366,89 @@ func handle(c *faultConn, o Options, label string) {
 }
 
 // echo copies everything back until the client half-closes, then
-// half-closes its own side. Reads and writes alternate, so backpressure
-// from a slow client stops reading (no unbounded buffering).
+// half-closes its own side. A reader goroutine keeps reading while a write
+// waits, and holds what it read without a bound (at most what the client
+// sent). An echo that stops reading while its write waits can wedge for
+// good on Linux 6.18: after a memory squeeze the kernel retracts its
+// receive window below what the proxy already sent, then drops the proxy's
+// segments, ACKs included, until the echo reads again, which it never
+// does while its write waits for those ACKs (NOTES.md §2). The proxy's
+// tester must not wedge itself.
 func echo(c *faultConn) {
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := c.Read(buf)
-		if n > 0 {
-			if _, werr := c.Write(buf[:n]); werr != nil {
+	q := newChunks()
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(buf)
+			if n > 0 {
+				q.put(append([]byte(nil), buf[:n]...))
+			}
+			if err != nil {
+				q.close(err == io.EOF)
 				return
 			}
 		}
-		if err == io.EOF {
-			c.closeWrite()
-			return
+	}()
+	for {
+		b, ok, eof := q.get()
+		if !ok {
+			if eof {
+				c.closeWrite()
+			}
+			return // the caller closes the connection, which ends the reader
 		}
-		if err != nil {
+		if _, err := c.Write(b); err != nil {
 			return
 		}
 	}
+}
+
+// chunks is an unbounded queue of byte slices between echo's reader and
+// writer.
+type chunks struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	q      [][]byte
+	closed bool
+	eof    bool
+}
+
+func newChunks() *chunks {
+	c := &chunks{}
+	c.cond = sync.NewCond(&c.mu)
+	return c
+}
+
+func (c *chunks) put(b []byte) {
+	c.mu.Lock()
+	c.q = append(c.q, b)
+	c.mu.Unlock()
+	c.cond.Signal()
+}
+
+// close ends the queue once drained; eof says the reader saw a clean EOF.
+func (c *chunks) close(eof bool) {
+	c.mu.Lock()
+	c.closed, c.eof = true, eof
+	c.mu.Unlock()
+	c.cond.Signal()
+}
+
+// get returns the next chunk, or ok false once the queue is closed and
+// drained (with eof as close set it).
+func (c *chunks) get() (b []byte, ok bool, eof bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.q) == 0 && !c.closed {
+		c.cond.Wait()
+	}
+	if len(c.q) == 0 {
+		return nil, false, c.eof
+	}
+	b = c.q[0]
+	c.q[0] = nil
+	c.q = c.q[1:]
+	return b, true, false
 }
 
 // drainBriefly reads until the peer closes (or a short timeout), so Close
