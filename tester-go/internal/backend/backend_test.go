@@ -223,3 +223,27 @@ func TestStallAndReadRate(t *testing.T) {
 		t.Fatalf("rate: 60000 bytes at 200000 B/s took only %v", el)
 	}
 }
+
+// TestEchoReadsWhileWriteWaits: a client that writes far more than the
+// socket buffers hold before it reads anything back must be able to. An
+// echo that stops reading while its write waits would block that write
+// (and can wedge for good on Linux 6.18; see echo).
+func TestEchoReadsWhileWriteWaits(t *testing.T) {
+	_, addr := start(t, Options{Kind: Echo})
+	c := dial(t, addr)
+	const n = 128 << 20
+	payload := make([]byte, n)
+	for i := range payload {
+		payload[i] = byte(i / 4099)
+	}
+	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(payload); err != nil {
+		t.Fatalf("writing %d bytes before reading any: %v", n, err)
+	}
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("echo: %d of %d bytes back (%v), equal %v", len(got), n, err, bytes.Equal(got, payload))
+	}
+}
