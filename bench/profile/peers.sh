@@ -6,7 +6,11 @@
 #   bench/profile/peers.sh cpu   ENDPOINT LOAD [DURATION]
 #       conn/s (churn, connrate) or round trips/s (pingpong, rr50), the
 #       latency percentiles, and CPU per connection or round trip of every
-#       process of the endpoint (nginx: master and workers)
+#       process of the endpoint (nginx: master and workers); then the
+#       machine's busy CPU per unit split into the endpoint's user and
+#       system time and the rest (client, backend), and the rate the
+#       endpoint would reach with no user time (NOTES.md §2, "The
+#       machine's ceiling")
 #   bench/profile/peers.sh calls ENDPOINT LOAD
 #       syscalls per connection or round trip: strace -c -f over a short
 #       load (strace slows it, so only the counts mean anything)
