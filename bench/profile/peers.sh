@@ -4,7 +4,8 @@
 # (xtask/src/bench_peers.rs; ours with --log-level warn like the bench).
 #
 #   bench/profile/peers.sh cpu   ENDPOINT LOAD [DURATION]
-#       conn/s (churn, connrate) or round trips/s (pingpong, rr50), the
+#       conn/s (churn, connrate), MB/s (bulk, bidi) or round trips/s
+#       (pingpong, rr50), the
 #       latency percentiles, and CPU per connection or round trip of every
 #       process of the endpoint (nginx: master and workers); then the
 #       machine's busy CPU per unit split into the endpoint's user and
@@ -88,6 +89,9 @@ lat = d.get("latency") or {}
 p = lambda k: lat.get(k, 0)
 if load in ("churn", "connrate"):
     n, unit = d["conns"], "conn"
+elif load in ("bulk", "bidi"):
+    # Per MB: a GB is more than a short run moves, and the µs read best.
+    n, unit = d["bytes"] / 1e6, "MB"
 else:
     n, unit = int(d["verified"].split()[0]), "rt"
 print(f"{sys.argv[2]:28} {load:8} {n / d['seconds']:8.0f} {unit}/s  "

@@ -7,6 +7,7 @@
 //! learns the stream was cut rather than seeing a clean end. Both belong to
 //! the shared `userspace` supervisor.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -44,8 +45,14 @@ impl CopyPlane {
 impl Pump for CopyPlane {
     const PLANE: Plane = Plane::Copy;
 
-    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, _: &ConnInfo) -> DirEnd {
-        pump(src, dst, self.buffer_size, t).await
+    fn pump<'a>(
+        &'a self,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        t: Tally<'a>,
+        _: &'a ConnInfo,
+    ) -> impl Future<Output = DirEnd> + 'a {
+        pump(src, dst, self.buffer_size, t)
     }
 }
 

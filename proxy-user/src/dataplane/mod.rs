@@ -42,7 +42,7 @@ pub struct ConnInfo {
     pub listen_port: u16,
     pub client: SocketAddr,
     /// The target as configured (`host:port`).
-    pub target: String,
+    pub target: Arc<str>,
     /// The address actually connected to.
     pub upstream: SocketAddr,
     /// Close when neither direction moved a byte for this long; None = never.

@@ -17,6 +17,7 @@
 //! pipe never holds more than one read and nothing can overtake it; EOF is
 //! passed on only with the pipe empty.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -60,8 +61,14 @@ impl SplicePlane {
 impl Pump for SplicePlane {
     const PLANE: Plane = Plane::Splice;
 
-    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd {
-        pump(src, dst, self.pipe_size, t, c.id).await
+    fn pump<'a>(
+        &'a self,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        t: Tally<'a>,
+        c: &'a ConnInfo,
+    ) -> impl Future<Output = DirEnd> + 'a {
+        pump(src, dst, self.pipe_size, t, c.id)
     }
 }
 

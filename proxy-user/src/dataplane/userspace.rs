@@ -340,7 +340,16 @@ pub(super) trait Pump {
     /// The plane this pump makes, for the close line and metrics.
     const PLANE: Plane;
 
-    async fn pump(&self, src: &TcpStream, dst: &TcpStream, t: Tally<'_>, c: &ConnInfo) -> DirEnd;
+    /// The direction's future itself, not an `async fn` around it: a
+    /// wrapper would keep its own copy of the arguments (72 bytes per
+    /// direction, in every connection's plane future).
+    fn pump<'a>(
+        &'a self,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        t: Tally<'a>,
+        c: &'a ConnInfo,
+    ) -> impl Future<Output = DirEnd> + 'a;
 }
 
 /// Both directions' pumps under `supervise`. `moved` counts the bytes

@@ -4,6 +4,7 @@
 //! whatever path it ends on releases all of it. A connection moved here by
 //! an upgrade enters at `resume` and goes straight to carrying.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -22,6 +23,7 @@ use super::{AppRuntime, Shared};
 use crate::config::ProxyProtocol;
 use crate::dataplane::{arm_reset, ConnInfo, EndReason, Transfer};
 use crate::ops::metrics::{ActiveConn, ByteTally};
+use crate::upstream::balancer::ActiveGuard;
 use crate::upstream::connect;
 use crate::upstream::proxy_protocol;
 
@@ -82,17 +84,18 @@ struct Conn {
     _held: Held,
 }
 
-/// Where the connection got to upstream: the target as configured ("-" if
-/// none), how many connect attempts it took, and how long they took.
+/// Where the connection got to upstream: the target as configured (None:
+/// it got to none), how many connect attempts it took, and how long they
+/// took.
 struct Upstream {
-    target: String,
+    target: Option<Arc<str>>,
     attempts: u32,
     connect: Duration,
 }
 
 impl Upstream {
     const NONE: Upstream = Upstream {
-        target: String::new(),
+        target: None,
         attempts: 0,
         connect: Duration::ZERO,
     };
@@ -151,7 +154,7 @@ impl Conn {
 
     /// What the data plane is told about this connection, once it is
     /// connected to `target` at `upstream`.
-    fn info(&self, shared: &Shared, target: String, upstream: SocketAddr) -> ConnInfo {
+    fn info(&self, shared: &Shared, target: Arc<str>, upstream: SocketAddr) -> ConnInfo {
         ConnInfo {
             id: self.id,
             app: self.app.balancer.app.clone(),
@@ -165,67 +168,110 @@ impl Conn {
         }
     }
 
-    /// Connects, carries and closes; the record is written on every path.
+    /// Sets up, carries and closes; the record is written on every path.
     ///
-    /// Boxed: an async fn keeps a by-value `self` twice (the argument and
-    /// the local it moves to), 320 bytes in every connection's task for as
-    /// long as it lives, where the box costs one allocation of 160.
-    async fn serve(mut self: Box<Self>, mut client: TcpStream, shared: Arc<Shared>) {
+    /// A task is as big as its largest await, and the setup's (admission,
+    /// connect, the PROXY header: 1.2 KB) would stay in every idle
+    /// connection's task, which needs half of that to carry: so the setup
+    /// runs boxed, and owns what it needs while it runs. The task's own
+    /// future is an `async move` block, not an `async fn`: an async fn
+    /// keeps each by-value argument twice (the argument and the local it
+    /// moves to) for as long as it lives, and this block captures only the
+    /// setup.
+    fn serve(
+        self: Box<Self>,
+        client: TcpStream,
+        shared: Arc<Shared>,
+    ) -> impl Future<Output = ()> + Send {
+        let set_up = Box::pin(self.set_up(client, shared));
+        async move {
+            let Some(mut ready) = set_up.await else {
+                return;
+            };
+            let (conn, shared) = (&ready.conn, &ready.shared);
+            let mut tally = ByteTally::default();
+            let carry = Box::pin(conn.carry(
+                shared,
+                ready.client,
+                ready.upstream,
+                &ready.info,
+                ready.record.attempts,
+                Prior::default(),
+                None,
+            ));
+            let transfer = match &mut ready.sampler {
+                Some((sampler, every)) => {
+                    live::carry_counting(carry, sampler, *every, &conn.app.metrics, &mut tally)
+                        .await
+                }
+                None => carry.await,
+            };
+            drop(ready.guard);
+            // None: handed over to a new process, which writes the close line.
+            if let Some(transfer) = transfer {
+                (*ready.conn).close(&ready.shared, ready.local, ready.record, &transfer, tally);
+            }
+        }
+    }
+
+    /// Admits the client (the PROXY header it may send, the per-client
+    /// limits), connects to a target and sends our PROXY header if the app
+    /// wants one. Gives back what it was given, for the carry; None: it
+    /// was closed here (its record written, if it gets one).
+    async fn set_up(
+        mut self: Box<Self>,
+        mut client: TcpStream,
+        shared: Arc<Shared>,
+    ) -> Option<Ready> {
         // The client socket came with TCP_NODELAY from its listener
         // (`listener::nodelay`); the upstream side is set where it is
         // dialed. Both stay set whichever plane carries them (or process,
         // after an upgrade).
-        // The PROXY header and the per-client limits: refused clients are
-        // counted there and get no close record, like those over a limit.
-        // Admission and connect are boxed while they run: a task is as big
-        // as its largest await, and theirs (1.5 and 1.8 KB) stayed in every
-        // idle connection's task, which only needs 1.3 KB to carry.
-        // Taken apart at once (here and at connect): a whole result kept as
-        // a local stays in the task's every later state, idle ones too. Its
-        // per-client slots go where the connection keeps what it holds.
-        let local = {
-            let admitted = Box::pin(admit_client(&mut client, self.client, &self.app, &shared));
-            let Some(admitted) = admitted.await else {
-                return;
-            };
-            self.client = admitted.addr;
-            self._held._client_slots = admitted.slots;
-            admitted.local
+        // Refused clients are counted in admission and get no close record,
+        // like those over a limit. Their per-client slots go where the
+        // connection keeps what it holds.
+        let Some(admitted) = admit_client(&mut client, self.client, &self.app, &shared).await
+        else {
+            return None;
         };
+        self.client = admitted.addr;
+        self._held._client_slots = admitted.slots;
         // The address the client connected to: only the access log and the
         // PROXY header use it, and a getsockname per connection is not free.
-        let local = match (local, &shared.access_log) {
+        let local = match (admitted.local, &shared.access_log) {
             (None, Some(_)) => client.local_addr().ok(),
             (local, _) => local,
         };
         let balancer = &self.app.balancer;
         let mut hard_stop = shared.hard_stop.clone();
-        let mut c = match tokio::select! {
-            r = Box::pin(connect::connect(balancer, &shared.policy, &shared.loop_guard)) => r,
+        let connected = tokio::select! {
+            r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = hard_stop.wait_for(|s| *s) => {
                 arm_reset(&client);
                 let t = Transfer::none(EndReason::DrainTimeout);
-                return (*self).close(&shared, local, Upstream::NONE, &t, ByteTally::default());
+                (*self).close(&shared, local, Upstream::NONE, &t, ByteTally::default());
+                return None;
             }
-        } {
+        };
+        let mut c = match connected {
             Ok(c) => c,
             Err(failed) => {
                 tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, resetting client");
                 // RST: a clean EOF would pass for an empty session to a
                 // protocol where the server speaks first.
                 arm_reset(&client);
-                drop(client);
                 let upstream = Upstream {
                     attempts: failed.attempts,
                     connect: self.started.elapsed(),
                     ..Upstream::NONE
                 };
                 let t = Transfer::none(EndReason::ConnectFailed);
-                return (*self).close(&shared, local, upstream, &t, ByteTally::default());
+                (*self).close(&shared, local, upstream, &t, ByteTally::default());
+                return None;
             }
         };
-        let upstream = Upstream {
-            target: c.guard.backend().target.to_string(),
+        let record = Upstream {
+            target: Some(c.guard.backend().label.clone()),
             attempts: c.attempts,
             connect: self.started.elapsed(),
         };
@@ -244,37 +290,41 @@ impl Conn {
                     arm_reset(&client);
                     arm_reset(&c.stream);
                     let t = Transfer::none(EndReason::TargetReset);
-                    return (*self).close(&shared, local, upstream, &t, ByteTally::default());
+                    (*self).close(&shared, local, record, &t, ByteTally::default());
+                    return None;
                 }
             }
         }
-        let info = self.info(&shared, upstream.target.clone(), c.peer);
-        let mut tally = ByteTally::default();
-        let sampler = shared
-            .bytes_flush
-            .map(|every| (Sampler::new(&client, &c.stream, header), every));
-        let attempts = upstream.attempts;
-        let carry = Box::pin(self.carry(
-            &shared,
+        Some(Ready {
+            info: self.info(&shared, c.guard.backend().label.clone(), c.peer),
+            sampler: (shared.bytes_flush)
+                .map(|every| (Sampler::new(&client, &c.stream, header), every)),
             client,
-            c.stream,
-            &info,
-            attempts,
-            Prior::default(),
-            None,
-        ));
-        let transfer = match sampler {
-            Some((sampler, every)) => {
-                live::carry_counting(carry, sampler, every, &self.app.metrics, &mut tally).await
-            }
-            None => carry.await,
-        };
-        drop(c.guard);
-        // None: handed over to a new process, which writes the close line.
-        if let Some(transfer) = transfer {
-            (*self).close(&shared, local, upstream, &transfer, tally);
-        }
+            upstream: c.stream,
+            local,
+            record,
+            guard: c.guard,
+            conn: self,
+            shared,
+        })
     }
+}
+
+/// A connection set up and about to be carried.
+struct Ready {
+    conn: Box<Conn>,
+    shared: Arc<Shared>,
+    client: TcpStream,
+    upstream: TcpStream,
+    /// What the data plane is told.
+    info: ConnInfo,
+    /// Reads the bytes moved while it is carried (`--bytes-flush-interval`).
+    sampler: Option<(Sampler, Duration)>,
+    /// The address the client connected to, where known.
+    local: Option<SocketAddr>,
+    record: Upstream,
+    /// Keeps the target's active count for the connection's life.
+    guard: ActiveGuard,
 }
 
 /// Writes the PROXY header before any client byte can reach the target

@@ -123,7 +123,8 @@ impl Sampler {
 /// every `every` meanwhile.
 pub(super) async fn carry_counting<T>(
     carry: impl Future<Output = T>,
-    mut sampler: Sampler,
+    // By reference: a sampler taken by value is kept twice in this future.
+    sampler: &mut Sampler,
     every: Duration,
     metrics: &AppMetrics,
     tally: &mut ByteTally,

@@ -19,6 +19,10 @@ use crate::config::{Balance, Target};
 #[derive(Debug)]
 pub struct Backend {
     pub target: Target,
+    /// `target` as text, formatted once: every connection's close line
+    /// and upgrade record name it, and a format per connection costs an
+    /// allocation on the accept path.
+    pub label: Arc<str>,
     pub health: Health,
     /// Connect counters, latency and the active count; kept with the
     /// backend across reloads.
@@ -30,6 +34,7 @@ pub struct Backend {
 impl Backend {
     fn new(target: Target, (stats, health, rotation): Series) -> Self {
         Backend {
+            label: target.to_string().into(),
             target,
             health: Health::new(health),
             stats,

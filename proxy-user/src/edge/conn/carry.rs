@@ -30,9 +30,10 @@ pub(super) type PairResume = Box<(FastLedger, PairHold)>;
 impl Conn {
     /// Carries on a connection moved here, to its close line.
     pub(super) async fn carry_resumed(self, m: Moving, shared: Arc<Shared>) {
-        let info = self.info(&shared, m.meta.target.clone(), m.meta.upstream);
+        let target: Arc<str> = m.meta.target.as_str().into();
+        let info = self.info(&shared, target.clone(), m.meta.upstream);
         let upstream = Upstream {
-            target: m.meta.target.clone(),
+            target: Some(target),
             attempts: m.meta.attempts,
             connect: Duration::ZERO,
         };
@@ -150,7 +151,7 @@ impl Conn {
             app: self.app.balancer.app.to_string(),
             port: self.port,
             client: self.client,
-            target: info.target.clone(),
+            target: info.target.to_string(),
             upstream: info.upstream,
             attempts,
             client_to_target: prior.client_to_target,

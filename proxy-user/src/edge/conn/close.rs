@@ -28,11 +28,7 @@ impl Conn {
         self.app
             .metrics
             .finished(t, upstream.attempts, tally, lived.as_secs_f64());
-        let target = if upstream.target.is_empty() {
-            "-"
-        } else {
-            upstream.target.as_str()
-        };
+        let target = upstream.target.as_deref().unwrap_or("-");
         let duration_ms = lived.as_millis() as u64;
         let connect_ms = upstream.connect.as_millis() as u64;
         let carried_by = self
