@@ -61,45 +61,49 @@ pub(super) async fn carry<P: Pump>(
 /// Like `carry`, and the connection also stops at a safe point once
 /// `promote` (the promotion policy's verdict) resolves. `moved` counts the
 /// bytes written each way (client→target, target→client) as they go.
-pub(super) async fn carry_or_promote<P: Pump>(
-    pump: &P,
+///
+/// An async block, not an async fn, which would keep both sockets twice.
+pub(super) fn carry_or_promote<'a, P: Pump>(
+    pump: &'a P,
     client: TcpStream,
     upstream: TcpStream,
-    conn: &ConnInfo,
-    promote: Option<Promote<'_>>,
-    moved: &[AtomicU64; 2],
-) -> Carried {
-    let held = [AtomicU64::new(0), AtomicU64::new(0)];
-    let mut asks = Asks {
-        parking: PARKING.try_with(Arc::clone).ok(),
-        promote,
-    };
-    let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
-    let stopped = tokio::select! {
-        biased;
-        end = supervised => Err(end),
-        stop = asks.reached(&held) => Ok(stop),
-    };
-    let moved = [
-        moved[0].load(Ordering::Relaxed),
-        moved[1].load(Ordering::Relaxed),
-    ];
-    match stopped {
-        Err(end) => Carried::Done(transfer::<P>(end, moved)),
-        Ok(Stop::Promote) => Carried::Promote {
-            client,
-            upstream,
-            moved,
-        },
-        Ok(Stop::Park(parking)) => {
-            parking.park(Parked {
+    conn: &'a ConnInfo,
+    promote: Option<Promote<'a>>,
+    moved: &'a [AtomicU64; 2],
+) -> impl Future<Output = Carried> + 'a {
+    async move {
+        let held = [AtomicU64::new(0), AtomicU64::new(0)];
+        let mut asks = Asks {
+            parking: PARKING.try_with(Arc::clone).ok(),
+            promote,
+        };
+        let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
+        let stopped = tokio::select! {
+            biased;
+            end = supervised => Err(end),
+            stop = asks.reached(&held) => Ok(stop),
+        };
+        let moved = [
+            moved[0].load(Ordering::Relaxed),
+            moved[1].load(Ordering::Relaxed),
+        ];
+        match stopped {
+            Err(end) => Carried::Done(transfer::<P>(end, moved)),
+            Ok(Stop::Promote) => Carried::Promote {
                 client,
                 upstream,
-                client_to_target: moved[0],
-                target_to_client: moved[1],
-                fastpath: None,
-            });
-            Carried::Done(transfer::<P>(EndReason::Closed, moved))
+                moved,
+            },
+            Ok(Stop::Park(parking)) => {
+                parking.park(Parked {
+                    client,
+                    upstream,
+                    client_to_target: moved[0],
+                    target_to_client: moved[1],
+                    fastpath: None,
+                });
+                Carried::Done(transfer::<P>(EndReason::Closed, moved))
+            }
         }
     }
 }

@@ -59,18 +59,29 @@ impl Activity {
 
     /// Resolves once no byte moved for `limit`, counted from `since` at the
     /// earliest (a half-close starts the fin timers afresh).
-    pub(super) async fn idle(&self, limit: Option<Duration>, since: Instant) {
-        let Some(limit) = limit else {
-            return std::future::pending().await;
-        };
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let due = last.max(since) + limit;
-            if Instant::now() >= due {
-                return;
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// a second copy of them in every connection for as long as it waits.
+    pub(super) fn idle(
+        &self,
+        limit: Option<Duration>,
+        since: Instant,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            while let Some(due) = self.due(limit, since) {
+                if Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due).await;
             }
-            tokio::time::sleep_until(due).await;
+            std::future::pending().await
         }
+    }
+
+    /// When the connection turns idle if nothing moves meanwhile.
+    fn due(&self, limit: Option<Duration>, since: Instant) -> Option<Instant> {
+        let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(last.max(since) + limit?)
     }
 }
 
@@ -189,15 +200,25 @@ pub(super) async fn supervise<Q: Future<Output = ()>>(
 }
 
 /// The drain deadline passed: both sides get a reset.
-pub(super) async fn drain_deadline(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    conn: &ConnInfo,
-) -> EndReason {
-    conn.hard_stopped().await;
-    arm_reset(client);
-    arm_reset(upstream);
-    EndReason::DrainTimeout
+pub(super) fn drain_deadline<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    conn: &'a ConnInfo,
+) -> impl Future<Output = EndReason> + Send + 'a {
+    // An async block over a receiver, not `conn.hard_stopped()` in an
+    // async fn: every waiting connection holds this (224 bytes that way).
+    let mut stop = conn.hard_stop.clone();
+    async move {
+        while !*stop.borrow_and_update() {
+            if stop.changed().await.is_err() {
+                // The lifecycle owner went away without asking.
+                std::future::pending::<()>().await;
+            }
+        }
+        arm_reset(client);
+        arm_reset(upstream);
+        EndReason::DrainTimeout
+    }
 }
 
 /// Resolves when a kernel-plane connection must end whatever its
