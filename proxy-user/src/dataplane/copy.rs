@@ -57,38 +57,41 @@ impl Pump for CopyPlane {
 }
 
 /// One direction: read into a buffer, write all of it out.
-pub(super) async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+/// (An async block, as `splice::pump`.)
+pub(super) fn pump<'a>(
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
     buf_size: usize,
-    tally: Tally<'_>,
-) -> DirEnd {
-    let size = buf_size.max(1);
-    // Held only while the source has bytes: an idle direction holds no
-    // buffer, and a new connection reuses one instead of zeroing a fresh one.
-    let mut held: Option<Vec<u8>> = None;
-    loop {
-        // Between iterations this direction holds nothing (a held buffer
-        // is empty): where `safepoint` may stop it.
-        if let Err(e) = readable(src).await {
-            if let Some(buf) = held {
-                give_back(buf);
+    tally: Tally<'a>,
+) -> impl Future<Output = DirEnd> + 'a {
+    async move {
+        let size = buf_size.max(1);
+        // Held only while the source has bytes: an idle direction holds no
+        // buffer, and a new connection reuses one instead of zeroing a fresh one.
+        let mut held: Option<Vec<u8>> = None;
+        loop {
+            // Between iterations this direction holds nothing (a held buffer
+            // is empty): where `safepoint` may stop it.
+            if let Err(e) = readable(src).await {
+                if let Some(buf) = held {
+                    give_back(buf);
+                }
+                return DirEnd::ReadFailed(e);
             }
-            return DirEnd::ReadFailed(e);
-        }
-        let mut buf = held.take().unwrap_or_else(|| take_buffer(size));
-        // Boxed (an allocation per read, against two syscalls): this
-        // future then takes the heap only while bytes move, and an idle
-        // connection's task is smaller by that much.
-        match Box::pin(forward(src, dst, &mut buf, &tally)).await {
-            // A full read: more is likely waiting, keep the buffer.
-            Forwarded::Some(n) if n == buf.len() => held = Some(buf),
-            // A short read cleared readiness: the source is dry, and an
-            // idle direction holds no buffer.
-            Forwarded::Some(_) | Forwarded::Dry => give_back(buf),
-            Forwarded::End(end) => {
-                give_back(buf);
-                return end;
+            let mut buf = held.take().unwrap_or_else(|| take_buffer(size));
+            // Boxed (an allocation per read, against two syscalls): this
+            // future then takes the heap only while bytes move, and an idle
+            // connection's task is smaller by that much.
+            match Box::pin(forward(src, dst, &mut buf, &tally)).await {
+                // A full read: more is likely waiting, keep the buffer.
+                Forwarded::Some(n) if n == buf.len() => held = Some(buf),
+                // A short read cleared readiness: the source is dry, and an
+                // idle direction holds no buffer.
+                Forwarded::Some(_) | Forwarded::Dry => give_back(buf),
+                Forwarded::End(end) => {
+                    give_back(buf);
+                    return end;
+                }
             }
         }
     }

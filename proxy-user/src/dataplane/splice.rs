@@ -235,75 +235,80 @@ fn probe(pipe_size: usize) -> anyhow::Result<()> {
 /// that fills the buffer means a bulk burst: it goes on through the pipe,
 /// zero-copy, until the source runs dry. (HAProxy's `splice-auto` makes
 /// the same split.)
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+///
+/// An async block over its arguments, not an async fn, which would keep a
+/// second copy of them (the tally's 32 bytes) in every waiting direction.
+fn pump<'a>(
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
     pipe_size: usize,
-    tally: Tally<'_>,
+    tally: Tally<'a>,
     conn_id: u64,
-) -> DirEnd {
-    // A pipe held across an await other than the drain's is empty, so
-    // `safepoint` stopping this direction there leaves nothing behind.
-    let mut pipe: Option<Pipe> = None;
-    let mut bulk = false;
-    loop {
-        if let Err(e) = readable(src).await {
-            if let Some(p) = pipe {
-                give_back(p);
-            }
-            return DirEnd::ReadFailed(e);
-        }
-        if !bulk {
-            let mut buf = pool::take_buffer(FIRST_READ);
-            // Boxed, as in `copy::pump`: heap only while bytes move.
-            let forwarded = Box::pin(copy::forward(src, dst, &mut buf, &tally)).await;
-            pool::give_back(buf);
-            match forwarded {
-                // A full read: a bulk burst, which goes on through the pipe.
-                Forwarded::Some(n) => bulk = n == FIRST_READ,
-                Forwarded::Dry => {}
-                Forwarded::End(end) => return end,
-            }
-            continue;
-        }
-        let p = match pipe.take().map_or_else(|| take_pipe(pipe_size), Ok) {
-            Ok(p) => p,
-            Err(e) => {
-                // Between fills nothing is in flight here, so the copy pump
-                // can take over at any point.
-                tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
-                return Box::pin(copy::pump(src, dst, pipe_size, tally)).await;
-            }
-        };
-        let pending = match p.fill(src) {
-            Ok(0) => {
-                // The pipe is empty (drained below before every fill), so
-                // every byte read was handed on: the FIN may follow.
-                give_back(p);
-                return tally.pass_fin(dst);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The burst is over: the next one starts with a read, and
-                // an idle direction holds no pipe.
-                give_back(p);
-                bulk = false;
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                pipe = Some(p);
-                continue;
-            }
-            Err(e) => {
-                give_back(p);
+) -> impl Future<Output = DirEnd> + 'a {
+    async move {
+        // A pipe held across an await other than the drain's is empty, so
+        // `safepoint` stopping this direction there leaves nothing behind.
+        let mut pipe: Option<Pipe> = None;
+        let mut bulk = false;
+        loop {
+            if let Err(e) = readable(src).await {
+                if let Some(p) = pipe {
+                    give_back(p);
+                }
                 return DirEnd::ReadFailed(e);
             }
-        };
-        tally.read(pending);
-        if let Err(end) = Box::pin(p.drain(src, dst, pending, |m| tally.wrote(m))).await {
-            // It may still hold bytes: dropped, never given back.
-            return end;
+            if !bulk {
+                let mut buf = pool::take_buffer(FIRST_READ);
+                // Boxed, as in `copy::pump`: heap only while bytes move.
+                let forwarded = Box::pin(copy::forward(src, dst, &mut buf, &tally)).await;
+                pool::give_back(buf);
+                match forwarded {
+                    // A full read: a bulk burst, which goes on through the pipe.
+                    Forwarded::Some(n) => bulk = n == FIRST_READ,
+                    Forwarded::Dry => {}
+                    Forwarded::End(end) => return end,
+                }
+                continue;
+            }
+            let p = match pipe.take().map_or_else(|| take_pipe(pipe_size), Ok) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Between fills nothing is in flight here, so the copy pump
+                    // can take over at any point.
+                    tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
+                    return Box::pin(copy::pump(src, dst, pipe_size, tally)).await;
+                }
+            };
+            let pending = match p.fill(src) {
+                Ok(0) => {
+                    // The pipe is empty (drained below before every fill), so
+                    // every byte read was handed on: the FIN may follow.
+                    give_back(p);
+                    return tally.pass_fin(dst);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The burst is over: the next one starts with a read, and
+                    // an idle direction holds no pipe.
+                    give_back(p);
+                    bulk = false;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    pipe = Some(p);
+                    continue;
+                }
+                Err(e) => {
+                    give_back(p);
+                    return DirEnd::ReadFailed(e);
+                }
+            };
+            tally.read(pending);
+            if let Err(end) = Box::pin(p.drain(src, dst, pending, |m| tally.wrote(m))).await {
+                // It may still hold bytes: dropped, never given back.
+                return end;
+            }
+            pipe = Some(p);
         }
-        pipe = Some(p);
     }
 }

@@ -123,79 +123,84 @@ pub fn arm_reset(sock: &TcpStream) {
 ///
 /// `quiet(limit)` resolves once no byte moved either way for `limit`,
 /// counted from the call.
-pub(super) async fn supervise<Q: Future<Output = ()>>(
+///
+/// An async block over its arguments, not an async fn, which would keep a
+/// second copy of them for the connection's life.
+pub(super) fn supervise<'a, Q: Future<Output = ()> + 'a>(
     // Pinned by the caller: a future taken by value is stored twice in this
     // one (the argument and the pinned local), which was 4.2 of the 4.9 KB
     // every connection's plane future took.
-    mut up: Pin<&mut impl Future<Output = DirEnd>>,
-    mut down: Pin<&mut impl Future<Output = DirEnd>>,
-    quiet: impl Fn(Option<Duration>) -> Q,
-    mut cut: Pin<&mut impl Future<Output = EndReason>>,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    conn: &ConnInfo,
-) -> EndReason {
-    let mut idle = pin!(quiet(conn.idle_timeout));
-    let mut fin = fin::Armed::new();
-    let (mut up_done, mut down_done) = (false, false);
-    // The source of a direction that passed its FIN is read no more, so an
-    // error on it (its peer's reset after the FIN) would go unseen while the
-    // other direction waits: it is watched from then on. Boxed: only a
-    // half-closed connection pays for it.
-    let mut ended: Option<Pin<Box<dyn Future<Output = io::Error> + Send + '_>>> = None;
-    loop {
-        let (result, from_client) = tokio::select! {
-            r = up.as_mut(), if !up_done => { up_done = true; (r, true) }
-            r = down.as_mut(), if !down_done => { down_done = true; (r, false) }
-            end = cut.as_mut() => return end,
-            e = async { ended.as_mut()?.await.into() }, if ended.is_some() => {
-                match e {
-                    Some(e) => (DirEnd::ReadFailed(e), up_done),
-                    None => continue,
+    mut up: Pin<&'a mut impl Future<Output = DirEnd>>,
+    mut down: Pin<&'a mut impl Future<Output = DirEnd>>,
+    quiet: impl Fn(Option<Duration>) -> Q + 'a,
+    mut cut: Pin<&'a mut impl Future<Output = EndReason>>,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    conn: &'a ConnInfo,
+) -> impl Future<Output = EndReason> + 'a {
+    async move {
+        let mut idle = pin!(quiet(conn.idle_timeout));
+        let mut fin = fin::Armed::new();
+        let (mut up_done, mut down_done) = (false, false);
+        // The source of a direction that passed its FIN is read no more, so an
+        // error on it (its peer's reset after the FIN) would go unseen while the
+        // other direction waits: it is watched from then on. Boxed: only a
+        // half-closed connection pays for it.
+        let mut ended: Option<Pin<Box<dyn Future<Output = io::Error> + Send + '_>>> = None;
+        loop {
+            let (result, from_client) = tokio::select! {
+                r = up.as_mut(), if !up_done => { up_done = true; (r, true) }
+                r = down.as_mut(), if !down_done => { down_done = true; (r, false) }
+                end = cut.as_mut() => return end,
+                e = async { ended.as_mut()?.await.into() }, if ended.is_some() => {
+                    match e {
+                        Some(e) => (DirEnd::ReadFailed(e), up_done),
+                        None => continue,
+                    }
                 }
+                _ = &mut idle => {
+                    cut_if_owed(client, upstream, conn);
+                    return EndReason::IdleTimeout;
+                }
+                end = fin.fired() => {
+                    cut_if_owed(client, upstream, conn);
+                    return end;
+                }
+            };
+            if matches!(result, DirEnd::Eof) && !(up_done && down_done) {
+                fin.arm(from_client, conn, &quiet);
+                let src = if from_client { client } else { upstream };
+                ended = Some(Box::pin(failed(src)));
             }
-            _ = &mut idle => {
-                cut_if_owed(client, upstream, conn);
-                return EndReason::IdleTimeout;
-            }
-            end = fin.fired() => {
-                cut_if_owed(client, upstream, conn);
-                return end;
-            }
-        };
-        if matches!(result, DirEnd::Eof) && !(up_done && down_done) {
-            fin.arm(from_client, conn, &quiet);
-            let src = if from_client { client } else { upstream };
-            ended = Some(Box::pin(failed(src)));
-        }
-        let client_failed = match result {
-            DirEnd::Eof if up_done && down_done => return EndReason::Closed,
-            DirEnd::Eof => continue,
-            DirEnd::ReadFailed(e) => {
-                tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
-                from_client
-            }
-            DirEnd::WriteFailed(e) => {
-                tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
-                !from_client
-            }
-            DirEnd::Lost(e) => {
-                tracing::debug!(conn = conn.id, error = %e, from_client, "bytes lost: resetting both sides");
-                arm_reset(client);
+            let client_failed = match result {
+                DirEnd::Eof if up_done && down_done => return EndReason::Closed,
+                DirEnd::Eof => continue,
+                DirEnd::ReadFailed(e) => {
+                    tracing::debug!(conn = conn.id, error = %e, from_client, "read failed");
+                    from_client
+                }
+                DirEnd::WriteFailed(e) => {
+                    tracing::debug!(conn = conn.id, error = %e, to_client = !from_client, "write failed");
+                    !from_client
+                }
+                DirEnd::Lost(e) => {
+                    tracing::debug!(conn = conn.id, error = %e, from_client, "bytes lost: resetting both sides");
+                    arm_reset(client);
+                    arm_reset(upstream);
+                    return if from_client {
+                        EndReason::ClientReset
+                    } else {
+                        EndReason::TargetReset
+                    };
+                }
+            };
+            if client_failed {
                 arm_reset(upstream);
-                return if from_client {
-                    EndReason::ClientReset
-                } else {
-                    EndReason::TargetReset
-                };
+                return EndReason::ClientReset;
             }
-        };
-        if client_failed {
-            arm_reset(upstream);
-            return EndReason::ClientReset;
+            arm_reset(client);
+            return EndReason::TargetReset;
         }
-        arm_reset(client);
-        return EndReason::TargetReset;
     }
 }
 
@@ -376,31 +381,35 @@ pub(super) trait Pump {
 /// Both directions' pumps under `supervise`. `moved` counts the bytes
 /// written each way (client→target, target→client), `held` the bytes read
 /// and not yet written, as they go.
-pub(super) async fn supervise_pumps<P: Pump>(
-    pump: &P,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    conn: &ConnInfo,
-    moved: &[AtomicU64; 2],
-    held: &[AtomicU64; 2],
-) -> EndReason {
-    let activity = Activity::new();
-    let fins = AtomicU8::new(0);
-    let tally = |i: usize| Tally {
-        moved: &moved[i],
-        held: &held[i],
-        activity: &activity,
-        fins: &fins,
-    };
-    let end = supervise(
-        pin!(pump.pump(client, upstream, tally(0), conn)),
-        pin!(pump.pump(upstream, client, tally(1), conn)),
-        |limit| activity.idle(limit, Instant::now()),
-        pin!(drain_deadline(client, upstream, conn)),
-        client,
-        upstream,
-        conn,
-    )
-    .await;
-    end
+///
+/// (An async block, as `supervise`.)
+pub(super) fn supervise_pumps<'a, P: Pump>(
+    pump: &'a P,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    conn: &'a ConnInfo,
+    moved: &'a [AtomicU64; 2],
+    held: &'a [AtomicU64; 2],
+) -> impl Future<Output = EndReason> + 'a {
+    async move {
+        let activity = Activity::new();
+        let fins = AtomicU8::new(0);
+        let tally = |i: usize| Tally {
+            moved: &moved[i],
+            held: &held[i],
+            activity: &activity,
+            fins: &fins,
+        };
+        let end = supervise(
+            pin!(pump.pump(client, upstream, tally(0), conn)),
+            pin!(pump.pump(upstream, client, tally(1), conn)),
+            |limit| activity.idle(limit, Instant::now()),
+            pin!(drain_deadline(client, upstream, conn)),
+            client,
+            upstream,
+            conn,
+        )
+        .await;
+        end
+    }
 }

@@ -3,6 +3,7 @@
 //! itself to the new process (`handover`); if nobody takes it, it carries
 //! on here with nothing lost.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,75 +65,80 @@ impl Conn {
     /// made only then: an idle connection's task holds this future, and
     /// two copies of the record were 672 of its 1,048 bytes (plus two
     /// strings allocated for every new connection).
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// a second copy of them in every connection for its whole life.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn carry(
-        &self,
-        shared: &Arc<Shared>,
+    pub(super) fn carry<'a>(
+        &'a self,
+        shared: &'a Arc<Shared>,
         mut client: TcpStream,
         mut upstream: TcpStream,
-        info: &ConnInfo,
+        info: &'a ConnInfo,
         attempts: u32,
         mut prior: Prior,
         mut resume: Option<PairResume>,
-    ) -> Option<Transfer> {
-        // The plane's future comes boxed: each layer that takes a future by
-        // value (scope, carry_counting) would otherwise hold it twice (rustc
-        // keeps the moved-from argument), and every idle connection's task
-        // carried those copies: 21.7 KB per connection before.
-        if !shared.plane.moves() {
-            return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
-        }
-        loop {
-            let parking = Parking::new(shared.handover.requests());
-            let carry = match resume.take() {
-                // A fastpath pair moved here resumes from its ledger.
-                Some(pair) => {
-                    let (ledger, hold) = *pair;
-                    shared.plane.resume(client, upstream, info, ledger, hold)
-                }
-                None => {
-                    let before = [prior.client_to_target, prior.target_to_client];
-                    shared.plane.carry(client, upstream, info, before)
-                }
-            };
-            let t = parking.scope(carry).await;
-            let Some(p) = parking.take() else {
-                return Some(Transfer {
-                    client_to_target: prior.client_to_target + t.client_to_target,
-                    target_to_client: prior.target_to_client + t.target_to_client,
-                    userspace_bytes: prior.userspace_bytes + t.userspace_bytes,
-                    ..t
-                });
-            };
-            prior.client_to_target += p.client_to_target;
-            prior.target_to_client += p.target_to_client;
-            prior.userspace_bytes += p.client_to_target + p.target_to_client;
-            let (ledger, hold) = p.fastpath.unzip();
-            let moving = Moving {
-                meta: self.moved_meta(info, attempts, prior, ledger),
-                app: self.app.clone(),
-                client: p.client,
-                upstream: p.upstream,
-                hold,
-            };
-            match shared.handover.offer(Box::new(moving)) {
-                Ok(()) => {
-                    tracing::info!(
-                        conn = self.id,
-                        app = %self.app.balancer.app,
-                        client = %self.client,
-                        bytes_in = prior.client_to_target,
-                        bytes_out = prior.target_to_client,
-                        pid = crate::ops::pid(),
-                        "connection handed over to the new process"
-                    );
-                    return None;
-                }
-                // Nobody takes it (any more): carry on here.
-                Err(back) => {
-                    let back = *back;
-                    resume = back.meta.fastpath.zip(back.hold).map(Box::new);
-                    (client, upstream) = (back.client, back.upstream);
+    ) -> impl Future<Output = Option<Transfer>> + Send + 'a {
+        async move {
+            // The plane's future comes boxed: each layer that takes a future by
+            // value (scope, carry_counting) would otherwise hold it twice (rustc
+            // keeps the moved-from argument), and every idle connection's task
+            // carried those copies: 21.7 KB per connection before.
+            if !shared.plane.moves() {
+                return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
+            }
+            loop {
+                let parking = Parking::new(shared.handover.requests());
+                let carry = match resume.take() {
+                    // A fastpath pair moved here resumes from its ledger.
+                    Some(pair) => {
+                        let (ledger, hold) = *pair;
+                        shared.plane.resume(client, upstream, info, ledger, hold)
+                    }
+                    None => {
+                        let before = [prior.client_to_target, prior.target_to_client];
+                        shared.plane.carry(client, upstream, info, before)
+                    }
+                };
+                let t = parking.scope(carry).await;
+                let Some(p) = parking.take() else {
+                    return Some(Transfer {
+                        client_to_target: prior.client_to_target + t.client_to_target,
+                        target_to_client: prior.target_to_client + t.target_to_client,
+                        userspace_bytes: prior.userspace_bytes + t.userspace_bytes,
+                        ..t
+                    });
+                };
+                prior.client_to_target += p.client_to_target;
+                prior.target_to_client += p.target_to_client;
+                prior.userspace_bytes += p.client_to_target + p.target_to_client;
+                let (ledger, hold) = p.fastpath.unzip();
+                let moving = Moving {
+                    meta: self.moved_meta(info, attempts, prior, ledger),
+                    app: self.app.clone(),
+                    client: p.client,
+                    upstream: p.upstream,
+                    hold,
+                };
+                match shared.handover.offer(Box::new(moving)) {
+                    Ok(()) => {
+                        tracing::info!(
+                            conn = self.id,
+                            app = %self.app.balancer.app,
+                            client = %self.client,
+                            bytes_in = prior.client_to_target,
+                            bytes_out = prior.target_to_client,
+                            pid = crate::ops::pid(),
+                            "connection handed over to the new process"
+                        );
+                        return None;
+                    }
+                    // Nobody takes it (any more): carry on here.
+                    Err(back) => {
+                        let back = *back;
+                        resume = back.meta.fastpath.zip(back.hold).map(Box::new);
+                        (client, upstream) = (back.client, back.upstream);
+                    }
                 }
             }
         }
