@@ -33,14 +33,13 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-/// What a plane needs to know about the connection it carries.
+/// What a plane needs to know about the connection it carries. Every
+/// connection's task holds one for its whole life, so it holds nothing the
+/// planes do not read (the app, port and client are the owner's, `Conn`).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// Process-unique connection id, for correlating log lines.
     pub id: u64,
-    pub app: Arc<str>,
-    pub listen_port: u16,
-    pub client: SocketAddr,
     /// The target as configured (`host:port`).
     pub target: Arc<str>,
     /// The address actually connected to.

@@ -157,9 +157,6 @@ impl Conn {
     fn info(&self, shared: &Shared, target: Arc<str>, upstream: SocketAddr) -> ConnInfo {
         ConnInfo {
             id: self.id,
-            app: self.app.balancer.app.clone(),
-            listen_port: self.port,
-            client: self.client,
             target,
             upstream,
             idle_timeout: shared.idle_timeout,
@@ -199,12 +196,11 @@ impl Conn {
                 Prior::default(),
                 None,
             ));
-            let transfer = match &mut ready.sampler {
-                Some((sampler, every)) => {
-                    live::carry_counting(carry, sampler, *every, &conn.app.metrics, &mut tally)
-                        .await
+            let transfer = match (&mut ready.sampler, shared.bytes_flush) {
+                (Some(sampler), Some(every)) => {
+                    live::carry_counting(carry, sampler, every, &conn.app.metrics, &mut tally).await
                 }
-                None => carry.await,
+                _ => carry.await,
             };
             drop(ready.guard);
             // None: handed over to a new process, which writes the close line.
@@ -297,8 +293,8 @@ impl Conn {
         }
         Some(Ready {
             info: self.info(&shared, c.guard.backend().label.clone(), c.peer),
-            sampler: (shared.bytes_flush)
-                .map(|every| (Sampler::new(&client, &c.stream, header), every)),
+            sampler: (shared.bytes_flush.is_some())
+                .then(|| Sampler::new(&client, &c.stream, header)),
             client,
             upstream: c.stream,
             local,
@@ -319,7 +315,8 @@ struct Ready {
     /// What the data plane is told.
     info: ConnInfo,
     /// Reads the bytes moved while it is carried (`--bytes-flush-interval`).
-    sampler: Option<(Sampler, Duration)>,
+    /// (Its interval is `Shared::bytes_flush`.)
+    sampler: Option<Sampler>,
     /// The address the client connected to, where known.
     local: Option<SocketAddr>,
     record: Upstream,

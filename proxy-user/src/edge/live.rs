@@ -31,8 +31,10 @@ const TCP_CLOSE_WAIT: u8 = 8;
 
 struct Sock {
     fd: RawFd,
-    /// Taken at the first sample (see the head of this file).
-    cookie: Option<u64>,
+    /// Taken at the first sample (see the head of this file); 0 until then
+    /// (the kernel's socket cookies start at 1). Not an Option: every
+    /// connection's task holds two of these for its whole life.
+    cookie: u64,
     /// Counted bytes that are not the other side's payload (our SYN, the
     /// PROXY header).
     ours: u64,
@@ -42,7 +44,7 @@ impl Sock {
     fn new(s: &TcpStream, ours: u64) -> Sock {
         Sock {
             fd: s.as_raw_fd(),
-            cookie: None,
+            cookie: 0,
             ours,
         }
     }
@@ -50,7 +52,10 @@ impl Sock {
     /// Payload bytes the peer acknowledged, if this is still our socket.
     fn acked(&mut self) -> Option<u64> {
         let now = cookie(self.fd)?;
-        if *self.cookie.get_or_insert(now) != now {
+        if self.cookie == 0 {
+            self.cookie = now;
+        }
+        if self.cookie != now {
             return None;
         }
         let mut info = [0u8; 232];
@@ -121,24 +126,28 @@ impl Sampler {
 
 /// Runs `carry` to its end, adding the bytes moved so far to the metrics
 /// every `every` meanwhile.
-pub(super) async fn carry_counting<T>(
-    carry: impl Future<Output = T>,
+pub(super) fn carry_counting<'a, T>(
+    carry: impl Future<Output = T> + 'a,
     // By reference: a sampler taken by value is kept twice in this future.
-    sampler: &mut Sampler,
+    sampler: &'a mut Sampler,
     every: Duration,
-    metrics: &AppMetrics,
-    tally: &mut ByteTally,
-) -> T {
-    tokio::pin!(carry);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            t = &mut carry => return t,
-            _ = tick.tick() => {
-                if let Some((c2t, t2c)) = sampler.sample() {
-                    tally.advance(metrics, c2t, t2c);
+    metrics: &'a AppMetrics,
+    tally: &'a mut ByteTally,
+) -> impl Future<Output = T> + 'a {
+    // An async block, not an async fn, which would keep a second copy of
+    // its arguments in every connection's task.
+    async move {
+        tokio::pin!(carry);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                t = &mut carry => return t,
+                _ = tick.tick() => {
+                    if let Some((c2t, t2c)) = sampler.sample() {
+                        tally.advance(metrics, c2t, t2c);
+                    }
                 }
             }
         }
