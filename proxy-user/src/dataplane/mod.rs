@@ -48,19 +48,21 @@ pub struct ConnInfo {
     pub idle_timeout: Option<Duration>,
     /// Shorter limits once one side's FIN was passed on (`fin`).
     pub fin_timeouts: FinTimeouts,
-    /// Flips to true when the drain timeout expired: end now.
-    pub hard_stop: watch::Receiver<bool>,
+    /// What the process asks of every connection (an upgrade's park, the
+    /// drain deadline).
+    pub signals: watch::Receiver<Signals>,
 }
 
-impl ConnInfo {
-    /// Resolves when the drain deadline passed. Never resolves if the
-    /// lifecycle owner went away without asking (that is not a stop request).
-    pub async fn hard_stopped(&self) {
-        let mut rx = self.hard_stop.clone();
-        if rx.wait_for(|stop| *stop).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+/// What the process asks of its connections. One channel for both, so a
+/// connection waits for either with one waiter (`safepoint::Asks`): two
+/// were 300 bytes in every connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// An upgrade: stop at the next safe point and hand the sockets over
+    /// (honoured where the owner set up `Parking`). False again: run on.
+    pub park: bool,
+    /// The drain deadline passed: reset both sides now.
+    pub hard_stop: bool,
 }
 
 /// How a connection ended; the `end` field of the per-connection log line.

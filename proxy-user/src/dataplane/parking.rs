@@ -7,7 +7,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use super::fastpath::{Ledger as FastLedger, PairHold};
 
@@ -19,8 +18,8 @@ tokio::task_local! {
 
 /// Upgrade hook: lets a userspace connection stop at a safe point and give
 /// its two sockets and counters back instead of closing them.
+/// The request itself comes with the other signals (`ConnInfo::signals`).
 pub struct Parking {
-    requested: watch::Receiver<bool>,
     /// Boxed: every connection holds a `Parking` for its whole life, and
     /// only a parked one fills this (248 bytes inline).
     parked: Mutex<Option<Box<Parked>>>,
@@ -39,11 +38,10 @@ pub struct Parked {
 }
 
 impl Parking {
-    /// `requested` turning true asks the connection to park; false again
-    /// (the other process is gone, or the wait is over) lets it run on.
-    pub fn new(requested: watch::Receiver<bool>) -> Arc<Parking> {
+    /// `Signals::park` turning true asks the connection to park; false
+    /// again (the other process is gone, or the wait is over) lets it run on.
+    pub fn new() -> Arc<Parking> {
         Arc::new(Parking {
-            requested,
             parked: Mutex::new(None),
         })
     }
@@ -62,10 +60,5 @@ impl Parking {
     pub fn take(&self) -> Option<Parked> {
         let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
         parked.map(|p| *p)
-    }
-
-    /// The park request, as the safe point watches it.
-    pub(super) fn requests(&self) -> watch::Receiver<bool> {
-        self.requested.clone()
     }
 }

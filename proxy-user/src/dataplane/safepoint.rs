@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::parking::{Parked, Parking, PARKING};
-use super::userspace::{supervise_pumps, Pump};
-use super::{ConnInfo, EndReason, Transfer};
+use super::userspace::{arm_reset, supervise_pumps, Pump};
+use super::{ConnInfo, EndReason, Signals, Transfer};
 
 /// How a userspace carry that may be promoted ended.
 pub(super) enum Carried {
@@ -76,6 +76,7 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
         let mut asks = Asks {
             parking: PARKING.try_with(Arc::clone).ok(),
             promote,
+            signals: conn.signals.clone(),
         };
         let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
         let stopped = tokio::select! {
@@ -89,6 +90,11 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
         ];
         match stopped {
             Err(end) => Carried::Done(transfer::<P>(end, moved)),
+            Ok(Stop::HardStop) => {
+                arm_reset(&client);
+                arm_reset(&upstream);
+                Carried::Done(transfer::<P>(EndReason::DrainTimeout, moved))
+            }
             Ok(Stop::Promote) => Carried::Promote {
                 client,
                 upstream,
@@ -123,6 +129,9 @@ pub(super) enum Stop<'a> {
     /// For an upgrade: its sockets go to this owner.
     Park(&'a Parking),
     Promote,
+    /// The drain deadline passed: at once, whatever is in hand (both sides
+    /// get a reset).
+    HardStop,
 }
 
 /// The promotion policy's verdict: resolves once the connection should
@@ -135,22 +144,31 @@ pub(super) type Promote<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send + 'a)>
 pub(super) struct Asks<'a> {
     pub(super) parking: Option<Arc<Parking>>,
     pub(super) promote: Option<Promote<'a>>,
+    /// The process's requests: a park (honoured with `parking`), the drain
+    /// deadline.
+    pub(super) signals: watch::Receiver<Signals>,
 }
 
 impl Asks<'_> {
-    /// Resolves at the first safe point while a stop is asked. A park
-    /// request withdrawn before that (an upgrade that gave up waiting) lets
-    /// the connection run on; a promotion, once asked, stays asked. An
-    /// upgrade comes first: the new process promotes the connection itself
-    /// when it is still quiet there. Awaited once per `Asks` (the verdict
-    /// future is finished once it resolved, and this holds that it did).
+    /// Resolves at the first safe point while a stop is asked, or at once
+    /// for the drain deadline. A park request withdrawn before that (an
+    /// upgrade that gave up waiting) lets the connection run on; a
+    /// promotion, once asked, stays asked. An upgrade comes first: the new
+    /// process promotes the connection itself when it is still quiet
+    /// there. Awaited once per `Asks` (the verdict future is finished once
+    /// it resolved, and this holds that it did).
     pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop<'_> {
-        let mut park = self.parking.as_ref().map(|p| p.requests());
         let mut promoted = false;
+        // The signals' sender went away (the server is gone): nothing more
+        // will be asked that way.
+        let mut closed = false;
         loop {
-            let parked = park.as_mut().is_some_and(|r| *r.borrow_and_update());
+            let signals = *self.signals.borrow_and_update();
+            if signals.hard_stop {
+                return Stop::HardStop;
+            }
             let asked = match &self.parking {
-                Some(p) if parked => Some(Stop::Park(p)),
+                Some(p) if signals.park => Some(Stop::Park(p)),
                 _ if promoted => Some(Stop::Promote),
                 _ => None,
             };
@@ -159,8 +177,9 @@ impl Asks<'_> {
                 // A pump mid-write: look again shortly.
                 Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                 None => tokio::select! {
-                    () = changed(&mut park) => {}
+                    r = self.signals.changed(), if !closed => closed = r.is_err(),
                     () = verdict(&mut self.promote), if !promoted => promoted = true,
+                    else => std::future::pending().await,
                 },
             }
         }
@@ -173,14 +192,4 @@ async fn verdict(promote: &mut Option<Promote<'_>>) {
         Some(p) => p.as_mut().await,
         None => std::future::pending().await,
     }
-}
-
-/// Resolves when `r` changes; never when there is none or its sender is gone.
-async fn changed(r: &mut Option<watch::Receiver<bool>>) {
-    if let Some(r) = r {
-        if r.changed().await.is_ok() {
-            return;
-        }
-    }
-    std::future::pending().await
 }

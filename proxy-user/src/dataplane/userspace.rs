@@ -210,12 +210,12 @@ pub(super) fn drain_deadline<'a>(
     upstream: &'a TcpStream,
     conn: &'a ConnInfo,
 ) -> impl Future<Output = EndReason> + Send + 'a {
-    // An async block over a receiver, not `conn.hard_stopped()` in an
-    // async fn: every waiting connection holds this (224 bytes that way).
-    let mut stop = conn.hard_stop.clone();
+    // An async block over a receiver (an async fn would hold its
+    // arguments twice).
+    let mut signals = conn.signals.clone();
     async move {
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
+        while !signals.borrow_and_update().hard_stop {
+            if signals.changed().await.is_err() {
                 // The lifecycle owner went away without asking.
                 std::future::pending::<()>().await;
             }
@@ -231,8 +231,23 @@ pub(super) fn drain_deadline<'a>(
 /// other side gets one too), or the drain deadline (both get one). Its
 /// directions also wait on the verdict and on the kernel's drain, where
 /// they read nothing, and its pre-install copy may be blocked writing to a
-/// side that does not read.
+/// side that does not read. (An installed pair waits for the drain
+/// deadline with its other signals, `safepoint::Asks`, and for the errors
+/// here with `socket_failed`.)
 pub(super) async fn cut_short(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    conn: &ConnInfo,
+) -> EndReason {
+    tokio::select! {
+        end = socket_failed(client, upstream, conn) => end,
+        end = drain_deadline(client, upstream, conn) => end,
+    }
+}
+
+/// Resolves at an error on either socket (its peer's reset): the other side
+/// gets one too.
+pub(super) async fn socket_failed(
     client: &TcpStream,
     upstream: &TcpStream,
     conn: &ConnInfo,
@@ -248,7 +263,6 @@ pub(super) async fn cut_short(
             arm_reset(client);
             EndReason::TargetReset
         }
-        end = drain_deadline(client, upstream, conn) => end,
     }
 }
 
@@ -404,7 +418,8 @@ pub(super) fn supervise_pumps<'a, P: Pump>(
             pin!(pump.pump(client, upstream, tally(0), conn)),
             pin!(pump.pump(upstream, client, tally(1), conn)),
             |limit| activity.idle(limit, Instant::now()),
-            pin!(drain_deadline(client, upstream, conn)),
+            // The drain deadline comes with the other signals (`safepoint`).
+            pin!(std::future::pending()),
             client,
             upstream,
             conn,

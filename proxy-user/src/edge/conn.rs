@@ -161,7 +161,7 @@ impl Conn {
             upstream,
             idle_timeout: shared.idle_timeout,
             fin_timeouts: shared.fin_timeouts,
-            hard_stop: shared.hard_stop.clone(),
+            signals: shared.signals.clone(),
         }
     }
 
@@ -239,10 +239,10 @@ impl Conn {
             (local, _) => local,
         };
         let balancer = &self.app.balancer;
-        let mut hard_stop = shared.hard_stop.clone();
+        let mut signals = shared.signals.clone();
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
-            _ = hard_stop.wait_for(|s| *s) => {
+            _ = signals.wait_for(|s| s.hard_stop) => {
                 arm_reset(&client);
                 let t = Transfer::none(EndReason::DrainTimeout);
                 (*self).close(&shared, local, Upstream::NONE, &t, ByteTally::default());

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use super::AppRuntime;
-use crate::dataplane::{FastLedger, PairHold};
+use crate::dataplane::{FastLedger, PairHold, Signals};
 
 /// What a connection is, apart from its two sockets: enough for the taker
 /// to resume it and write the one close line at its end.
@@ -58,18 +58,24 @@ pub struct Moving {
 }
 
 /// The old process's side: asks connections to park and collects them.
-#[derive(Default)]
 pub struct Handover {
-    request: Mutex<Option<watch::Sender<bool>>>,
+    /// Every connection's signals (`Signals::park` is ours).
+    signals: Arc<watch::Sender<Signals>>,
     taker: Mutex<Option<mpsc::UnboundedSender<Moving>>>,
 }
 
 impl Handover {
+    pub fn new(signals: Arc<watch::Sender<Signals>>) -> Handover {
+        Handover {
+            signals,
+            taker: Mutex::new(None),
+        }
+    }
+
     /// What a connection watches for a park request.
-    pub fn requests(&self) -> watch::Receiver<bool> {
-        let mut req = self.request.lock().unwrap_or_else(|p| p.into_inner());
-        req.get_or_insert_with(|| watch::channel(false).0)
-            .subscribe()
+    #[cfg(test)]
+    fn requests(&self) -> watch::Receiver<Signals> {
+        self.signals.subscribe()
     }
 
     /// Starts collecting: every movable connection parks and arrives on
@@ -77,19 +83,15 @@ impl Handover {
     pub fn start(&self) -> mpsc::UnboundedReceiver<Moving> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.taker.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        // Made here if no connection asked yet: later ones see the request.
-        let mut req = self.request.lock().unwrap_or_else(|p| p.into_inner());
-        req.get_or_insert_with(|| watch::channel(false).0)
-            .send_replace(true);
+        // Stored even with no connection yet: later ones see the request.
+        self.signals.send_modify(|s| s.park = true);
         rx
     }
 
     /// Stops collecting: connections not parked yet carry on here.
     pub fn stop(&self) {
         *self.taker.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Some(req) = &*self.request.lock().unwrap_or_else(|p| p.into_inner()) {
-            req.send_replace(false);
-        }
+        self.signals.send_modify(|s| s.park = false);
     }
 
     /// A parked connection offers itself; `Err` gives it back to carry on.
@@ -111,15 +113,19 @@ mod tests {
 
     #[tokio::test]
     async fn requests_follow_start_and_stop() {
-        let h = Handover::default();
+        let h = Handover::new(Arc::new(watch::channel(Signals::default()).0));
         // A connection that arrives after the start (none asked before)
         // still sees the request.
         let _rx = h.start();
-        assert!(*h.requests().borrow());
+        assert!(h.requests().borrow().park);
         h.stop();
         let req = h.requests();
-        assert!(!*req.borrow());
+        assert!(!req.borrow().park);
         let _rx = h.start();
-        assert!(*req.borrow(), "an earlier subscriber sees the next start");
+        assert!(
+            req.borrow().park,
+            "an earlier subscriber sees the next start"
+        );
+        assert!(!req.borrow().hard_stop, "parking is not a stop");
     }
 }

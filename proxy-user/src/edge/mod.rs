@@ -49,7 +49,9 @@ pub struct Shared {
     pub per_app_cap: usize,
     /// Apps in the config in force: sets the fair share of the global cap.
     pub apps: AtomicUsize,
-    pub hard_stop: watch::Receiver<bool>,
+    /// The drain deadline and an upgrade's park request, for every
+    /// connection (`ConnInfo::signals`).
+    pub signals: watch::Receiver<crate::dataplane::Signals>,
     /// Accept loops wait for this to turn true: at once on a plain start,
     /// only once the old process stopped accepting on a takeover.
     pub accepting: watch::Receiver<bool>,

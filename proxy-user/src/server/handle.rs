@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dataplane::Signals;
 use crate::edge::tracker::Tracker;
 
 /// What a `Handle` asks of the running server.
@@ -73,7 +74,7 @@ impl Handle {
 /// Resets every live connection: the drain deadline, or a second signal.
 #[derive(Clone)]
 pub struct Cutter {
-    pub(super) hard_stop: Arc<watch::Sender<bool>>,
+    pub(super) hard_stop: Arc<watch::Sender<Signals>>,
     pub(super) tracker: Arc<Tracker>,
 }
 
@@ -81,7 +82,7 @@ impl Cutter {
     /// Tells every connection to reset both its sockets; waits up to `grace`
     /// for them to finish.
     pub async fn cut(&self, grace: Duration) {
-        let _ = self.hard_stop.send(true);
+        self.hard_stop.send_modify(|s| s.hard_stop = true);
         self.tracker.wait_idle(grace).await;
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::etcd::EtcdMetrics;
 use crate::config::{watch as config_watch, Config};
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, Signals};
 use crate::edge::handover::Handover;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
@@ -116,7 +116,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
     let max_connections =
         budget::max_connections(settings.max_connections, plane.plane(), nofile, listeners);
 
-    let (hard_tx, hard_rx) = watch::channel(false);
+    let (hard_tx, hard_rx) = watch::channel(Signals::default());
     let hard_tx = Arc::new(hard_tx);
     let (accepting, accepting_rx) = watch::channel(false);
     let (finished_tx, finished) = watch::channel(false);
@@ -133,9 +133,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         global_cap: max_connections as usize,
         per_app_cap: settings.max_per_app,
         apps: AtomicUsize::new(config.apps.len()),
-        hard_stop: hard_rx,
+        signals: hard_rx,
         accepting: accepting_rx,
-        handover: Handover::default(),
+        handover: Handover::new(hard_tx.clone()),
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
         metrics,

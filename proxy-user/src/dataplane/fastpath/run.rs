@@ -14,8 +14,15 @@ use super::moving::{DirLedger, Ledger, SideLedger};
 use super::{lock, FastpathPlane};
 use crate::dataplane::parking::{Parked, Parking, PARKING};
 use crate::dataplane::safepoint::{Asks, Stop};
-use crate::dataplane::userspace::{cut_short, supervise};
+use crate::dataplane::userspace::{arm_reset, socket_failed, supervise};
 use crate::dataplane::{ConnInfo, EndReason, Plane, Transfer};
+
+/// Why a pair's run stopped at its `Asks`.
+enum Halt {
+    Park,
+    HardStop,
+    Close,
+}
 
 /// How a pair's run ended.
 pub(super) enum Ran {
@@ -46,6 +53,7 @@ impl FastpathPlane {
         let mut asks = Asks {
             parking: parking.clone(),
             promote: None,
+            signals: conn.signals.clone(),
         };
         let mut up = Direction::new(
             self,
@@ -87,16 +95,22 @@ impl FastpathPlane {
         };
         let stopped = {
             let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
-            let cut = pin!(cut_short(client, upstream, conn));
+            // The drain deadline comes with the other signals (`asks`).
+            let cut = pin!(socket_failed(client, upstream, conn));
             let supervised = supervise(up_run, down_run, quiet, cut, client, upstream, conn);
             tokio::select! {
                 biased;
                 end = supervised => Err(end),
-                stop = asks.reached(&busy) => Ok(matches!(stop, Stop::Park(_))),
+                stop = asks.reached(&busy) => Ok(match stop {
+                    Stop::Park(_) => Halt::Park,
+                    Stop::HardStop => Halt::HardStop,
+                    // Only an upgrade asks (no promotion request here).
+                    Stop::Promote => Halt::Close,
+                }),
             }
         };
         let end = match stopped {
-            Ok(true) => {
+            Ok(Halt::Park) => {
                 if let Some(parking) = parking {
                     return Ran::Parked {
                         parking,
@@ -105,8 +119,12 @@ impl FastpathPlane {
                 }
                 EndReason::Closed
             }
-            // Only an upgrade asks (no promotion request here).
-            Ok(false) => EndReason::Closed,
+            Ok(Halt::HardStop) => {
+                arm_reset(client);
+                arm_reset(upstream);
+                EndReason::DrainTimeout
+            }
+            Ok(Halt::Close) => EndReason::Closed,
             Err(end) => end,
         };
         let user = [

@@ -88,7 +88,7 @@ impl Conn {
                 return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
             }
             loop {
-                let parking = Parking::new(shared.handover.requests());
+                let parking = Parking::new();
                 let carry = match resume.take() {
                     // A fastpath pair moved here resumes from its ledger.
                     Some(pair) => {
