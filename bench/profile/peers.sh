@@ -5,7 +5,8 @@
 #
 #   bench/profile/peers.sh cpu   ENDPOINT LOAD [DURATION]
 #       conn/s (churn, connrate), MB/s (bulk, bidi) or round trips/s
-#       (pingpong, rr50), the
+#       (pingpong, rr50), or KiB per held connection (idle, idle-mostly:
+#       the endpoint's first process; not nginx's workers), the
 #       latency percentiles, and CPU per connection or round trip of every
 #       process of the endpoint (nginx: master and workers); then the
 #       machine's busy CPU per unit split into the endpoint's user and
@@ -77,7 +78,9 @@ cpu)
     # machine that is most of the difference between runtimes.
     csw() { for p in $PID ${MORE//,/ }; do cat /proc/$p/task/*/status; done 2>/dev/null | awk '/ctxt_switches/ {s+=$2} END {print s}'; }
     C0=$(cpu) S0=$(csw) M0=$(machine)
-    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" ${BENCH_FLAGS:-} --json > "$WORK/out.json"
+    # The endpoint's first process is read for memory (HAProxy and ours
+    # are one process; nginx's workers are not counted that way).
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "$DURATION" --proxy-pid $PID ${BENCH_FLAGS:-} --json > "$WORK/out.json"
     C1=$(cpu) S1=$(csw) M1=$(machine)
     python3 - "$WORK/out.json" "$ENDPOINT" "$C0" "$C1" "$S0" "$S1" "$M0" "$M1" <<'PY'
 import json, sys
@@ -87,6 +90,13 @@ diff = lambda a, b: [float(y) - float(x) for x, y in zip(sys.argv[a].split(), sy
 load, cpu = d["load"], user + system
 lat = d.get("latency") or {}
 p = lambda k: lat.get(k, 0)
+if load in ("idle", "idle-mostly"):
+    # Memory held, not a rate: the RSS of the endpoint's first process per
+    # held connection (nginx's workers are not read: take nginx's figure
+    # from `cargo xtask bench`, which adds them).
+    print(f"{sys.argv[2]:28} {load:8} {d.get('proxy_kib_per_conn', 0):6.2f} KiB per held connection, "
+          f"CPU {d.get('proxy_cpu_us_per_conn_s', 0):5.1f} us per connection per second, errors {d['errors']}")
+    sys.exit(0)
 if load in ("churn", "connrate"):
     n, unit = d["conns"], "conn"
 elif load in ("bulk", "bidi"):
