@@ -124,10 +124,10 @@ impl AdaptivePlane {
             let promote: Promote<'_> = quiet;
             match &self.start {
                 Start::Splice(p) => {
-                    carry_or_promote(p, client, upstream, conn, Some(promote), &moved).await
+                    carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved)).await
                 }
                 Start::Copy(p) => {
-                    carry_or_promote(p, client, upstream, conn, Some(promote), &moved).await
+                    carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved)).await
                 }
             }
         }

@@ -37,8 +37,15 @@ pub struct CopyPlane {
 }
 
 impl CopyPlane {
-    pub async fn carry(&self, client: TcpStream, upstream: TcpStream, conn: &ConnInfo) -> Transfer {
-        safepoint::carry(self, client, upstream, conn).await
+    /// `safepoint::carry`'s future as is: a wrapper would keep a second
+    /// copy of both sockets for the connection's life.
+    pub fn carry<'a>(
+        &'a self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &'a ConnInfo,
+    ) -> impl Future<Output = Transfer> + 'a {
+        safepoint::carry(self, client, upstream, conn)
     }
 }
 

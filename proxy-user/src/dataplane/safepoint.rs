@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -43,24 +44,28 @@ pub(super) enum Carried {
 /// Carries a connection in userspace, one `pump` per direction. Under an
 /// upgrade's `Parking` it may instead stop at a safe point and hand its
 /// sockets to the owner.
-pub(super) async fn carry<P: Pump>(
-    pump: &P,
+///
+/// `carry_or_promote`'s future with its output mapped: an async fn (or an
+/// async block awaiting it) would keep a second copy of the sockets, or of
+/// the whole future, for the connection's life.
+pub(super) fn carry<'a, P: Pump>(
+    pump: &'a P,
     client: TcpStream,
     upstream: TcpStream,
-    conn: &ConnInfo,
-) -> Transfer {
-    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-    match carry_or_promote(pump, client, upstream, conn, None, &moved).await {
+    conn: &'a ConnInfo,
+) -> impl Future<Output = Transfer> + 'a {
+    carry_or_promote(pump, client, upstream, conn, None, None).map(|carried| match carried {
         Carried::Done(t) => t,
         // Without a promotion request nothing asks for one; were it to
         // happen, the sockets would close cleanly here.
         Carried::Promote { moved, .. } => transfer::<P>(EndReason::Closed, moved),
-    }
+    })
 }
 
 /// Like `carry`, and the connection also stops at a safe point once
 /// `promote` (the promotion policy's verdict) resolves. `moved` counts the
-/// bytes written each way (client→target, target→client) as they go.
+/// bytes written each way (client→target, target→client) as they go, for
+/// a caller that reads them meanwhile (else the future keeps its own).
 ///
 /// An async block, not an async fn, which would keep both sockets twice.
 pub(super) fn carry_or_promote<'a, P: Pump>(
@@ -69,9 +74,11 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
     upstream: TcpStream,
     conn: &'a ConnInfo,
     promote: Option<Promote<'a>>,
-    moved: &'a [AtomicU64; 2],
+    moved: Option<&'a [AtomicU64; 2]>,
 ) -> impl Future<Output = Carried> + 'a {
     async move {
+        let own = [AtomicU64::new(0), AtomicU64::new(0)];
+        let moved = moved.unwrap_or(&own);
         let held = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut asks = Asks {
             parking: PARKING.try_with(Arc::clone).ok(),

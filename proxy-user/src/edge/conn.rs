@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -79,8 +79,6 @@ struct Conn {
     started: Instant,
     /// Processes that carried it before this one (an upgrade moved it).
     carried_by: Vec<u32>,
-    /// Wall clock of `started`, for the access log.
-    started_at: SystemTime,
     _held: Held,
 }
 
@@ -122,7 +120,6 @@ impl Conn {
             },
             app,
             started: Instant::now(),
-            started_at: SystemTime::now(),
             carried_by: Vec::new(),
         }
     }
@@ -145,9 +142,6 @@ impl Conn {
             started: now
                 .checked_sub(Duration::from_millis(meta.age_ms))
                 .unwrap_or(now),
-            started_at: SystemTime::now()
-                .checked_sub(Duration::from_millis(meta.age_ms))
-                .unwrap_or(SystemTime::UNIX_EPOCH),
             carried_by: meta.carried_by.clone(),
         }
     }

@@ -40,7 +40,13 @@ impl Conn {
         if let Some(log) = &shared.access_log {
             log.record(&access_log::Entry {
                 timestamp: access_log::rfc3339(SystemTime::now()),
-                start: access_log::rfc3339(self.started_at),
+                // From the monotonic start (no wall-clock field kept in
+                // every connection): now less its age.
+                start: access_log::rfc3339(
+                    SystemTime::now()
+                        .checked_sub(lived)
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                ),
                 conn: self.id,
                 app: &self.app.balancer.app,
                 port: self.port,
