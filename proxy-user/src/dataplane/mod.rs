@@ -33,9 +33,10 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-/// What a plane needs to know about the connection it carries. Every
-/// connection's task holds one for its whole life, so it holds nothing the
-/// planes do not read (the app, port and client are the owner's, `Conn`).
+/// What a plane needs to know about the connection it carries, and the
+/// target an upgrade's record names. Every connection's task holds one for
+/// its whole life, so the app, port and client stay with the owner
+/// (`Conn`), which is the only one to read them.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// Process-unique connection id, for correlating log lines.

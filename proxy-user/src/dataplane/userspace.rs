@@ -105,9 +105,10 @@ pub fn arm_reset(sock: &TcpStream) {
 /// Runs both directions of a connection to their end and says how it ended.
 /// A failed read or write pins the failure on one socket, and the other gets
 /// a reset; `cut` ends the connection whatever the pumps are doing (the
-/// drain deadline; the kernel plane also watches both sockets for an error
-/// there: `cut_short`); idle and fin deadlines cut both. Every data plane
-/// uses this.
+/// kernel plane watches both sockets for an error there, `socket_failed`;
+/// the userspace planes need none); idle and fin deadlines cut both. The
+/// drain deadline is not here: it comes with the process's other signals,
+/// which the caller watches (`safepoint::Asks`). Every data plane uses this.
 ///
 /// The userspace pumps need no error watch of their own: a pump waiting
 /// to read wakes for an error on its source, and one blocked writing

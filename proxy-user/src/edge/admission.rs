@@ -78,9 +78,9 @@ pub(super) struct Client {
 }
 
 /// A client's places under the per-client limits; dropping them frees them.
-#[derive(Default)]
 /// Boxed, and only with a per-client limit: every connection holds this
 /// for its whole life, and most run with no such limit (64 bytes inline).
+#[derive(Default)]
 pub(super) struct ClientSlots {
     _held: Option<Box<[Option<ClientSlot>; 2]>>,
 }
