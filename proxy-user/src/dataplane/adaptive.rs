@@ -49,8 +49,12 @@ impl Promotion {
     /// and segments over one whole watch period. `fds` are the pair's
     /// sockets, open for as long as this is polled (the carry that owns
     /// them runs in the same `select!`); a socket whose counters cannot be
-    /// read counts as busy.
-    async fn quiet(&self, moved: &[AtomicU64; 2], fds: [RawFd; 2]) {
+    /// read counts as busy. `fresh`: this process accepted the connection,
+    /// so its sockets' segment counters started at the handshake and the
+    /// first period counts from zero, not from a TCP_INFO read per socket
+    /// that a short connection (most of them, on churn) would pay for and
+    /// never use. A connection handed over by an upgrade reads them.
+    async fn quiet(&self, moved: &[AtomicU64; 2], fds: [RawFd; 2], fresh: bool) {
         let period = self.after.as_secs_f64();
         let allowed = (self.below as f64 * period) as u64;
         let allowed_segments = (self.segments_below as f64 * period) as u64;
@@ -62,7 +66,7 @@ impl Promotion {
             }
             Some(sum)
         };
-        let mut last = (bytes(), segments());
+        let mut last = (bytes(), if fresh { Some(0) } else { segments() });
         loop {
             tokio::time::sleep(self.after).await;
             let now = (bytes(), segments());
@@ -120,7 +124,7 @@ impl AdaptivePlane {
         // KiB per promoted idle connection where the fastpath alone held
         // 7.0 (NOTES §2).
         let carried = async {
-            let quiet = pin!(self.promotion.quiet(&moved, fds));
+            let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
             let promote: Promote<'_> = quiet;
             match &self.start {
                 Start::Splice(p) => {
