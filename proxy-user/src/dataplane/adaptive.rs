@@ -19,10 +19,13 @@
 //! The userspace phase stops at the same safe point as an upgrade's
 //! (`safepoint`), so under `Parking` it moves to a new process too.
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -106,43 +109,53 @@ pub struct AdaptivePlane {
 impl AdaptivePlane {
     /// `prior`: bytes each way earlier processes carried (an upgrade moved
     /// the connection here); the fastpath's FIN ledger counts them.
-    pub async fn carry(
-        &self,
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// a second copy of them beside every promoted pair's future.
+    pub fn carry<'a>(
+        &'a self,
         client: TcpStream,
         upstream: TcpStream,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         prior: [u64; 2],
-    ) -> Transfer {
-        let began = Instant::now();
-        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-        let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-        // Both stages in this one future (the caller boxes it), not each
-        // boxed at its own size: the two are within a few hundred bytes of
-        // each other, and a promotion that freed one box and allocated the
-        // other left the freed one unused whenever the second was even one
-        // heap size class larger (it sits between live allocations): 10.5
-        // KiB per promoted idle connection where the fastpath alone held
-        // 7.0 (NOTES §2).
-        let carried = async {
-            let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
-            let promote: Promote<'_> = quiet;
-            match &self.start {
-                Start::Splice(p) => {
-                    carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved)).await
+    ) -> impl Future<Output = Transfer> + Send + 'a {
+        async move {
+            // Both stages in this one future (the caller boxes it), not each
+            // boxed at its own size: the two are within a few hundred bytes
+            // of each other, and a promotion that freed one box and allocated
+            // the other left the freed one unused whenever the second was
+            // even one heap size class larger (it sits between live
+            // allocations): 10.5 KiB per promoted idle connection where the
+            // fastpath alone held 7.0 (NOTES §2). The fastpath's future is
+            // made in a block that ends before it is awaited, so that the
+            // userspace stage's locals and output are not kept beside it.
+            let promoted = {
+                let began = Instant::now();
+                let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+                let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
+                let carried = async {
+                    let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
+                    let promote: Promote<'_> = quiet;
+                    match &self.start {
+                        Start::Splice(p) => {
+                            carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved))
+                                .await
+                        }
+                        Start::Copy(p) => {
+                            carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved))
+                                .await
+                        }
+                    }
                 }
-                Start::Copy(p) => {
-                    carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved)).await
-                }
-            }
-        }
-        .await;
-        match carried {
-            Carried::Done(t) => t,
-            Carried::Promote {
-                client,
-                upstream,
-                moved,
-            } => {
+                .await;
+                let (client, upstream, moved) = match carried {
+                    Carried::Done(t) => return t,
+                    Carried::Promote {
+                        client,
+                        upstream,
+                        moved,
+                    } => (client, upstream, moved),
+                };
                 let after = began.elapsed();
                 tracing::debug!(
                     conn = conn.id,
@@ -151,13 +164,15 @@ impl AdaptivePlane {
                     t2c = moved[1],
                     "quiet connection moves into the kernel fastpath"
                 );
-                let mut transfer = self
+                let fastpath = self
                     .fastpath
-                    .carry_from(client, upstream, conn, moved, prior)
-                    .await;
-                transfer.promoted_after = Some(after);
-                transfer
-            }
+                    .carry_from(client, upstream, conn, moved, prior);
+                fastpath.map(move |mut transfer| {
+                    transfer.promoted_after = Some(after);
+                    transfer
+                })
+            };
+            promoted.await
         }
     }
 }
