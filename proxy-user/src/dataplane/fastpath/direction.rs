@@ -18,7 +18,7 @@ use super::moving::DirLedger;
 use super::FastpathPlane;
 use crate::dataplane::pool::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
-use crate::dataplane::userspace::{readable, write_all, DirEnd};
+use crate::dataplane::userspace::{readable, write_all_from, DirEnd};
 
 /// How often a direction waiting for the kernel to drain looks again.
 const POLL: Duration = Duration::from_millis(1);
@@ -111,6 +111,10 @@ impl<'a> Direction<'a> {
         self.user.load(Ordering::Relaxed)
     }
 
+    /// Runs this direction to its end. An error on `src` (its peer's reset)
+    /// ends it wherever it waits: at the top (`src` turns readable), while
+    /// writing (`write_all_from` watches `src`), or while the kernel drains
+    /// (`wait_drained` looks each time it polls).
     pub(super) async fn run(&mut self) -> DirEnd {
         if std::mem::take(&mut self.resumed) {
             if let Err(end) = self.check_inflight() {
@@ -203,9 +207,7 @@ impl<'a> Direction<'a> {
                         );
                     }
                     self.wait_drained().await?;
-                    write_all(self.dst, &buf[..n])
-                        .await
-                        .map_err(DirEnd::WriteFailed)?;
+                    write_all_from(self.src, self.dst, &buf[..n]).await?;
                     self.user.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
@@ -340,6 +342,10 @@ impl<'a> Direction<'a> {
             }
             if let Ok(Some(e)) = self.dst.take_error() {
                 return Err(DirEnd::WriteFailed(e));
+            }
+            // Nothing else watches the source while this waits.
+            if let Ok(Some(e)) = self.src.take_error() {
+                return Err(DirEnd::ReadFailed(e));
             }
             if handed.closed {
                 return Err(DirEnd::WriteFailed(io::ErrorKind::ConnectionReset.into()));

@@ -14,7 +14,7 @@ use super::moving::{DirLedger, Ledger, SideLedger};
 use super::{lock, FastpathPlane};
 use crate::dataplane::parking::{Parked, Parking, PARKING};
 use crate::dataplane::safepoint::{Asks, Stop};
-use crate::dataplane::userspace::{arm_reset, socket_failed, supervise};
+use crate::dataplane::userspace::{arm_reset, supervise};
 use crate::dataplane::{ConnInfo, EndReason, Plane, Transfer};
 
 /// Why a pair's run stopped at its `Asks`.
@@ -95,9 +95,9 @@ impl FastpathPlane {
         };
         let stopped = {
             let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
-            // The drain deadline comes with the other signals (`asks`).
-            let cut = pin!(socket_failed(client, upstream, conn));
-            let supervised = supervise(up_run, down_run, quiet, cut, client, upstream, conn);
+            // The drain deadline comes with the other signals (`asks`); an
+            // error on either socket reaches a direction (`supervise`).
+            let supervised = supervise(up_run, down_run, quiet, client, upstream, conn);
             tokio::select! {
                 biased;
                 end = supervised => Err(end),
