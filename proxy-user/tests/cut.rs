@@ -163,6 +163,46 @@ async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
     assert_freed_by_client_reset(&proxy, mode, planes, reset_at, Duration::from_secs(1)).await;
 }
 
+/// The fastpath, with an in-flight bound (6 MiB) above what the stalled
+/// target's socket can take (its 4 MiB send buffer): the verdict queues the
+/// rest for it, so the direction, once demoted, reads passed bytes and then
+/// waits for that queue to drain, which never happens. That wait reads
+/// nothing from the client, so it must look for the client's reset itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fastpath_client_reset_while_the_kernel_drains() {
+    let stalled = Backend::with("stalled", |s: TcpStream| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let proxy = Proxy::spawn(
+        "fastpath",
+        &[AppSpec::new("a", 1, vec![stalled.target()])],
+        &["--fastpath-inflight", "6MiB"],
+    )
+    .await;
+    let reset_at = bounded(30, "client reset", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        // Nothing before the install: the bytes go through the kernel.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let chunk = vec![7u8; 64 * 1024];
+        while tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk))
+            .await
+            .is_ok()
+        {}
+        reset(s)
+    })
+    .await;
+    assert_freed_by_client_reset(
+        &proxy,
+        "fastpath",
+        &["fastpath"],
+        reset_at,
+        Duration::from_secs(1),
+    )
+    .await;
+}
+
 /// Closes `s` with a reset; returns when.
 fn reset(s: TcpStream) -> Instant {
     socket2::SockRef::from(&s)
