@@ -137,21 +137,11 @@ async fn second_signal_resets_live_streams(mode: &str) {
 /// The target accepts and never reads; the client fills the path, then
 /// resets. The proxy must notice the reset at once, not at the idle timeout.
 async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
-    let stalled = Backend::with("stalled", |s: TcpStream| async move {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(s);
-    })
-    .await;
+    let stalled = stalled().await;
     let proxy = Proxy::spawn(mode, &[AppSpec::new("a", 1, vec![stalled.target()])], &[]).await;
     let reset_at = bounded(30, "client reset", async {
-        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-        let chunk = vec![7u8; 64 * 1024];
-        // Write until nothing more goes in: every buffer on the way is full.
-        while tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk))
-            .await
-            .is_ok()
-        {}
-        reset(s)
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        fill_then_reset(s).await
     })
     .await;
     // On the fastpath the client's stream can fill the stalled target
@@ -170,11 +160,7 @@ async fn client_reset_frees_the_connection_while_target_stalls(mode: &str) {
 /// nothing from the client, so it must look for the client's reset itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fastpath_client_reset_while_the_kernel_drains() {
-    let stalled = Backend::with("stalled", |s: TcpStream| async move {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(s);
-    })
-    .await;
+    let stalled = stalled().await;
     let proxy = Proxy::spawn(
         "fastpath",
         &[AppSpec::new("a", 1, vec![stalled.target()])],
@@ -182,15 +168,10 @@ async fn fastpath_client_reset_while_the_kernel_drains() {
     )
     .await;
     let reset_at = bounded(30, "client reset", async {
-        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
         // Nothing before the install: the bytes go through the kernel.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let chunk = vec![7u8; 64 * 1024];
-        while tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk))
-            .await
-            .is_ok()
-        {}
-        reset(s)
+        fill_then_reset(s).await
     })
     .await;
     assert_freed_by_client_reset(
@@ -201,6 +182,26 @@ async fn fastpath_client_reset_while_the_kernel_drains() {
         Duration::from_secs(1),
     )
     .await;
+}
+
+/// A target that accepts and never reads.
+async fn stalled() -> Backend {
+    Backend::with("stalled", |s: TcpStream| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await
+}
+
+/// Writes to `s` until nothing more goes in (every buffer on the way is
+/// full), then closes it with a reset; returns when.
+async fn fill_then_reset(mut s: TcpStream) -> Instant {
+    let chunk = vec![7u8; 64 * 1024];
+    while tokio::time::timeout(Duration::from_millis(300), s.write_all(&chunk))
+        .await
+        .is_ok()
+    {}
+    reset(s)
 }
 
 /// Closes `s` with a reset; returns when.
