@@ -28,8 +28,14 @@ pub fn setup(needs: Needs) -> Result<()> {
     // writes with etcdctl.
     debian_package("etcd", &["etcd-server"])?;
     debian_package("etcdctl", &["etcd-client"])?;
-    // The etcd-client crate compiles etcd's .proto files when it builds.
-    debian_package("protoc", &["protobuf-compiler"])?;
+    // The etcd-client crate compiles etcd's .proto files when it builds;
+    // they import protobuf's own (descriptor.proto...), which Debian ships
+    // in libprotobuf-dev, only a recommendation of protobuf-compiler.
+    install_unless(
+        "command -v protoc && test -e /usr/include/google/protobuf/descriptor.proto",
+        "`protoc` and protobuf's .proto includes",
+        &["protobuf-compiler", "libprotobuf-dev"],
+    )?;
     // The package check: a clean Debian 12 root to install into, and
     // dpkg-shlibdeps for the package's Depends.
     debian_package("debootstrap", &["debootstrap"])?;
@@ -148,15 +154,25 @@ fn llvm_major(libllvm: &Path) -> Result<u32> {
 }
 
 fn debian_package(binary: &str, packages: &[&str]) -> Result<()> {
-    if succeeds(cmd("sh").args(["-c", &format!("command -v {binary}")])) {
+    install_unless(
+        &format!("command -v {binary}"),
+        &format!("`{binary}`"),
+        packages,
+    )
+}
+
+/// Installs Debian's `packages` unless the shell test `present` passes;
+/// `what` names what they bring, in messages.
+fn install_unless(present: &str, what: &str, packages: &[&str]) -> Result<()> {
+    if succeeds(cmd("sh").args(["-c", present])) {
         return Ok(());
     }
     let list = packages.join(" ");
-    step(&format!("installing Debian's {list} (for `{binary}`)"));
+    step(&format!("installing Debian's {list} (for {what})"));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "`{binary}` is missing and installing {list} needs root: run `apt-get install {list}`"
+            "{what} missing, and installing {list} needs root: run `apt-get install {list}`"
         );
     }
     // Servers installed here are started by the bench on its own ports, never
