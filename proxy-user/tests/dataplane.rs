@@ -270,6 +270,99 @@ async fn idle_timeout_closes_quiet_connections(mode: &str) {
     assert_eq!(lines[0]["bytes_in"], 24);
 }
 
+mod fin_on_last_segment {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn copy() {
+        super::fin_rides_on_the_last_segment("copy").await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn splice() {
+        super::fin_rides_on_the_last_segment("splice").await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn auto() {
+        super::fin_rides_on_the_last_segment("auto").await;
+    }
+}
+
+/// A reply that ends its connection (the target sends it with its FIN in
+/// one segment) reaches the client as one segment too: the userspace
+/// planes hold the last bytes back until the FIN can go with them. The
+/// client counts the segments it received, through the proxy and straight
+/// from the target; a proxy that sends the FIN on its own costs one more.
+/// The reply is sequence-numbered, and checked byte for byte.
+async fn fin_rides_on_the_last_segment(mode: &str) {
+    const REPLY: usize = 64;
+    let server = Backend::with("reply-fin", |mut s| async move {
+        let mut req = [0u8; 9];
+        if s.read_exact(&mut req).await.is_err() {
+            return;
+        }
+        let reply: Vec<u8> = (0..REPLY as u8).collect();
+        // MSG_MORE, then shutdown: the FIN is tacked onto the held data.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+        // SAFETY: a valid socket and a buffer of reply.len() bytes.
+        let n = unsafe {
+            libc::send(
+                fd,
+                reply.as_ptr().cast(),
+                reply.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        assert_eq!(n, REPLY as isize, "{}", std::io::Error::last_os_error());
+        let _ = s.shutdown().await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
+    let exchange = |addr: std::net::SocketAddr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"R\0\0\0\0\0\0\0\x40").await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let want: Vec<u8> = (0..REPLY as u8).collect();
+        assert_eq!(got, want, "the reply, byte for byte");
+        segs_in(&s)
+    };
+    bounded(30, "fin on the last segment", async {
+        for round in 0..5 {
+            let direct = exchange(server.addr).await;
+            let proxied = exchange(proxy.addr(0, 0)).await;
+            assert_eq!(
+                proxied, direct,
+                "round {round}: the client got {proxied} segments through --mode {mode}, \
+                 {direct} straight from the target: the FIN came on a segment of its own"
+            );
+        }
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(5, 5).await;
+    assert!(lines.iter().all(|l| l["end"] == "closed"), "{lines:?}");
+}
+
+/// `tcpi_segs_in` (linux/tcp.h, since 4.2): every segment the socket
+/// received, the handshake's included.
+fn segs_in(s: &TcpStream) -> u32 {
+    const SEGS_IN: usize = 140;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    assert!(len as usize >= SEGS_IN + 4, "tcp_info has no tcpi_segs_in");
+    u32::from_ne_bytes(info[SEGS_IN..SEGS_IN + 4].try_into().unwrap())
+}
+
 /// The plane check every test gets at drop is not vacuous: a copy proxy
 /// passed off as a splice one fails it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

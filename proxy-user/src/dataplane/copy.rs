@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use futures_util::FutureExt;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -122,6 +123,7 @@ pub(super) async fn forward(
     buf: &mut [u8],
     tally: &Tally<'_>,
 ) -> Forwarded {
+    let fin_queued = fin_arrived(src);
     let n = match read_some(src, buf) {
         Ok(0) => {
             // Everything read so far was written in full (write loop
@@ -134,12 +136,23 @@ pub(super) async fn forward(
         Err(e) => return Forwarded::End(DirEnd::ReadFailed(e)),
     };
     tally.read(n);
+    // The source's FIN was in before this read, and the read emptied the
+    // queue: the next read ends the direction (or fails), and the FIN (or
+    // a reset) goes out right after these bytes. MSG_MORE holds them back
+    // until then, so the FIN rides on their segment, as HAProxy's do: a
+    // reply that ends its connection costs one segment and one ACK less
+    // (NOTES §2, "The FIN on the last segment").
+    let more = if fin_queued && n < buf.len() {
+        libc::MSG_MORE
+    } else {
+        0
+    };
     let mut off = 0;
     while off < n {
         if let Err(end) = writable(src, dst).await {
             return Forwarded::End(end);
         }
-        match dst.try_write(&buf[off..n]) {
+        match send(dst, &buf[off..n], more) {
             Ok(m) => {
                 off += m;
                 tally.wrote(m);
@@ -150,6 +163,38 @@ pub(super) async fn forward(
         }
     }
     Forwarded::Some(n)
+}
+
+/// Whether `src`'s peer has sent its FIN, as the last readiness event
+/// said. Read-closed is a final state, so a yes stays true. Not after an
+/// error (a reset closes reading too): the next read would fail, and the
+/// bytes held back would go with the reset it passes on, where before they
+/// went out ahead of it. Once the FIN is in, a later reset does not
+/// change what the next read says: 0, the end (tcp_recvmsg, SOCK_DONE).
+fn fin_arrived(src: &TcpStream) -> bool {
+    matches!(
+        src.ready(Interest::READABLE).now_or_never(),
+        Some(Ok(ready)) if ready.is_read_closed() && !ready.is_error()
+    )
+}
+
+/// `send(2)` with `flags` (and MSG_NOSIGNAL, as every write here).
+fn send(dst: &TcpStream, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    dst.try_io(Interest::WRITABLE, || {
+        // SAFETY: bytes is a readable buffer of bytes.len() bytes.
+        let n = unsafe {
+            libc::send(
+                dst.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                flags | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    })
 }
 
 /// Reads what `src` holds, up to `buf`'s length. A short read means TCP's
