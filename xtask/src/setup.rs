@@ -171,9 +171,7 @@ fn install_unless(present: &str, what: &str, packages: &[&str]) -> Result<()> {
     step(&format!("installing Debian's {list} (for {what})"));
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "{what} missing, and installing {list} needs root: run `apt-get install {list}`"
-        );
+        bail!("{what} missing, and installing {list} needs root: run `apt-get install {list}`");
     }
     // Servers installed here are started by the bench on its own ports, never
     // as system services: policy-rc.d tells the package scripts so.
