@@ -338,20 +338,6 @@ pub(super) async fn write_all_from(
     Ok(())
 }
 
-/// Writes all of `bytes` to `dst`.
-pub(super) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// One direction's bookkeeping: the bytes it wrote, the bytes it holds
 /// (read, not yet written: its buffer or pipe), and the activity clock
 /// both directions share.

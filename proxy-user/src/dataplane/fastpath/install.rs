@@ -14,7 +14,7 @@ use super::lock;
 use super::mapset::MapSet;
 use crate::dataplane::pool::{give_back, take_buffer};
 use crate::dataplane::tcpinfo;
-use crate::dataplane::userspace::write_all;
+use crate::dataplane::userspace::{write_all_from, DirEnd};
 
 impl MapSet {
     /// Both sockets into `PEERS`, then each into `SOCKETS` with a sweep. A
@@ -213,8 +213,13 @@ pub(super) async fn forward_ready(
         match src.try_read(buf) {
             Ok(0) => break EarlyEnd::Eof,
             Ok(n) => {
-                if write_all(dst, &buf[..n]).await.is_err() {
-                    break EarlyEnd::WriteFailed;
+                // As every userspace write: the source's reset ends it
+                // (`cut_short` around this copy would too), and says
+                // which side it was.
+                match write_all_from(src, dst, &buf[..n]).await {
+                    Ok(()) => {}
+                    Err(DirEnd::ReadFailed(_)) => break EarlyEnd::ReadFailed,
+                    Err(_) => break EarlyEnd::WriteFailed,
                 }
                 moved.fetch_add(n as u64, Ordering::Relaxed);
             }
