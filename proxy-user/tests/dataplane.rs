@@ -285,6 +285,67 @@ mod fin_on_last_segment {
     }
 }
 
+mod reset_right_after_data {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn copy() {
+        super::reset_right_after_data_follows_the_data("copy").await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn splice() {
+        super::reset_right_after_data_follows_the_data("splice").await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn auto() {
+        super::reset_right_after_data_follows_the_data("auto").await;
+    }
+}
+
+/// The target writes and resets at once, so the proxy usually finds the
+/// bytes and the reset both queued when it reads: the bytes still reach
+/// the client ahead of the reset. (Read-closed readiness alone does not
+/// mean a FIN is next: a reset closes reading too. Holding the bytes back
+/// for a FIN that never comes would let the reset discard them.)
+async fn reset_right_after_data_follows_the_data(mode: &str) {
+    let server = Backend::with("write-rst", |mut s| async move {
+        let mut buf = [0u8; 5];
+        if s.read_exact(&mut buf).await.is_err() {
+            return;
+        }
+        let _ = s.write_all(b"partial").await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await;
+    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
+    const ROUNDS: usize = 20;
+    bounded(30, "reset right after data", async {
+        for round in 0..ROUNDS {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            let mut got = Vec::new();
+            let err = loop {
+                let mut buf = [0u8; 64];
+                match s.read(&mut buf).await {
+                    Ok(0) => panic!("round {round}: clean EOF after {got:?}: the reset was lost"),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+            assert_eq!(
+                got, b"partial",
+                "round {round}: --mode {mode} lost the bytes that came before the reset"
+            );
+        }
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(ROUNDS, 5).await;
+    assert!(
+        lines.iter().all(|l| l["end"] == "target_reset"),
+        "{lines:?}"
+    );
+}
+
 /// A reply that ends its connection (the target sends it with its FIN in
 /// one segment) reaches the client as one segment too: the userspace
 /// planes hold the last bytes back until the FIN can go with them. The
@@ -329,6 +390,13 @@ async fn fin_rides_on_the_last_segment(mode: &str) {
     bounded(30, "fin on the last segment", async {
         for round in 0..5 {
             let direct = exchange(server.addr).await;
+            // SYN-ACK, the ACK of the request, the reply with its FIN: if
+            // the target's reply took two segments, the comparison below
+            // would prove nothing.
+            assert_eq!(
+                direct, 3,
+                "round {round}: the target's reply and FIN were not one segment"
+            );
             let proxied = exchange(proxy.addr(0, 0)).await;
             assert_eq!(
                 proxied, direct,

@@ -169,11 +169,13 @@ pub(super) async fn forward(
 /// said. Read-closed is a final state, so a yes stays true. Not after an
 /// error (a reset closes reading too): the next read would fail, and the
 /// bytes held back would go with the reset it passes on, where before they
-/// went out ahead of it. Once the FIN is in, a later reset does not
-/// change what the next read says: 0, the end (tcp_recvmsg, SOCK_DONE).
+/// went out ahead of it. The error bit is reported only to an ERROR
+/// interest: READABLE alone masks it. Once the FIN is in, a later reset
+/// does not change what the next read says: 0, the end (tcp_recvmsg
+/// checks SOCK_DONE before the error).
 fn fin_arrived(src: &TcpStream) -> bool {
     matches!(
-        src.ready(Interest::READABLE).now_or_never(),
+        src.ready(Interest::READABLE | Interest::ERROR).now_or_never(),
         Some(Ok(ready)) if ready.is_read_closed() && !ready.is_error()
     )
 }
