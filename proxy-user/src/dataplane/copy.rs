@@ -141,7 +141,11 @@ pub(super) async fn forward(
     // a reset) goes out right after these bytes. MSG_MORE holds them back
     // until then, so the FIN rides on their segment, as HAProxy's do: a
     // reply that ends its connection costs one segment and one ACK less
-    // (NOTES §2, "The FIN on the last segment").
+    // (NOTES §2, "The FIN on the last segment"). Between this write and
+    // that read the pump awaits only `readable`, which read-closed keeps
+    // ready; if a safepoint stopped it there (an upgrade, a promotion),
+    // whoever reads next finds the FIN at once and shuts the socket,
+    // which sends the bytes.
     let more = if fin_queued && n < buf.len() {
         libc::MSG_MORE
     } else {
