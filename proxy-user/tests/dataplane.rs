@@ -19,6 +19,27 @@ planes!(
     idle_timeout_closes_quiet_connections,
 );
 
+/// A test of what only the userspace planes do, on each of them and on
+/// auto (which starts every connection there): `$group::{copy,splice,auto}`.
+macro_rules! userspace_planes {
+    ($group:ident, $test:ident) => {
+        mod $group {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn copy() {
+                super::$test("copy").await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn splice() {
+                super::$test("splice").await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn auto() {
+                super::$test("auto").await;
+            }
+        }
+    };
+}
+
 /// Client sends everything and FINs, pauses, then reads: the target→client
 /// direction must stay open after the client's FIN and deliver all.
 async fn half_close_client_first(mode: &str) {
@@ -99,34 +120,53 @@ async fn half_close_target_first(mode: &str) {
 
 /// The target aborts with RST: the client must see a reset, not a clean EOF.
 async fn reset_from_target_reaches_client(mode: &str) {
-    let server = Backend::with("rst", |mut s| async move {
+    partial_then_reset(mode, Duration::from_millis(50), 1).await;
+}
+
+/// `rounds` clients each send 5 bytes; the target answers "partial" and,
+/// after `pause`, aborts with RST. Each client must get the bytes, then
+/// ECONNRESET, never a clean EOF.
+async fn partial_then_reset(mode: &str, pause: Duration, rounds: usize) {
+    let server = Backend::with("rst", move |mut s| async move {
         let mut buf = [0u8; 5];
-        let _ = s.read_exact(&mut buf).await;
+        if s.read_exact(&mut buf).await.is_err() {
+            return;
+        }
         let _ = s.write_all(b"partial").await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         drop(s);
     })
     .await;
     let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
     bounded(30, "rst from target", async {
-        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-        s.write_all(b"hello").await.unwrap();
-        let mut got = Vec::new();
-        let err = loop {
-            let mut buf = [0u8; 1024];
-            match s.read(&mut buf).await {
-                Ok(0) => panic!("clean EOF after {got:?}: reset was not propagated"),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-        assert_eq!(got, b"partial");
+        for round in 0..rounds {
+            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            let mut got = Vec::new();
+            let err = loop {
+                let mut buf = [0u8; 1024];
+                match s.read(&mut buf).await {
+                    Ok(0) => panic!("round {round}: clean EOF after {got:?}: the reset was lost"),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+            assert_eq!(
+                got, b"partial",
+                "round {round}: --mode {mode} lost the bytes that came before the reset"
+            );
+        }
     })
     .await;
-    let lines = proxy.wait_conn_lines(1, 5).await;
-    assert_eq!(lines[0]["end"], "target_reset");
+    let lines = proxy.wait_conn_lines(rounds, 5).await;
+    assert!(
+        lines.iter().all(|l| l["end"] == "target_reset"),
+        "{lines:?}"
+    );
 }
 
 /// The client aborts with RST: the target must see a reset.
@@ -270,35 +310,12 @@ async fn idle_timeout_closes_quiet_connections(mode: &str) {
     assert_eq!(lines[0]["bytes_in"], 24);
 }
 
-mod fin_on_last_segment {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn copy() {
-        super::fin_rides_on_the_last_segment("copy").await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn splice() {
-        super::fin_rides_on_the_last_segment("splice").await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn auto() {
-        super::fin_rides_on_the_last_segment("auto").await;
-    }
-}
+userspace_planes!(fin_on_last_segment, fin_rides_on_the_last_segment);
 
-mod reset_right_after_data {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn copy() {
-        super::reset_right_after_data_follows_the_data("copy").await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn splice() {
-        super::reset_right_after_data_follows_the_data("splice").await;
-    }
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn auto() {
-        super::reset_right_after_data_follows_the_data("auto").await;
-    }
-}
+userspace_planes!(
+    reset_right_after_data,
+    reset_right_after_data_follows_the_data
+);
 
 /// The target writes and resets at once, so the proxy usually finds the
 /// bytes and the reset both queued when it reads: the bytes still reach
@@ -306,44 +323,7 @@ mod reset_right_after_data {
 /// mean a FIN is next: a reset closes reading too. Holding the bytes back
 /// for a FIN that never comes would let the reset discard them.)
 async fn reset_right_after_data_follows_the_data(mode: &str) {
-    let server = Backend::with("write-rst", |mut s| async move {
-        let mut buf = [0u8; 5];
-        if s.read_exact(&mut buf).await.is_err() {
-            return;
-        }
-        let _ = s.write_all(b"partial").await;
-        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-        drop(s);
-    })
-    .await;
-    let proxy = Proxy::start(mode, &[AppSpec::new("a", 1, vec![server.target()])], &[]).await;
-    const ROUNDS: usize = 20;
-    bounded(30, "reset right after data", async {
-        for round in 0..ROUNDS {
-            let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-            s.write_all(b"hello").await.unwrap();
-            let mut got = Vec::new();
-            let err = loop {
-                let mut buf = [0u8; 64];
-                match s.read(&mut buf).await {
-                    Ok(0) => panic!("round {round}: clean EOF after {got:?}: the reset was lost"),
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) => break e,
-                }
-            };
-            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-            assert_eq!(
-                got, b"partial",
-                "round {round}: --mode {mode} lost the bytes that came before the reset"
-            );
-        }
-    })
-    .await;
-    let lines = proxy.wait_conn_lines(ROUNDS, 5).await;
-    assert!(
-        lines.iter().all(|l| l["end"] == "target_reset"),
-        "{lines:?}"
-    );
+    partial_then_reset(mode, Duration::ZERO, 20).await;
 }
 
 /// A reply that ends its connection (the target sends it with its FIN in
