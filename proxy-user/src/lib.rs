@@ -8,13 +8,15 @@
 //! - `dataplane`: how the bytes move once both sockets are connected;
 //! - `ops`: metrics, admin endpoints, access log, logging (every component
 //!   registers its own series, `metric` helps);
-//! - `server`: wires them together, reloads, drains.
+//! - `server`: wires them together, reloads, drains;
+//! - `gate`: a future polled only when it woke (a connection's timers).
 
 mod bpf;
 pub mod cli;
 mod config;
 mod dataplane;
 mod edge;
+mod gate;
 mod metric;
 mod ops;
 pub use ops::logging;

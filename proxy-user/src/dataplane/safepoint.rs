@@ -16,7 +16,7 @@
 //! again).
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use super::parking::{Parked, Parking, PARKING};
 use super::userspace::{arm_reset, supervise_pumps, Pump};
 use super::{ConnInfo, EndReason, Signals, Transfer};
+use crate::gate::Gate;
 
 /// How a userspace carry that may be promoted ended.
 pub(super) enum Carried {
@@ -86,10 +87,13 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
             signals: conn.signals.clone(),
         };
         let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
+        // Gated: the signals' receiver and the promotion watch are polled
+        // when they fire, not at every socket's wake.
+        let reached = pin!(asks.reached(&held));
         let stopped = tokio::select! {
             biased;
             end = supervised => Err(end),
-            stop = asks.reached(&held) => Ok(stop),
+            stop = Gate::new(reached) => Ok(stop),
         };
         let moved = [
             moved[0].load(Ordering::Relaxed),

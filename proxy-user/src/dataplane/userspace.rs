@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{fin, tcpinfo, ConnInfo, EndReason, Plane};
+use crate::gate::Gate;
 
 #[derive(Debug)]
 pub(super) enum DirEnd {
@@ -140,7 +141,9 @@ pub(super) fn supervise<'a, Q: Future<Output = ()> + 'a>(
     conn: &'a ConnInfo,
 ) -> impl Future<Output = EndReason> + 'a {
     async move {
-        let mut idle = pin!(quiet(conn.idle_timeout));
+        // Gated: polled when its timer fires, not at every socket's wake.
+        let idle = pin!(quiet(conn.idle_timeout));
+        let mut idle = Gate::new(idle);
         let mut fin = fin::Armed::new();
         let (mut up_done, mut down_done) = (false, false);
         // The source of a direction that passed its FIN is read no more, so an
