@@ -26,7 +26,7 @@ use anyhow::Context;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::copy::{self, CopyPlane, Forwarded};
+use super::copy::{self, CopyPlane, Forward, Forwarded};
 use super::pool::{self, Shelf};
 use super::safepoint;
 use super::userspace::{readable, writable, DirEnd, Pump, Tally};
@@ -266,8 +266,10 @@ fn pump<'a>(
             }
             if !bulk {
                 let mut buf = pool::take_buffer(FIRST_READ);
-                // Boxed, as in `copy::pump`: heap only while bytes move.
-                let forwarded = Box::pin(copy::forward(src, dst, &mut buf, &tally)).await;
+                let forwarded = match copy::forward(src, dst, &mut buf, &tally) {
+                    Forward::Done(forwarded) => forwarded,
+                    Forward::Blocked(rest) => rest.await,
+                };
                 pool::give_back(buf);
                 match forwarded {
                     // A full read: a bulk burst, which goes on through the pipe.
