@@ -13,6 +13,11 @@
 #       system time and the rest (client, backend), and the rate the
 #       endpoint would reach with no user time (NOTES.md §2, "The
 #       machine's ceiling")
+#   bench/profile/peers.sh samples ENDPOINT LOAD [DURATION]
+#       the endpoint's CPU per connection or round trip in user and in
+#       kernel mode, from perf samples at 4,999 Hz: finer than `cpu`'s
+#       split, which /proc counts in 10 ms ticks (the kernel share includes
+#       softirq work perf finds on the endpoint's threads)
 #   bench/profile/peers.sh calls ENDPOINT LOAD
 #       syscalls per connection or round trip: strace -c -f over a short
 #       load (strace slows it, so only the counts mean anything)
@@ -116,6 +121,19 @@ print(f"{'':28} machine {100 * busy / total:3.0f}% busy: {1e6 * busy / n:6.1f} u
       f"the rest (client, backend) {1e6 * rest / n:6.1f}, the endpoint's user {1e6 * user / n:5.1f} "
       f"and system {1e6 * system / n:5.1f}; at zero user time: at most {n / d['seconds'] * busy / (rest + system):6.0f} {unit}/s")
 PY
+    ;;
+samples)
+    # CPU of the endpoint's processes sampled by perf at 4,999 Hz, split
+    # into user and kernel mode, per connection or round trip. Finer than
+    # `cpu`'s user/system split, which /proc counts in 10 ms ticks: a few
+    # seconds of a proxy's user time are a few dozen ticks.
+    perf record -F 4999 -p "$PID${MORE:+,$MORE}" -o "$WORK/perf.data" >/dev/null 2>&1 &
+    PERF=$!
+    sleep 0.3
+    "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration "${1:-5s}" ${BENCH_FLAGS:-} --json > "$WORK/out.json"
+    kill -INT $PERF
+    wait $PERF || true
+    python3 "$(dirname "$0")/samples.py" "$WORK/out.json" "$ENDPOINT" "$WORK/perf.data"
     ;;
 calls)
     # shellcheck disable=SC2046
