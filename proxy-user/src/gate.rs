@@ -18,6 +18,12 @@ use std::task::{Context, Poll, Wake, Waker};
 
 /// `inner`, polled on the first poll and then only after it woke its
 /// waker. Its output is the same.
+///
+/// The contract: `inner` may become ready only through its own waker.
+/// One that looks at shared state whenever it is polled (a counter a
+/// socket's pump bumps) would wait behind the gate until its next timer
+/// or notification. The gated futures here read such state only when
+/// their own timer fired.
 pub struct Gate<'a, F: ?Sized> {
     inner: Pin<&'a mut F>,
     woken: Arc<Woken>,
