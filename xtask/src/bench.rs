@@ -10,7 +10,8 @@ use std::{fs, net::SocketAddr, path::Path, process::Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::bench_model::{free_port, Endpoint, Options, Targets, OUR_PLANES};
+use crate::bench_model::{Endpoint, Options, Targets, OUR_PLANES};
+use crate::ports::free_port;
 use crate::{bench_about, proxy_binary, root, sh::cmd, tester_binary};
 
 /// Every round starts the servers and proxies afresh and runs one round of

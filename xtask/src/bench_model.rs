@@ -2,13 +2,7 @@
 //! endpoints forward, and the endpoints themselves. Shared by the runner
 //! (`bench`), the peers' setup (`bench_peers`) and the report's preamble
 //! (`bench_about`), which import it and not each other.
-use std::{
-    fs,
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-};
-
-use anyhow::Result;
+use std::{fs, net::SocketAddr, path::PathBuf};
 
 use crate::{root, sh::Background};
 
@@ -157,8 +151,4 @@ impl Endpoint {
             about,
         }
     }
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

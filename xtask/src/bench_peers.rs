@@ -7,7 +7,8 @@ use std::{fmt::Write as _, fs, path::Path, process::Stdio};
 
 use anyhow::Result;
 
-use crate::bench_model::{free_port, Endpoint, Targets, NGINX_WORKERS};
+use crate::bench_model::{Endpoint, Targets, NGINX_WORKERS};
+use crate::ports::free_port;
 use crate::sh::cmd;
 
 pub fn haproxy(

@@ -2,7 +2,7 @@
 //! tester's `check` driving traffic through it.
 use std::{
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
@@ -146,14 +146,7 @@ fn read_config(path: &Path) -> Result<serde_json::Value> {
 /// free port; the unresolvable target stays as it is.
 fn relocated_config() -> Result<std::path::PathBuf> {
     let mut json = read_config(&root().join("config.json"))?;
-    // Held until every port is chosen, so no port is handed out twice.
-    let mut held = Vec::new();
-    let mut free_port = || -> Result<u16> {
-        let probe = TcpListener::bind("127.0.0.1:0")?;
-        let port = probe.local_addr()?.port();
-        held.push(probe);
-        Ok(port)
-    };
+    use crate::ports::free_port;
     for app in json["Apps"].as_array_mut().context("Apps")? {
         for port in app["Ports"].as_array_mut().context("Ports")? {
             *port = free_port()?.into();

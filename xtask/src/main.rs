@@ -6,6 +6,7 @@ mod bench_peers;
 mod debroot;
 mod e2e;
 mod package;
+mod ports;
 mod setup;
 mod sh;
 
