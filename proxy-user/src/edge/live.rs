@@ -15,12 +15,10 @@
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::pin;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::gate::Gate;
 use crate::ops::metrics::{AppMetrics, ByteTally};
 
 /// `tcpi_bytes_acked` in `struct tcp_info` (linux/tcp.h, since 4.1).
@@ -140,23 +138,18 @@ pub(super) fn carry_counting<'a, T>(
     // its arguments in every connection's task.
     async move {
         tokio::pin!(carry);
-        // Never ends (its output type is the carry's, which it never makes).
-        let counting = pin!(async {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Some((c2t, t2c)) = sampler.sample() {
-                    tally.advance(metrics, c2t, t2c);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                t = &mut carry => return t,
+                _ = tick.tick() => {
+                    if let Some((c2t, t2c)) = sampler.sample() {
+                        tally.advance(metrics, c2t, t2c);
+                    }
                 }
             }
-        });
-        // Gated: the tick is polled when it fires, not at every socket's
-        // wake.
-        tokio::select! {
-            biased;
-            t = &mut carry => t,
-            t = Gate::new(counting) => t,
         }
     }
 }
