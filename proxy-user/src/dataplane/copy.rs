@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use super::pool::{give_back, take_buffer};
 use super::safepoint;
-use super::userspace::{readable, writable, DirEnd, Pump, Tally};
+use super::userspace::{readable, write_all_with, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
 /// Default per-direction buffer. Measured on this 2-vCPU VM (release build,
@@ -132,50 +132,19 @@ pub(super) fn forward<'a>(
     buf: &'a mut [u8],
     tally: &'a Tally<'_>,
 ) -> Forward<impl Future<Output = Forwarded> + 'a> {
-    match forward_now(src, dst, buf, tally) {
-        Now::Done(forwarded) => Forward::Done(forwarded),
-        Now::Full { n, written, more } => Forward::Blocked(Box::pin(write_rest(
-            src,
-            dst,
-            &buf[..n],
-            written,
-            more,
-            tally,
-        ))),
-    }
-}
-
-/// What `forward` did at once.
-pub(super) enum Forward<F> {
-    Done(Forwarded),
-    /// `dst` is full: the rest of the read is written as this is awaited.
-    Blocked(Pin<Box<F>>),
-}
-
-/// How far `forward_now` got.
-enum Now {
-    Done(Forwarded),
-    /// `dst` took only `written` of the `n` bytes read.
-    Full {
-        n: usize,
-        written: usize,
-        more: libc::c_int,
-    },
-}
-
-/// `forward` up to the first write that would block.
-fn forward_now(src: &TcpStream, dst: &TcpStream, buf: &mut [u8], tally: &Tally<'_>) -> Now {
     let fin_queued = fin_arrived(src);
     let n = match read_some(src, buf) {
         Ok(0) => {
             // Everything read so far was written in full (the writes
             // below), so the FIN can follow it now.
-            return Now::Done(Forwarded::End(tally.pass_fin(dst)));
+            return Forward::Done(Forwarded::End(tally.pass_fin(dst)));
         }
         Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Now::Done(Forwarded::Dry),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Now::Done(Forwarded::Some(0)),
-        Err(e) => return Now::Done(Forwarded::End(DirEnd::ReadFailed(e))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Forward::Done(Forwarded::Dry),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            return Forward::Done(Forwarded::Some(0))
+        }
+        Err(e) => return Forward::Done(Forwarded::End(DirEnd::ReadFailed(e))),
     };
     tally.read(n);
     // The source's FIN was in before this read, and the read emptied the
@@ -193,48 +162,41 @@ fn forward_now(src: &TcpStream, dst: &TcpStream, buf: &mut [u8], tally: &Tally<'
     } else {
         0
     };
+    let read: &'a [u8] = &buf[..n];
     let mut written = 0;
     while written < n {
-        match send(dst, &buf[written..n], more) {
+        match send(dst, &read[written..], more) {
             Ok(m) => {
                 written += m;
                 tally.wrote(m);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Now::Full { n, written, more }
+                // `dst` is full: the rest waits for room, watching `src`.
+                let rest = &read[written..];
+                return Forward::Blocked(Box::pin(async move {
+                    let sent = write_all_with(src, dst, rest, |b| {
+                        let m = send(dst, b, more)?;
+                        tally.wrote(m);
+                        Ok(m)
+                    });
+                    match sent.await {
+                        Ok(()) => Forwarded::Some(n),
+                        Err(end) => Forwarded::End(end),
+                    }
+                }));
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Now::Done(Forwarded::End(DirEnd::WriteFailed(e))),
+            Err(e) => return Forward::Done(Forwarded::End(DirEnd::WriteFailed(e))),
         }
     }
-    Now::Done(Forwarded::Some(n))
+    Forward::Done(Forwarded::Some(n))
 }
 
-/// Writes the rest of a read, `bytes` from `written` on, as `dst` takes
-/// it, watching `src` meanwhile (`writable`).
-async fn write_rest(
-    src: &TcpStream,
-    dst: &TcpStream,
-    bytes: &[u8],
-    mut written: usize,
-    more: libc::c_int,
-    tally: &Tally<'_>,
-) -> Forwarded {
-    while written < bytes.len() {
-        if let Err(end) = writable(src, dst).await {
-            return Forwarded::End(end);
-        }
-        match send(dst, &bytes[written..], more) {
-            Ok(m) => {
-                written += m;
-                tally.wrote(m);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Forwarded::End(DirEnd::WriteFailed(e)),
-        }
-    }
-    Forwarded::Some(bytes.len())
+/// What `forward` did at once.
+pub(super) enum Forward<F> {
+    Done(Forwarded),
+    /// `dst` is full: the rest of the read is written as this is awaited.
+    Blocked(Pin<Box<F>>),
 }
 
 /// Whether `src`'s peer has sent its FIN, as the last readiness event

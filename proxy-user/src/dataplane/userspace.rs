@@ -346,11 +346,23 @@ pub(super) async fn writable(src: &TcpStream, dst: &TcpStream) -> Result<(), Dir
 pub(super) async fn write_all_from(
     src: &TcpStream,
     dst: &TcpStream,
+    bytes: &[u8],
+) -> Result<(), DirEnd> {
+    write_all_with(src, dst, bytes, |b| dst.try_write(b)).await
+}
+
+/// `write_all_from` with its own `write` (one non-blocking attempt, which
+/// returns how many bytes went out): the copy plane's sends with flags and
+/// counts each write.
+pub(super) async fn write_all_with(
+    src: &TcpStream,
+    dst: &TcpStream,
     mut bytes: &[u8],
+    mut write: impl FnMut(&[u8]) -> io::Result<usize>,
 ) -> Result<(), DirEnd> {
     while !bytes.is_empty() {
         writable(src, dst).await?;
-        match dst.try_write(bytes) {
+        match write(bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
