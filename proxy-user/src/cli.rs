@@ -57,8 +57,8 @@ pub struct Cli {
     pub listen_address: String,
 
     /// Data plane. auto (the default) is adaptive: every connection starts in userspace on splice(2)
-    /// (copy where splice is refused), and one that stays open past --promote-after while moving less
-    /// than --promote-below moves into the kernel fastpath where BPF loads; a direction that turns bulk
+    /// (copy where splice is refused), and one that stays open past --promote-after while moving some
+    /// bytes but less than --promote-below moves into the kernel fastpath where BPF loads; a direction that turns bulk
     /// or backpressured comes back out, losslessly (NOTES.md §2). splice, copy and fastpath force one
     /// plane for every connection (splice and fastpath exit at start if they cannot work). Measured
     /// figures for each are in NOTES.md and `cargo xtask bench`.
@@ -174,7 +174,7 @@ pub struct Cli {
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 
-    /// --mode auto with BPF: a connection still open after this long, that moved less than --promote-below per second over it, moves into the kernel fastpath (checked again every period); 0 = never, auto stays in userspace.
+    /// --mode auto with BPF: a connection still open after this long, that moved some bytes but less than --promote-below per second over it (a silent period does not count), moves into the kernel fastpath (checked again every period); 0 = never, auto stays in userspace.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub promote_after: Duration,
 

@@ -143,3 +143,56 @@ async fn promote_after_zero_keeps_auto_in_userspace() {
     proxy.wait_conn_lines(1, 10).await;
     assert_eq!(only_conn(&proxy)["plane"], "splice");
 }
+
+/// A silent period is no evidence of light traffic: a connection that says
+/// nothing moves only after a period that carried a little.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_moves_after_its_first_light_period() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    // Three and a half silent watch periods, then a small message every 20 ms.
+    let silence = (1, 0, Duration::from_millis(700));
+    let chat = (40, 200, Duration::from_millis(20));
+    bounded(60, "silence, then chat", async {
+        echo_phases(proxy.addr(0, 0), 0x7500, &[silence, chat]).await
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "fastpath", "promoted: {line}");
+    let after = line["promoted_ms"].as_u64().expect("promoted_ms");
+    assert!(after >= 700, "not while it was silent: {line}");
+}
+
+/// sockperf's shape: connect, say nothing for a while, then ping-pong flat
+/// out. Promoted at its first silent period, it would run the ping-pong in
+/// the kernel, where busy small messages are slower than on splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_then_busy_connection_stays_in_userspace() {
+    const ROUND_TRIPS: u64 = 5000;
+    const SIZE: usize = 100;
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    bounded(60, "silence, then ping-pong", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let total = ROUND_TRIPS * SIZE as u64;
+        let (mut gen, mut check) = (SeqGen::new(0x7600, total), SeqCheck::new(0x7600));
+        let mut buf = [0u8; SIZE];
+        for _ in 0..ROUND_TRIPS {
+            let n = gen.fill(&mut buf);
+            s.write_all(&buf[..n]).await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            check.feed(&buf);
+        }
+        s.shutdown().await.unwrap();
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0, "the echo ends there");
+        assert_eq!(check.finish(total), Ok(()));
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "splice", "busy after silence stays: {line}");
+    assert!(line["promoted_ms"].is_null(), "{line}");
+}

@@ -97,11 +97,12 @@ async fn slow_receiver_stays_bounded(mode: &str) {
 }
 
 /// `--mode auto` with a connection moved into the kernel 50 ms in (no rate
-/// is too high), so the slow receiver meets a promoted pair. The client
-/// sends nothing for its first 500 ms: a connection moves only where
-/// neither direction holds bytes, which a flood from the first moment
-/// leaves to chance (in practice to after the slow phase, so the bound
-/// was measured on splice; and in one CI run of three, never).
+/// is too high), so the slow receiver meets a promoted pair. The sink's
+/// one-byte greeting is all that moves in the first 500 ms: a connection
+/// moves only where neither direction holds bytes, which a flood from the
+/// first moment leaves to chance (in practice to after the slow phase, so
+/// the bound was measured on splice; and in one CI run of three, never),
+/// and only after a period that carried something.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auto_slow_receiver_stays_bounded() {
     let promote_early = [
@@ -115,6 +116,10 @@ async fn auto_slow_receiver_stays_bounded() {
     slow_receiver_bounded_with("auto", &promote_early).await
 }
 
+/// What the slow sink says first: one byte, so a connection that is
+/// otherwise quiet carried something in its first watch period.
+const GREETING: &[u8; 1] = b"+";
+
 async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     // MemAvailable is system-wide: the planes take turns, and this test binary
     // holds nothing else heavy while they run.
@@ -122,6 +127,7 @@ async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     const LEN: u64 = 1 << 30;
     const SLOW_PHASE: Duration = Duration::from_secs(4);
     let sink = Backend::with("slow-sink", |mut s: TcpStream| async move {
+        s.write_all(GREETING).await?;
         let mut h = StreamHasher::new(LEN);
         let mut buf = vec![0u8; 64 * 1024];
         let mut total = 0u64;
@@ -150,9 +156,13 @@ async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     let before = mem_available();
     let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
     let (mut r, mut w) = s.into_split();
+    let mut greeting = [0u8; GREETING.len()];
+    r.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, GREETING);
     let promotes = !extra.is_empty();
     if promotes {
-        // Quiet, so that the promotion finds both directions empty.
+        // Quiet but for the greeting, so that the promotion finds both
+        // directions empty.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let sender = tokio::spawn(async move { send_payload(&mut w, 11, LEN, 256 * 1024).await });

@@ -42,8 +42,9 @@ const LEN: u64 = 256 << 10;
 
 /// `mode`'s flags, and how long a side waits before its first FIN so the
 /// pair is in the kernel by then on the fastpath (installed at once) and on
-/// auto (promoted after 200 ms of quiet): a FIN before the install keeps the
-/// pair in userspace, which the close line's plane would then say.
+/// auto (promoted after a 200 ms period that carried a little): a FIN
+/// before the install keeps the pair in userspace, which the close line's
+/// plane would then say.
 fn setup(mode: &str, which: &str) -> (Vec<String>, Duration) {
     let mut args: Vec<String> = [
         "--idle-timeout",
@@ -192,8 +193,13 @@ async fn target_half_closes_and_client_never_closes(mode: &str) {
                 return;
             }
             let (mut r, mut w) = s.into_split();
-            tokio::time::sleep(settle).await;
             let mut gen = SeqGen::new(9, LEN);
+            // A first small piece, then a pause: auto promotes only after a
+            // period that carried something.
+            let mut buf = vec![0u8; 1024];
+            let n = gen.fill(&mut buf);
+            w.write_all(&buf[..n]).await.unwrap();
+            tokio::time::sleep(settle).await;
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = gen.fill(&mut buf);
@@ -270,10 +276,13 @@ async fn unread_answer_after_client_fin_gets_both_sides_reset(mode: &str) {
     let proxy = spawn(mode, &target, &args).await;
     bounded(30, "owed at server-fin", async {
         let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-        tokio::time::sleep(settle).await;
         let mut request = [0u8; 8];
         SeqGen::new(3, 8).fill(&mut request);
-        s.write_all(&request).await.unwrap();
+        // Half the request, then a pause: auto promotes only after a period
+        // that carried something.
+        s.write_all(&request[..4]).await.unwrap();
+        tokio::time::sleep(settle).await;
+        s.write_all(&request[4..]).await.unwrap();
         s.shutdown().await.unwrap();
         // Past the fin timeout with the answer unread.
         tokio::time::sleep(FIN * 3).await;

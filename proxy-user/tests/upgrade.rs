@@ -195,8 +195,8 @@ async fn twenty_upgrades_auto() {
         in_kernel as u64 >= STREAMS / 2,
         "only {in_kernel} of {STREAMS} slow streams ended promoted after 20 moves"
     );
-    // Bulk streams stay on splice unless a starved test client stalls
-    // them for a whole period (then they are quiet, and promoted too).
+    // Bulk streams stay on splice unless a starved test client slows
+    // them for a whole period (then they move little, and are promoted too).
     let on_splice = long.iter().filter(|l| l["plane"] == "splice").count();
     eprintln!("auto: {in_kernel} streams ended in the kernel (promoted, then moved as pairs), {on_splice} on splice");
 }

@@ -2,10 +2,11 @@
 //! starts in userspace (splice, else copy): cheap to set up, and the best
 //! plane for bulk transfers and for short connections, which never pay for
 //! an install. A connection that is still open after `--promote-after` and
-//! moved fewer than `--promote-below` bytes per second and received fewer
-//! than `--promote-segments-below` data segments per second over that time
-//! (interactive or mostly idle: where the kernel's per-skb hop beats two
-//! syscalls per message) moves into the kernel fastpath. Both signals are
+//! moved some bytes over that time, but fewer than `--promote-below` per
+//! second, and received fewer than `--promote-segments-below` data segments
+//! per second (interactive or mostly idle: where the kernel's per-skb hop
+//! beats two syscalls per message) moves into the kernel fastpath; a silent
+//! one waits for its first light period. Both signals are
 //! needed: busy small-message connections (50 kept connections of
 //! request/response, `rr50` in the bench) move few bytes but many skbs, and
 //! in the kernel each skb crosses a kworker: measured 0.82x the best peer's
@@ -48,8 +49,9 @@ pub struct Promotion {
 }
 
 impl Promotion {
-    /// Resolves once the connection moved no more than the allowed bytes
-    /// and segments over one whole watch period. `fds` are the pair's
+    /// Resolves once the connection moved some bytes, but no more than the
+    /// allowed bytes and segments, over one whole watch period. `moved`:
+    /// the carry's counters, zero at its start. `fds` are the pair's
     /// sockets, open for as long as this is polled (the carry that owns
     /// them runs in the same `select!`); a socket whose counters cannot be
     /// read counts as busy. `fresh`: this process accepted the connection,
@@ -69,7 +71,9 @@ impl Promotion {
             }
             Some(sum)
         };
-        let mut last = (bytes(), if fresh { Some(0) } else { segments() });
+        // `moved` starts at zero with the carry, and the pumps may have
+        // moved the first bytes before this is first polled: they count.
+        let mut last = (0, if fresh { Some(0) } else { segments() });
         loop {
             tokio::time::sleep(self.after).await;
             let now = (bytes(), segments());
@@ -77,7 +81,16 @@ impl Promotion {
                 (Some(before), Some(after)) => after.saturating_sub(before) <= allowed_segments,
                 _ => false,
             };
-            if now.0 - last.0 <= allowed && quiet_segments {
+            // Light, and not silent: a period without a byte says nothing
+            // of what the connection will carry. sockperf connects and is
+            // silent for its first second, then ping-pongs flat out; promoted
+            // at its first silent period, it ran the whole test in the kernel,
+            // where busy small messages are slower than on splice, and a
+            // promoted pair never leaves for being busy (NOTES §2). A silent
+            // connection costs no CPU on either plane, and less memory on
+            // splice.
+            let carried = now.0 - last.0;
+            if carried > 0 && carried <= allowed && quiet_segments {
                 return;
             }
             last = now;
