@@ -35,6 +35,15 @@ pub struct FlowControl {
     /// first skb that arrives once this many bytes were redirected, and
     /// counts it nowhere, as the kernel's own loss would be. 0 in service.
     pub fault_drop_at: u64,
+    /// Nonzero (`--mode auto`'s promoted pairs): the verdict demotes the
+    /// direction itself, as at `limit`, once more than this many skbs
+    /// arrive within one `busy_window_ns`. Each redirected skb crosses a
+    /// kernel worker, which makes busy small messages slower in the kernel
+    /// than in userspace; a connection promoted while it was light leaves
+    /// when it turns busy. 0: never (`--mode fastpath`).
+    pub busy_skbs: u64,
+    /// The window `busy_skbs` is counted in, in nanoseconds.
+    pub busy_window_ns: u64,
 }
 
 /// Written by the verdict program only, read by userspace.
@@ -62,6 +71,12 @@ pub struct FlowState {
     /// Skbs whose `TCP_SKB_CB` did not match their length (a kernel whose
     /// `struct sk_buff` differs from `SKB_CB_OFFSET`): not trimmed. 0 here.
     pub unreadable: u64,
+    /// When the current `busy_skbs` window began (`bpf_ktime_get_ns`).
+    pub window_start: u64,
+    /// Skbs that arrived in the current window.
+    pub window_skbs: u64,
+    /// 1: the direction was demoted for `busy_skbs`, not for `limit`.
+    pub busy: u64,
 }
 
 /// What the verdict program tells userspace through the ring buffer: this

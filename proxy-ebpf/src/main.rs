@@ -6,10 +6,11 @@
 //!   cookie userspace wrote into `CONTROL`). It counts what it redirects and
 //!   wakes userspace every so many bytes, so userspace can move a
 //!   direction's `CONTROL.limit` along with what the peer's receiver
-//!   acknowledged. An skb that would take the direction past its limit (or
-//!   any skb once userspace sets `CONTROL.pass`) is passed, `SK_PASS`, to
-//!   the socket's own receive queue, and so is every later one: userspace
-//!   carries that direction from then on. Before any of that it cuts the
+//!   acknowledged. An skb that would take the direction past its limit, or
+//!   one more than `CONTROL.busy_skbs` in a window (a promoted connection
+//!   that turned busy), or any skb once userspace sets `CONTROL.pass`, is
+//!   passed, `SK_PASS`, to the socket's own receive queue, and so is every
+//!   later one: userspace carries that direction from then on. Before any of that it cuts the
 //!   head of a retransmitted skb that overlaps bytes already handed on
 //!   (`trim_retransmitted`), as `tcp_recvmsg` would skip it;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
@@ -22,7 +23,7 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
         BPF_F_NO_PREALLOC,
     },
-    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, sk_lookup, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash, SockMap},
     programs::{SkBuffContext, SkLookupContext},
@@ -111,10 +112,14 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // behind the ones already there, where userspace reads it once every
     // byte redirected before it has left the peer. Passing is for good once
     // one skb was passed: redirecting a later one would overtake it.
-    if control.pass != 0 || state.passed != 0 || state.redirected + len > control.limit {
+    if control.pass != 0
+        || state.passed != 0
+        || state.redirected + len > control.limit
+        || turned_busy(control, state)
+    {
         if state.passed == 0 && control.pass == 0 {
-            // The verdict demoted the direction itself (the bound): wake
-            // userspace, which reads the passed bytes from now on.
+            // The verdict demoted the direction itself (the bound, or busy):
+            // wake userspace, which reads the passed bytes from now on.
             let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
         }
         state.passed += len;
@@ -143,6 +148,26 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
     SK_PASS
+}
+
+/// Counts this skb in the direction's current `busy_skbs` window; true
+/// (and `state.busy` set) once the window holds more than `busy_skbs`.
+#[inline(always)]
+fn turned_busy(control: &FlowControl, state: &mut FlowState) -> bool {
+    if control.busy_skbs == 0 {
+        return false;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(state.window_start) > control.busy_window_ns {
+        state.window_start = now;
+        state.window_skbs = 0;
+    }
+    state.window_skbs += 1;
+    if state.window_skbs <= control.busy_skbs {
+        return false;
+    }
+    state.busy = 1;
+    true
 }
 
 /// Cuts from the head of this skb the bytes that arrived before (`TCP_SKB_CB`

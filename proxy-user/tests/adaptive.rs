@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::seq::{SeqCheck, SeqGen};
+use common::seq::{fill_at, SeqCheck, SeqGen};
 use common::*;
 
 /// Watch periods short enough for a test, and the default rate.
@@ -162,6 +162,84 @@ async fn silent_connection_moves_after_its_first_light_period() {
     assert_eq!(line["plane"], "fastpath", "promoted: {line}");
     let after = line["promoted_ms"].as_u64().expect("promoted_ms");
     assert!(after >= 700, "not while it was silent: {line}");
+}
+
+/// Ping-pong over `s`: `round_trips` messages of `size` bytes, each echoed
+/// before the next is sent, checked by position against `tag`'s stream
+/// from `at` on. Returns where the stream stands.
+async fn ping_pong(s: &mut TcpStream, tag: u64, at: u64, round_trips: u64, size: usize) -> u64 {
+    let mut buf = vec![0u8; size];
+    let mut echo = vec![0u8; size];
+    let mut at = at;
+    for _ in 0..round_trips {
+        fill_at(tag, at, &mut buf);
+        s.write_all(&buf).await.expect("write a ping");
+        s.read_exact(&mut echo).await.expect("read its echo");
+        assert_eq!(echo, buf, "echo at byte {at}");
+        at += size as u64;
+    }
+    at
+}
+
+/// A light chat moves the connection into the kernel; then it ping-pongs
+/// flat out. On auto each direction leaves the kernel as it turns busy (the
+/// verdict passes its skbs on, losslessly); forced, the kernel keeps it.
+async fn chat_then_busy(mode: &str, extra: &[&str]) -> serde_json::Value {
+    let backend = Backend::echo("echo").await;
+    let proxy = Proxy::start(
+        mode,
+        &[AppSpec::new("app", 1, vec![backend.target()])],
+        extra,
+    )
+    .await;
+    bounded(60, "chat, then ping-pong", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut at = 0;
+        // 30 messages 20 ms apart: 600 ms, three watch periods.
+        for _ in 0..30 {
+            at = ping_pong(&mut s, 0x7700, at, 1, 200).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ping_pong(&mut s, 0x7700, at, 5000, 100).await;
+        s.shutdown().await.unwrap();
+        assert_eq!(
+            s.read(&mut [0u8; 1]).await.unwrap(),
+            0,
+            "the echo ends there"
+        );
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "fastpath", "{mode}: {line}");
+    assert_eq!(line["end"], "closed", "{mode}: {line}");
+    let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_fin_ledger_failures_total{app="app"}"#),
+        0.0
+    );
+    let busy = metric(
+        &metrics,
+        r#"proxy_demotions_total{app="app",reason="busy"}"#,
+    );
+    assert_eq!(busy, line["demoted_busy"].as_f64().unwrap(), "{line}");
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_connection_that_turns_busy_leaves_the_kernel() {
+    let line = chat_then_busy("auto", FAST).await;
+    assert!(line["promoted_ms"].is_u64(), "promoted first: {line}");
+    assert_eq!(line["demoted_busy"], 2, "both directions left busy: {line}");
+    assert_eq!(line["demoted"], 2, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_fastpath_keeps_a_busy_pair_in_the_kernel() {
+    let line = chat_then_busy("fastpath", &["--admin-address", "127.0.0.1:0"]).await;
+    assert_eq!(line["demoted"], 0, "{line}");
+    assert_eq!(line["demoted_busy"], 0, "{line}");
 }
 
 /// sockperf's shape: connect, say nothing for a while, then ping-pong flat

@@ -135,8 +135,9 @@ pub struct Transfer {
     /// `--mode auto`: how long the connection was carried in userspace
     /// before the kernel took it (None: never promoted).
     pub promoted_after: Option<Duration>,
-    /// Directions the kernel handed back to userspace (0 to 2).
-    pub demoted: u8,
+    /// Directions the kernel handed back to userspace (0 to 2 in all), by
+    /// why (`Demotion as usize`).
+    pub demoted: [u8; Demotion::ALL.len()],
     /// The FIN ledger found bytes lost or duplicated; both sides were reset.
     pub lost: bool,
     /// Bytes of retransmitted segments the fastpath's verdict cut because
@@ -154,7 +155,7 @@ impl Transfer {
             end,
             plane: Plane::None,
             promoted_after: None,
-            demoted: 0,
+            demoted: [0; Demotion::ALL.len()],
             lost: false,
             overlaps_cut: 0,
         }
@@ -224,6 +225,27 @@ impl SocketBuffers {
     }
 }
 
+/// Why the kernel handed a direction of a pair back to userspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Demotion {
+    /// Its receiver fell the in-flight bound behind (`--fastpath-inflight`).
+    Bound,
+    /// `--mode auto`: a promoted direction turned busy (more skbs per
+    /// second than `--promote-segments-below`).
+    Busy,
+}
+
+impl Demotion {
+    pub const ALL: [Demotion; 2] = [Demotion::Bound, Demotion::Busy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Demotion::Bound => "bound",
+            Demotion::Busy => "busy",
+        }
+    }
+}
+
 /// Which data plane to use, from `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -255,7 +277,7 @@ impl DataPlane {
         fastpath: fastpath::Options,
     ) -> anyhow::Result<DataPlane> {
         let load_fastpath =
-            |copy: &copy::CopyPlane| fastpath::FastpathPlane::load(copy.clone(), fastpath);
+            |copy: &copy::CopyPlane, options| fastpath::FastpathPlane::load(copy.clone(), options);
         let load_splice =
             |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
         match mode {
@@ -263,7 +285,8 @@ impl DataPlane {
             Mode::Splice => load_splice(&copy).map_err(|e| {
                 e.context("--mode splice: cannot use splice(2) (use --mode copy to run without it)")
             }),
-            Mode::Fastpath => load_fastpath(&copy).map(|p| DataPlane::Fastpath(Box::new(p))).map_err(|e| {
+            // Forced: no promotion, so no direction leaves for being busy.
+            Mode::Fastpath => load_fastpath(&copy, fastpath::Options { promotion: None, ..fastpath }).map(|p| DataPlane::Fastpath(Box::new(p))).map_err(|e| {
                 e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
             }),
             Mode::Auto => {
@@ -274,7 +297,7 @@ impl DataPlane {
                 let Some(promotion) = fastpath.promotion else {
                     return Ok(userspace);
                 };
-                let fastpath = match load_fastpath(&copy) {
+                let fastpath = match load_fastpath(&copy, fastpath) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::info!(reason = %format!("{e:#}"), "kernel fastpath unavailable; --mode auto carries every connection in userspace");

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 pub use super::labels::{HeaderFailure, Limit};
 use super::process::ProcessCollector;
-use crate::dataplane::{EndReason, Plane, Transfer};
+use crate::dataplane::{Demotion, EndReason, Plane, Transfer};
 use crate::metric::registered;
 
 /// Which way bytes went (`direction` label).
@@ -49,7 +49,7 @@ macro_rules! label_value_by_name {
     )*};
 }
 
-label_value_by_name!(EndReason, Plane, Limit, Direction, HeaderFailure);
+label_value_by_name!(EndReason, Plane, Limit, Direction, HeaderFailure, Demotion);
 
 /// Upper bounds of the connection duration buckets, in seconds: from
 /// request/response exchanges to sessions of hours.
@@ -83,6 +83,12 @@ struct HeaderLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DemotionLabels {
+    app: Arc<str>,
+    reason: Demotion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndLabels {
     app: Arc<str>,
     end: EndReason,
@@ -112,7 +118,7 @@ pub struct AppMetrics {
     bytes: [Counter; Direction::ALL.len()],
     connect_attempts: Counter,
     promotions: Counter,
-    demotions: Counter,
+    demotions: [Counter; Demotion::ALL.len()],
     ledger_failures: Counter,
     overlaps_cut: Counter,
     duration: Histogram,
@@ -177,7 +183,9 @@ impl AppMetrics {
         if t.promoted_after.is_some() {
             self.promotions.inc();
         }
-        self.demotions.inc_by(u64::from(t.demoted));
+        for (counter, n) in self.demotions.iter().zip(t.demoted) {
+            counter.inc_by(u64::from(n));
+        }
         if t.lost {
             self.ledger_failures.inc();
         }
@@ -205,7 +213,7 @@ pub struct Metrics {
     bytes: Family<DirectionLabels, Counter>,
     connect_attempts: Family<AppLabels, Counter>,
     promotions: Family<AppLabels, Counter>,
-    demotions: Family<AppLabels, Counter>,
+    demotions: Family<DemotionLabels, Counter>,
     ledger_failures: Family<AppLabels, Counter>,
     overlaps_cut: Family<AppLabels, Counter>,
     duration: DurationFamily,
@@ -277,7 +285,9 @@ impl Metrics {
                 r,
                 "proxy_demotions",
                 "Directions of finished fastpath connections that the kernel handed back \
-                 to userspace (their receiver fell the in-flight bound behind), by app",
+                 to userspace, by app and reason: bound (their receiver fell the in-flight \
+                 bound behind) or busy (promoted by --mode auto, then busier than \
+                 --promote-segments-below)",
             ),
             ledger_failures: registered(
                 r,
@@ -375,7 +385,10 @@ impl Metrics {
             }),
             connect_attempts: self.connect_attempts.get_or_create_owned(&of),
             promotions: self.promotions.get_or_create_owned(&of),
-            demotions: self.demotions.get_or_create_owned(&of),
+            demotions: Demotion::ALL.map(|reason| {
+                self.demotions
+                    .get_or_create_owned(&DemotionLabels { app: app(), reason })
+            }),
             ledger_failures: self.ledger_failures.get_or_create_owned(&of),
             overlaps_cut: self.overlaps_cut.get_or_create_owned(&of),
             duration: self.duration.get_or_create_owned(&of),

@@ -8,7 +8,6 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use proxy_common::FlowControl;
 use socket2::SockRef;
 use tokio::{net::TcpStream, time::Instant};
 
@@ -59,6 +58,8 @@ pub(super) struct Direction<'a> {
     prior: u64,
     /// Bytes read from `src` since the demotion: the verdict's passed ones.
     read_passed: u64,
+    /// Demoted, and every byte the verdict redirected was handed to `dst`.
+    drained_all: bool,
 }
 
 impl<'a> Direction<'a> {
@@ -91,6 +92,7 @@ impl<'a> Direction<'a> {
             early: start.early,
             prior: start.prior,
             read_passed: start.read_passed,
+            drained_all: false,
         }
     }
 
@@ -303,21 +305,27 @@ impl<'a> Direction<'a> {
         if state.passed > 0 {
             self.linked = false;
             self.demoted = true;
-            tracing::debug!(
-                cookie = self.src_side.cookie,
-                redirected = state.redirected,
-                "receiver fell a bound behind; direction continues in userspace"
-            );
+            if state.busy != 0 {
+                tracing::debug!(
+                    cookie = self.src_side.cookie,
+                    redirected = state.redirected,
+                    "direction turned busy; it continues in userspace"
+                );
+            } else {
+                tracing::debug!(
+                    cookie = self.src_side.cookie,
+                    redirected = state.redirected,
+                    "receiver fell a bound behind; direction continues in userspace"
+                );
+            }
             return Ok(());
         }
         let delivered = self.delivered().map_err(DirEnd::WriteFailed)?;
-        let next = FlowControl {
-            peer: self.dst_side.cookie,
-            check_at: state.redirected + self.plane.bound / 4,
-            limit: delivered + self.plane.bound,
-            pass: 0,
-            fault_drop_at: self.plane.fault_drop_at,
-        };
+        let next = self.plane.control(
+            self.dst_side.cookie,
+            state.redirected + self.plane.bound / 4,
+            delivered + self.plane.bound,
+        );
         self.set
             .set_control(self.src_side.cookie, next)
             .map_err(DirEnd::ReadFailed)
@@ -326,6 +334,12 @@ impl<'a> Direction<'a> {
     /// Waits until every byte the kernel redirected into `dst` so far has been
     /// handed to its TCP, so a userspace write or FIN cannot overtake it.
     async fn wait_drained(&mut self) -> Result<(), DirEnd> {
+        // Demoted, the verdict redirects nothing more: once what it did
+        // redirect is out, a busy demoted direction's reads need no map
+        // lookup each.
+        if self.demoted && self.drained_all {
+            return Ok(());
+        }
         let redirected = self
             .set
             .state(self.src_side.cookie)
@@ -352,6 +366,8 @@ impl<'a> Direction<'a> {
             }
             tokio::time::sleep(POLL).await;
         }
+        // Read after the demotion was seen, `redirected` is final.
+        self.drained_all = self.demoted;
         Ok(())
     }
 }

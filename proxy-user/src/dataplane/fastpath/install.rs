@@ -24,8 +24,7 @@ impl MapSet {
         &self,
         client: &TcpStream,
         upstream: &TcpStream,
-        bound: u64,
-        fault_drop_at: u64,
+        control: impl Fn(u64) -> FlowControl,
     ) -> Result<Pair> {
         let mut pair = Pair {
             client: Side::new(tcpinfo::cookie(client).context("SO_COOKIE of the client")?),
@@ -43,15 +42,8 @@ impl MapSet {
                 (&pair.client, &pair.upstream),
                 (&pair.upstream, &pair.client),
             ] {
-                let control = FlowControl {
-                    peer: dst.cookie,
-                    check_at: bound / 4,
-                    limit: bound,
-                    pass: 0,
-                    fault_drop_at,
-                };
                 maps.control
-                    .insert(src.cookie, control, 0)
+                    .insert(src.cookie, control(dst.cookie), 0)
                     .context("CONTROL map insert")?;
                 maps.state
                     .insert(src.cookie, FlowState::default(), 0)

@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use aya::{programs::SkSkb, Ebpf, EbpfLoader};
+use proxy_common::FlowControl;
 use tokio::net::TcpStream;
 
 use super::userspace::{arm_reset, cut_short};
@@ -66,6 +67,28 @@ pub use moving::Ledger;
 /// acknowledged by the receiver) with kernel autotuning (`--socket-buffer 0`).
 pub const AUTOTUNED_INFLIGHT_BOUND: u64 = 4 << 20;
 
+/// When a promoted direction counts as busy: more than `skbs` skbs within
+/// `window_ns`. The promotion's own rule, per direction: a connection moves
+/// in with at most `--promote-segments-below` per second on both sockets
+/// together, and a direction leaves with more than that on its own, so a
+/// connection near the line does not move in and straight back out (and a
+/// direction changes plane at most once).
+#[derive(Debug, Clone, Copy, Default)]
+struct Busy {
+    skbs: u64,
+    window_ns: u64,
+}
+
+impl Busy {
+    fn of(promotion: super::Promotion) -> Busy {
+        let period = promotion.after;
+        Busy {
+            skbs: ((promotion.segments_below as f64 * period.as_secs_f64()) as u64).max(1),
+            window_ns: period.as_nanos().min(u128::from(u64::MAX)) as u64,
+        }
+    }
+}
+
 /// Fastpath knobs from the command line.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -75,7 +98,8 @@ pub struct Options {
     pub inflight: Option<u64>,
     /// The fixed SO_RCVBUF/SO_SNDBUF asked for (None: autotuning).
     pub socket_buffer: Option<u32>,
-    /// `--mode auto`: when a connection moves into the kernel (None: never).
+    /// `--mode auto`: when a connection moves into the kernel (None: never),
+    /// and so when a promoted direction that turned busy leaves it again.
     pub promotion: Option<super::Promotion>,
     /// Tests only: see `FlowControl::fault_drop_at` (0: off).
     pub fault_drop_at: u64,
@@ -152,6 +176,9 @@ pub struct FastpathPlane {
     bound: u64,
     socket_buffer: Option<u32>,
     fault_drop_at: u64,
+    /// `--mode auto`: a direction that turns busy leaves the kernel
+    /// (`FlowControl::busy_skbs`); None on `--mode fastpath`.
+    busy: Option<Busy>,
     /// Owns the loaded program; dropping it would detach the verdict.
     _ebpf: Mutex<Ebpf>,
 }
@@ -188,8 +215,25 @@ impl FastpathPlane {
             bound,
             socket_buffer: options.socket_buffer,
             fault_drop_at: options.fault_drop_at,
+            busy: options.promotion.map(Busy::of),
             _ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// What the verdict is told about one direction: `peer` receives its
+    /// bytes while at most `limit` were redirected; wake userspace at
+    /// `check_at`.
+    fn control(&self, peer: u64, check_at: u64, limit: u64) -> FlowControl {
+        let busy = self.busy.unwrap_or_default();
+        FlowControl {
+            peer,
+            check_at,
+            limit,
+            pass: 0,
+            fault_drop_at: self.fault_drop_at,
+            busy_skbs: busy.skbs,
+            busy_window_ns: busy.window_ns,
+        }
     }
 
     /// Not an async fn of its own: a wrapper future would add its own
@@ -279,9 +323,9 @@ impl FastpathPlane {
             }
             let installed = match (&up.end, &down.end) {
                 (EarlyEnd::Open, EarlyEnd::Open) => {
-                    self.sets
-                        .own
-                        .install(&client, &upstream, self.bound, self.fault_drop_at)
+                    self.sets.own.install(&client, &upstream, |peer| {
+                        self.control(peer, self.bound / 4, self.bound)
+                    })
                 }
                 _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
             };

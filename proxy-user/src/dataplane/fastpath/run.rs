@@ -15,7 +15,7 @@ use super::{lock, FastpathPlane};
 use crate::dataplane::parking::{Parked, Parking, PARKING};
 use crate::dataplane::safepoint::{Asks, Stop};
 use crate::dataplane::userspace::{arm_reset, supervise};
-use crate::dataplane::{ConnInfo, EndReason, Plane, Transfer};
+use crate::dataplane::{ConnInfo, Demotion, EndReason, Plane, Transfer};
 
 /// Why a pair's run stopped at its `Asks`.
 enum Halt {
@@ -164,7 +164,10 @@ impl FastpathPlane {
             userspace_bytes: user[0] + user[1] + early[0] + early[1],
             end,
             promoted_after: None,
-            demoted: u8::from(up.demoted) + u8::from(down.demoted),
+            demoted: demotions([
+                (up.demoted, client_state.busy != 0),
+                (down.demoted, upstream_state.busy != 0),
+            ]),
             lost: up.lost || down.lost,
             overlaps_cut: client_state.trimmed + upstream_state.trimmed,
             plane: if pair.client.linked || pair.upstream.linked {
@@ -216,6 +219,22 @@ impl FastpathPlane {
             }
         }
     }
+}
+
+/// Demoted directions by why, from `(demoted, the verdict found it busy)`.
+fn demotions(dirs: [(bool, bool); 2]) -> [u8; Demotion::ALL.len()] {
+    let mut by = [0; Demotion::ALL.len()];
+    for (demoted, busy) in dirs {
+        if demoted {
+            let why = if busy {
+                Demotion::Busy
+            } else {
+                Demotion::Bound
+            };
+            by[why as usize] += 1;
+        }
+    }
+    by
 }
 
 /// Bytes the kernel moved both ways so far: part of the idle signal.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use super::{Conn, Upstream};
-use crate::dataplane::Transfer;
+use crate::dataplane::{Demotion, Transfer};
 use crate::edge::Shared;
 use crate::ops::access_log;
 use crate::ops::metrics::ByteTally;
@@ -80,7 +80,8 @@ impl Conn {
             duration_ms,
             plane = t.plane.as_str(),
             promoted_ms = t.promoted_after.map(|d| d.as_millis() as u64),
-            demoted = t.demoted,
+            demoted = t.demoted.iter().sum::<u8>(),
+            demoted_busy = t.demoted[Demotion::Busy as usize],
             end = t.end.as_str(),
             pid = crate::ops::pid(),
             carried_by = %carried_by,
