@@ -622,6 +622,24 @@ impl Proxy {
                 .filter(|e| !e.contains("before the install"))
                 .collect();
             assert!(failed.is_empty(), "fastpath installs failed: {failed:?}");
+            // Userspace lost track of bytes the verdict passed: they still
+            // arrive, but the FIN waits 10 s for ones it thinks are owed.
+            let untracked = self
+                .log_lines()
+                .iter()
+                .filter(|l| {
+                    l["message"] == "read payload from a socket the verdict owns; forwarding it"
+                        || l["message"].as_str().is_some_and(|m| {
+                            m.starts_with("passed bytes never reached the receive queue")
+                        })
+                })
+                .count();
+            assert_eq!(
+                untracked,
+                0,
+                "passed bytes read while the direction looked linked; log at {}",
+                self.log_path.display()
+            );
         }
     }
 }
