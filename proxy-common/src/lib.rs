@@ -56,7 +56,8 @@ pub struct FlowState {
     pub dropped: u64,
     /// The `FlowControl::check_at` already reported, so each is reported once.
     pub notified: u64,
-    /// Bytes left on the source's receive queue for userspace (`pass` set).
+    /// Bytes left on the source's receive queue for userspace (demoted: at
+    /// the limit, busy, or `pass` set).
     pub passed: u64,
     /// Skbs dropped by `FlowControl::fault_drop_at` (0 or 1).
     pub faults: u64,

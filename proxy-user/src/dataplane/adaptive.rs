@@ -14,8 +14,10 @@
 //! pumps stop where everything they read was written, so nothing is in
 //! flight in userspace at the move; the fastpath forwards whatever arrived
 //! since and installs the pair. From then on the fastpath's own rules hold:
-//! a direction whose receiver falls the in-flight bound behind is handed
-//! back to userspace by the verdict itself, losslessly, and the FIN ledger
+//! a direction whose receiver falls the in-flight bound behind, or that
+//! turns busy (more skbs per period than `--promote-segments-below` allows,
+//! `FlowControl::busy_skbs`), is handed back to userspace by the verdict
+//! itself, losslessly, and the FIN ledger
 //! checks every byte each way, counting the ones userspace moved first.
 //! The userspace phase stops at the same safe point as an upgrade's
 //! (`safepoint`), so under `Parking` it moves to a new process too.
@@ -84,11 +86,11 @@ impl Promotion {
             // Light, and not silent: a period without a byte says nothing
             // of what the connection will carry. sockperf connects and is
             // silent for its first second, then ping-pongs flat out; promoted
-            // at its first silent period, it ran the whole test in the kernel,
-            // where busy small messages are slower than on splice, and a
-            // promoted pair never leaves for being busy (NOTES §2). A silent
-            // connection costs no CPU on either plane, and less memory on
-            // splice.
+            // at its first silent period, it ran its ping-pong in the kernel,
+            // where busy small messages are slower than on splice (NOTES §2;
+            // a promoted direction that turns busy now leaves again, but pays
+            // the move both ways). A silent connection costs no CPU on either
+            // plane, and less memory on splice.
             let carried = now.0 - last.0;
             if carried > 0 && carried <= allowed && quiet_segments {
                 return;

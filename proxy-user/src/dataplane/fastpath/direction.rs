@@ -1,7 +1,8 @@
 //! One direction of an installed pair, from install to its end: the verdict
-//! carries it until the receiver falls a bound behind, then userspace does
-//! (the verdict passes the bytes to the source's own receive queue); its FIN
-//! passes only once every redirected byte is out.
+//! carries it until the receiver falls a bound behind (or, on a pair `auto`
+//! promoted, the direction turns busy), then userspace does (the verdict
+//! passes the bytes to the source's own receive queue); its FIN passes only
+//! once every redirected byte is out.
 
 use std::io;
 use std::net::Shutdown;
@@ -37,8 +38,9 @@ pub(super) struct Direction<'a> {
     dst_side: &'a Side,
     /// The verdict redirects `src`'s bytes (false: demoted, or never linked).
     linked: bool,
-    /// The receiver fell a bound behind: the verdict passes `src`'s bytes to
-    /// its own receive queue, and userspace forwards them.
+    /// The receiver fell a bound behind, or the direction turned busy: the
+    /// verdict passes `src`'s bytes to its own receive queue, and userspace
+    /// forwards them.
     pub(super) demoted: bool,
     /// The FIN ledger found this direction's bytes lost or duplicated.
     pub(super) lost: bool,
@@ -187,7 +189,13 @@ impl<'a> Direction<'a> {
                     // tcp_bpf's recvmsg reports EOF once the FIN is in while
                     // passed skbs can still wait in the psock's backlog (behind
                     // skbs redirected out of this socket, for its slow reader):
-                    // they reach the receive queue later, so read again.
+                    // they reach the receive queue later, so read again. The
+                    // verdict may have demoted the direction since `run`
+                    // looked: look again, or those bytes would not be owed
+                    // and the FIN ledger would find them missing.
+                    if self.linked {
+                        self.check_inflight()?;
+                    }
                     if self.passed_owed()? {
                         let since = *owed_since.get_or_insert_with(Instant::now);
                         if since.elapsed() < PASSED_BYTES_PATIENCE {

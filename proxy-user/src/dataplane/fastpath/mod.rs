@@ -68,7 +68,10 @@ pub use moving::Ledger;
 pub const AUTOTUNED_INFLIGHT_BOUND: u64 = 4 << 20;
 
 /// When a promoted direction counts as busy: more than `skbs` skbs within
-/// `window_ns`. The promotion's own rule, per direction: a connection moves
+/// one `window_ns` window (fixed windows, each begun by the first skb after
+/// the last one ended, so a burst that straddles two may reach twice that
+/// unnoticed). A pair moved by an upgrade takes the new process's rule at
+/// its next limit update. The promotion's own rule, per direction: a connection moves
 /// in with at most `--promote-segments-below` per second on both sockets
 /// together, and a direction leaves with more than that on its own, so a
 /// connection near the line does not move in and straight back out (and a
