@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::seq::{fill_at, SeqCheck, SeqGen};
+use common::seq::{fill_at, CpuHog, SeqCheck, SeqGen};
 use common::*;
 
 /// Watch periods short enough for a test, and the default rate.
@@ -273,4 +273,70 @@ async fn silent_then_busy_connection_stays_in_userspace() {
     let line = only_conn(&proxy);
     assert_eq!(line["plane"], "splice", "busy after silence stays: {line}");
     assert!(line["promoted_ms"].is_null(), "{line}");
+}
+
+/// The busy rule under load: many connections at once, the second half
+/// under a CPU hog, each chatting until it is promoted, ping-ponging until
+/// its directions leave busy, then chatting again. Every byte is checked by
+/// position, and the FIN ledger must never fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_connections_turn_busy_and_lose_nothing() {
+    const CONNS: u64 = 16;
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    let addr = proxy.addr(0, 0);
+    let one = |tag: u64| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut at = 0;
+        for _ in 0..20 {
+            at = ping_pong(&mut s, tag, at, 1, 200).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        at = ping_pong(&mut s, tag, at, 2000, 100).await;
+        for _ in 0..5 {
+            at = ping_pong(&mut s, tag, at, 1, 300).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.shutdown().await.unwrap();
+        assert_eq!(
+            s.read(&mut [0u8; 1]).await.unwrap(),
+            0,
+            "the echo ends there"
+        );
+    };
+    let batch = |first: u64| {
+        let runs: Vec<_> = (first..first + CONNS)
+            .map(|i| tokio::spawn(one(0x7800 + i)))
+            .collect();
+        async move {
+            for r in runs {
+                r.await.expect("a connection's task");
+            }
+        }
+    };
+    bounded(120, "calm batch", batch(0)).await;
+    {
+        let _hog = CpuHog::new(2, Duration::from_secs(120));
+        bounded(120, "batch under a CPU hog", batch(CONNS)).await;
+    }
+    let lines = proxy.wait_conn_lines(2 * CONNS as usize, 10).await;
+    let promoted = lines.iter().filter(|l| l["promoted_ms"].is_u64()).count();
+    let busy: u64 = lines
+        .iter()
+        .filter_map(|l| l["demoted_busy"].as_u64())
+        .sum();
+    eprintln!(
+        "{} connections: {promoted} promoted, {busy} directions left busy",
+        lines.len()
+    );
+    assert!(lines.iter().all(|l| l["end"] == "closed"), "{lines:?}");
+    // Measured: all 32 promoted, all 64 directions left busy (3 runs).
+    assert!(promoted as u64 >= CONNS, "too few promoted: {lines:?}");
+    assert!(busy > 0, "no direction left the kernel busy: {lines:?}");
+    let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_fin_ledger_failures_total{app="app"}"#),
+        0.0
+    );
 }
