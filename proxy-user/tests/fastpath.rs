@@ -373,6 +373,9 @@ fn mode_selection_without_bpf_privileges() {
 async fn full_speed_bulk_ends_at_its_fin() {
     const LEN: u64 = 512 << 20;
     const STREAMS: u64 = 24;
+    // Heavy on kernel memory: not while a memory test reads MemAvailable
+    // (splice's slow-receiver test once saw 119 MiB beside it).
+    let _alone = MEMORY_TEST.lock().await;
     let sink = Backend::with("count-sink", |mut s: TcpStream| async move {
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;

@@ -178,7 +178,17 @@ impl<'a> Direction<'a> {
     async fn read_into(&mut self, buf: &mut [u8]) -> Result<bool, DirEnd> {
         let mut owed_since: Option<Instant> = None;
         loop {
-            match self.src.try_read(buf) {
+            let read = self.src.try_read(buf);
+            if read.is_ok() && self.linked {
+                // The verdict passed bytes (or demoted before a FIN) after
+                // `run` last looked: look again, so that payload read here
+                // counts as passed and passed skbs still in the psock's
+                // backlog at EOF count as owed. Uncounted, EOF waited 10 s
+                // for bytes it thought owed (the bench's fastpath bulk, 1 to
+                // 4 runs in 20), or the FIN ledger reset a healthy pair.
+                self.check_inflight()?;
+            }
+            match read {
                 Ok(0) => {
                     // tcp_bpf's recvmsg reports a reset socket as EOF (it
                     // checks SOCK_DONE before sk_err): look for the error,
@@ -189,13 +199,7 @@ impl<'a> Direction<'a> {
                     // tcp_bpf's recvmsg reports EOF once the FIN is in while
                     // passed skbs can still wait in the psock's backlog (behind
                     // skbs redirected out of this socket, for its slow reader):
-                    // they reach the receive queue later, so read again. The
-                    // verdict may have demoted the direction since `run`
-                    // looked: look again, or those bytes would not be owed
-                    // and the FIN ledger would find them missing.
-                    if self.linked {
-                        self.check_inflight()?;
-                    }
+                    // they reach the receive queue later, so read again.
                     if self.passed_owed()? {
                         let since = *owed_since.get_or_insert_with(Instant::now);
                         if since.elapsed() < PASSED_BYTES_PATIENCE {
@@ -212,15 +216,6 @@ impl<'a> Direction<'a> {
                 }
                 Ok(n) => {
                     owed_since = None;
-                    if self.linked {
-                        // The verdict passed these after `run` last looked
-                        // (a bulk sender at the bound): it demoted the
-                        // direction, and they are passed bytes. Left
-                        // uncounted, EOF found them "owed" and waited
-                        // PASSED_BYTES_PATIENCE to pass the FIN on (the
-                        // bench's bulk, 1 to 4 runs in 20).
-                        self.check_inflight()?;
-                    }
                     if self.demoted {
                         self.read_passed += n as u64;
                     }
