@@ -36,6 +36,23 @@ const AUTO: (&str, &[&str]) = (
     ],
 );
 
+/// `--mode auto` with a segment rate, so busy demotion is on: a stream is
+/// moved into the kernel in a light period (its greeting pause, or the round
+/// trips of a turning stream) and moved back out, losslessly, when its bulk
+/// starts (more than 10 skbs in a 20 ms window). The in-flight bound is the
+/// default, so most directions leave for being busy, not for the bound.
+const AUTO_BUSY: (&str, &[&str]) = (
+    "auto",
+    &[
+        "--promote-after",
+        "20ms",
+        "--promote-below",
+        "4GiB",
+        "--promote-segments-below",
+        "500",
+    ],
+);
+
 /// Runs `streams` streams (half under a CPU hog) and fails on any error.
 async fn stress_fastpath(streams: usize, max_len: u64, seed: u64) {
     stress_mode(FASTPATH, streams, max_len, seed).await
@@ -67,11 +84,12 @@ async fn stress_mode((mode, extra): (&str, &[&str]), streams: usize, max_len: u6
         .matches("receiver fell a bound behind; direction continues in userspace")
         .count();
     let ledger = log.matches("lost or duplicated bytes").count();
-    let promoted = proxy
-        .conn_lines()
+    let lines = proxy.conn_lines();
+    let promoted = lines.iter().filter(|l| l["promoted_ms"].is_u64()).count();
+    let busy: u64 = lines
         .iter()
-        .filter(|l| l["promoted_ms"].is_u64())
-        .count();
+        .filter_map(|l| l["demoted_busy"].as_u64())
+        .sum();
     let mut bad = Vec::new();
     for (name, t) in [("calm", &calm), ("hog", &hogged)] {
         eprintln!(
@@ -86,7 +104,7 @@ async fn stress_mode((mode, extra): (&str, &[&str]), streams: usize, max_len: u6
         bad.extend(t.loud.iter().map(|e| format!("{name} loud: {e}")));
     }
     eprintln!(
-        "total ({mode}): {streams} streams, {promoted} promoted, {demotions} demotions, {ledger} FIN-ledger failures, {:.1} s",
+        "total ({mode} {extra:?}): {streams} streams, {promoted} promoted, {demotions} bound demotions, {busy} busy demotions, {ledger} FIN-ledger failures, {:.1} s",
         start.elapsed().as_secs_f64()
     );
     assert!(
@@ -100,6 +118,13 @@ async fn stress_mode((mode, extra): (&str, &[&str]), streams: usize, max_len: u6
         assert!(
             promoted >= streams / 4,
             "only {promoted} of {streams} streams moved into the kernel; log at {}",
+            proxy.log_path.display()
+        );
+    }
+    if (mode, extra) == AUTO_BUSY {
+        assert!(
+            busy as usize >= streams / 4,
+            "only {busy} directions of {streams} streams left the kernel as busy; log at {}",
             proxy.log_path.display()
         );
     }
@@ -127,6 +152,17 @@ async fn promoted_streams_lose_nothing() {
     .await;
 }
 
+/// The same with busy demotion on: streams go in light and come out busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_streams_leave_the_kernel_and_lose_nothing() {
+    bounded(
+        90,
+        "short busy-demotion stress",
+        stress_mode(AUTO_BUSY, 60, 8 << 20, 0x5c),
+    )
+    .await;
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -148,6 +184,14 @@ async fn demoted_directions_lose_nothing_long() {
 async fn promoted_streams_lose_nothing_long() {
     let streams = env_or("STRESS_STREAMS", 400) as usize;
     stress_mode(AUTO, streams, 16 << 20, env_or("STRESS_SEED", 0x78)).await;
+}
+
+/// The long version with busy demotion on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn busy_streams_leave_the_kernel_and_lose_nothing_long() {
+    let streams = env_or("STRESS_STREAMS", 400) as usize;
+    stress_mode(AUTO_BUSY, streams, 16 << 20, env_or("STRESS_SEED", 0x79)).await;
 }
 
 // ------------------------------------------ the checker catches what it must

@@ -188,6 +188,10 @@ pub enum Kind {
     Download,
     /// The backend echoes what it gets; the client checks it while sending.
     Echo,
+    /// An echo that turns: small round trips with pauses (light, so auto
+    /// moves it into the kernel), then the bulk of the stream both ways at
+    /// full speed (busy, so auto moves it back out), then round trips again.
+    Turn,
 }
 
 impl Kind {
@@ -195,7 +199,7 @@ impl Kind {
         self as u64
     }
     fn from_code(c: u64) -> Option<Kind> {
-        [Kind::Upload, Kind::Download, Kind::Echo]
+        [Kind::Upload, Kind::Download, Kind::Echo, Kind::Turn]
             .into_iter()
             .find(|k| k.code() == c)
     }
@@ -251,7 +255,7 @@ pub async fn seq_backend(mut s: TcpStream) -> std::io::Result<()> {
             let mut rest = Vec::new();
             s.read_to_end(&mut rest).await.map(|_| ())
         }
-        Some(Kind::Echo) => {
+        Some(Kind::Echo | Kind::Turn) => {
             let mut buf = vec![0u8; 64 * 1024];
             let mut echoed = 0u64;
             loop {
@@ -285,7 +289,100 @@ async fn send_seq<W: AsyncWriteExt + Unpin>(w: &mut W, tag: u64, len: u64) -> st
 
 /// Reads `r` to EOF through a checker; `slow` pauses like the backend does.
 async fn recv_seq<R: AsyncReadExt + Unpin>(r: &mut R, tag: u64, len: u64, slow: bool) -> Outcome {
+    recv_rest(r, SeqCheck::new(tag), len, slow).await
+}
+
+/// Round trips of a turning stream before and after its bulk, and their size.
+const TURN_TRIPS: u64 = 12;
+const TURN_MSG: u64 = 100;
+
+/// `n` round trips of `TURN_MSG` bytes of the stream, each echoed and checked
+/// before the next, with pauses: a light load.
+async fn round_trips(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    check: &mut SeqCheck,
+    n: u64,
+) -> Result<(), String> {
+    let mut msg = vec![0u8; TURN_MSG as usize];
+    for _ in 0..n {
+        fill_at(check.tag, check.received(), &mut msg);
+        w.write_all(&msg).await.map_err(|e| format!("send: {e}"))?;
+        let mut back = vec![0u8; msg.len()];
+        r.read_exact(&mut back)
+            .await
+            .map_err(|e| format!("echo after {} bytes: {e}", check.received()))?;
+        check.feed(&back);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    Ok(())
+}
+
+/// A `Kind::Turn` stream of `len` bytes: round trips, bulk, round trips.
+async fn turn(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    len: u64,
+    tag: u64,
+    slow: bool,
+) -> Outcome {
+    let trips = TURN_TRIPS.min(len / TURN_MSG / 2);
+    let bulk = len - 2 * trips * TURN_MSG;
     let mut check = SeqCheck::new(tag);
+    if let Err(e) = round_trips(&mut r, &mut w, &mut check, trips).await {
+        return Outcome::Loud(e);
+    }
+    let from = check.received();
+    let sender = tokio::spawn(async move {
+        let mut buf = vec![0u8; 128 * 1024];
+        let mut at = from;
+        while at < from + bulk {
+            let n = (buf.len() as u64).min(from + bulk - at) as usize;
+            fill_at(tag, at, &mut buf[..n]);
+            w.write_all(&buf[..n]).await?;
+            at += n as u64;
+        }
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while check.received() < from + bulk {
+        let want = (buf.len() as u64).min(from + bulk - check.received()) as usize;
+        match r.read(&mut buf[..want]).await {
+            Ok(0) => {
+                return match check.finish(len) {
+                    Err(e) => Outcome::Silent(e),
+                    Ok(()) => Outcome::Silent("early EOF".into()),
+                }
+            }
+            Ok(n) => check.feed(&buf[..n]),
+            Err(e) => {
+                return Outcome::Loud(format!("read failed after {} bytes: {e}", check.received()))
+            }
+        }
+        if slow && check.received() < from + bulk / 2 {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    let mut w = match sender.await {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => return Outcome::Loud(format!("send: {e}")),
+        Err(e) => return Outcome::Loud(format!("sender: {e}")),
+    };
+    if let Err(e) = round_trips(&mut r, &mut w, &mut check, trips).await {
+        return Outcome::Loud(e);
+    }
+    let _ = w.shutdown().await;
+    // Nothing may follow the last echo but the FIN.
+    recv_rest(&mut r, check, len, false).await
+}
+
+/// Reads `r` to EOF into `check`, which may have seen some bytes already.
+async fn recv_rest<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    mut check: SeqCheck,
+    len: u64,
+    slow: bool,
+) -> Outcome {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
@@ -359,6 +456,7 @@ pub async fn run_stream(addr: std::net::SocketAddr, kind: Kind, len: u64, tag: u
                 _ => got,
             }
         }
+        Kind::Turn => turn(r, w, len, tag, slow).await,
     }
 }
 
@@ -393,7 +491,7 @@ pub async fn stress(
                     return t;
                 }
                 let mut rng = fastrand::Rng::with_seed(seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
-                let kind = [Kind::Upload, Kind::Download, Kind::Echo][rng.usize(..3)];
+                let kind = [Kind::Upload, Kind::Download, Kind::Echo, Kind::Turn][rng.usize(..4)];
                 let len = rng.u64(1..=max_len);
                 // A distinct tag per stream; its low bit picks a slow reader.
                 let tag = (seed << 48) ^ ((i as u64) << 41) ^ rng.u64(0..2);
