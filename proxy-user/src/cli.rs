@@ -57,8 +57,8 @@ pub struct Cli {
     pub listen_address: String,
 
     /// Data plane. auto (the default) is adaptive: every connection starts in userspace on splice(2)
-    /// (copy where splice is refused), and one that stays open past --promote-after while moving some
-    /// bytes but less than --promote-below moves into the kernel fastpath where BPF loads; a direction that turns bulk
+    /// (copy where splice is refused), and one that stays light (some bytes, but less than
+    /// --promote-below) for --promote-periods periods of --promote-after moves into the kernel fastpath where BPF loads; a direction that turns bulk
     /// or backpressured comes back out, losslessly (NOTES.md §2). splice, copy and fastpath force one
     /// plane for every connection (splice and fastpath exit at start if they cannot work). Measured
     /// figures for each are in NOTES.md and `cargo xtask bench`.
@@ -174,7 +174,7 @@ pub struct Cli {
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 
-    /// --mode auto with BPF: a connection still open after this long, that moved some bytes but less than --promote-below per second over it (a silent period does not count), moves into the kernel fastpath (checked again every period); 0 = never, auto stays in userspace.
+    /// --mode auto with BPF: the watch period. A connection that moved some bytes but less than --promote-below per second over --promote-periods of them (a silent period does not count), moves into the kernel fastpath; 0 = never, auto stays in userspace.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub promote_after: Duration,
 
@@ -185,6 +185,10 @@ pub struct Cli {
     /// --mode auto with BPF: most data segments per second (both sockets together) over --promote-after for a move into the kernel. The fastpath pays one kernel worker hop per skb, so connections busy with small messages (request/response at hundreds per second) stay on splice, where they run faster; see NOTES.md §2.
     #[arg(long, default_value_t = 200)]
     pub promote_segments_below: u64,
+
+    /// --mode auto with BPF: light --promote-after periods a connection needs, with no busy period between them, to move into the kernel (a silent period neither counts nor breaks the run). One light period is weak evidence: a client that warms up with a few messages and then runs flat out would move in and straight back out, and a direction that left the kernel stays slower than one that never entered; see NOTES.md §2.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub promote_periods: u32,
 
     /// Tests only: the verdict drops one skb of each direction after this many redirected bytes (proves the FIN ledger and the checkers catch a kernel loss).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -270,6 +274,7 @@ impl Cli {
                     after: self.promote_after,
                     below: self.promote_below,
                     segments_below: self.promote_segments_below,
+                    periods: self.promote_periods,
                 }),
             },
             connect: ConnectPolicy {

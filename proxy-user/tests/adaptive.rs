@@ -145,9 +145,9 @@ async fn promote_after_zero_keeps_auto_in_userspace() {
 }
 
 /// A silent period is no evidence of light traffic: a connection that says
-/// nothing moves only after a period that carried a little.
+/// nothing moves only after periods that carried a little.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_connection_moves_after_its_first_light_period() {
+async fn silent_connection_moves_after_light_periods() {
     let backend = Backend::echo("echo").await;
     let proxy = auto_proxy(&backend, FAST).await;
     // Three and a half silent watch periods, then a small message every 20 ms.
@@ -273,6 +273,58 @@ async fn silent_then_busy_connection_stays_in_userspace() {
     let line = only_conn(&proxy);
     assert_eq!(line["plane"], "splice", "busy after silence stays: {line}");
     assert!(line["promoted_ms"].is_null(), "{line}");
+}
+
+/// sockperf's whole shape: silence, one small warm-up round trip, silence,
+/// then ping-pong flat out. The warm-up's period is light; the next one
+/// that carries anything is busy. Returns the close line.
+async fn warm_up_then_busy(extra: &[&str]) -> serde_json::Value {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, extra).await;
+    bounded(60, "warm-up, then ping-pong", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at = ping_pong(&mut s, 0x7a00, 0, 1, 100).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ping_pong(&mut s, 0x7a00, at, 5000, 100).await;
+        s.shutdown().await.unwrap();
+        assert_eq!(
+            s.read(&mut [0u8; 1]).await.unwrap(),
+            0,
+            "the echo ends there"
+        );
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    only_conn(&proxy)
+}
+
+/// One light period is not enough (`--promote-periods` is 2 by default):
+/// the warm-up does not move the connection, and the busy period after it
+/// starts the count again, so the ping-pong runs on splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_then_busy_connection_stays_in_userspace() {
+    let line = warm_up_then_busy(FAST).await;
+    assert_eq!(
+        line["plane"], "splice",
+        "busy after a warm-up stays: {line}"
+    );
+    assert!(line["promoted_ms"].is_null(), "{line}");
+}
+
+/// What the default avoids: with `--promote-periods 1` the warm-up moves
+/// the connection in, and both directions leave again as the ping-pong
+/// turns them busy, for the rest of the connection on the demoted path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_promotes_with_one_period_and_busy_sends_it_back() {
+    let extra = [FAST, &["--promote-periods", "1"]].concat();
+    let line = warm_up_then_busy(&extra).await;
+    assert!(
+        line["promoted_ms"].is_u64(),
+        "promoted at the warm-up: {line}"
+    );
+    assert_eq!(line["demoted_busy"], 2, "{line}");
 }
 
 /// The busy rule under load: many connections at once, the second half

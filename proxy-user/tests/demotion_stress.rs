@@ -33,6 +33,8 @@ const AUTO: (&str, &[&str]) = (
         "4GiB",
         "--promote-segments-below",
         "1000000000",
+        "--promote-periods",
+        "1",
     ],
 );
 
@@ -50,6 +52,8 @@ const AUTO_BUSY: (&str, &[&str]) = (
         "4GiB",
         "--promote-segments-below",
         "500",
+        "--promote-periods",
+        "1",
     ],
 );
 

@@ -102,7 +102,7 @@ async fn slow_receiver_stays_bounded(mode: &str) {
 /// moves only where neither direction holds bytes, which a flood from the
 /// first moment leaves to chance (in practice to after the slow phase, so
 /// the bound was measured on splice; and in one CI run of three, never),
-/// and only after a period that carried something.
+/// and only after a period that carried something (one is enough here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auto_slow_receiver_stays_bounded() {
     let promote_early = [
@@ -112,6 +112,8 @@ async fn auto_slow_receiver_stays_bounded() {
         "4GiB",
         "--promote-segments-below",
         "1000000000",
+        "--promote-periods",
+        "1",
     ];
     slow_receiver_bounded_with("auto", &promote_early).await
 }

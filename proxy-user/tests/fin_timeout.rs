@@ -42,7 +42,7 @@ const LEN: u64 = 256 << 10;
 
 /// `mode`'s flags, and how long a side waits before its first FIN so the
 /// pair is in the kernel by then on the fastpath (installed at once) and on
-/// auto (promoted after a 200 ms period that carried a little): a FIN
+/// auto (promoted after one 200 ms period that carried a little): a FIN
 /// before the install keeps the pair in userspace, which the close line's
 /// plane would then say.
 fn setup(mode: &str, which: &str) -> (Vec<String>, Duration) {
@@ -62,7 +62,7 @@ fn setup(mode: &str, which: &str) -> (Vec<String>, Duration) {
     args[at] = format!("{}ms", FIN.as_millis());
     let settle = match mode {
         "auto" => {
-            args.extend(["--promote-after".into(), "200ms".into()]);
+            args.extend(["--promote-after", "200ms", "--promote-periods", "1"].map(String::from));
             Duration::from_millis(900)
         }
         "fastpath" => Duration::from_millis(300),

@@ -183,12 +183,17 @@ async fn twenty_upgrades_splice() {
 }
 
 /// `auto`: the slow streams are promoted into the kernel early (quiet
-/// over 200 ms) and move as fastpath pairs with their map sets; the bulk
+/// over one 200 ms period: each process starts the count again, and one
+/// lives about 280 ms here) and move as fastpath pairs with their map sets; the bulk
 /// ones mostly stay on splice (far above --promote-below) and move at a
 /// safe point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_upgrades_auto() {
-    let f = upgrades_in_a_row("auto", 20, &["--promote-after", "200ms"]);
+    let f = upgrades_in_a_row(
+        "auto",
+        20,
+        &["--promote-after", "200ms", "--promote-periods", "1"],
+    );
     let long = bounded(150, "upgrades", f).await;
     let in_kernel = long.iter().filter(|l| l["plane"] == "fastpath").count();
     assert!(

@@ -5,8 +5,9 @@
 //! moved some bytes over that time, but fewer than `--promote-below` per
 //! second, and received fewer than `--promote-segments-below` data segments
 //! per second (interactive or mostly idle: where the kernel's per-skb hop
-//! beats two syscalls per message) moves into the kernel fastpath; a silent
-//! one waits for its first light period. Both signals are
+//! beats two syscalls per message), for `--promote-periods` such periods
+//! with no busy one between them (silent ones do not count), moves into the
+//! kernel fastpath. Both signals are
 //! needed: busy small-message connections (50 kept connections of
 //! request/response, `rr50` in the bench) move few bytes but many skbs, and
 //! in the kernel each skb crosses a kworker: measured 0.82x the best peer's
@@ -48,11 +49,15 @@ pub struct Promotion {
     pub below: u64,
     /// Most data segments per second received on both sockets together.
     pub segments_below: u64,
+    /// Light periods needed, with no busy one between them.
+    pub periods: u32,
 }
 
 impl Promotion {
-    /// Resolves once the connection moved some bytes, but no more than the
-    /// allowed bytes and segments, over one whole watch period. `moved`:
+    /// Resolves once the connection had `periods` light watch periods with
+    /// no busy one between them: each moved some bytes, but no more than the
+    /// allowed bytes and segments. A silent period neither counts nor
+    /// breaks the run. `moved`:
     /// the carry's counters, zero at its start. `fds` are the pair's
     /// sockets, open for as long as this is polled (the carry that owns
     /// them runs in the same `select!`); a socket whose counters cannot be
@@ -76,6 +81,7 @@ impl Promotion {
         // `moved` starts at zero with the carry, and the pumps may have
         // moved the first bytes before this is first polled: they count.
         let mut last = (0, if fresh { Some(0) } else { segments() });
+        let mut light = 0;
         loop {
             tokio::time::sleep(self.after).await;
             let now = (bytes(), segments());
@@ -83,19 +89,26 @@ impl Promotion {
                 (Some(before), Some(after)) => after.saturating_sub(before) <= allowed_segments,
                 _ => false,
             };
-            // Light, and not silent: a period without a byte says nothing
-            // of what the connection will carry. sockperf connects and is
-            // silent for its first second, then ping-pongs flat out; promoted
-            // at its first silent period, it ran its ping-pong in the kernel,
-            // where busy small messages are slower than on splice (NOTES §2;
-            // a promoted direction that turns busy now leaves again, but pays
-            // the move both ways). A silent connection costs no CPU on either
-            // plane, and less memory on splice.
             let carried = now.0 - last.0;
-            if carried > 0 && carried <= allowed && quiet_segments {
-                return;
-            }
             last = now;
+            // Silence says nothing of what the connection will carry:
+            // sockperf connects and is silent for its first second, then
+            // ping-pongs flat out. One light period is little evidence
+            // either: sockperf's warm-up is a few small messages, and with
+            // one period it was promoted there, turned busy the moment its
+            // test began, and ran it demoted, slower than splice (a demoted
+            // direction still reads through the psock's queue; NOTES §2).
+            if carried == 0 && quiet_segments {
+                continue;
+            }
+            if carried <= allowed && quiet_segments {
+                light += 1;
+                if light >= self.periods {
+                    return;
+                }
+            } else {
+                light = 0;
+            }
         }
     }
 }
