@@ -57,8 +57,9 @@ pub struct Cli {
     pub listen_address: String,
 
     /// Data plane. auto (the default) is adaptive: every connection starts in userspace on splice(2)
-    /// (copy where splice is refused), and one that stays light (some bytes, but less than
-    /// --promote-below) for --promote-periods periods of --promote-after moves into the kernel fastpath where BPF loads; a direction that turns bulk
+    /// (copy where splice is refused), and one that stays light (some bytes, but at most
+    /// --promote-below and --promote-segments-below per second) for --promote-periods periods of
+    /// --promote-after moves into the kernel fastpath where BPF loads; a direction that turns bulk
     /// or backpressured comes back out, losslessly (NOTES.md §2). splice, copy and fastpath force one
     /// plane for every connection (splice and fastpath exit at start if they cannot work). Measured
     /// figures for each are in NOTES.md and `cargo xtask bench`.
@@ -174,7 +175,7 @@ pub struct Cli {
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 
-    /// --mode auto with BPF: the watch period. A connection that moved some bytes but less than --promote-below per second over --promote-periods of them (a silent period does not count), moves into the kernel fastpath; 0 = never, auto stays in userspace.
+    /// --mode auto with BPF: the watch period. A period is light if the connection moved some bytes in it, but at most --promote-below and --promote-segments-below per second; after --promote-periods light periods with no busy one between them (a silent one neither counts nor breaks the run) it moves into the kernel fastpath; 0 = never, auto stays in userspace.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub promote_after: Duration,
 

@@ -1,11 +1,14 @@
-//! Sequence-numbered bulk, download and echo streams through `--mode
-//! fastpath` with a 256 KiB in-flight bound, so directions are demoted to
-//! userspace all the time, with and without a CPU hog. Every byte is checked
-//! by position (see `common::seq`): a loss, duplicate or replay fails the
-//! run even when the byte count is right.
+//! Sequence-numbered upload, download, echo and turning streams (round
+//! trips, bulk both ways, round trips) through `--mode fastpath` with a
+//! 256 KiB in-flight bound, so directions are demoted to userspace all the
+//! time; through `--mode auto` promoting every stream early with the same
+//! bound; and through auto with busy demotion on, so streams enter the
+//! kernel light and leave it busy. Each with and without a CPU hog. Every
+//! byte is checked by position (see `common::seq`): a loss, duplicate or
+//! replay fails the run even when the byte count is right.
 //!
-//! The short run is part of the suite. The long one is run by hand:
-//! `STRESS_STREAMS=400 cargo test --release -p proxy-user --test demotion_stress -- --ignored --nocapture`
+//! The short runs are part of the suite. The long ones are run by hand:
+//! `STRESS_STREAMS=1000 cargo test --release -p proxy-user --test demotion_stress -- --ignored --nocapture --test-threads=1`
 //! (half the streams under the hog).
 
 #[macro_use]
@@ -229,6 +232,19 @@ fn checker_catches_a_dropped_segment() {
         e.contains("offset 65000") && e.contains("1448 bytes missing"),
         "{e}"
     );
+}
+
+/// Losses and duplicates of odd lengths shift the stream's words off the
+/// receiver's alignment; they are still named, with their size.
+#[test]
+fn checker_names_odd_sized_losses_and_duplicates() {
+    let s = stream(200_000);
+    let e = checked(&[&s[..65_000], &s[65_000 + 1_447..]], 200_000).unwrap_err();
+    assert!(e.contains("1447 bytes missing"), "{e}");
+    let e = checked(&[&s[..65_003], &s[65_003 + 65_483..]], 200_000).unwrap_err();
+    assert!(e.contains("65483 bytes missing"), "{e}");
+    let e = checked(&[&s[..70_001], &s[60_000..70_001], &s[70_001..]], 200_000).unwrap_err();
+    assert!(e.contains("10001 bytes from earlier"), "{e}");
 }
 
 #[test]

@@ -1,13 +1,14 @@
 //! `--mode auto` where BPF loads: one adaptive plane. Every connection
 //! starts in userspace (splice, else copy): cheap to set up, and the best
 //! plane for bulk transfers and for short connections, which never pay for
-//! an install. A connection that is still open after `--promote-after` and
-//! moved some bytes over that time, but fewer than `--promote-below` per
-//! second, and received fewer than `--promote-segments-below` data segments
-//! per second (interactive or mostly idle: where the kernel's per-skb hop
-//! beats two syscalls per message), for `--promote-periods` such periods
-//! with no busy one between them (silent ones do not count), moves into the
-//! kernel fastpath. Both signals are
+//! an install. A watch period of `--promote-after` is light when the
+//! connection moved some bytes over it, but no more than `--promote-below`
+//! per second, and received no more than `--promote-segments-below` data
+//! segments per second (interactive or mostly idle: where the kernel's
+//! per-skb hop beats two syscalls per message). After `--promote-periods`
+//! light periods with no busy one between them (a period that moved no
+//! bytes and received few segments neither counts nor breaks the run) the
+//! connection moves into the kernel fastpath. Both signals are
 //! needed: busy small-message connections (50 kept connections of
 //! request/response, `rr50` in the bench) move few bytes but many skbs, and
 //! in the kernel each skb crosses a kworker: measured 0.82x the best peer's
@@ -56,8 +57,10 @@ pub struct Promotion {
 impl Promotion {
     /// Resolves once the connection had `periods` light watch periods with
     /// no busy one between them: each moved some bytes, but no more than the
-    /// allowed bytes and segments. A silent period neither counts nor
-    /// breaks the run. `moved`:
+    /// allowed bytes and segments. A silent period (no bytes moved, few
+    /// segments received) neither counts nor breaks the run; one that moved
+    /// nothing while receiving many segments (a receiver that stopped
+    /// draining) is busy. `moved`:
     /// the carry's counters, zero at its start. `fds` are the pair's
     /// sockets, open for as long as this is polled (the carry that owns
     /// them runs in the same `select!`); a socket whose counters cannot be

@@ -81,6 +81,11 @@ impl SeqCheck {
         self.pos
     }
 
+    /// Some byte fed so far was wrong.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
     pub fn feed(&mut self, data: &[u8]) {
         if self.error.is_none() {
             self.scratch.resize(data.len(), 0);
@@ -93,18 +98,29 @@ impl SeqCheck {
     }
 
     /// What is at the first wrong byte: bytes of this stream from another
-    /// offset (loss, duplicate, replay, reorder), or foreign bytes.
+    /// offset (loss, duplicate, replay, reorder), or foreign bytes. A loss
+    /// of a length that is not a multiple of 8 shifts the stream's words off
+    /// the receiver's alignment, so each of the next 8 positions is tried as
+    /// the start of two words of this stream.
     fn describe(&self, data: &[u8], i: usize) -> String {
         let off = self.pos + i as u64;
-        // The first whole aligned word from the wrong byte on, if any.
-        let skip = ((8 - (off & 7)) & 7) as usize;
-        let word = data
-            .get(i + skip..i + skip + 8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
-        let at = off + skip as u64;
-        match word {
-            Some(w) if w.wrapping_sub(self.tag) < 1 << 40 && w.wrapping_sub(self.tag) % 8 == 0 => {
-                let from = w.wrapping_sub(self.tag);
+        let word_at = |j: usize| {
+            data.get(j..j + 8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+        };
+        let ours = |w: u64| {
+            let rel = w.wrapping_sub(self.tag);
+            (rel < 1 << 40 && rel % 8 == 0).then_some(rel)
+        };
+        // Two words in a row, so that a mix of two words at a wrong
+        // alignment is not taken for one.
+        let found = (0..8).find_map(|d| {
+            let from = ours(word_at(i + d)?)?;
+            let next = word_at(i + d + 8).map_or(Some(from + 8), ours)?;
+            (next == from + 8).then_some((off + d as u64, from))
+        });
+        match found {
+            Some((at, from)) => {
                 let kind = if from > at {
                     format!("{} bytes missing (a loss)", from - at)
                 } else {
@@ -112,10 +128,17 @@ impl SeqCheck {
                 };
                 format!("wrong byte at offset {off}: offset {at} holds offset {from}: {kind}")
             }
-            Some(w) => format!(
-                "wrong byte at offset {off}: offset {at} holds {w:#018x}, not of this stream (zeros or foreign bytes)"
-            ),
-            None => format!("wrong byte at offset {off} (0x{:02x})", data[i]),
+            None => {
+                // The first whole aligned word from the wrong byte on, if any.
+                let skip = ((8 - (off & 7)) & 7) as usize;
+                match word_at(i + skip) {
+                    Some(w) => format!(
+                        "wrong byte at offset {off}: offset {} holds {w:#018x}, not of this stream (zeros or foreign bytes)",
+                        off + skip as u64
+                    ),
+                    None => format!("wrong byte at offset {off} (0x{:02x})", data[i]),
+                }
+            }
         }
     }
 
@@ -296,6 +319,58 @@ async fn recv_seq<R: AsyncReadExt + Unpin>(r: &mut R, tag: u64, len: u64, slow: 
 const TURN_TRIPS: u64 = 12;
 const TURN_MSG: u64 = 100;
 
+/// How long a turning stream waits for its echo. Its client closes only
+/// after the last echo, so a lost byte would otherwise hang it instead of
+/// reaching the proxy's FIN ledger.
+const TURN_STALL: Duration = Duration::from_secs(20);
+
+/// One read of a turning stream's echo into `check`. `Err`: how the stream
+/// failed (wrong bytes, an early EOF, a stall or an error).
+async fn read_echo<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    check: &mut SeqCheck,
+    buf: &mut [u8],
+    len: u64,
+) -> Result<(), Outcome> {
+    let at = check.received();
+    match tokio::time::timeout(TURN_STALL, r.read(buf)).await {
+        Err(_) => Err(Outcome::Loud(format!("echo stalled at {at} of {len}"))),
+        Ok(Err(e)) => Err(Outcome::Loud(format!("read failed after {at} bytes: {e}"))),
+        Ok(Ok(0)) => Err(Outcome::Silent(
+            check
+                .finish(len)
+                .err()
+                .unwrap_or_else(|| "EOF before the last round trip".into()),
+        )),
+        Ok(Ok(n)) => {
+            check.feed(&buf[..n]);
+            if check.failed() {
+                return Err(Outcome::Silent(check.finish(len).err().unwrap_or_default()));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// After a turning stream went wrong and its client half-closed: wrong
+/// bytes followed by a clean end are `Silent`, and by a reset (the FIN
+/// ledger's answer to a loss) `Loud`, as for the other kinds, which read to
+/// the end before they judge.
+async fn settle<R: AsyncReadExt + Unpin>(r: &mut R, failed: Outcome) -> Outcome {
+    let Outcome::Silent(what) = failed else {
+        return failed;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(TURN_STALL, r.read(&mut buf)).await {
+            Ok(Ok(0)) => return Outcome::Silent(what),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Outcome::Loud(format!("{what}; then {e}")),
+            Err(_) => return Outcome::Loud(format!("{what}; then no end")),
+        }
+    }
+}
+
 /// `n` round trips of `TURN_MSG` bytes of the stream, each echoed and checked
 /// before the next, with pauses: a light load.
 async fn round_trips(
@@ -303,16 +378,20 @@ async fn round_trips(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     check: &mut SeqCheck,
     n: u64,
-) -> Result<(), String> {
+    len: u64,
+) -> Result<(), Outcome> {
     let mut msg = vec![0u8; TURN_MSG as usize];
+    let mut back = vec![0u8; msg.len()];
     for _ in 0..n {
+        let end = check.received() + TURN_MSG;
         fill_at(check.tag, check.received(), &mut msg);
-        w.write_all(&msg).await.map_err(|e| format!("send: {e}"))?;
-        let mut back = vec![0u8; msg.len()];
-        r.read_exact(&mut back)
+        w.write_all(&msg)
             .await
-            .map_err(|e| format!("echo after {} bytes: {e}", check.received()))?;
-        check.feed(&back);
+            .map_err(|e| Outcome::Loud(format!("send: {e}")))?;
+        while check.received() < end {
+            let want = (end - check.received()) as usize;
+            read_echo(r, check, &mut back[..want], len).await?;
+        }
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     Ok(())
@@ -329,8 +408,9 @@ async fn turn(
     let trips = TURN_TRIPS.min(len / TURN_MSG / 2);
     let bulk = len - 2 * trips * TURN_MSG;
     let mut check = SeqCheck::new(tag);
-    if let Err(e) = round_trips(&mut r, &mut w, &mut check, trips).await {
-        return Outcome::Loud(e);
+    if let Err(o) = round_trips(&mut r, &mut w, &mut check, trips, len).await {
+        let _ = w.shutdown().await;
+        return settle(&mut r, o).await;
     }
     let from = check.received();
     let sender = tokio::spawn(async move {
@@ -347,17 +427,11 @@ async fn turn(
     let mut buf = vec![0u8; 64 * 1024];
     while check.received() < from + bulk {
         let want = (buf.len() as u64).min(from + bulk - check.received()) as usize;
-        match r.read(&mut buf[..want]).await {
-            Ok(0) => {
-                return match check.finish(len) {
-                    Err(e) => Outcome::Silent(e),
-                    Ok(()) => Outcome::Silent("early EOF".into()),
-                }
-            }
-            Ok(n) => check.feed(&buf[..n]),
-            Err(e) => {
-                return Outcome::Loud(format!("read failed after {} bytes: {e}", check.received()))
-            }
+        if let Err(o) = read_echo(&mut r, &mut check, &mut buf[..want], len).await {
+            // Dropping the write half sends the FIN.
+            sender.abort();
+            let _ = sender.await;
+            return settle(&mut r, o).await;
         }
         if slow && check.received() < from + bulk / 2 {
             tokio::time::sleep(Duration::from_micros(500)).await;
@@ -368,10 +442,11 @@ async fn turn(
         Ok(Err(e)) => return Outcome::Loud(format!("send: {e}")),
         Err(e) => return Outcome::Loud(format!("sender: {e}")),
     };
-    if let Err(e) = round_trips(&mut r, &mut w, &mut check, trips).await {
-        return Outcome::Loud(e);
-    }
+    let trips_after = round_trips(&mut r, &mut w, &mut check, trips, len).await;
     let _ = w.shutdown().await;
+    if let Err(o) = trips_after {
+        return settle(&mut r, o).await;
+    }
     // Nothing may follow the last echo but the FIN.
     recv_rest(&mut r, check, len, false).await
 }
