@@ -181,6 +181,16 @@ async fn ping_pong(s: &mut TcpStream, tag: u64, at: u64, round_trips: u64, size:
     at
 }
 
+/// Half-closes `s`; the echo must end exactly there.
+async fn end_of_echo(s: &mut TcpStream) {
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        s.read(&mut [0u8; 1]).await.unwrap(),
+        0,
+        "the echo ends there"
+    );
+}
+
 /// `messages` single round trips of `size` bytes, 20 ms apart: light
 /// traffic, the kind a watch period promotes. Returns where the stream stands.
 async fn chat(s: &mut TcpStream, tag: u64, at: u64, messages: u32, size: usize) -> u64 {
@@ -209,12 +219,7 @@ async fn chat_then_busy(mode: &str, extra: &[&str]) -> serde_json::Value {
         // 30 messages 20 ms apart: 600 ms, three watch periods.
         let at = chat(&mut s, 0x7700, 0, 30, 200).await;
         ping_pong(&mut s, 0x7700, at, 5000, 100).await;
-        s.shutdown().await.unwrap();
-        assert_eq!(
-            s.read(&mut [0u8; 1]).await.unwrap(),
-            0,
-            "the echo ends there"
-        );
+        end_of_echo(&mut s).await;
     })
     .await;
     proxy.wait_conn_lines(1, 10).await;
@@ -261,12 +266,7 @@ async fn silent_then_busy_connection_stays_in_userspace() {
         s.set_nodelay(true).unwrap();
         tokio::time::sleep(Duration::from_millis(700)).await;
         ping_pong(&mut s, 0x7600, 0, 5000, 100).await;
-        s.shutdown().await.unwrap();
-        assert_eq!(
-            s.read(&mut [0u8; 1]).await.unwrap(),
-            0,
-            "the echo ends there"
-        );
+        end_of_echo(&mut s).await;
     })
     .await;
     proxy.wait_conn_lines(1, 10).await;
@@ -290,12 +290,7 @@ async fn warm_up_then_busy(extra: &[&str]) -> serde_json::Value {
         // period is busy however the periods fall against the client's clock.
         tokio::time::sleep(Duration::from_millis(400)).await;
         ping_pong(&mut s, 0x7a00, at, 5000, 100).await;
-        s.shutdown().await.unwrap();
-        assert_eq!(
-            s.read(&mut [0u8; 1]).await.unwrap(),
-            0,
-            "the echo ends there"
-        );
+        end_of_echo(&mut s).await;
     })
     .await;
     proxy.wait_conn_lines(1, 10).await;
@@ -346,12 +341,7 @@ async fn many_connections_turn_busy_and_lose_nothing() {
         let at = chat(&mut s, tag, 0, 30, 200).await;
         let at = ping_pong(&mut s, tag, at, 2000, 100).await;
         chat(&mut s, tag, at, 5, 300).await;
-        s.shutdown().await.unwrap();
-        assert_eq!(
-            s.read(&mut [0u8; 1]).await.unwrap(),
-            0,
-            "the echo ends there"
-        );
+        end_of_echo(&mut s).await;
     };
     let batch = |first: u64| {
         let runs: Vec<_> = (first..first + CONNS)
