@@ -101,7 +101,7 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
         ];
         match stopped {
             Err(end) => Carried::Done(transfer::<P>(end, moved)),
-            Ok(Stop::HardStop) => {
+            Ok(Stop::Deadline) => {
                 arm_reset(&client);
                 arm_reset(&upstream);
                 Carried::Done(transfer::<P>(EndReason::DrainTimeout, moved))
@@ -142,7 +142,7 @@ pub(super) enum Stop<'a> {
     Promote,
     /// The drain deadline passed: at once, whatever is in hand (both sides
     /// get a reset).
-    HardStop,
+    Deadline,
 }
 
 /// The promotion policy's verdict: resolves once the connection should
@@ -176,7 +176,7 @@ impl Asks<'_> {
         loop {
             let signals = *self.signals.borrow_and_update();
             if signals.hard_stop {
-                return Stop::HardStop;
+                return Stop::Deadline;
             }
             let asked = match &self.parking {
                 Some(p) if signals.park => Some(Stop::Park(p)),

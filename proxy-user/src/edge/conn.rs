@@ -220,10 +220,7 @@ impl Conn {
         // Refused clients are counted in admission and get no close record,
         // like those over a limit. Their per-client slots go where the
         // connection keeps what it holds.
-        let Some(admitted) = admit_client(&mut client, self.client, &self.app, &shared).await
-        else {
-            return None;
-        };
+        let admitted = admit_client(&mut client, self.client, &self.app, &shared).await?;
         self.client = admitted.addr;
         self._held._client_slots = admitted.slots;
         // The address the client connected to: only the access log and the

@@ -110,7 +110,7 @@ impl SeqCheck {
         };
         let ours = |w: u64| {
             let rel = w.wrapping_sub(self.tag);
-            (rel < 1 << 40 && rel % 8 == 0).then_some(rel)
+            (rel < 1 << 40 && rel.is_multiple_of(8)).then_some(rel)
         };
         // Two words in a row, so that a mix of two words at a wrong
         // alignment is not taken for one.

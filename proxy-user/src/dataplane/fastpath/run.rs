@@ -103,7 +103,7 @@ impl FastpathPlane {
                 end = supervised => Err(end),
                 stop = asks.reached(&busy) => Ok(match stop {
                     Stop::Park(_) => Halt::Park,
-                    Stop::HardStop => Halt::HardStop,
+                    Stop::Deadline => Halt::HardStop,
                     // Only an upgrade asks (no promotion request here).
                     Stop::Promote => Halt::Close,
                 }),
