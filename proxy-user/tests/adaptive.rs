@@ -164,6 +164,31 @@ async fn silent_connection_moves_after_light_periods() {
     assert!(after >= 700, "not while it was silent: {line}");
 }
 
+/// A mostly idle connection (one small message every other watch period,
+/// silence between) moves: a silent period neither counts nor breaks the
+/// run of light ones. idle-mostly in the bench is this shape, and the
+/// kernel carries it for a third of splice's CPU (NOTES §2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mostly_idle_connection_moves_across_silent_periods() {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    // A message every 400 ms: no 200 ms period holds two, and every other
+    // one is silent.
+    let lead = (1, 0, Duration::from_millis(100));
+    let sparse = (6, 64, Duration::from_millis(400));
+    bounded(60, "sparse messages", async {
+        echo_phases(proxy.addr(0, 0), 0x7b00, &[lead, sparse]).await
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "fastpath", "promoted: {line}");
+    let after = line["promoted_ms"].as_u64().expect("promoted_ms");
+    // Two light periods in (the second message, about 500 ms in), not
+    // after the connection went quiet for good.
+    assert!((400..=1500).contains(&after), "{line}");
+}
+
 /// Ping-pong over `s`: `round_trips` messages of `size` bytes, each echoed
 /// before the next is sent, checked by position against `tag`'s stream
 /// from `at` on. Returns where the stream stands.
