@@ -70,21 +70,34 @@ fn only_conn(proxy: &Proxy) -> serde_json::Value {
     lines[0].clone()
 }
 
+/// One echo connection through its phases (`echo_phases`) via a fresh auto
+/// proxy with `extra`; returns the proxy and the connection's close line.
+async fn one_connection(
+    extra: &[&str],
+    tag: u64,
+    phases: &[(usize, usize, Duration)],
+) -> (Proxy, serde_json::Value) {
+    let backend = Backend::echo("echo").await;
+    let proxy = auto_proxy(&backend, extra).await;
+    bounded(
+        60,
+        "one echo connection",
+        echo_phases(proxy.addr(0, 0), tag, phases),
+    )
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    (proxy, line)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_connection_moves_into_the_kernel_and_back_out_exact() {
-    let backend = Backend::echo("echo").await;
-    let proxy = auto_proxy(&backend, FAST).await;
     // Interactive (a small message every 20 ms, long past the 200 ms watch),
     // then bulk (16 MiB as fast as it goes, through a promoted pair), then
     // interactive again.
     let chat = (40, 200, Duration::from_millis(20));
     let bulk = (256, 64 * 1024, Duration::ZERO);
-    bounded(60, "interactive, bulk, interactive", async {
-        echo_phases(proxy.addr(0, 0), 0x7100, &[chat, bulk, chat]).await
-    })
-    .await;
-    proxy.wait_conn_lines(1, 10).await;
-    let line = only_conn(&proxy);
+    let (proxy, line) = one_connection(FAST, 0x7100, &[chat, bulk, chat]).await;
     assert_eq!(line["plane"], "fastpath", "promoted: {line}");
     assert_eq!(line["end"], "closed", "{line}");
     let after = line["promoted_ms"].as_u64().expect("promoted_ms");
@@ -102,16 +115,9 @@ async fn quiet_connection_moves_into_the_kernel_and_back_out_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_connection_stays_in_userspace() {
-    let backend = Backend::echo("echo").await;
-    let proxy = auto_proxy(&backend, FAST).await;
     // 1 MiB every 10 ms for well over a second: far above 1 MiB/s.
     let busy = (150, 1 << 20, Duration::from_millis(10));
-    bounded(60, "busy echo", async {
-        echo_phases(proxy.addr(0, 0), 0x7200, &[busy]).await
-    })
-    .await;
-    proxy.wait_conn_lines(1, 10).await;
-    let line = only_conn(&proxy);
+    let (_, line) = one_connection(FAST, 0x7200, &[busy]).await;
     assert_eq!(line["plane"], "splice", "bulk stays on splice: {line}");
     assert!(line["promoted_ms"].is_null(), "{line}");
 }
@@ -136,29 +142,19 @@ async fn short_connections_never_pay_an_install() {
 /// Without `--promote-after` auto never touches the kernel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_after_zero_keeps_auto_in_userspace() {
-    let backend = Backend::echo("echo").await;
-    let proxy = auto_proxy(&backend, &["--promote-after", "0"]).await;
     let chat = (20, 100, Duration::from_millis(10));
-    bounded(30, "chat", echo_phases(proxy.addr(0, 0), 0x7400, &[chat])).await;
-    proxy.wait_conn_lines(1, 10).await;
-    assert_eq!(only_conn(&proxy)["plane"], "splice");
+    let (_, line) = one_connection(&["--promote-after", "0"], 0x7400, &[chat]).await;
+    assert_eq!(line["plane"], "splice", "{line}");
 }
 
 /// A silent period is no evidence of light traffic: a connection that says
 /// nothing moves only after periods that carried a little.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connection_moves_after_light_periods() {
-    let backend = Backend::echo("echo").await;
-    let proxy = auto_proxy(&backend, FAST).await;
     // Three and a half silent watch periods, then a small message every 20 ms.
     let silence = (1, 0, Duration::from_millis(700));
     let chat = (40, 200, Duration::from_millis(20));
-    bounded(60, "silence, then chat", async {
-        echo_phases(proxy.addr(0, 0), 0x7500, &[silence, chat]).await
-    })
-    .await;
-    proxy.wait_conn_lines(1, 10).await;
-    let line = only_conn(&proxy);
+    let (_, line) = one_connection(FAST, 0x7500, &[silence, chat]).await;
     assert_eq!(line["plane"], "fastpath", "promoted: {line}");
     let after = line["promoted_ms"].as_u64().expect("promoted_ms");
     assert!(after >= 700, "not while it was silent: {line}");
@@ -170,18 +166,11 @@ async fn silent_connection_moves_after_light_periods() {
 /// kernel carries it for a third of splice's CPU (NOTES §2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mostly_idle_connection_moves_across_silent_periods() {
-    let backend = Backend::echo("echo").await;
-    let proxy = auto_proxy(&backend, FAST).await;
     // A message every 400 ms: no 200 ms period holds two, and every other
     // one is silent.
     let lead = (1, 0, Duration::from_millis(100));
     let sparse = (6, 64, Duration::from_millis(400));
-    bounded(60, "sparse messages", async {
-        echo_phases(proxy.addr(0, 0), 0x7b00, &[lead, sparse]).await
-    })
-    .await;
-    proxy.wait_conn_lines(1, 10).await;
-    let line = only_conn(&proxy);
+    let (_, line) = one_connection(FAST, 0x7b00, &[lead, sparse]).await;
     assert_eq!(line["plane"], "fastpath", "promoted: {line}");
     let after = line["promoted_ms"].as_u64().expect("promoted_ms");
     // Two light periods in (the second message, about 500 ms in), not

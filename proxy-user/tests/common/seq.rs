@@ -299,15 +299,25 @@ pub async fn seq_backend(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 async fn send_seq<W: AsyncWriteExt + Unpin>(w: &mut W, tag: u64, len: u64) -> std::io::Result<()> {
-    let mut g = SeqGen::new(tag, len);
+    send_range(w, tag, 0, len).await
+}
+
+/// Sends the stream's bytes `[from, to)`.
+async fn send_range<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    tag: u64,
+    from: u64,
+    to: u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 128 * 1024];
-    loop {
-        let n = g.fill(&mut buf);
-        if n == 0 {
-            return Ok(());
-        }
+    let mut at = from;
+    while at < to {
+        let n = (buf.len() as u64).min(to - at) as usize;
+        fill_at(tag, at, &mut buf[..n]);
         w.write_all(&buf[..n]).await?;
+        at += n as u64;
     }
+    Ok(())
 }
 
 /// Reads `r` to EOF through a checker; `slow` pauses like the backend does.
@@ -413,17 +423,8 @@ async fn turn(
         return settle(&mut r, o).await;
     }
     let from = check.received();
-    let sender = tokio::spawn(async move {
-        let mut buf = vec![0u8; 128 * 1024];
-        let mut at = from;
-        while at < from + bulk {
-            let n = (buf.len() as u64).min(from + bulk - at) as usize;
-            fill_at(tag, at, &mut buf[..n]);
-            w.write_all(&buf[..n]).await?;
-            at += n as u64;
-        }
-        Ok::<_, std::io::Error>(w)
-    });
+    let sender =
+        tokio::spawn(async move { send_range(&mut w, tag, from, from + bulk).await.map(|()| w) });
     let mut buf = vec![0u8; 64 * 1024];
     while check.received() < from + bulk {
         let want = (buf.len() as u64).min(from + bulk - check.received()) as usize;
