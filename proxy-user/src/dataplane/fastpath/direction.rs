@@ -144,7 +144,10 @@ impl<'a> Direction<'a> {
                         Ok(true) => {}
                         Ok(false) => {
                             self.busy.store(1, Ordering::Relaxed);
-                            let end = self.finish().await;
+                            // Boxed as the read is: inline, the FIN's wait for
+                            // the drain was the largest state here, and every
+                            // idle pair kept room for it.
+                            let end = Box::pin(self.finish()).await;
                             self.busy.store(0, Ordering::Relaxed);
                             return end;
                         }

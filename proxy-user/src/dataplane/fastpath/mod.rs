@@ -272,104 +272,109 @@ impl FastpathPlane {
                     tracing::warn!(conn = conn.id, error = %e, "cannot raise the socket buffers for the fastpath; a demoted direction may stall");
                 }
             }
-            // Whatever arrived before the install goes first, by the copy path.
-            // In a block of its own, so that its state is not kept for the
-            // pair's life.
-            let (up, down) = {
-                let quiet = Quiet::default();
-                let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-                let copied = async {
-                    tokio::join!(
-                        forward_ready(&client, &upstream, 0, &quiet, &moved[0]),
-                        forward_ready(&upstream, &client, 1, &quiet, &moved[1])
-                    )
-                };
-                // The copy can block writing to a side that does not read: a
-                // reset or the drain deadline must still end the connection then.
-                // Boxed: it lives only until the install, yet inline it would
-                // set the size of every pair's future for the pair's life
-                // (1,904 of 2,216 bytes; run_pair's state is 1,576).
-                let early = Box::pin(async {
-                    tokio::select! {
-                        r = copied => Ok(r),
-                        end = cut_short(&client, &upstream, conn) => Err(end),
-                    }
-                });
-                match early.await {
-                    Ok(r) => r,
-                    Err(end) => {
-                        let c2t = before[0] + moved[0].load(Ordering::Relaxed);
-                        let t2c = before[1] + moved[1].load(Ordering::Relaxed);
-                        return Transfer {
-                            client_to_target: c2t,
-                            target_to_client: t2c,
-                            userspace_bytes: c2t + t2c,
-                            ..Transfer::none(end).on(Plane::CopyFallback)
-                        };
-                    }
-                }
-            };
-            let early = [before[0] + up.moved, before[1] + down.moved];
-            // A reset seen here must reach the other side as a reset: the error
-            // is consumed by the read that saw it, so no later reader would know.
-            let reset = match (&up.end, &down.end) {
-                (EarlyEnd::ReadFailed, _) | (_, EarlyEnd::WriteFailed) => {
-                    Some(EndReason::ClientReset)
-                }
-                (EarlyEnd::WriteFailed, _) | (_, EarlyEnd::ReadFailed) => {
-                    Some(EndReason::TargetReset)
-                }
-                _ => None,
-            };
-            if let Some(end) = reset {
-                arm_reset(if end == EndReason::ClientReset {
-                    &upstream
-                } else {
-                    &client
-                });
-                return Transfer {
-                    plane: Plane::CopyFallback,
-                    ..Transfer::none(end)
-                }
-                .plus(early);
-            }
-            let installed = match (&up.end, &down.end) {
-                (EarlyEnd::Open, EarlyEnd::Open) => {
-                    self.sets.own.install(&client, &upstream, |peer| {
-                        self.control(peer, self.bound / 4, self.bound)
-                    })
-                }
-                _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
-            };
-            match installed {
-                Ok(pair) => {
-                    let set = Arc::clone(&self.sets.own);
-                    let hold = self.sets.hold_own();
-                    let fresh = |linked, early, prior| DirLedger {
-                        linked,
-                        early,
-                        prior,
-                        ..DirLedger::default()
+            // Everything before the run in a block of its own, so that none
+            // of it (the copy's state and results, the install's `Result`)
+            // stays in the future beside the running pair.
+            let (pair, early) = {
+                // Whatever arrived before the install goes first, by the copy path.
+                let (up, down) = {
+                    let quiet = Quiet::default();
+                    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+                    let copied = async {
+                        tokio::join!(
+                            forward_ready(&client, &upstream, 0, &quiet, &moved[0]),
+                            forward_ready(&upstream, &client, 1, &quiet, &moved[1])
+                        )
                     };
-                    let dirs = [
-                        fresh(pair.client.linked, early[0], prior[0]),
-                        fresh(pair.upstream.linked, early[1], prior[1]),
-                    ];
-                    let ran = self
-                        .run_pair(&set, &pair, (&client, &upstream), &dirs, false, conn)
-                        .await;
-                    self.ended(ran, &set, &pair, client, upstream, hold)
+                    // The copy can block writing to a side that does not read: a
+                    // reset or the drain deadline must still end the connection then.
+                    // Boxed: it lives only until the install, yet inline it would
+                    // set the size of every pair's future for the pair's life
+                    // (1,904 of 2,216 bytes; run_pair's state is 1,576).
+                    let early = Box::pin(async {
+                        tokio::select! {
+                            r = copied => Ok(r),
+                            end = cut_short(&client, &upstream, conn) => Err(end),
+                        }
+                    });
+                    match early.await {
+                        Ok(r) => r,
+                        Err(end) => {
+                            let c2t = before[0] + moved[0].load(Ordering::Relaxed);
+                            let t2c = before[1] + moved[1].load(Ordering::Relaxed);
+                            return Transfer {
+                                client_to_target: c2t,
+                                target_to_client: t2c,
+                                userspace_bytes: c2t + t2c,
+                                ..Transfer::none(end).on(Plane::CopyFallback)
+                            };
+                        }
+                    }
+                };
+                let early = [before[0] + up.moved, before[1] + down.moved];
+                // A reset seen here must reach the other side as a reset: the error
+                // is consumed by the read that saw it, so no later reader would know.
+                let reset = match (&up.end, &down.end) {
+                    (EarlyEnd::ReadFailed, _) | (_, EarlyEnd::WriteFailed) => {
+                        Some(EndReason::ClientReset)
+                    }
+                    (EarlyEnd::WriteFailed, _) | (_, EarlyEnd::ReadFailed) => {
+                        Some(EndReason::TargetReset)
+                    }
+                    _ => None,
+                };
+                if let Some(end) = reset {
+                    arm_reset(if end == EndReason::ClientReset {
+                        &upstream
+                    } else {
+                        &client
+                    });
+                    return Transfer {
+                        plane: Plane::CopyFallback,
+                        ..Transfer::none(end)
+                    }
+                    .plus(early);
                 }
-                Err(e) => {
-                    tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
-                    "fastpath not installed; this connection stays on the copy plane");
-                    // TCP keeps reporting EOF, so the copy plane sees the FIN again.
-                    // Boxed: this rare path was the largest await here, and
-                    // every installed pair's future kept room for it.
-                    let transfer = Box::pin(self.fallback.carry(client, upstream, conn)).await;
-                    transfer.on(Plane::CopyFallback).plus(early)
-                }
-            }
+                let installed = match (&up.end, &down.end) {
+                    (EarlyEnd::Open, EarlyEnd::Open) => {
+                        self.sets.own.install(&client, &upstream, |peer| {
+                            self.control(peer, self.bound / 4, self.bound)
+                        })
+                    }
+                    _ => Err(anyhow::anyhow!("a side sent FIN before the install")),
+                };
+                // Taken out before the pair runs, not matched around its run:
+                // the match kept the `Result` beside the pair for the pair's life.
+                let pair = match installed {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(conn = conn.id, error = %format!("{e:#}"),
+                        "fastpath not installed; this connection stays on the copy plane");
+                        // TCP keeps reporting EOF, so the copy plane sees the FIN again.
+                        // Boxed: this rare path was the largest await here, and
+                        // every installed pair's future kept room for it.
+                        let transfer = Box::pin(self.fallback.carry(client, upstream, conn)).await;
+                        return transfer.on(Plane::CopyFallback).plus(early);
+                    }
+                };
+                (pair, early)
+            };
+            let set = Arc::clone(&self.sets.own);
+            let hold = self.sets.hold_own();
+            let fresh = |linked, early, prior| DirLedger {
+                linked,
+                early,
+                prior,
+                ..DirLedger::default()
+            };
+            let dirs = [
+                fresh(pair.client.linked, early[0], prior[0]),
+                fresh(pair.upstream.linked, early[1], prior[1]),
+            ];
+            let ran = self
+                .run_pair(&set, &pair, (&client, &upstream), &dirs, false, conn)
+                .await;
+            self.ended(ran, &set, &pair, client, upstream, hold)
         }
     }
 }
