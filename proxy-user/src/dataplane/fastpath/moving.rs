@@ -4,6 +4,7 @@
 //! point (`run`: both directions waiting at the top of their loop, holding
 //! nothing); the kernel keeps carrying linked bytes throughout.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -93,20 +94,26 @@ impl FastpathPlane {
     /// Carries on a pair another process (or this one, before a handoff
     /// that did not take it) stopped at its safe point: no install, no
     /// sweep (its entries are in the maps), only its directions start again.
-    pub async fn resume(
-        &self,
+    ///
+    /// The checks and the pair are made before the future: only what the
+    /// run needs is kept in it (as an async fn it kept the ledger, the
+    /// sockets and the hold twice each, 568 bytes beside the pair's run,
+    /// for as long as the pair lives).
+    pub fn resume<'a>(
+        &'a self,
         client: TcpStream,
         upstream: TcpStream,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         ledger: Ledger,
         hold: PairHold,
-    ) -> Transfer {
+    ) -> impl Future<Output = Transfer> + Send + 'a {
+        let mut matches = true;
         for (sock, side, which) in [
             (&client, &ledger.client, "client"),
             (&upstream, &ledger.upstream, "upstream"),
         ] {
             let cookie = tcpinfo::cookie(sock).ok();
-            if cookie != Some(side.cookie) {
+            if matches && cookie != Some(side.cookie) {
                 // Not the socket the ledger describes: nothing about it can
                 // be trusted, and the verdict may own its bytes.
                 tracing::error!(
@@ -116,25 +123,31 @@ impl FastpathPlane {
                     expected = side.cookie,
                     "moved fastpath pair: socket cookie does not match its ledger; resetting"
                 );
-                arm_reset(&client);
-                arm_reset(&upstream);
-                return Transfer::none(EndReason::ClientReset).on(Plane::Fastpath);
+                matches = false;
             }
         }
         let pair = Pair {
             client: ledger.client.side(),
             upstream: ledger.upstream.side(),
         };
-        let set = Arc::clone(&hold.set);
-        {
-            let mut waiters = lock(&set.waiters);
-            for side in [&pair.client, &pair.upstream] {
-                waiters.insert(side.cookie, Arc::clone(&side.notify));
+        let dirs = ledger.dirs;
+        async move {
+            if !matches {
+                arm_reset(&client);
+                arm_reset(&upstream);
+                return Transfer::none(EndReason::ClientReset).on(Plane::Fastpath);
             }
+            let set = Arc::clone(&hold.set);
+            {
+                let mut waiters = lock(&set.waiters);
+                for side in [&pair.client, &pair.upstream] {
+                    waiters.insert(side.cookie, Arc::clone(&side.notify));
+                }
+            }
+            let ran = self
+                .run_pair(&set, &pair, (&client, &upstream), &dirs, true, conn)
+                .await;
+            self.ended(ran, &set, &pair, client, upstream, hold)
         }
-        let ran = self
-            .run_pair(&set, &pair, (&client, &upstream), &ledger.dirs, true, conn)
-            .await;
-        self.ended(ran, &set, &pair, client, upstream, hold)
     }
 }
