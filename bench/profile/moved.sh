@@ -31,11 +31,13 @@ BEFORE=$(rss $OLD)
 kill -USR2 $OLD
 # The old process exits once its connections moved.
 for _ in $(seq 50); do kill -0 $OLD 2>/dev/null || break; sleep 0.1; done
-NEW=$(pgrep -f -- "--takeover $WORK/handoff.sock" | head -1)
+NEW=$(pgrep -f -- "--takeover $WORK/handoff.sock" | head -1 || true)
 [ -n "$NEW" ] || { echo "no process took over" >&2; exit 1; }
+# Not a job of this shell (the old process started it): stopped here too.
+trap 'kill $NEW $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
 sleep 1
 AFTER=$(rss "$NEW")
-wait $TESTER_PID
+wait $TESTER_PID || echo "tester-go failed: $(head -c 300 "$WORK/out.json")" >&2
 python3 - "$WORK/out.json" "$BIN:$MODE" "$CONNS" "$START" "$BEFORE" "$AFTER" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -45,4 +47,3 @@ print(f"{sys.argv[2]:28} {conns} idle-mostly connections: "
       f"{(after - start) / conns:5.2f} KiB each in the process that took them over; "
       f"held {d.get('idle_ok', '?')}/{conns}, errors {d['errors']}")
 PY
-kill "$NEW" 2>/dev/null || true
