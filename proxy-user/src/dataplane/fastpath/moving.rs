@@ -107,25 +107,27 @@ impl FastpathPlane {
         ledger: Ledger,
         hold: PairHold,
     ) -> impl Future<Output = Transfer> + Send + 'a {
-        let mut matches = true;
-        for (sock, side, which) in [
+        let matches = [
             (&client, &ledger.client, "client"),
             (&upstream, &ledger.upstream, "upstream"),
-        ] {
+        ]
+        .into_iter()
+        .all(|(sock, side, which)| {
             let cookie = tcpinfo::cookie(sock).ok();
-            if matches && cookie != Some(side.cookie) {
-                // Not the socket the ledger describes: nothing about it can
-                // be trusted, and the verdict may own its bytes.
-                tracing::error!(
-                    conn = conn.id,
-                    which,
-                    ?cookie,
-                    expected = side.cookie,
-                    "moved fastpath pair: socket cookie does not match its ledger; resetting"
-                );
-                matches = false;
+            if cookie == Some(side.cookie) {
+                return true;
             }
-        }
+            // Not the socket the ledger describes: nothing about it can
+            // be trusted, and the verdict may own its bytes.
+            tracing::error!(
+                conn = conn.id,
+                which,
+                ?cookie,
+                expected = side.cookie,
+                "moved fastpath pair: socket cookie does not match its ledger; resetting"
+            );
+            false
+        });
         let pair = Pair {
             client: ledger.client.side(),
             upstream: ledger.upstream.side(),
