@@ -20,7 +20,7 @@ use crate::dataplane::{ConnInfo, Demotion, EndReason, Plane, Transfer};
 /// Why a pair's run stopped at its `Asks`.
 enum Halt {
     Park,
-    HardStop,
+    Deadline,
     Close,
 }
 
@@ -103,7 +103,7 @@ impl FastpathPlane {
                 end = supervised => Err(end),
                 stop = asks.reached(&busy) => Ok(match stop {
                     Stop::Park(_) => Halt::Park,
-                    Stop::Deadline => Halt::HardStop,
+                    Stop::Deadline => Halt::Deadline,
                     // Only an upgrade asks (no promotion request here).
                     Stop::Promote => Halt::Close,
                 }),
@@ -119,7 +119,7 @@ impl FastpathPlane {
                 }
                 EndReason::Closed
             }
-            Ok(Halt::HardStop) => {
+            Ok(Halt::Deadline) => {
                 arm_reset(client);
                 arm_reset(upstream);
                 EndReason::DrainTimeout
