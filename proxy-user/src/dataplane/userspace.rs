@@ -143,8 +143,8 @@ pub fn arm_reset(sock: &TcpStream) {
 /// rather than a FIN that would pass for the end of the stream. The fin
 /// timeouts (`fin`) cut a half-closed connection the same way.
 ///
-/// `quiet(limit)` resolves once no byte moved either way for `limit`,
-/// counted from the call.
+/// `idle` resolves once no byte moved either way for the idle timeout;
+/// `quiet(limit)` once none moved for `limit`, counted from the call.
 ///
 /// An async block over its arguments, not an async fn, which would keep a
 /// second copy of them for the connection's life.
@@ -154,6 +154,7 @@ pub(super) fn supervise<'a, Q: Future<Output = ()> + 'a>(
     // every connection's plane future took.
     mut up: Pin<&'a mut impl Future<Output = DirEnd>>,
     mut down: Pin<&'a mut impl Future<Output = DirEnd>>,
+    idle: Pin<&'a mut impl Future<Output = ()>>,
     quiet: impl Fn(Option<Duration>) -> Q + 'a,
     client: &'a TcpStream,
     upstream: &'a TcpStream,
@@ -161,7 +162,6 @@ pub(super) fn supervise<'a, Q: Future<Output = ()> + 'a>(
 ) -> impl Future<Output = EndReason> + 'a {
     async move {
         // Gated: polled when its timer fires, not at every socket's wake.
-        let idle = pin!(quiet(conn.idle_timeout));
         let mut idle = Gate::new(idle);
         let mut fin = fin::Armed::new();
         let (mut up_done, mut down_done) = (false, false);
@@ -303,7 +303,7 @@ async fn failed(sock: &TcpStream) -> io::Error {
 }
 
 /// Idle or fin timeout: a reset to both sides when any byte was still owed.
-fn cut_if_owed(client: &TcpStream, upstream: &TcpStream, conn: &ConnInfo) {
+pub(super) fn cut_if_owed(client: &TcpStream, upstream: &TcpStream, conn: &ConnInfo) {
     let owed = |s: &TcpStream| tcpinfo::owed(s).unwrap_or(0);
     let (client_owed, upstream_owed) = (owed(client), owed(upstream));
     if client_owed + upstream_owed > 0 {
@@ -456,6 +456,7 @@ pub(super) fn supervise_pumps<'a, P: Pump>(
         let end = supervise(
             pin!(pump.pump(client, upstream, tally(0), conn)),
             pin!(pump.pump(upstream, client, tally(1), conn)),
+            pin!(activity.idle(conn.idle_timeout, Instant::now())),
             |limit| activity.idle(limit, Instant::now()),
             client,
             upstream,

@@ -4,9 +4,10 @@
 //! passes the bytes to the source's own receive queue); its FIN passes only
 //! once every redirected byte is out.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -49,9 +50,13 @@ pub(super) struct Direction<'a> {
     /// 1 while inside a read, write or FIN: not at a safe point for an
     /// upgrade to stop it (0: waiting at the top of `run`, holding nothing).
     busy: &'a AtomicU64,
-    /// Resumed in a new process: look at the limit once before waiting (a
-    /// wake-up may have gone to the old process).
-    resumed: bool,
+    /// True only while `run` waits at the top of its loop: with both
+    /// directions there, the pair can drop its running state and rest.
+    at_top: &'a AtomicBool,
+    /// Look at the limit once before waiting: resumed in a new process (a
+    /// wake-up may have gone to the old one), or a look made at rest failed
+    /// (`run` reports the failure).
+    check_first: bool,
     /// Redirected bytes already known to be handed to `dst`'s TCP.
     drained: u64,
     /// Bytes userspace forwarded before the install.
@@ -72,7 +77,7 @@ impl<'a> Direction<'a> {
         (src, dst): (&'a TcpStream, &'a TcpStream),
         src_side: &'a Side,
         dst_side: &'a Side,
-        (user, busy): (&'a AtomicU64, &'a AtomicU64),
+        (user, busy, at_top): (&'a AtomicU64, &'a AtomicU64, &'a AtomicBool),
         start: &DirLedger,
         resumed: bool,
     ) -> Self {
@@ -89,7 +94,8 @@ impl<'a> Direction<'a> {
             lost: false,
             user,
             busy,
-            resumed,
+            at_top,
+            check_first: resumed,
             drained: start.drained,
             early: start.early,
             prior: start.prior,
@@ -120,14 +126,22 @@ impl<'a> Direction<'a> {
     /// writing (`write_all_from` watches `src`), or while the kernel drains
     /// (`wait_drained` looks each time it polls).
     pub(super) async fn run(&mut self) -> DirEnd {
-        if std::mem::take(&mut self.resumed) {
+        // Set while it waits, so never stale from an earlier run.
+        self.at_top.store(false, Ordering::Relaxed);
+        if std::mem::take(&mut self.check_first) {
             if let Err(end) = self.check_inflight() {
                 return end;
             }
         }
         loop {
-            tokio::select! {
-                r = readable(self.src) => {
+            self.at_top.store(true, Ordering::Relaxed);
+            let woke = tokio::select! {
+                r = readable(self.src) => Some(r),
+                () = self.woken(), if self.linked => None,
+            };
+            self.at_top.store(false, Ordering::Relaxed);
+            match woke {
+                Some(r) => {
                     if let Err(e) = r {
                         return DirEnd::ReadFailed(e);
                     }
@@ -154,13 +168,36 @@ impl<'a> Direction<'a> {
                         Err(end) => return end,
                     }
                 }
-                _ = self.src_side.notify.notified(), if self.linked => {
+                None => {
                     if let Err(end) = self.check_inflight() {
                         return end;
                     }
                 }
             }
         }
+    }
+
+    /// For a pair at rest (`run` dropped at the top of its loop): waits
+    /// until `run` has work, that is until the source turns readable (bytes,
+    /// FIN or an error; the readiness stays set for `run`). A checkpoint
+    /// the verdict reports needs no `run`: the limit moves here.
+    pub(super) async fn wait_for_work(&mut self) {
+        loop {
+            tokio::select! {
+                _ = readable(self.src) => return,
+                () = self.woken(), if self.linked => {
+                    if self.check_inflight().is_err() {
+                        self.check_first = true;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The verdict reported that this direction crossed its checkpoint.
+    fn woken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| self.src_side.wakeup.poll_woken(cx))
     }
 
     /// While linked the verdict takes every byte, so a read finds only EOF or
@@ -392,34 +429,59 @@ impl<'a> Direction<'a> {
     }
 }
 
-/// Idle detection from the counters: the kernel moves bytes userspace never sees.
+/// Idle detection from the counters: the kernel moves bytes userspace never
+/// sees. A copy carries on where the original stood: a pair at rest and its
+/// running state, which the pair drops and makes again, share one clock.
+#[derive(Clone, Copy)]
 pub(super) struct IdleWatch {
     limit: Option<Duration>,
     last_moved: u64,
     since: Instant,
+    /// The next look at the counters: kept here, not in a timer, so that a
+    /// watch whose wait is dropped and made again keeps its pace.
+    next: Instant,
 }
 
 impl IdleWatch {
     /// Counts from now, with `moved` bytes moved so far.
     pub(super) fn new(limit: Option<Duration>, moved: u64) -> Self {
+        let now = Instant::now();
         IdleWatch {
             limit,
             last_moved: moved,
-            since: Instant::now(),
+            since: now,
+            next: now + limit.map_or(Duration::ZERO, Self::every),
         }
     }
 
-    pub(super) async fn tick(&self) {
-        match self.limit {
-            Some(limit) => {
-                let every = (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-                tokio::time::sleep(every).await
+    fn every(limit: Duration) -> Duration {
+        (limit / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// Resolves once `moved()` stayed the same for the limit (never
+    /// without one), looking at it every quarter of the limit.
+    ///
+    /// An async block over references, not an async fn, which would keep
+    /// its arguments twice in every idle pair.
+    pub(super) fn until_idle<'a>(
+        &'a mut self,
+        moved: &'a impl Fn() -> u64,
+    ) -> impl Future<Output = ()> + 'a {
+        async move {
+            let Some(limit) = self.limit else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep_until(self.next).await;
+                self.next = Instant::now() + Self::every(limit);
+                if self.is_idle(moved()) {
+                    return;
+                }
             }
-            None => std::future::pending().await,
         }
     }
 
-    pub(super) fn is_idle(&mut self, moved: u64) -> bool {
+    fn is_idle(&mut self, moved: u64) -> bool {
         if moved != self.last_moved {
             self.last_moved = moved;
             self.since = Instant::now();

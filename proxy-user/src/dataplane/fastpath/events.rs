@@ -3,19 +3,54 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{self, Poll};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
+use futures_util::task::AtomicWaker;
 use proxy_common::FlowEvent;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::lock;
 
-/// Wakers by source cookie: the direction the verdict reported.
-pub(super) type Waiters = Arc<Mutex<HashMap<u64, Arc<Notify>>>>;
+/// Wake-ups by source cookie: the direction the verdict reported.
+pub(super) type Waiters = Arc<Mutex<HashMap<u64, Arc<Wakeup>>>>;
+
+/// One direction's wake-up from the verdict. Like a `Notify` with one
+/// waiter, a wake-up with nobody waiting is kept for the next wait; unlike
+/// one, waiting stores nothing in the waiter's future (a `Notified` is 64
+/// bytes, in every idle pair twice).
+#[derive(Default)]
+pub(super) struct Wakeup {
+    woken: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wakeup {
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once woken since it was last ready. One waiter at a time: the
+    /// direction whose source this is.
+    pub(super) fn poll_woken(&self, cx: &mut task::Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake between the look above and the register found no waker.
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
 
 /// The task that reads one map set's `EVENTS` ring. The ring has one
 /// consumer position (in the ring's shared page, cached by each reader), so
@@ -69,7 +104,7 @@ async fn dispatch_events(
             // makes no assumption about the ring's alignment.
             let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             if let Some(waiter) = lock(&waiters).get(&event.cookie) {
-                waiter.notify_one();
+                waiter.wake();
             }
         }
         guard.clear_ready();

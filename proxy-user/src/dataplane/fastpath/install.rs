@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use proxy_common::{FlowControl, FlowState};
 use tokio::{net::TcpStream, sync::Notify};
 
+use super::events::Wakeup;
 use super::lock;
 use super::mapset::MapSet;
 use crate::dataplane::pool::{give_back, take_buffer};
@@ -33,7 +34,7 @@ impl MapSet {
         {
             let mut waiters = lock(&self.waiters);
             for side in [&pair.client, &pair.upstream] {
-                waiters.insert(side.cookie, Arc::clone(&side.notify));
+                waiters.insert(side.cookie, Arc::clone(&side.wakeup));
             }
         }
         let result = (|| -> Result<()> {
@@ -260,7 +261,7 @@ pub(super) struct Side {
     pub(super) base: u64,
     /// In `SOCKETS` at install: the verdict forwards what this socket receives.
     pub(super) linked: bool,
-    pub(super) notify: Arc<Notify>,
+    pub(super) wakeup: Arc<Wakeup>,
 }
 
 impl Side {
@@ -269,7 +270,7 @@ impl Side {
             cookie,
             base: 0,
             linked: false,
-            notify: Arc::new(Notify::new()),
+            wakeup: Arc::default(),
         }
     }
 }

@@ -143,7 +143,7 @@ impl FastpathPlane {
             {
                 let mut waiters = lock(&set.waiters);
                 for side in [&pair.client, &pair.upstream] {
-                    waiters.insert(side.cookie, Arc::clone(&side.notify));
+                    waiters.insert(side.cookie, Arc::clone(&side.wakeup));
                 }
             }
             let ran = self

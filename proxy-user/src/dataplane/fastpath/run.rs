@@ -1,9 +1,11 @@
 //! An installed (or resumed) pair running until it ends, or until an
 //! upgrade stops it at a safe point to move it to the new process.
 
+use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::{net::TcpStream, time::Instant};
 
@@ -14,7 +16,7 @@ use super::moving::{DirLedger, Ledger, SideLedger};
 use super::{lock, FastpathPlane};
 use crate::dataplane::parking::{Parked, Parking, PARKING};
 use crate::dataplane::safepoint::{Asks, Stop};
-use crate::dataplane::userspace::{arm_reset, supervise};
+use crate::dataplane::userspace::{arm_reset, cut_if_owed, supervise};
 use crate::dataplane::{ConnInfo, Demotion, EndReason, Plane, Transfer};
 
 /// Why a pair's run stopped at its `Asks`.
@@ -49,6 +51,7 @@ impl FastpathPlane {
     ) -> Ran {
         let user = [AtomicU64::new(0), AtomicU64::new(0)];
         let busy = [AtomicU64::new(0), AtomicU64::new(0)];
+        let at_top = [AtomicBool::new(false), AtomicBool::new(false)];
         let parking = PARKING.try_with(Arc::clone).ok();
         let mut asks = Asks {
             parking: parking.clone(),
@@ -61,7 +64,7 @@ impl FastpathPlane {
             (client, upstream),
             &pair.client,
             &pair.upstream,
-            (&user[0], &busy[0]),
+            (&user[0], &busy[0], &at_top[0]),
             &dirs[0],
             resumed,
         );
@@ -71,7 +74,7 @@ impl FastpathPlane {
             (upstream, client),
             &pair.upstream,
             &pair.client,
-            (&user[1], &busy[1]),
+            (&user[1], &busy[1], &at_top[1]),
             &dirs[1],
             resumed,
         );
@@ -84,29 +87,59 @@ impl FastpathPlane {
                 + user[0].load(Ordering::Relaxed)
                 + user[1].load(Ordering::Relaxed)
         };
-        let quiet = |limit| async move {
-            let mut watch = IdleWatch::new(limit, moved());
-            loop {
-                watch.tick().await;
-                if watch.is_idle(moved()) {
-                    return;
+        let quiet = |limit| async move { IdleWatch::new(limit, moved()).until_idle(&moved).await };
+        let mut watch = IdleWatch::new(conn.idle_timeout, moved());
+        // The drain deadline comes with the other signals (`asks`); an error
+        // on either socket reaches a direction.
+        let mut reached = pin!(asks.reached(&busy));
+        let stopped = loop {
+            // Running: both directions and their supervision, boxed, for as
+            // long as either has something to do (from the start, or from a
+            // wake at rest). Once both wait at the top of their loops they
+            // hold nothing, as at an upgrade's safe point, and all of it is
+            // dropped: an idle pair keeps only the wait below.
+            let ended = {
+                let mut running = Box::pin(async {
+                    let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
+                    // The same idle clock as at rest.
+                    let mut idle = watch;
+                    let idle = pin!(idle.until_idle(&moved));
+                    supervise(up_run, down_run, idle, &quiet, client, upstream, conn).await
+                });
+                let until_rest = std::future::poll_fn(|cx| match running.as_mut().poll(cx) {
+                    Poll::Ready(end) => Poll::Ready(Some(end)),
+                    Poll::Pending if at_top.iter().all(|t| t.load(Ordering::Relaxed)) => {
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                });
+                tokio::select! {
+                    biased;
+                    end = until_rest => end,
+                    stop = reached.as_mut() => break Ok(halt(stop)),
                 }
+            };
+            if let Some(end) = ended {
+                break Err(end);
             }
-        };
-        let stopped = {
-            let (up_run, down_run) = (pin!(up.run()), pin!(down.run()));
-            // The drain deadline comes with the other signals (`asks`); an
-            // error on either socket reaches a direction (`supervise`).
-            let supervised = supervise(up_run, down_run, quiet, client, upstream, conn);
-            tokio::select! {
+            // At rest, until a source turns readable: the readiness stays
+            // set for the directions' reads. The verdict's checkpoints are
+            // handled here.
+            let rest = async {
+                tokio::select! {
+                    () = up.wait_for_work() => false,
+                    () = down.wait_for_work() => false,
+                    () = watch.until_idle(&moved) => true,
+                }
+            };
+            let idle = tokio::select! {
                 biased;
-                end = supervised => Err(end),
-                stop = asks.reached(&busy) => Ok(match stop {
-                    Stop::Park(_) => Halt::Park,
-                    Stop::Deadline => Halt::Deadline,
-                    // Only an upgrade asks (no promotion request here).
-                    Stop::Promote => Halt::Close,
-                }),
+                stop = reached.as_mut() => break Ok(halt(stop)),
+                idle = rest => idle,
+            };
+            if idle {
+                cut_if_owed(client, upstream, conn);
+                break Err(EndReason::IdleTimeout);
             }
         };
         let end = match stopped {
@@ -218,6 +251,16 @@ impl FastpathPlane {
                 Transfer::none(EndReason::Closed).on(Plane::Fastpath)
             }
         }
+    }
+}
+
+/// What a pair does when its run is asked to stop.
+fn halt(stop: Stop<'_>) -> Halt {
+    match stop {
+        Stop::Park(_) => Halt::Park,
+        Stop::Deadline => Halt::Deadline,
+        // Only an upgrade asks (no promotion request here).
+        Stop::Promote => Halt::Close,
     }
 }
 
