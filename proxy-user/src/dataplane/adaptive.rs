@@ -30,6 +30,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::FutureExt;
 
 use tokio::net::TcpStream;
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 
 use super::copy::CopyPlane;
 use super::fastpath::FastpathPlane;
-use super::safepoint::{carry_or_promote, Carried, Promote};
+use super::safepoint::{carry_or_promote, park, Carried, Promote};
 use super::splice::SplicePlane;
 use super::{tcpinfo, ConnInfo, Plane, Transfer};
 
@@ -141,8 +142,15 @@ impl AdaptivePlane {
     /// `prior`: bytes each way earlier processes carried (an upgrade moved
     /// the connection here); the fastpath's FIN ledger counts them.
     ///
-    /// An async block over its arguments, not an async fn, which would keep
-    /// a second copy of them beside every promoted pair's future.
+    /// Both stages in this one future (the caller boxes it), not each
+    /// boxed at its own size: the two are within a few hundred bytes of
+    /// each other, and a promotion that freed one box and allocated the
+    /// other left the freed one unused whenever the second was even one
+    /// heap size class larger (it sits between live allocations): 10.5 KiB
+    /// per promoted idle connection where the fastpath alone held 7.0
+    /// (NOTES §2). The stages are chained (`then`), not awaited in one
+    /// async block: the block kept room for the sockets it handed on, and
+    /// for its own locals, beside the running fastpath stage.
     pub fn carry<'a>(
         &'a self,
         client: TcpStream,
@@ -150,60 +158,81 @@ impl AdaptivePlane {
         conn: &'a ConnInfo,
         prior: [u64; 2],
     ) -> impl Future<Output = Transfer> + Send + 'a {
-        async move {
-            // Both stages in this one future (the caller boxes it), not each
-            // boxed at its own size: the two are within a few hundred bytes
-            // of each other, and a promotion that freed one box and allocated
-            // the other left the freed one unused whenever the second was
-            // even one heap size class larger (it sits between live
-            // allocations): 10.5 KiB per promoted idle connection where the
-            // fastpath alone held 7.0 (NOTES §2). The fastpath's future is
-            // made in a block that ends before it is awaited, so that the
-            // userspace stage's locals and output are not kept beside it.
-            let promoted = {
-                let began = Instant::now();
-                let moved = [AtomicU64::new(0), AtomicU64::new(0)];
-                let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-                let carried = async {
-                    let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
-                    let promote: Promote<'_> = quiet;
-                    match &self.start {
-                        Start::Splice(p) => {
-                            carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved))
-                                .await
-                        }
-                        Start::Copy(p) => {
-                            carry_or_promote(p, client, upstream, conn, Some(promote), Some(&moved))
-                                .await
-                        }
-                    }
+        self.in_userspace(client, upstream, conn, prior)
+            .then(move |carried| match carried {
+                Err(transfer) => Either::Left(std::future::ready(transfer)),
+                Ok((client, upstream, moved, after)) => {
+                    tracing::debug!(
+                        conn = conn.id,
+                        after_ms = after.as_millis() as u64,
+                        c2t = moved[0],
+                        t2c = moved[1],
+                        "quiet connection moves into the kernel fastpath"
+                    );
+                    let fastpath = self
+                        .fastpath
+                        .carry_from(client, upstream, conn, moved, prior);
+                    Either::Right(fastpath.map(move |mut transfer| {
+                        transfer.promoted_after = Some(after);
+                        transfer
+                    }))
                 }
-                .await;
-                let (client, upstream, moved) = match carried {
-                    Carried::Done(t) => return t,
-                    Carried::Promote {
-                        client,
-                        upstream,
-                        moved,
-                    } => (client, upstream, moved),
-                };
-                let after = began.elapsed();
-                tracing::debug!(
-                    conn = conn.id,
-                    after_ms = after.as_millis() as u64,
-                    c2t = moved[0],
-                    t2c = moved[1],
-                    "quiet connection moves into the kernel fastpath"
-                );
-                let fastpath = self
-                    .fastpath
-                    .carry_from(client, upstream, conn, moved, prior);
-                fastpath.map(move |mut transfer| {
-                    transfer.promoted_after = Some(after);
-                    transfer
-                })
+            })
+    }
+
+    /// The first stage: userspace, until the connection ends (Err) or the
+    /// policy moves it into the kernel (Ok: the sockets, the bytes moved
+    /// each way, and after how long).
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// the sockets twice.
+    #[allow(clippy::type_complexity)]
+    fn in_userspace<'a>(
+        &'a self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &'a ConnInfo,
+        prior: [u64; 2],
+    ) -> impl Future<Output = Result<(TcpStream, TcpStream, [u64; 2], Duration), Transfer>> + Send + 'a
+    {
+        async move {
+            let began = Instant::now();
+            let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+            let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
+            let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
+            let promote: Promote<'_> = quiet;
+            let (client_ref, upstream_ref) = (&client, &upstream);
+            let carried = match &self.start {
+                Start::Splice(p) => {
+                    carry_or_promote(
+                        p,
+                        client_ref,
+                        upstream_ref,
+                        conn,
+                        Some(promote),
+                        Some(&moved),
+                    )
+                    .await
+                }
+                Start::Copy(p) => {
+                    carry_or_promote(
+                        p,
+                        client_ref,
+                        upstream_ref,
+                        conn,
+                        Some(promote),
+                        Some(&moved),
+                    )
+                    .await
+                }
             };
-            promoted.await
+            match carried {
+                Carried::Done(transfer) => Err(transfer),
+                Carried::Park { parking, transfer } => {
+                    Err(park(&parking, client, upstream, transfer))
+                }
+                Carried::Promote(moved) => Ok((client, upstream, moved, began.elapsed())),
+            }
         }
     }
 }

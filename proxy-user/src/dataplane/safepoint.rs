@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -30,49 +29,74 @@ use super::userspace::{arm_reset, supervise_pumps, Pump};
 use super::{ConnInfo, EndReason, Signals, Transfer};
 use crate::gate::Gate;
 
-/// How a userspace carry that may be promoted ended.
+/// How a userspace carry that may be promoted stopped. Its owner holds the
+/// sockets and does the rest.
 pub(super) enum Carried {
-    /// Closed here, or parked and handed to the owner (then `Closed`).
+    /// Closed here.
     Done(Transfer),
-    /// Stopped for the kernel: the sockets, and the bytes moved each way.
-    Promote {
-        client: TcpStream,
-        upstream: TcpStream,
-        moved: [u64; 2],
+    /// Stopped for an upgrade: the owner parks the sockets with `parking`
+    /// (`park`); `transfer` is its end here.
+    Park {
+        parking: Arc<Parking>,
+        transfer: Transfer,
     },
+    /// Stopped for the kernel, with the bytes moved each way.
+    Promote([u64; 2]),
 }
 
 /// Carries a connection in userspace, one `pump` per direction. Under an
 /// upgrade's `Parking` it may instead stop at a safe point and hand its
 /// sockets to the owner.
 ///
-/// `carry_or_promote`'s future with its output mapped: an async fn (or an
-/// async block awaiting it) would keep a second copy of the sockets, or of
-/// the whole future, for the connection's life.
+/// An async block over its arguments, not an async fn, which would keep
+/// both sockets twice for the connection's life.
 pub(super) fn carry<'a, P: Pump>(
     pump: &'a P,
     client: TcpStream,
     upstream: TcpStream,
     conn: &'a ConnInfo,
 ) -> impl Future<Output = Transfer> + 'a {
-    carry_or_promote(pump, client, upstream, conn, None, None).map(|carried| match carried {
-        Carried::Done(t) => t,
-        // Without a promotion request nothing asks for one; were it to
-        // happen, the sockets would close cleanly here.
-        Carried::Promote { moved, .. } => transfer::<P>(EndReason::Closed, moved),
-    })
+    async move {
+        match carry_or_promote(pump, &client, &upstream, conn, None, None).await {
+            Carried::Done(t) => t,
+            Carried::Park { parking, transfer } => park(&parking, client, upstream, transfer),
+            // Without a promotion request nothing asks for one; were it to
+            // happen, the sockets would close cleanly here.
+            Carried::Promote(moved) => transfer::<P>(EndReason::Closed, moved),
+        }
+    }
 }
 
-/// Like `carry`, and the connection also stops at a safe point once
-/// `promote` (the promotion policy's verdict) resolves. `moved` counts the
-/// bytes written each way (client→target, target→client) as they go, for
-/// a caller that reads them meanwhile (else the future keeps its own).
-///
-/// An async block, not an async fn, which would keep both sockets twice.
-pub(super) fn carry_or_promote<'a, P: Pump>(
-    pump: &'a P,
+/// Hands a carry's sockets to the upgrade's `parking`, with the bytes its
+/// `transfer` moved each way; its end here is that transfer.
+pub(super) fn park(
+    parking: &Parking,
     client: TcpStream,
     upstream: TcpStream,
+    transfer: Transfer,
+) -> Transfer {
+    parking.park(Parked {
+        client,
+        upstream,
+        client_to_target: transfer.client_to_target,
+        target_to_client: transfer.target_to_client,
+        fastpath: None,
+    });
+    transfer
+}
+
+/// Like `carry`, over sockets its owner keeps, and the connection also
+/// stops at a safe point once `promote` (the promotion policy's verdict)
+/// resolves. `moved` counts the bytes written each way (client→target,
+/// target→client) as they go, for a caller that reads them meanwhile (else
+/// the future keeps its own).
+///
+/// The sockets are borrowed: an owner that moves them on (into the kernel)
+/// would otherwise keep room for them, moved out, beside what comes next.
+pub(super) fn carry_or_promote<'a, P: Pump>(
+    pump: &'a P,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
     conn: &'a ConnInfo,
     promote: Option<Promote<'a>>,
     moved: Option<&'a [AtomicU64; 2]>,
@@ -82,11 +106,11 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
         let moved = moved.unwrap_or(&own);
         let held = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut asks = Asks {
-            parking: PARKING.try_with(Arc::clone).ok(),
+            may_park: PARKING.try_with(|_| ()).is_ok(),
             promote,
             signals: conn.signals.clone(),
         };
-        let supervised = supervise_pumps(pump, &client, &upstream, conn, moved, &held);
+        let supervised = supervise_pumps(pump, client, upstream, conn, moved, &held);
         // Gated: the signals' receiver and the promotion watch are polled
         // when they fire, not at every socket's wake.
         let reached = pin!(asks.reached(&held));
@@ -102,25 +126,19 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
         match stopped {
             Err(end) => Carried::Done(transfer::<P>(end, moved)),
             Ok(Stop::Deadline) => {
-                arm_reset(&client);
-                arm_reset(&upstream);
+                arm_reset(client);
+                arm_reset(upstream);
                 Carried::Done(transfer::<P>(EndReason::DrainTimeout, moved))
             }
-            Ok(Stop::Promote) => Carried::Promote {
-                client,
-                upstream,
-                moved,
+            Ok(Stop::Promote) => Carried::Promote(moved),
+            // Only asked with a `Parking` to honour it.
+            Ok(Stop::Park) => match PARKING.try_with(Arc::clone) {
+                Ok(parking) => Carried::Park {
+                    parking,
+                    transfer: transfer::<P>(EndReason::Closed, moved),
+                },
+                Err(_) => Carried::Done(transfer::<P>(EndReason::Closed, moved)),
             },
-            Ok(Stop::Park(parking)) => {
-                parking.park(Parked {
-                    client,
-                    upstream,
-                    client_to_target: moved[0],
-                    target_to_client: moved[1],
-                    fastpath: None,
-                });
-                Carried::Done(transfer::<P>(EndReason::Closed, moved))
-            }
         }
     }
 }
@@ -136,9 +154,9 @@ fn transfer<P: Pump>(end: EndReason, [c2t, t2c]: [u64; 2]) -> Transfer {
 }
 
 /// Why a connection stopped.
-pub(super) enum Stop<'a> {
-    /// For an upgrade: its sockets go to this owner.
-    Park(&'a Parking),
+pub(super) enum Stop {
+    /// For an upgrade: its sockets go to the connection's `Parking`.
+    Park,
     Promote,
     /// The drain deadline passed: at once, whatever is in hand (both sides
     /// get a reset).
@@ -153,9 +171,10 @@ pub(super) type Promote<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send + 'a)>
 
 /// Who may ask this connection to stop.
 pub(super) struct Asks<'a> {
-    pub(super) parking: Option<Arc<Parking>>,
+    /// The connection's owner can take it at a park (`Parking`).
+    pub(super) may_park: bool,
     pub(super) promote: Option<Promote<'a>>,
-    /// The process's requests: a park (honoured with `parking`), the drain
+    /// The process's requests: a park (honoured if `may_park`), the drain
     /// deadline.
     pub(super) signals: watch::Receiver<Signals>,
 }
@@ -168,7 +187,7 @@ impl Asks<'_> {
     /// process promotes the connection itself when it is still quiet
     /// there. Awaited once per `Asks` (the verdict future is finished once
     /// it resolved, and this holds that it did).
-    pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop<'_> {
+    pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop {
         let mut promoted = false;
         // The signals' sender went away (the server is gone): nothing more
         // will be asked that way.
@@ -178,10 +197,12 @@ impl Asks<'_> {
             if signals.hard_stop {
                 return Stop::Deadline;
             }
-            let asked = match &self.parking {
-                Some(p) if signals.park => Some(Stop::Park(p)),
-                _ if promoted => Some(Stop::Promote),
-                _ => None,
+            let asked = if self.may_park && signals.park {
+                Some(Stop::Park)
+            } else if promoted {
+                Some(Stop::Promote)
+            } else {
+                None
             };
             match asked {
                 Some(stop) if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) => return stop,

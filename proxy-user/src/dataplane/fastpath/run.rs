@@ -54,7 +54,7 @@ impl FastpathPlane {
         let at_top = [AtomicBool::new(false), AtomicBool::new(false)];
         let parking = PARKING.try_with(Arc::clone).ok();
         let mut asks = Asks {
-            parking: parking.clone(),
+            may_park: parking.is_some(),
             promote: None,
             signals: conn.signals.clone(),
         };
@@ -255,9 +255,9 @@ impl FastpathPlane {
 }
 
 /// What a pair does when its run is asked to stop.
-fn halt(stop: Stop<'_>) -> Halt {
+fn halt(stop: Stop) -> Halt {
     match stop {
-        Stop::Park(_) => Halt::Park,
+        Stop::Park => Halt::Park,
         Stop::Deadline => Halt::Deadline,
         // Only an upgrade asks (no promotion request here).
         Stop::Promote => Halt::Close,
