@@ -70,50 +70,64 @@ impl Promotion {
     /// first period counts from zero, not from a TCP_INFO read per socket
     /// that a short connection (most of them, on churn) would pay for and
     /// never use. A connection handed over by an upgrade reads them.
-    async fn quiet(&self, moved: &[AtomicU64; 2], fds: [RawFd; 2], fresh: bool) {
-        let period = self.after.as_secs_f64();
-        let allowed = (self.below as f64 * period) as u64;
-        let allowed_segments = (self.segments_below as f64 * period) as u64;
-        let bytes = || moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed);
-        let segments = || {
-            let mut sum = 0u64;
-            for fd in fds {
-                sum += tcpinfo::data_segs_in(fd).ok()?;
-            }
-            Some(sum)
-        };
-        // `moved` starts at zero with the carry, and the pumps may have
-        // moved the first bytes before this is first polled: they count.
-        let mut last = (0, if fresh { Some(0) } else { segments() });
-        let mut light = 0;
-        loop {
-            tokio::time::sleep(self.after).await;
-            let now = (bytes(), segments());
-            let quiet_segments = match (last.1, now.1) {
-                (Some(before), Some(after)) => after.saturating_sub(before) <= allowed_segments,
-                _ => false,
-            };
-            let carried = now.0 - last.0;
-            last = now;
-            // Silence says nothing of what the connection will carry:
-            // sockperf connects and is silent for its first second, then
-            // ping-pongs flat out. One light period is little evidence
-            // either: sockperf's warm-up is a few small messages, and with
-            // one period it was promoted there, turned busy the moment its
-            // test began, and ran it demoted, slower than splice (a demoted
-            // direction still reads through the psock's queue; NOTES §2).
-            if carried == 0 && quiet_segments {
-                continue;
-            }
-            if carried <= allowed && quiet_segments {
-                light += 1;
-                if light >= self.periods {
-                    return;
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// them twice beside every connection's userspace stage.
+    fn quiet<'a>(
+        &'a self,
+        moved: &'a [AtomicU64; 2],
+        fds: [RawFd; 2],
+        fresh: bool,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async move {
+            let bytes = || moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed);
+            let segments = || {
+                let mut sum = 0u64;
+                for fd in fds {
+                    sum += tcpinfo::data_segs_in(fd).ok()?;
                 }
-            } else {
-                light = 0;
+                Some(sum)
+            };
+            // `moved` starts at zero with the carry, and the pumps may have
+            // moved the first bytes before this is first polled: they count.
+            let mut last = (0, if fresh { Some(0) } else { segments() });
+            let mut light = 0;
+            loop {
+                tokio::time::sleep(self.after).await;
+                let now = (bytes(), segments());
+                let quiet_segments = match (last.1, now.1) {
+                    (Some(before), Some(after)) => {
+                        after.saturating_sub(before) <= self.allowed(self.segments_below)
+                    }
+                    _ => false,
+                };
+                let carried = now.0 - last.0;
+                last = now;
+                // Silence says nothing of what the connection will carry:
+                // sockperf connects and is silent for its first second, then
+                // ping-pongs flat out. One light period is little evidence
+                // either: sockperf's warm-up is a few small messages, and with
+                // one period it was promoted there, turned busy the moment its
+                // test began, and ran it demoted, slower than splice (a demoted
+                // direction still reads through the psock's queue; NOTES §2).
+                if carried == 0 && quiet_segments {
+                    continue;
+                }
+                if carried <= self.allowed(self.below) && quiet_segments {
+                    light += 1;
+                    if light >= self.periods {
+                        return;
+                    }
+                } else {
+                    light = 0;
+                }
             }
         }
+    }
+
+    /// A rate limit's allowance over one watch period.
+    fn allowed(&self, per_second: u64) -> u64 {
+        (per_second as f64 * self.after.as_secs_f64()) as u64
     }
 }
 
@@ -195,11 +209,13 @@ impl AdaptivePlane {
         prior: [u64; 2],
     ) -> impl Future<Output = Result<(TcpStream, TcpStream, [u64; 2], Duration), Transfer>> + Send + 'a
     {
+        // Before the block: `prior` itself would stay in it.
+        let fresh = prior == [0, 0];
         async move {
             let began = Instant::now();
             let moved = [AtomicU64::new(0), AtomicU64::new(0)];
             let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-            let quiet = pin!(self.promotion.quiet(&moved, fds, prior == [0, 0]));
+            let quiet = pin!(self.promotion.quiet(&moved, fds, fresh));
             let promote: Promote<'_> = quiet;
             let (client_ref, upstream_ref) = (&client, &upstream);
             let carried = match &self.start {
