@@ -217,30 +217,12 @@ impl AdaptivePlane {
             let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
             let quiet = pin!(self.promotion.quiet(&moved, fds, fresh));
             let promote: Promote<'_> = quiet;
-            let (client_ref, upstream_ref) = (&client, &upstream);
+            // The same call for either pump type (a generic parameter, so
+            // one arm each).
+            let (c, u, counts) = (&client, &upstream, Some(&moved));
             let carried = match &self.start {
-                Start::Splice(p) => {
-                    carry_or_promote(
-                        p,
-                        client_ref,
-                        upstream_ref,
-                        conn,
-                        Some(promote),
-                        Some(&moved),
-                    )
-                    .await
-                }
-                Start::Copy(p) => {
-                    carry_or_promote(
-                        p,
-                        client_ref,
-                        upstream_ref,
-                        conn,
-                        Some(promote),
-                        Some(&moved),
-                    )
-                    .await
-                }
+                Start::Splice(p) => carry_or_promote(p, c, u, conn, Some(promote), counts).await,
+                Start::Copy(p) => carry_or_promote(p, c, u, conn, Some(promote), counts).await,
             };
             match carried {
                 Carried::Done(transfer) => Err(transfer),
