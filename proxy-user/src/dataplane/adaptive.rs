@@ -131,6 +131,15 @@ impl Promotion {
     }
 }
 
+/// A connection the userspace stage hands to the kernel: its sockets, the
+/// bytes moved each way, and after how long.
+struct Promoted {
+    client: TcpStream,
+    upstream: TcpStream,
+    moved: [u64; 2],
+    after: Duration,
+}
+
 /// The userspace plane connections start on.
 pub enum Start {
     Splice(SplicePlane),
@@ -175,7 +184,12 @@ impl AdaptivePlane {
         self.in_userspace(client, upstream, conn, prior)
             .then(move |carried| match carried {
                 Err(transfer) => Either::Left(std::future::ready(transfer)),
-                Ok((client, upstream, moved, after)) => {
+                Ok(Promoted {
+                    client,
+                    upstream,
+                    moved,
+                    after,
+                }) => {
                     tracing::debug!(
                         conn = conn.id,
                         after_ms = after.as_millis() as u64,
@@ -195,20 +209,17 @@ impl AdaptivePlane {
     }
 
     /// The first stage: userspace, until the connection ends (Err) or the
-    /// policy moves it into the kernel (Ok: the sockets, the bytes moved
-    /// each way, and after how long).
+    /// policy moves it into the kernel.
     ///
     /// An async block over its arguments, not an async fn, which would keep
     /// the sockets twice.
-    #[allow(clippy::type_complexity)]
     fn in_userspace<'a>(
         &'a self,
         client: TcpStream,
         upstream: TcpStream,
         conn: &'a ConnInfo,
         prior: [u64; 2],
-    ) -> impl Future<Output = Result<(TcpStream, TcpStream, [u64; 2], Duration), Transfer>> + Send + 'a
-    {
+    ) -> impl Future<Output = Result<Promoted, Transfer>> + Send + 'a {
         // Before the block: `prior` itself would stay in it.
         let fresh = prior == [0, 0];
         async move {
@@ -229,7 +240,12 @@ impl AdaptivePlane {
                 Carried::Park { parking, transfer } => {
                     Err(park(&parking, client, upstream, transfer))
                 }
-                Carried::Promote(moved) => Ok((client, upstream, moved, began.elapsed())),
+                Carried::Promote(moved) => Ok(Promoted {
+                    client,
+                    upstream,
+                    moved,
+                    after: began.elapsed(),
+                }),
             }
         }
     }

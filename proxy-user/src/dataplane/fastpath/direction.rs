@@ -128,67 +128,61 @@ impl<'a> Direction<'a> {
     pub(super) async fn run(&mut self) -> DirEnd {
         // Set while it waits, so never stale from an earlier run.
         self.at_top.store(false, Ordering::Relaxed);
-        if std::mem::take(&mut self.check_first) {
+        loop {
+            if std::mem::take(&mut self.check_first) {
+                if let Err(end) = self.check_inflight() {
+                    return end;
+                }
+            }
+            self.at_top.store(true, Ordering::Relaxed);
+            let ready = self.wait_for_work().await;
+            self.at_top.store(false, Ordering::Relaxed);
+            if self.check_first {
+                // A look at the limit failed: the top of the loop reports it.
+                continue;
+            }
+            if let Err(e) = ready {
+                return DirEnd::ReadFailed(e);
+            }
+            // Bytes to read while linked: the verdict passed them.
             if let Err(end) = self.check_inflight() {
                 return end;
             }
-        }
-        loop {
-            self.at_top.store(true, Ordering::Relaxed);
-            let woke = tokio::select! {
-                r = readable(self.src) => Some(r),
-                () = self.woken(), if self.linked => None,
-            };
-            self.at_top.store(false, Ordering::Relaxed);
-            match woke {
-                Some(r) => {
-                    if let Err(e) = r {
-                        return DirEnd::ReadFailed(e);
-                    }
-                    // Bytes to read while linked: the verdict passed them.
-                    if let Err(end) = self.check_inflight() {
-                        return end;
-                    }
+            self.busy.store(1, Ordering::Relaxed);
+            // Boxed: heap only while bytes are read, not for the
+            // whole life of an idle pair.
+            let read = Box::pin(self.read_available()).await;
+            self.busy.store(0, Ordering::Relaxed);
+            match read {
+                Ok(true) => {}
+                Ok(false) => {
                     self.busy.store(1, Ordering::Relaxed);
-                    // Boxed: heap only while bytes are read, not for the
-                    // whole life of an idle pair.
-                    let read = Box::pin(self.read_available()).await;
+                    // Boxed as the read is: inline, the FIN's wait for
+                    // the drain was the largest state here, and every
+                    // idle pair kept room for it.
+                    let end = Box::pin(self.finish()).await;
                     self.busy.store(0, Ordering::Relaxed);
-                    match read {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.busy.store(1, Ordering::Relaxed);
-                            // Boxed as the read is: inline, the FIN's wait for
-                            // the drain was the largest state here, and every
-                            // idle pair kept room for it.
-                            let end = Box::pin(self.finish()).await;
-                            self.busy.store(0, Ordering::Relaxed);
-                            return end;
-                        }
-                        Err(end) => return end,
-                    }
+                    return end;
                 }
-                None => {
-                    if let Err(end) = self.check_inflight() {
-                        return end;
-                    }
-                }
+                Err(end) => return end,
             }
         }
     }
 
-    /// For a pair at rest (`run` dropped at the top of its loop): waits
-    /// until `run` has work, that is until the source turns readable (bytes,
-    /// FIN or an error; the readiness stays set for `run`). A checkpoint
-    /// the verdict reports needs no `run`: the limit moves here.
-    pub(super) async fn wait_for_work(&mut self) {
+    /// Waits, holding nothing, until the source turns readable (bytes, FIN
+    /// or an error; the readiness stays set for the read). A checkpoint the
+    /// verdict reports is handled here: the limit moves, and the wait goes
+    /// on. `run` waits here at the top of its loop, and so does a pair at
+    /// rest, which has dropped `run`. A look at the limit that fails ends
+    /// the wait with `check_first` set, for `run` to report.
+    pub(super) async fn wait_for_work(&mut self) -> io::Result<()> {
         loop {
             tokio::select! {
-                _ = readable(self.src) => return,
+                r = readable(self.src) => return r,
                 () = self.woken(), if self.linked => {
                     if self.check_inflight().is_err() {
                         self.check_first = true;
-                        return;
+                        return Ok(());
                     }
                 }
             }

@@ -127,8 +127,9 @@ impl FastpathPlane {
             // handled here.
             let rest = async {
                 tokio::select! {
-                    () = up.wait_for_work() => false,
-                    () = down.wait_for_work() => false,
+                    // Whatever woke it (an error too), `run` reads it.
+                    _ = up.wait_for_work() => false,
+                    _ = down.wait_for_work() => false,
                     () = watch.until_idle(&moved) => true,
                 }
             };
