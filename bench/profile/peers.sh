@@ -19,7 +19,7 @@
 #       split, which /proc counts in 10 ms ticks (the kernel share includes
 #       softirq work perf finds on the endpoint's threads)
 #   bench/profile/peers.sh calls ENDPOINT LOAD
-#       syscalls per connection or round trip: strace -c -f over a short
+#       syscalls per connection, MB or round trip: strace -c -f over a short
 #       load (strace slows it, so only the counts mean anything)
 #
 # ENDPOINT: haproxy, nginx, or BIN:MODE for one of ours (e.g.

@@ -176,30 +176,42 @@ impl Conn {
     ) -> impl Future<Output = ()> + Send {
         let set_up = Box::pin(self.set_up(client, shared));
         async move {
-            let Some(mut ready) = set_up.await else {
+            // Taken apart: the sockets go into the carry, and a `Ready`
+            // kept whole would keep room for them beside it.
+            let Some(Ready {
+                conn,
+                shared,
+                client,
+                upstream,
+                info,
+                mut sampler,
+                local,
+                record,
+                guard,
+            }) = set_up.await
+            else {
                 return;
             };
-            let (conn, shared) = (&ready.conn, &ready.shared);
             let mut tally = ByteTally::default();
             let carry = Box::pin(conn.carry(
-                shared,
-                ready.client,
-                ready.upstream,
-                &ready.info,
-                ready.record.attempts,
+                &shared,
+                client,
+                upstream,
+                &info,
+                record.attempts,
                 Prior::default(),
                 None,
             ));
-            let transfer = match (&mut ready.sampler, shared.bytes_flush) {
-                (Some(sampler), Some(every)) => {
-                    live::carry_counting(carry, sampler, every, &conn.app.metrics, &mut tally).await
+            let transfer = match (&mut sampler, &shared.flush_clock) {
+                (Some(sampler), Some(clock)) => {
+                    live::carry_counting(carry, sampler, clock, &conn.app.metrics, &mut tally).await
                 }
                 _ => carry.await,
             };
-            drop(ready.guard);
+            drop(guard);
             // None: handed over to a new process, which writes the close line.
             if let Some(transfer) = transfer {
-                (*ready.conn).close(&ready.shared, ready.local, ready.record, &transfer, tally);
+                (*conn).close(&shared, local, record, &transfer, tally);
             }
         }
     }
@@ -284,7 +296,7 @@ impl Conn {
         }
         Some(Ready {
             info: self.info(&shared, c.guard.backend().label.clone(), c.peer),
-            sampler: (shared.bytes_flush.is_some())
+            sampler: (shared.flush_clock.is_some())
                 .then(|| Sampler::new(&client, &c.stream, header)),
             client,
             upstream: c.stream,
@@ -306,7 +318,7 @@ struct Ready {
     /// What the data plane is told.
     info: ConnInfo,
     /// Reads the bytes moved while it is carried (`--bytes-flush-interval`).
-    /// (Its interval is `Shared::bytes_flush`.)
+    /// (Paced by `Shared::flush_clock`.)
     sampler: Option<Sampler>,
     /// The address the client connected to, where known.
     local: Option<SocketAddr>,

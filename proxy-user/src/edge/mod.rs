@@ -28,6 +28,7 @@ pub mod per_client;
 pub mod steering;
 pub mod tracker;
 
+pub use live::FlushClock;
 use per_client::ClientCounts;
 use tracker::Tracker;
 
@@ -65,9 +66,9 @@ pub struct Shared {
     /// False: no "connection closed" line in the log (`--no-connection-log`;
     /// the access log still has every connection).
     pub log_connections: bool,
-    /// How often live connections add their bytes to `proxy_bytes_total`;
-    /// None: at close only.
-    pub bytes_flush: Option<Duration>,
+    /// Paces live connections adding their bytes to `proxy_bytes_total`
+    /// (`--bytes-flush-interval`); None: at close only.
+    pub flush_clock: Option<Arc<FlushClock>>,
     /// `--max-connections-per-client`, over all apps.
     pub per_client_cap: Option<usize>,
     pub per_client: Arc<ClientCounts>,

@@ -22,7 +22,7 @@ use crate::dataplane::{DataPlane, Signals};
 use crate::edge::handover::Handover;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
-use crate::edge::{AppRuntime, RateLimit, Shared};
+use crate::edge::{AppRuntime, FlushClock, RateLimit, Shared};
 use crate::ops::access_log::AccessLog;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::metrics::Metrics;
@@ -141,7 +141,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         metrics,
         access_log,
         log_connections: settings.log_connections,
-        bytes_flush: settings.bytes_flush,
+        flush_clock: settings.bytes_flush.map(FlushClock::start),
         per_client_cap: settings.max_per_client,
         per_client: Arc::default(),
     });
