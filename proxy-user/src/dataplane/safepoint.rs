@@ -179,7 +179,7 @@ pub(super) struct Asks<'a> {
     pub(super) signals: watch::Receiver<Signals>,
 }
 
-impl Asks<'_> {
+impl<'a> Asks<'a> {
     /// Resolves at the first safe point while a stop is asked, or at once
     /// for the drain deadline. A park request withdrawn before that (an
     /// upgrade that gave up waiting) lets the connection run on; a
@@ -187,32 +187,42 @@ impl Asks<'_> {
     /// process promotes the connection itself when it is still quiet
     /// there. Awaited once per `Asks` (the verdict future is finished once
     /// it resolved, and this holds that it did).
-    pub(super) async fn reached(&mut self, held: &[AtomicU64; 2]) -> Stop {
-        let mut promoted = false;
-        // The signals' sender went away (the server is gone): nothing more
-        // will be asked that way.
-        let mut closed = false;
-        loop {
-            let signals = *self.signals.borrow_and_update();
-            if signals.hard_stop {
-                return Stop::Deadline;
-            }
-            let asked = if self.may_park && signals.park {
-                Some(Stop::Park)
-            } else if promoted {
-                Some(Stop::Promote)
-            } else {
-                None
-            };
-            match asked {
-                Some(stop) if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) => return stop,
-                // A pump mid-write: look again shortly.
-                Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                None => tokio::select! {
-                    r = self.signals.changed(), if !closed => closed = r.is_err(),
-                    () = verdict(&mut self.promote), if !promoted => promoted = true,
-                    else => std::future::pending().await,
-                },
+    ///
+    /// An async block over its arguments, not an async fn, which would keep
+    /// them twice in every connection.
+    pub(super) fn reached<'b>(
+        &'b mut self,
+        held: &'b [AtomicU64; 2],
+    ) -> impl Future<Output = Stop> + Send + use<'a, 'b> {
+        async move {
+            let mut promoted = false;
+            // The signals' sender went away (the server is gone): nothing more
+            // will be asked that way.
+            let mut closed = false;
+            loop {
+                let signals = *self.signals.borrow_and_update();
+                if signals.hard_stop {
+                    return Stop::Deadline;
+                }
+                let asked = if self.may_park && signals.park {
+                    Some(Stop::Park)
+                } else if promoted {
+                    Some(Stop::Promote)
+                } else {
+                    None
+                };
+                match asked {
+                    Some(stop) if held.iter().all(|h| h.load(Ordering::Relaxed) == 0) => {
+                        return stop
+                    }
+                    // A pump mid-write: look again shortly.
+                    Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    None => tokio::select! {
+                        r = self.signals.changed(), if !closed => closed = r.is_err(),
+                        () = verdict(&mut self.promote), if !promoted => promoted = true,
+                        else => std::future::pending().await,
+                    },
+                }
             }
         }
     }

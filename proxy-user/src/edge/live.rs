@@ -293,7 +293,11 @@ mod tests {
         let mut ticks = clock.ticks();
         let started = Instant::now();
         (&mut ticks).await;
-        assert_eq!(clock.waiting().len(), 1, "registered once, kept between ticks");
+        assert_eq!(
+            clock.waiting().len(),
+            1,
+            "registered once, kept between ticks"
+        );
         let seen = ticks.seen;
         (&mut ticks).await;
         assert_eq!(ticks.seen, seen + 1, "one tick per resolve");

@@ -4,13 +4,14 @@
 //! on here with nothing lost.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use super::{Conn, Upstream};
-use crate::dataplane::{ConnInfo, FastLedger, PairHold, Parking, Transfer};
+use crate::dataplane::{ConnInfo, DataPlane, FastLedger, PairHold, Parking, Transfer};
 use crate::edge::handover::{MovedMeta, Moving};
 use crate::edge::Shared;
 use crate::ops::metrics::ByteTally;
@@ -86,39 +87,33 @@ impl Conn {
     /// strings allocated for every new connection).
     ///
     /// An async block over its arguments, not an async fn, which would keep
-    /// a second copy of them in every connection for its whole life.
+    /// a second copy of them in every connection for its whole life. The
+    /// sockets go into the plane's future before the block: as the block's
+    /// own, they kept 64 bytes of room in it for the connection's life
+    /// after they had moved on.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn carry<'a>(
         &'a self,
         shared: &'a Arc<Shared>,
-        mut client: TcpStream,
-        mut upstream: TcpStream,
+        client: TcpStream,
+        upstream: TcpStream,
         info: &'a ConnInfo,
         attempts: u32,
         mut prior: Prior,
-        mut resume: Option<PairResume>,
+        resume: Option<PairResume>,
     ) -> impl Future<Output = Option<Transfer>> + Send + 'a {
+        // The plane's future comes boxed: each layer that takes a future by
+        // value (scope, carry_counting) would otherwise hold it twice (rustc
+        // keeps the moved-from argument), and every idle connection's task
+        // carried those copies: 21.7 KB per connection before.
+        let plane = &shared.plane;
+        let mut carry = start(plane, client, upstream, info, resume.map(|p| *p), prior);
         async move {
-            // The plane's future comes boxed: each layer that takes a future by
-            // value (scope, carry_counting) would otherwise hold it twice (rustc
-            // keeps the moved-from argument), and every idle connection's task
-            // carried those copies: 21.7 KB per connection before.
-            if !shared.plane.moves() {
-                return Some(shared.plane.carry(client, upstream, info, [0, 0]).await);
+            if !plane.moves() {
+                return Some(carry.await);
             }
             loop {
                 let parking = Parking::new();
-                let carry = match resume.take() {
-                    // A fastpath pair moved here resumes from its ledger.
-                    Some(pair) => {
-                        let (ledger, hold) = *pair;
-                        shared.plane.resume(client, upstream, info, ledger, hold)
-                    }
-                    None => {
-                        let before = [prior.client_to_target, prior.target_to_client];
-                        shared.plane.carry(client, upstream, info, before)
-                    }
-                };
                 let t = parking.scope(carry).await;
                 let Some(p) = parking.take() else {
                     return Some(Transfer {
@@ -155,8 +150,8 @@ impl Conn {
                     // Nobody takes it (any more): carry on here.
                     Err(back) => {
                         let back = *back;
-                        resume = back.meta.fastpath.zip(back.hold).map(Box::new);
-                        (client, upstream) = (back.client, back.upstream);
+                        let resume = back.meta.fastpath.zip(back.hold);
+                        carry = start(plane, back.client, back.upstream, info, resume, prior);
                     }
                 }
             }
@@ -187,6 +182,26 @@ impl Conn {
                 .chain([crate::ops::pid()])
                 .collect(),
             fastpath,
+        }
+    }
+}
+
+/// The plane's future for a connection's sockets: a fastpath pair moved
+/// here (`resume`) resumes from its ledger, anything else starts after the
+/// bytes `prior` counts.
+fn start<'a>(
+    plane: &'a DataPlane,
+    client: TcpStream,
+    upstream: TcpStream,
+    info: &'a ConnInfo,
+    resume: Option<(FastLedger, PairHold)>,
+    prior: Prior,
+) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
+    match resume {
+        Some((ledger, hold)) => plane.resume(client, upstream, info, ledger, hold),
+        None => {
+            let before = [prior.client_to_target, prior.target_to_client];
+            plane.carry(client, upstream, info, before)
         }
     }
 }
