@@ -8,8 +8,10 @@
 //! The sockets belong to the data plane's future; they are read by fd
 //! between its polls in the same task, and each read first checks the
 //! socket cookie, so a closed fd reused for another socket is never read.
-//! The cookies are taken at the first sample, not at the start: most
-//! connections end before it, and that saves two getsockopts on each.
+//! The cookies are taken at the first sample, not at the start: it comes
+//! somewhere in the first interval (see below), and a connection shorter
+//! than that (most of them, on churn) usually ends before it, saving two
+//! getsockopts.
 //! The first sample comes while the plane's future is still running, and
 //! that future owns both sockets until it ends, so the fds are still ours.
 //!
@@ -234,30 +236,29 @@ impl Future for Ticks<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        if this.ticked() {
-            return Poll::Ready(());
-        }
-        if let Some((_, waker)) = &this.slot {
-            if waker.will_wake(cx.waker()) {
-                return Poll::Pending;
+        // Registered before the look, whatever it finds: a turn that came
+        // before the first poll (the carry's first poll can take long) must
+        // not leave the connection out of the slab, where only the carry
+        // would ever wake it again.
+        let current = matches!(&this.slot, Some((_, w)) if w.will_wake(cx.waker()));
+        if !current {
+            let waker = cx.waker().clone();
+            let mut waiting = this.bucket.waiting();
+            match &mut this.slot {
+                Some((key, stored)) => {
+                    waiting[*key] = waker.clone();
+                    *stored = waker;
+                }
+                None => this.slot = Some((waiting.insert(waker.clone()), waker)),
             }
         }
-        let waker = cx.waker().clone();
-        let mut waiting = this.bucket.waiting();
-        match &mut this.slot {
-            Some((key, stored)) => {
-                waiting[*key] = waker.clone();
-                *stored = waker;
-            }
-            None => this.slot = Some((waiting.insert(waker.clone()), waker)),
-        }
-        drop(waiting);
-        // A turn between the look above and the registration woke the
-        // waiters before this one was among them.
+        // A turn after the registration wakes the stored waker; one before
+        // it shows here.
         if this.ticked() {
-            return Poll::Ready(());
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        Poll::Pending
     }
 }
 
@@ -319,5 +320,18 @@ mod tests {
         let bucket = ticks.bucket;
         drop(ticks);
         assert!(bucket.waiting().is_empty(), "a dropped wait leaves the slab");
+    }
+
+    #[tokio::test]
+    async fn a_turn_before_the_first_poll_still_registers() {
+        let clock = FlushClock::start(Duration::from_secs(3600));
+        let mut ticks = clock.ticks();
+        ticks.bucket.tick();
+        (&mut ticks).await;
+        assert_eq!(
+            ticks.bucket.waiting().len(),
+            1,
+            "resolved at its first poll, and registered for the next turn"
+        );
     }
 }

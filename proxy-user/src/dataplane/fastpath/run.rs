@@ -43,7 +43,6 @@ impl FastpathPlane {
     ///
     /// An async block over its arguments, not an async fn, which would keep
     /// them twice beside every installed pair for its life.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn run_pair<'a>(
         &'a self,
         set: &'a MapSet,
