@@ -308,7 +308,11 @@ mod tests {
         let clock = FlushClock::start(every);
         let mut ticks = clock.ticks();
         (&mut ticks).await;
-        assert_eq!(ticks.bucket.waiting().len(), 1, "registered once, kept between turns");
+        assert_eq!(
+            ticks.bucket.waiting().len(),
+            1,
+            "registered once, kept between turns"
+        );
         let seen = ticks.seen;
         let turn = Instant::now();
         (&mut ticks).await;
@@ -316,10 +320,16 @@ mod tests {
         // A lower bound only: a loaded machine may delay a turn, never
         // bring it forward (the ticks are spaced from the last one).
         let gap = turn.elapsed();
-        assert!(gap >= every / 2, "a bucket's turns are an interval apart: {gap:?}");
+        assert!(
+            gap >= every / 2,
+            "a bucket's turns are an interval apart: {gap:?}"
+        );
         let bucket = ticks.bucket;
         drop(ticks);
-        assert!(bucket.waiting().is_empty(), "a dropped wait leaves the slab");
+        assert!(
+            bucket.waiting().is_empty(),
+            "a dropped wait leaves the slab"
+        );
     }
 
     #[tokio::test]
