@@ -35,7 +35,7 @@ kill -KILL "$PID"
 # heaptrack writes its file out once the proxy is gone.
 wait "$HEAPTRACK" || true
 heaptrack_print -f "$WORK"/heap.*zst --print-peaks 0 --print-allocators 0 \
-    --print-temporary 0 --print-histogram 0 --print-leaks 1 2>/dev/null > "$WORK/leaks.txt"
+    --print-temporary 0 --print-leaks 1 2>/dev/null > "$WORK/leaks.txt"
 python3 - "$WORK/leaks.txt" "$CONNS" <<'PY'
 import re, sys
 conns = int(sys.argv[2])
