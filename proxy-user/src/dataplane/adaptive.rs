@@ -80,27 +80,19 @@ impl Promotion {
         fresh: bool,
     ) -> impl Future<Output = ()> + Send + 'a {
         async move {
-            let bytes = || moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed);
-            let segments = || {
-                let mut sum = 0u64;
-                for fd in fds {
-                    sum += tcpinfo::data_segs_in(fd).ok()?;
-                }
-                Some(sum)
-            };
             // `moved` starts at zero with the carry, and the pumps may have
             // moved the first bytes before this is first polled: they count.
-            let mut last = (0, if fresh { Some(0) } else { segments() });
+            // No segment count: NO_COUNT (a socket's counters could not be
+            // read). Plain values and calls, not closures over the
+            // arguments, which kept copies of them in every connection.
+            let mut last = (0, if fresh { 0 } else { segments_in(fds) });
             let mut light = 0;
             loop {
                 tokio::time::sleep(self.after).await;
-                let now = (bytes(), segments());
-                let quiet_segments = match (last.1, now.1) {
-                    (Some(before), Some(after)) => {
-                        after.saturating_sub(before) <= self.allowed(self.segments_below)
-                    }
-                    _ => false,
-                };
+                let now = (bytes_moved(moved), segments_in(fds));
+                let quiet_segments = last.1 != NO_COUNT
+                    && now.1 != NO_COUNT
+                    && now.1.saturating_sub(last.1) <= self.allowed(self.segments_below);
                 let carried = now.0 - last.0;
                 last = now;
                 // Silence says nothing of what the connection will carry:
@@ -129,6 +121,27 @@ impl Promotion {
     fn allowed(&self, per_second: u64) -> u64 {
         (per_second as f64 * self.after.as_secs_f64()) as u64
     }
+}
+
+/// `segments_in`'s "cannot tell".
+const NO_COUNT: u64 = u64::MAX;
+
+/// Data segments received on both sockets so far (each a 32-bit count, so
+/// the sum never reaches NO_COUNT); NO_COUNT when either socket's counters
+/// cannot be read (it counts as busy).
+fn segments_in(fds: [RawFd; 2]) -> u64 {
+    let mut sum = 0;
+    for fd in fds {
+        match tcpinfo::data_segs_in(fd) {
+            Ok(n) => sum += n,
+            Err(_) => return NO_COUNT,
+        }
+    }
+    sum
+}
+
+fn bytes_moved(moved: &[AtomicU64; 2]) -> u64 {
+    moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed)
 }
 
 /// A connection the userspace stage hands to the kernel: its sockets, the
@@ -230,7 +243,7 @@ impl AdaptivePlane {
             let promote: Promote<'_> = quiet;
             // The same call for either pump type (a generic parameter, so
             // one arm each).
-            let (c, u, counts) = (&client, &upstream, Some(&moved));
+            let (c, u, counts) = (&client, &upstream, &moved);
             let carried = match &self.start {
                 Start::Splice(p) => carry_or_promote(p, c, u, conn, Some(promote), counts).await,
                 Start::Copy(p) => carry_or_promote(p, c, u, conn, Some(promote), counts).await,

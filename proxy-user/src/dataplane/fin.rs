@@ -49,9 +49,9 @@ impl<Q: Future<Output = ()>> Armed<Q> {
             return;
         }
         let (end, limit) = if from_client {
-            (EndReason::ServerFinTimeout, conn.fin_timeouts.server)
+            (EndReason::ServerFinTimeout, conn.rules.fin_timeouts.server)
         } else {
-            (EndReason::ClientFinTimeout, conn.fin_timeouts.client)
+            (EndReason::ClientFinTimeout, conn.rules.fin_timeouts.client)
         };
         if limit.is_some() {
             self.timer = Some((end, Box::pin(quiet(limit))));

@@ -18,7 +18,7 @@ tokio::task_local! {
 
 /// Upgrade hook: lets a userspace connection stop at a safe point and give
 /// its two sockets and counters back instead of closing them.
-/// The request itself comes with the other signals (`ConnInfo::signals`).
+/// The request itself comes with the other signals (`Rules::signals`).
 pub struct Parking {
     /// Boxed: every connection holds a `Parking` for its whole life, and
     /// only a parked one fills this (248 bytes inline).

@@ -57,7 +57,8 @@ pub(super) fn carry<'a, P: Pump>(
     conn: &'a ConnInfo,
 ) -> impl Future<Output = Transfer> + 'a {
     async move {
-        match carry_or_promote(pump, &client, &upstream, conn, None, None).await {
+        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        match carry_or_promote(pump, &client, &upstream, conn, None, &moved).await {
             Carried::Done(t) => t,
             Carried::Park { parking, transfer } => park(&parking, client, upstream, transfer),
             // Without a promotion request nothing asks for one; were it to
@@ -88,8 +89,8 @@ pub(super) fn park(
 /// Like `carry`, over sockets its owner keeps, and the connection also
 /// stops at a safe point once `promote` (the promotion policy's verdict)
 /// resolves. `moved` counts the bytes written each way (client→target,
-/// target→client) as they go, for a caller that reads them meanwhile (else
-/// the future keeps its own).
+/// target→client) as they go: the caller's, so a caller that reads them
+/// meanwhile (auto's promotion watch) keeps the only copy.
 ///
 /// The sockets are borrowed: an owner that moves them on (into the kernel)
 /// would otherwise keep room for them, moved out, beside what comes next.
@@ -99,16 +100,14 @@ pub(super) fn carry_or_promote<'a, P: Pump>(
     upstream: &'a TcpStream,
     conn: &'a ConnInfo,
     promote: Option<Promote<'a>>,
-    moved: Option<&'a [AtomicU64; 2]>,
+    moved: &'a [AtomicU64; 2],
 ) -> impl Future<Output = Carried> + 'a {
     async move {
-        let own = [AtomicU64::new(0), AtomicU64::new(0)];
-        let moved = moved.unwrap_or(&own);
         let held = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut asks = Asks {
             may_park: PARKING.try_with(|_| ()).is_ok(),
             promote,
-            signals: conn.signals.clone(),
+            signals: conn.rules.signals.clone(),
         };
         let supervised = supervise_pumps(pump, client, upstream, conn, moved, &held);
         // Gated: the signals' receiver and the promotion watch are polled

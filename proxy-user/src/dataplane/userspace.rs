@@ -234,7 +234,7 @@ pub(super) fn drain_deadline<'a>(
 ) -> impl Future<Output = EndReason> + Send + 'a {
     // An async block over a receiver (an async fn would hold its
     // arguments twice).
-    let mut signals = conn.signals.clone();
+    let mut signals = conn.rules.signals.clone();
     async move {
         while !signals.borrow_and_update().hard_stop {
             if signals.changed().await.is_err() {
@@ -456,7 +456,7 @@ pub(super) fn supervise_pumps<'a, P: Pump>(
         let end = supervise(
             pin!(pump.pump(client, upstream, tally(0), conn)),
             pin!(pump.pump(upstream, client, tally(1), conn)),
-            pin!(activity.idle(conn.idle_timeout, Instant::now())),
+            pin!(activity.idle(conn.rules.idle_timeout, Instant::now())),
             |limit| activity.idle(limit, Instant::now()),
             client,
             upstream,

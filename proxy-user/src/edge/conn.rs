@@ -146,16 +146,11 @@ impl Conn {
         }
     }
 
-    /// What the data plane is told about this connection, once it is
-    /// connected to `target` at `upstream`.
-    fn info(&self, shared: &Shared, target: Arc<str>, upstream: SocketAddr) -> ConnInfo {
+    /// What the data plane is told about this connection.
+    fn info(&self, shared: &Shared) -> ConnInfo {
         ConnInfo {
             id: self.id,
-            target,
-            upstream,
-            idle_timeout: shared.idle_timeout,
-            fin_timeouts: shared.fin_timeouts,
-            signals: shared.signals.clone(),
+            rules: shared.rules.clone(),
         }
     }
 
@@ -198,7 +193,7 @@ impl Conn {
                 client,
                 upstream,
                 &info,
-                record.attempts,
+                &record,
                 Prior::default(),
                 None,
             ));
@@ -242,7 +237,7 @@ impl Conn {
             (local, _) => local,
         };
         let balancer = &self.app.balancer;
-        let mut signals = shared.signals.clone();
+        let mut signals = shared.rules.signals.clone();
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = signals.wait_for(|s| s.hard_stop) => {
@@ -295,7 +290,7 @@ impl Conn {
             }
         }
         Some(Ready {
-            info: self.info(&shared, c.guard.backend().label.clone(), c.peer),
+            info: self.info(&shared),
             sampler: (shared.flush_clock.is_some())
                 .then(|| Sampler::new(&client, &c.stream, header)),
             client,

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{AcceptProxy, ProxyProtocol};
-use crate::dataplane::{DataPlane, FinTimeouts, SocketBuffers};
+use crate::dataplane::{DataPlane, Rules, SocketBuffers};
 use crate::ops::access_log::AccessLog;
 use crate::ops::metrics::{AppMetrics, Metrics};
 use crate::upstream::balancer::Balancer;
@@ -38,8 +38,10 @@ pub struct Shared {
     pub policy: ConnectPolicy,
     /// Refuses targets that resolve to our own listeners.
     pub loop_guard: Arc<LoopGuard>,
-    pub idle_timeout: Option<Duration>,
-    pub fin_timeouts: FinTimeouts,
+    /// The timeouts and signals every connection gets (`ConnInfo::rules`):
+    /// the drain deadline and an upgrade's park request come through its
+    /// `signals`.
+    pub rules: Arc<Rules>,
     /// Set on every upstream socket (client sockets inherit the listener's).
     pub socket_buffers: SocketBuffers,
     pub tracker: Arc<Tracker>,
@@ -50,9 +52,6 @@ pub struct Shared {
     pub per_app_cap: usize,
     /// Apps in the config in force: sets the fair share of the global cap.
     pub apps: AtomicUsize,
-    /// The drain deadline and an upgrade's park request, for every
-    /// connection (`ConnInfo::signals`).
-    pub signals: watch::Receiver<crate::dataplane::Signals>,
     /// Accept loops wait for this to turn true: at once on a plain start,
     /// only once the old process stopped accepting on a takeover.
     pub accepting: watch::Receiver<bool>,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::etcd::EtcdMetrics;
 use crate::config::{watch as config_watch, Config};
-use crate::dataplane::{DataPlane, Signals};
+use crate::dataplane::{DataPlane, Rules, Signals};
 use crate::edge::handover::Handover;
 use crate::edge::steering::Steering;
 use crate::edge::tracker::Tracker;
@@ -125,15 +125,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         plane,
         policy: settings.connect,
         loop_guard: Arc::new(LoopGuard::new(listen)),
-        idle_timeout: settings.idle_timeout,
-        fin_timeouts: settings.fin_timeouts,
+        rules: Arc::new(Rules {
+            idle_timeout: settings.idle_timeout,
+            fin_timeouts: settings.fin_timeouts,
+            signals: hard_rx,
+        }),
         socket_buffers: settings.socket_buffers,
         tracker: tracker.clone(),
         global: Arc::new(Semaphore::new(max_connections as usize)),
         global_cap: max_connections as usize,
         per_app_cap: settings.max_per_app,
         apps: AtomicUsize::new(config.apps.len()),
-        signals: hard_rx,
         accepting: accepting_rx,
         handover: Handover::new(hard_tx.clone()),
         next_id: AtomicU64::new(1),

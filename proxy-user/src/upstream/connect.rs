@@ -5,7 +5,6 @@
 //! is picked, all within one overall deadline so a client never waits longer
 //! than `deadline` for its first byte of service.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -30,7 +29,6 @@ pub struct ConnectPolicy {
 #[derive(Debug)]
 pub struct Connected {
     pub stream: TcpStream,
-    pub peer: SocketAddr,
     /// Keeps the target's active count up for the connection's lifetime.
     pub guard: ActiveGuard,
     pub attempts: u32,
@@ -78,10 +76,9 @@ pub async fn connect(
             .stats
             .attempt(started.elapsed(), result.as_ref().err().map(|e| e.reason));
         match result {
-            Ok((stream, peer)) => {
+            Ok((stream, _)) => {
                 return Ok(Connected {
                     stream,
-                    peer,
                     guard,
                     attempts: tried.len() as u32,
                 })
@@ -146,7 +143,7 @@ mod tests {
         let c = connect(&b, &policy(), &LoopGuard::default())
             .await
             .expect("the good target is reached");
-        assert_eq!(c.peer, good.local_addr().unwrap());
+        assert_eq!(c.stream.peer_addr().unwrap(), good.local_addr().unwrap());
         assert_eq!(c.guard.backend().active(), 1);
         // Whichever bad targets were tried are down; the good one is not.
         assert!(b.backends[2].health.is_up());
@@ -202,7 +199,7 @@ mod tests {
         let mut reasons = Vec::new();
         for _ in 0..2 {
             match connect(&b, &policy, &loops).await {
-                Ok(c) => assert_eq!(c.peer, good.local_addr().unwrap()),
+                Ok(c) => assert_eq!(c.stream.peer_addr().unwrap(), good.local_addr().unwrap()),
                 Err(e) => reasons.push(format!("{:#}", e.last_error)),
             }
         }

@@ -60,7 +60,7 @@ impl FastpathPlane {
             let mut asks = Asks {
                 may_park: parking.is_some(),
                 promote: None,
-                signals: conn.signals.clone(),
+                signals: conn.rules.signals.clone(),
             };
             let mut up = Direction::new(
                 self,
@@ -93,7 +93,7 @@ impl FastpathPlane {
             };
             let quiet =
                 |limit| async move { IdleWatch::new(limit, moved()).until_idle(&moved).await };
-            let mut watch = IdleWatch::new(conn.idle_timeout, moved());
+            let mut watch = IdleWatch::new(conn.rules.idle_timeout, moved());
             // The drain deadline comes with the other signals (`asks`); an error
             // on either socket reaches a direction.
             let mut reached = pin!(asks.reached(&busy));

@@ -4,6 +4,7 @@
 //! on here with nothing lost.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,10 +50,9 @@ impl Conn {
             hold,
             ..
         } = m;
-        let target: Arc<str> = meta.target.as_str().into();
-        let info = self.info(&shared, target.clone(), meta.upstream);
+        let info = self.info(&shared);
         let upstream = Upstream {
-            target: Some(target),
+            target: Some(meta.target.as_str().into()),
             attempts: meta.attempts,
             connect: Duration::ZERO,
         };
@@ -64,15 +64,7 @@ impl Conn {
         let resume = meta.fastpath.zip(hold).map(Box::new);
         let local = client.local_addr().ok();
         async move {
-            let carried = self.carry(
-                &shared,
-                client,
-                to_target,
-                &info,
-                upstream.attempts,
-                prior,
-                resume,
-            );
+            let carried = self.carry(&shared, client, to_target, &info, &upstream, prior, resume);
             if let Some(t) = carried.await {
                 self.close(&shared, local, upstream, &t, ByteTally::default());
             }
@@ -98,7 +90,7 @@ impl Conn {
         client: TcpStream,
         upstream: TcpStream,
         info: &'a ConnInfo,
-        attempts: u32,
+        record: &'a Upstream,
         mut prior: Prior,
         resume: Option<PairResume>,
     ) -> impl Future<Output = Option<Transfer>> + Send + 'a {
@@ -106,8 +98,14 @@ impl Conn {
         // value (scope, carry_counting) would otherwise hold it twice (rustc
         // keeps the moved-from argument), and every idle connection's task
         // carried those copies: 21.7 KB per connection before.
-        let plane = &shared.plane;
-        let mut carry = start(plane, client, upstream, info, resume.map(|p| *p), prior);
+        let mut carry = start(
+            &shared.plane,
+            client,
+            upstream,
+            info,
+            resume.map(|p| *p),
+            prior,
+        );
         // Every plane can park at a safe point (`DataPlane::moves`), so
         // every carry runs under a `Parking`.
         async move {
@@ -127,7 +125,7 @@ impl Conn {
                 prior.userspace_bytes += p.client_to_target + p.target_to_client;
                 let (ledger, hold) = p.fastpath.unzip();
                 let moving = Moving {
-                    meta: self.moved_meta(info, attempts, prior, ledger),
+                    meta: self.moved_meta(record, &p.upstream, prior, ledger),
                     app: self.app.clone(),
                     client: p.client,
                     upstream: p.upstream,
@@ -150,18 +148,20 @@ impl Conn {
                     Err(back) => {
                         let back = *back;
                         let resume = back.meta.fastpath.zip(back.hold);
-                        carry = start(plane, back.client, back.upstream, info, resume, prior);
+                        let (client, upstream) = (back.client, back.upstream);
+                        carry = start(&shared.plane, client, upstream, info, resume, prior);
                     }
                 }
             }
         }
     }
 
-    /// The record a parked connection moves with.
+    /// The record a parked connection moves with. The upstream's address is
+    /// read from its socket here, not kept by every connection for this.
     fn moved_meta(
         &self,
-        info: &ConnInfo,
-        attempts: u32,
+        record: &Upstream,
+        upstream: &TcpStream,
         prior: Prior,
         fastpath: Option<FastLedger>,
     ) -> MovedMeta {
@@ -170,9 +170,13 @@ impl Conn {
             app: self.app.balancer.app.to_string(),
             port: self.port,
             client: self.client,
-            target: info.target.to_string(),
-            upstream: info.upstream,
-            attempts,
+            target: record.target.as_deref().unwrap_or_default().to_string(),
+            // Unspecified when the target already reset the socket: the
+            // record names it, and the new process reads nothing from it.
+            upstream: upstream
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            attempts: record.attempts,
             client_to_target: prior.client_to_target,
             target_to_client: prior.target_to_client,
             userspace_bytes: prior.userspace_bytes,
