@@ -9,7 +9,9 @@
 #       one line per load: MB/s (bulk, bidi), KiB per held connection
 #       (idle, idle-mostly), conn/s (churn, connrate) or round trips/s,
 #       and the proxy's CPU seconds during it. 3 s per load (idle-mostly
-#       holds its connections 8 s); extra proxy flags go in PROXY_FLAGS.
+#       holds its connections 8 s, or HOLD_FOR: the bench holds them 15 s,
+#       long enough for auto to promote them); extra proxy flags go in
+#       PROXY_FLAGS.
 set -euo pipefail
 BIN=$1 MODE=$2
 shift 2
@@ -24,7 +26,7 @@ PID=$!
 sleep 0.8
 for LOAD in "$@"; do
     HOLD=()
-    case $LOAD in idle | idle-mostly) HOLD=(--hold 8s) ;; esac
+    case $LOAD in idle | idle-mostly) HOLD=(--hold "${HOLD_FOR:-8s}") ;; esac
     "$TESTER" bench --target 127.0.0.1:$PPORT --load "$LOAD" --duration 3s \
         --proxy-pid $PID "${HOLD[@]}" --json > "$WORK/out.json"
     python3 - "$WORK/out.json" "$BIN:$MODE" <<'PY'
