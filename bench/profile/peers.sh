@@ -4,7 +4,7 @@
 # (xtask/src/bench_peers.rs; ours with --log-level warn like the bench).
 #
 #   bench/profile/peers.sh cpu   ENDPOINT LOAD [DURATION]
-#       conn/s (churn, connrate), MB/s (bulk, bidi) or round trips/s
+#       conn/s (churn, connrate), MB/s (bulk, bidi, parallel) or round trips/s
 #       (pingpong, rr50), or KiB per held connection (idle, idle-mostly:
 #       the endpoint's first process; not nginx's workers), the
 #       latency percentiles, and CPU per connection or round trip of every
@@ -104,7 +104,7 @@ if load in ("idle", "idle-mostly"):
     sys.exit(0)
 if load in ("churn", "connrate"):
     n, unit = d["conns"], "conn"
-elif load in ("bulk", "bidi"):
+elif load in ("bulk", "bidi", "parallel"):
     # Per MB: a GB is more than a short run moves, and the µs read best.
     n, unit = d["bytes"] / 1e6, "MB"
 else:
