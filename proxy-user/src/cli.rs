@@ -135,9 +135,17 @@ pub struct Cli {
     pub drain_timeout: Duration,
 
     /// Userspace buffer per direction per connection (e.g. 16KiB, 64KiB, 256KiB): the copy plane's read
-    /// buffer, the splice plane's pipe size (the kernel rounds up to pages).
+    /// buffer (held once the direction spoke), also used by a fastpath direction carried in userspace.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
+
+    /// The splice plane's pipe per direction (splice and auto): the most one splice(2) moves. Held only
+    /// while a burst goes through (an idle connection holds none), and behind a slow reader at most this
+    /// per direction. The kernel rounds up to a power of two pages; above fs.pipe-max-size (1MiB) or over
+    /// the user's pipe-page limits without root it keeps the kernel's default pipe (64KiB, less over the limits) and logs it at
+    /// debug. 64KiB, the old size, costs a quarter more CPU per byte on bulk (NOTES.md §2).
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    pub splice_pipe: usize,
 
     /// Kernel send and receive buffer of every proxied socket (the kernel doubles it), so a slow reader
     /// holds at most about 4x this in kernel memory; 0 = kernel autotuning (up to tcp_wmem/tcp_rmem max,
@@ -267,6 +275,7 @@ impl Cli {
             copy: CopyPlane {
                 buffer_size: self.copy_buffer,
             },
+            splice_pipe: self.splice_pipe,
             fastpath: FastpathOptions {
                 inflight: self.fastpath_inflight,
                 socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
@@ -495,6 +504,7 @@ mod tests {
         let cli = Cli::parse_from(["proxy"]);
         assert_eq!(cli.fastpath_inflight, None);
         assert_eq!(cli.copy_buffer, crate::dataplane::DEFAULT_BUFFER);
+        assert_eq!(cli.splice_pipe, crate::dataplane::DEFAULT_PIPE);
     }
 
     #[test]

@@ -168,6 +168,7 @@ fn help_opens_with_an_explanation_and_shows_defaults() {
         "--max-connections-per-app",
         "--drain-timeout",
         "--copy-buffer",
+        "--splice-pipe",
         "--log-format",
         "--log-level",
     ] {
@@ -178,6 +179,7 @@ fn help_opens_with_an_explanation_and_shows_defaults() {
         "[default: 5s]",
         "[default: 30s]",
         "[default: 64KiB]",
+        "[default: 256KiB]",
         "[default: 10m]",
         "[default: 1m]",
     ] {
@@ -190,6 +192,7 @@ fn bad_flag_values_are_rejected() {
     for args in [
         ["--connect-timeout", "5"],
         ["--copy-buffer", "1GiB"],
+        ["--splice-pipe", "1GiB"],
         ["--health-rise", "0"],
     ] {
         let out = Command::new(PROXY).args(args).output().unwrap();

@@ -22,6 +22,8 @@ pub use fastpath::Options as FastpathOptions;
 pub use fastpath::{GivenSets, Ledger as FastLedger, PairHold, FDS_PER_SET};
 pub use fin::FinTimeouts;
 pub use parking::Parking;
+#[cfg(test)]
+pub use splice::DEFAULT_PIPE;
 pub use userspace::arm_reset;
 
 use std::future::Future;
@@ -275,18 +277,19 @@ impl DataPlane {
     /// `auto` is the adaptive plane where the fastpath loads (NOTES.md §2:
     /// splice wins bulk and churn, the kernel wins quiet and interactive
     /// connections), else splice(2), else copy.
+    /// `pipe_size`: the splice plane's pipe per direction.
     pub fn select(
         mode: Mode,
         copy: copy::CopyPlane,
+        pipe_size: usize,
         fastpath: fastpath::Options,
     ) -> anyhow::Result<DataPlane> {
         let load_fastpath =
             |copy: &copy::CopyPlane, options| fastpath::FastpathPlane::load(copy.clone(), options);
-        let load_splice =
-            |copy: &copy::CopyPlane| splice::SplicePlane::load(copy).map(DataPlane::Splice);
+        let load_splice = || splice::SplicePlane::load(pipe_size, &copy).map(DataPlane::Splice);
         match mode {
             Mode::Copy => Ok(DataPlane::Copy(copy)),
-            Mode::Splice => load_splice(&copy).map_err(|e| {
+            Mode::Splice => load_splice().map_err(|e| {
                 e.context("--mode splice: cannot use splice(2) (use --mode copy to run without it)")
             }),
             // Forced: no promotion, so no direction leaves for being busy.
@@ -294,7 +297,7 @@ impl DataPlane {
                 e.context("--mode fastpath: cannot load the kernel fastpath (use --mode auto or --mode copy to run without it)")
             }),
             Mode::Auto => {
-                let userspace = load_splice(&copy).or_else(|e| {
+                let userspace = load_splice().or_else(|e| {
                     tracing::warn!(error = %format!("{e:#}"), "splice(2) unavailable; using userspace copy");
                     Ok::<_, anyhow::Error>(DataPlane::Copy(copy.clone()))
                 })?;

@@ -32,21 +32,38 @@ use super::safepoint;
 use super::userspace::{readable, writable, DirEnd, Pump, Tally};
 use super::{ConnInfo, Plane, Transfer};
 
+/// Default pipe per direction. A pipe holds page references only while a
+/// burst goes through it, and goes back to the shelf empty, so its size
+/// costs memory only under way (and behind a slow reader, at most this per
+/// direction), never per idle connection. Measured against 64 KiB, the copy
+/// buffer's size it used to share (`bench/profile/peers.sh cpu BIN:auto
+/// LOAD 3s`, two alternating rounds, NOTES §2 "Every connection's task in a
+/// smaller class"): bulk 2,275 and 2,300 against 2,036 and 1,992 MB/s, at
+/// 286–301 against 381–391 µs of proxy CPU per MB; parallel 2,733 and
+/// 2,556 against 2,444 and 2,501; bidi 2,225 and 2,252 against 2,091 and
+/// 2,242; rr50 and churn unchanged.
+// The flag's default is written as text in cli.rs; a test holds the two equal.
+#[cfg_attr(not(test), allow(dead_code))]
+pub const DEFAULT_PIPE: usize = 256 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct SplicePlane {
     /// Requested pipe capacity per direction (the kernel rounds up to a
     /// power-of-two number of pages and caps it at fs.pipe-max-size).
     pub pipe_size: usize,
+    /// The copy pump's buffer, for a direction whose pipe cannot be made.
+    pub fallback_buffer: usize,
 }
 
 impl SplicePlane {
-    /// Same sizing knob as the copy plane: its buffer is our pipe. Proves on
-    /// a loopback pair that splice(2) moves TCP bytes here (a seccomp filter
-    /// or an exotic kernel could refuse it), so a refusal is a startup error
-    /// rather than a reset on every connection.
-    pub fn load(copy: &CopyPlane) -> anyhow::Result<Self> {
+    /// `pipe_size`: `--splice-pipe`; `copy`: the plane a direction falls
+    /// back on. Proves on a loopback pair that splice(2) moves TCP bytes
+    /// here (a seccomp filter or an exotic kernel could refuse it), so a
+    /// refusal is a startup error rather than a reset on every connection.
+    pub fn load(pipe_size: usize, copy: &CopyPlane) -> anyhow::Result<Self> {
         let plane = SplicePlane {
-            pipe_size: copy.buffer_size,
+            pipe_size,
+            fallback_buffer: copy.buffer_size,
         };
         probe(plane.pipe_size)
             .context("splice(2) of a TCP socket through a pipe failed on a loopback probe")?;
@@ -75,7 +92,7 @@ impl Pump for SplicePlane {
         t: Tally<'a>,
         c: &'a ConnInfo,
     ) -> impl Future<Output = DirEnd> + 'a {
-        pump(src, dst, self.pipe_size, t, c.id)
+        pump(src, dst, self, t, c.id)
     }
 }
 
@@ -248,7 +265,7 @@ fn probe(pipe_size: usize) -> anyhow::Result<()> {
 fn pump<'a>(
     src: &'a TcpStream,
     dst: &'a TcpStream,
-    pipe_size: usize,
+    plane: &'a SplicePlane,
     tally: Tally<'a>,
     conn_id: u64,
 ) -> impl Future<Output = DirEnd> + 'a {
@@ -279,13 +296,13 @@ fn pump<'a>(
                 }
                 continue;
             }
-            let p = match pipe.take().map_or_else(|| take_pipe(pipe_size), Ok) {
+            let p = match pipe.take().map_or_else(|| take_pipe(plane.pipe_size), Ok) {
                 Ok(p) => p,
                 Err(e) => {
                     // Between fills nothing is in flight here, so the copy pump
                     // can take over at any point.
                     tracing::warn!(conn = conn_id, error = %e, "cannot create a splice pipe; this direction uses the copy pump");
-                    return Box::pin(copy::pump(src, dst, pipe_size, tally)).await;
+                    return Box::pin(copy::pump(src, dst, plane.fallback_buffer, tally)).await;
                 }
             };
             let pending = match p.fill(src) {

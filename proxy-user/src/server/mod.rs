@@ -101,7 +101,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         stamp,
         etcd,
     } = source::initial(&settings).await?;
-    let plane = DataPlane::select(settings.mode, settings.copy.clone(), settings.fastpath)?;
+    let plane = DataPlane::select(
+        settings.mode,
+        settings.copy.clone(),
+        settings.splice_pipe,
+        settings.fastpath,
+    )?;
     let nofile = match lifecycle::raise_fd_limit() {
         Ok(nofile) => nofile,
         Err(e) => {

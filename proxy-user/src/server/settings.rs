@@ -20,6 +20,8 @@ pub struct Settings {
     pub listen_address: String,
     pub mode: Mode,
     pub copy: CopyPlane,
+    /// The splice plane's pipe per direction (`--splice-pipe`).
+    pub splice_pipe: usize,
     pub fastpath: FastpathOptions,
     pub connect: ConnectPolicy,
     /// None: connections are never closed for being idle.
