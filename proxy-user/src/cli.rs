@@ -135,20 +135,23 @@ pub struct Cli {
     pub drain_timeout: Duration,
 
     /// Userspace buffer per direction per connection (e.g. 16KiB, 64KiB, 256KiB): the copy plane's read
-    /// buffer (held once the direction spoke), also used by a fastpath direction carried in userspace.
+    /// buffer, held while a burst goes through; also used by a fastpath direction carried in userspace
+    /// and by a splice direction whose pipe cannot be made.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub copy_buffer: usize,
 
     /// The splice plane's pipe per direction (splice and auto): the most one splice(2) moves. Held only
     /// while a burst goes through (an idle connection holds none), and behind a slow reader at most this
-    /// per direction. The kernel rounds up to a power of two pages; above fs.pipe-max-size (1MiB) or over
-    /// the user's pipe-page limits without root it keeps the kernel's default pipe (64KiB, less over the limits) and logs it at
-    /// debug. 64KiB, the old size, costs a quarter more CPU per byte on bulk (NOTES.md §2).
+    /// per direction. The kernel rounds up to a power of two pages. Without root, above fs.pipe-max-size
+    /// (1MiB) or over the user's pipe-page limits, the kernel refuses: the pipe stays at its default
+    /// (64KiB, 8KiB past fs.pipe-user-pages-soft), and a debug line says so. 64KiB, the old size, costs
+    /// a quarter more CPU per byte on bulk (NOTES.md §2).
     #[arg(long, default_value = "256KiB", value_parser = parse_size)]
     pub splice_pipe: usize,
 
     /// Kernel send and receive buffer of every proxied socket (the kernel doubles it), so a slow reader
-    /// holds at most about 4x this in kernel memory; 0 = kernel autotuning (up to tcp_wmem/tcp_rmem max,
+    /// holds at most about 4x this in socket memory (on splice, plus up to one pipe per direction,
+    /// --splice-pipe); 0 = kernel autotuning (up to tcp_wmem/tcp_rmem max,
     /// about 10 MB per slow reader). Raise it for fast clients far away: one connection's throughput
     /// is at most about this size per round trip.
     #[arg(long, default_value = "256KiB", value_parser = parse_socket_buffer)]

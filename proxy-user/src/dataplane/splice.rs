@@ -192,8 +192,14 @@ fn take_pipe(size: usize) -> io::Result<Pipe> {
     PIPES.with(|s| s.take(|p| p.asked == size, || Pipe::new(size)))
 }
 
+/// A pipe the kernel would not grow to its asked size (pipe-page limits
+/// without root) is closed, not shelved: kept, it would serve later bursts
+/// small, long after the pressure passed, and its pages count against the
+/// limit meanwhile.
 fn give_back(pipe: Pipe) {
-    PIPES.with(|s| s.give(pipe));
+    if pipe.size >= pipe.asked {
+        PIPES.with(|s| s.give(pipe));
+    }
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -336,5 +342,29 @@ fn pump<'a>(
             }
             pipe = Some(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipe the kernel kept smaller than asked is not shelved as a full
+    /// one: the next burst that asks for the size gets a pipe of it. (The
+    /// refusal is played by lowering what the pipe thinks it got: as root,
+    /// F_SETPIPE_SZ does not refuse.)
+    #[test]
+    fn a_pipe_smaller_than_asked_is_not_shelved() {
+        let asked = 1 << 20;
+        let mut small = Pipe::new(64 << 10).unwrap();
+        small.asked = asked;
+        assert!(small.size < asked);
+        give_back(small);
+        let next = take_pipe(asked).unwrap();
+        assert!(
+            next.size >= asked,
+            "got a {}-byte pipe for {asked}: the small one came back off the shelf",
+            next.size
+        );
     }
 }
