@@ -324,13 +324,6 @@ impl DataPlane {
         }
     }
 
-    /// Whether a connection carried here can stop at a safe point and move
-    /// to another process (an upgrade; `Parking`): every plane's can (a
-    /// fastpath pair moves with its map set: `fastpath::moving`).
-    pub fn moves(&self) -> bool {
-        true
-    }
-
     /// The kernel fastpath, where this plane has one (`fastpath`, `auto`).
     fn fastpath(&self) -> Option<&fastpath::FastpathPlane> {
         match self {

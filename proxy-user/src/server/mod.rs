@@ -197,8 +197,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         Some(t) => {
             // Nothing can fail from here: the old process stops accepting,
             // and we start (the connections in between wait in the backlog).
-            let takes_conns = shared.plane.moves();
-            let taken = t.commit(takes_conns, shared.plane.takes_fastpath()).await;
+            let taken = t.commit(shared.plane.takes_fastpath()).await;
             let _ = accepting.send(true);
             let apps: HashMap<String, Arc<AppRuntime>> = state
                 .apps

@@ -106,8 +106,8 @@ impl Conn {
             resume.map(|p| *p),
             prior,
         );
-        // Every plane can park at a safe point (`DataPlane::moves`), so
-        // every carry runs under a `Parking`.
+        // Every plane can park at a safe point (a fastpath pair with its map
+        // set), so every carry runs under a `Parking`.
         async move {
             loop {
                 let parking = Parking::new();

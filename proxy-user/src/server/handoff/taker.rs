@@ -119,13 +119,18 @@ impl Takeover {
     /// Everything fallible is done: tells the giver we are ready and waits
     /// until it stopped accepting. From here this process serves whatever
     /// happens to the giver (gone, or stuck: we serve beside it).
-    pub async fn commit(self, takes_conns: bool, takes_fastpath: bool) -> Taken {
+    /// `takes_fastpath`: moved fastpath pairs can resume here.
+    pub async fn commit(self, takes_fastpath: bool) -> Taken {
         let link = self.link;
         let l = link.clone();
         let stopped = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             l.send(
                 &Msg::Ready {
-                    takes_conns,
+                    // Every plane takes moved connections: a userspace one
+                    // stopped at a safe point (`Parking`), a fastpath pair
+                    // with its map set (`fastpath::moving`). Still said: an
+                    // older giver reads it.
+                    takes_conns: true,
                     takes_fastpath,
                 },
                 &[],
