@@ -95,12 +95,13 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // Userspace writes both entries before it puts a socket in SOCKETS and
     // removes them only after taking it out, so this is not expected; passing
     // leaves the bytes readable on the socket rather than losing them.
-    let Some(control) = (unsafe { CONTROL.get(&cookie) }) else {
+    let Some(read) = read_control(cookie) else {
         return SK_PASS;
     };
     let Some(state) = STATE.get_ptr_mut(&cookie) else {
         return SK_PASS;
     };
+    let control = &read.control;
     // Verdicts for one socket run one at a time under its lock, so this
     // read-modify-write of the socket's own state does not race.
     let state = unsafe { &mut *state };
@@ -112,7 +113,8 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     // behind the ones already there, where userspace reads it once every
     // byte redirected before it has left the peer. Passing is for good once
     // one skb was passed: redirecting a later one would overtake it.
-    if control.pass != 0
+    if !read.stable
+        || control.pass != 0
         || state.passed != 0
         || state.redirected + len > control.limit
         || turned_busy(control, state)
@@ -148,6 +150,41 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
     SK_PASS
+}
+
+/// A copy of a direction's `CONTROL` entry; `stable` false if userspace
+/// kept replacing it while it was read.
+struct ControlRead {
+    control: FlowControl,
+    stable: bool,
+}
+
+/// Copies `CONTROL[cookie]`, then looks the key up again: the copy is this
+/// direction's if the entry is still the one it was read from. A map update
+/// swaps a new element in, and a preallocated hash map hands the old one to
+/// the next update on that CPU, for any key: a pointer kept across the
+/// program could come to hold another pair's `peer`, and its bytes would
+/// leave through that pair's socket. None: no entry.
+#[inline(always)]
+fn read_control(cookie: u64) -> Option<ControlRead> {
+    let mut at = CONTROL.get_ptr(&cookie)?;
+    for _ in 0..2 {
+        let control = unsafe { *at };
+        let now = CONTROL.get_ptr(&cookie)?;
+        if now == at {
+            return Some(ControlRead {
+                control,
+                stable: true,
+            });
+        }
+        at = now;
+    }
+    // Replaced twice while it was read: demote (lossless) rather than trust
+    // a copy that may be another pair's.
+    Some(ControlRead {
+        control: unsafe { *at },
+        stable: false,
+    })
 }
 
 /// Counts this skb in the direction's current `busy_skbs` window; true

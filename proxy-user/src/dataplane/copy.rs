@@ -47,7 +47,20 @@ impl CopyPlane {
         upstream: TcpStream,
         conn: &'a ConnInfo,
     ) -> impl Future<Output = Transfer> + 'a {
-        safepoint::carry(self, client, upstream, conn)
+        safepoint::carry(self, client, upstream, conn, [0, 0])
+    }
+
+    /// Like `carry`, after `before` bytes each way that another plane of
+    /// this process moved first: they count as moved (the close line, and
+    /// an upgrade's record if the connection parks).
+    pub fn carry_after<'a>(
+        &'a self,
+        client: TcpStream,
+        upstream: TcpStream,
+        conn: &'a ConnInfo,
+        before: [u64; 2],
+    ) -> impl Future<Output = Transfer> + 'a {
+        safepoint::carry(self, client, upstream, conn, before)
     }
 }
 

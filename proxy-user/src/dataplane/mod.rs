@@ -418,7 +418,7 @@ impl DataPlane {
         match self {
             DataPlane::Copy(p) => Box::pin(p.carry(client, upstream, conn)),
             DataPlane::Splice(p) => Box::pin(p.carry(client, upstream, conn)),
-            DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn)),
+            DataPlane::Fastpath(p) => Box::pin(p.carry(client, upstream, conn, prior)),
             DataPlane::Adaptive(p) => Box::pin(p.carry(client, upstream, conn, prior)),
         }
     }

@@ -46,7 +46,9 @@ pub(super) enum Carried {
 
 /// Carries a connection in userspace, one `pump` per direction. Under an
 /// upgrade's `Parking` it may instead stop at a safe point and hand its
-/// sockets to the owner.
+/// sockets to the owner. `before`: bytes each way this process moved on
+/// another plane first (a fastpath pair that fell back to the copy pump):
+/// counted as moved, in the transfer and in the park's record alike.
 ///
 /// An async block over its arguments, not an async fn, which would keep
 /// both sockets twice for the connection's life.
@@ -55,9 +57,10 @@ pub(super) fn carry<'a, P: Pump>(
     client: TcpStream,
     upstream: TcpStream,
     conn: &'a ConnInfo,
+    before: [u64; 2],
 ) -> impl Future<Output = Transfer> + 'a {
     async move {
-        let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+        let moved = [AtomicU64::new(before[0]), AtomicU64::new(before[1])];
         match carry_or_promote(pump, &client, &upstream, conn, None, &moved).await {
             Carried::Done(t) => t,
             Carried::Park { parking, transfer } => park(&parking, client, upstream, transfer),

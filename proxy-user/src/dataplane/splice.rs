@@ -78,7 +78,7 @@ impl SplicePlane {
         upstream: TcpStream,
         conn: &'a ConnInfo,
     ) -> impl Future<Output = Transfer> + 'a {
-        safepoint::carry(self, client, upstream, conn)
+        safepoint::carry(self, client, upstream, conn, [0, 0])
     }
 }
 

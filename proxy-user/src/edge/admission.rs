@@ -4,7 +4,7 @@
 //! the rest is taken, an app gets a connection only while it holds fewer than
 //! its part of that tenth, so a flood on some apps leaves the others served.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 use tokio::net::TcpStream;
@@ -145,6 +145,21 @@ pub(super) async fn admit_client(
             _held: (global.is_some() || own.is_some()).then(|| Box::new([global, own])),
         },
     })
+}
+
+/// The places of a connection an upgrade moved here, under the same
+/// per-client limits as any other: counted, so the client's new ones see
+/// it, but never refused (it is established).
+pub(super) fn resumed_slots(client: IpAddr, app: &AppRuntime, shared: &Shared) -> ClientSlots {
+    let global = (shared.per_client_cap.is_some())
+        .then(|| shared.per_client.try_take(client, usize::MAX))
+        .flatten();
+    let own = (app.max_per_client.is_some())
+        .then(|| app.clients.try_take(client, usize::MAX))
+        .flatten();
+    ClientSlots {
+        _held: (global.is_some() || own.is_some()).then(|| Box::new([global, own])),
+    }
 }
 
 fn refuse_client(

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::admission::{admit, admit_client, ClientSlots};
+use super::admission::{admit, admit_client, resumed_slots, ClientSlots};
 use super::handover::{MovedMeta, Moving};
 use super::live::{self, Sampler};
 use super::tracker::Tracked;
@@ -134,7 +134,7 @@ impl Conn {
             _held: Held {
                 _app_permit: app.permits.clone().try_acquire_owned().ok(),
                 _global_permit: shared.global.clone().try_acquire_owned().ok(),
-                _client_slots: ClientSlots::default(),
+                _client_slots: resumed_slots(meta.client.ip(), &app, shared),
                 _tracked: shared.tracker.track(),
                 _active: app.metrics.open(),
             },
@@ -204,9 +204,11 @@ impl Conn {
                 _ => carry.await,
             };
             drop(guard);
-            // None: handed over to a new process, which writes the close line.
-            if let Some(transfer) = transfer {
-                (*conn).close(&shared, local, record, &transfer, tally);
+            match transfer {
+                Ok(transfer) => (*conn).close(&shared, local, record, &transfer, tally),
+                // Handed over to a new process, which writes the close line
+                // and counts the bytes from here on: this one counts its own.
+                Err([c2t, t2c]) => tally.advance(&conn.app.metrics, c2t, t2c),
             }
         }
     }

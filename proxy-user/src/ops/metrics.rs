@@ -136,6 +136,14 @@ pub struct ByteTally {
 }
 
 impl ByteTally {
+    /// A connection whose first `c2t` and `t2c` bytes were counted already
+    /// (by the process that carried them before an upgrade moved it here).
+    pub fn counted(c2t: u64, t2c: u64) -> ByteTally {
+        ByteTally {
+            counted: [c2t, t2c],
+        }
+    }
+
     /// The connection has moved `c2t` and `t2c` bytes so far.
     pub fn advance(&mut self, m: &AppMetrics, c2t: u64, t2c: u64) {
         for (d, total) in [

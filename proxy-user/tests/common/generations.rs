@@ -59,14 +59,14 @@ impl Setup {
         }
     }
 
-    fn args(&self, config: &Path, takeover: bool) -> Vec<String> {
+    fn args(&self, mode: &str, config: &Path, takeover: bool) -> Vec<String> {
         let mut a: Vec<String> = [
             "--config",
             &config.display().to_string(),
             "--listen-address",
             "127.0.0.1",
             "--mode",
-            self.mode,
+            mode,
             "--log-format",
             "json",
             "--log-level",
@@ -94,6 +94,14 @@ impl Setup {
         Ok(Gen { proxy })
     }
 
+    /// Like `launch`, a successor on another `--mode` (an upgrade that
+    /// changes the plane).
+    pub async fn launch_as(&self, mode: &'static str, config: &Path) -> Result<Gen, String> {
+        let mut proxy = self.spawn_mode(mode, Path::new(PROXY), config, true, &[], &[]);
+        proxy.wait_ready().await?;
+        Ok(Gen { proxy })
+    }
+
     /// The first generation (no takeover), or panic.
     pub async fn first(&self) -> Gen {
         self.launch(Path::new(PROXY), &self.config, false)
@@ -114,9 +122,21 @@ impl Setup {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Proxy {
+        self.spawn_mode(self.mode, bin, config, takeover, extra, env)
+    }
+
+    fn spawn_mode(
+        &self,
+        mode: &'static str,
+        bin: &Path,
+        config: &Path,
+        takeover: bool,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Proxy {
         let log_path = scratch("proxy.log");
         let child = Command::new(bin)
-            .args(self.args(config, takeover))
+            .args(self.args(mode, config, takeover))
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -125,7 +145,7 @@ impl Setup {
             .spawn()
             .expect("spawn proxy");
         // Not the config: generations share it (`Setup` removes it).
-        Proxy::from_child(child, log_path, scratch("unused"), self.mode)
+        Proxy::from_child(child, log_path, scratch("unused"), mode)
     }
 }
 

@@ -71,9 +71,19 @@ impl MapSet {
             self.uninstall(&pair);
             return Err(e);
         }
-        // Baselines before the first redirect into either socket.
-        pair.client.base = tcpinfo::handed(client)?.total;
-        pair.upstream.base = tcpinfo::handed(upstream)?.total;
+        // Baselines before the first redirect into either socket. The flow
+        // entries and PEERS are in by now: a failure here takes them out
+        // again, or they would stay for the process's life.
+        let bases = tcpinfo::handed(client).and_then(|c| Ok((c, tcpinfo::handed(upstream)?)));
+        let (c, u) = match bases {
+            Ok(b) => b,
+            Err(e) => {
+                self.uninstall(&pair);
+                return Err(e.into());
+            }
+        };
+        pair.client.base = c.total;
+        pair.upstream.base = u.total;
         pair.client.linked = self.link(pair.client.cookie, client);
         pair.upstream.linked = self.link(pair.upstream.cookie, upstream);
         Ok(pair)

@@ -239,6 +239,11 @@ impl FastpathPlane {
         }
     }
 
+    /// `prior`: bytes each way that earlier processes carried (an upgrade
+    /// moved the connection here): the FIN ledger counts them, as the
+    /// sockets' own counters do, or a moved connection that carried bytes
+    /// would look short at its FIN and be reset.
+    ///
     /// Not an async fn of its own: a wrapper future would add its own
     /// state to every connection's box.
     pub fn carry<'a>(
@@ -246,8 +251,9 @@ impl FastpathPlane {
         client: TcpStream,
         upstream: TcpStream,
         conn: &'a ConnInfo,
+        prior: [u64; 2],
     ) -> impl Future<Output = Transfer> + Send + 'a {
-        self.carry_from(client, upstream, conn, [0, 0], [0, 0])
+        self.carry_from(client, upstream, conn, [0, 0], prior)
     }
 
     /// Carries a connection whose first `before` bytes each way
@@ -353,8 +359,10 @@ impl FastpathPlane {
                         // TCP keeps reporting EOF, so the copy plane sees the FIN again.
                         // Boxed: this rare path was the largest await here, and
                         // every installed pair's future kept room for it.
-                        let transfer = Box::pin(self.fallback.carry(client, upstream, conn)).await;
-                        return transfer.on(Plane::CopyFallback).plus(early);
+                        // The bytes moved before count as the copy's own,
+                        // so a park's record has them too.
+                        let carry = self.fallback.carry_after(client, upstream, conn, early);
+                        return Box::pin(carry).await.on(Plane::CopyFallback);
                     }
                 };
                 (pair, early)

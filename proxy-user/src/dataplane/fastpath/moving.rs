@@ -137,6 +137,9 @@ impl FastpathPlane {
             if !matches {
                 arm_reset(&client);
                 arm_reset(&upstream);
+                // The ledger's entries go all the same: nothing else would
+                // ever take them out of the set's maps.
+                hold.set.uninstall(&pair);
                 return Transfer::none(EndReason::ClientReset).on(Plane::Fastpath);
             }
             let set = Arc::clone(&hold.set);

@@ -63,17 +63,28 @@ impl Conn {
         };
         let resume = meta.fastpath.zip(hold).map(Box::new);
         let local = client.local_addr().ok();
+        // Counted against its target (least-connections, the active gauge)
+        // as one connected here; none when a reload dropped the target.
+        let target = (self.app.balancer.backends.iter())
+            .find(|b| *b.label == *meta.target)
+            .map(|b| b.acquire());
         async move {
+            let _target = target;
+            // Each process counts in `proxy_bytes_total` the bytes it
+            // carried: those before the move were counted where they went.
+            let mut tally = ByteTally::counted(prior.client_to_target, prior.target_to_client);
             let carried = self.carry(&shared, client, to_target, &info, &upstream, prior, resume);
-            if let Some(t) = carried.await {
-                self.close(&shared, local, upstream, &t, ByteTally::default());
+            match carried.await {
+                Ok(t) => self.close(&shared, local, upstream, &t, tally),
+                Err([c2t, t2c]) => tally.advance(&self.app.metrics, c2t, t2c),
             }
         }
     }
 
     /// Carries the bytes. On any plane the connection may park for an
-    /// upgrade and move to the new process: then None, and the new process
-    /// writes the close line. The record that goes with it (`MovedMeta`) is
+    /// upgrade and move to the new process: then `Err` with the bytes moved
+    /// each way until then (by every process), and the new process writes
+    /// the close line. The record that goes with it (`MovedMeta`) is
     /// made only then: an idle connection's task holds this future, and
     /// two copies of the record were 672 of its 1,048 bytes (plus two
     /// strings allocated for every new connection).
@@ -93,7 +104,7 @@ impl Conn {
         record: &'a Upstream,
         mut prior: Prior,
         resume: Option<PairResume>,
-    ) -> impl Future<Output = Option<Transfer>> + Send + 'a {
+    ) -> impl Future<Output = Result<Transfer, [u64; 2]>> + Send + 'a {
         // The plane's future comes boxed: each layer that takes a future by
         // value (scope, carry_counting) would otherwise hold it twice (rustc
         // keeps the moved-from argument), and every idle connection's task
@@ -113,7 +124,7 @@ impl Conn {
                 let parking = Parking::new();
                 let t = parking.scope(carry).await;
                 let Some(p) = parking.take() else {
-                    return Some(Transfer {
+                    return Ok(Transfer {
                         client_to_target: prior.client_to_target + t.client_to_target,
                         target_to_client: prior.target_to_client + t.target_to_client,
                         userspace_bytes: prior.userspace_bytes + t.userspace_bytes,
@@ -142,7 +153,7 @@ impl Conn {
                             pid = crate::ops::pid(),
                             "connection handed over to the new process"
                         );
-                        return None;
+                        return Err([prior.client_to_target, prior.target_to_client]);
                     }
                     // Nobody takes it (any more): carry on here.
                     Err(back) => {

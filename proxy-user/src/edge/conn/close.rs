@@ -38,14 +38,16 @@ impl Conn {
             .collect::<Vec<_>>()
             .join(",");
         if let Some(log) = &shared.access_log {
+            // One reading for both: two could straddle a clock step (or a
+            // connection younger than the gap between them) and put the
+            // start after the close.
+            let now = SystemTime::now();
             log.record(&access_log::Entry {
-                timestamp: access_log::rfc3339(SystemTime::now()),
+                timestamp: access_log::rfc3339(now),
                 // From the monotonic start (no wall-clock field kept in
                 // every connection): now less its age.
                 start: access_log::rfc3339(
-                    SystemTime::now()
-                        .checked_sub(lived)
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    now.checked_sub(lived).unwrap_or(SystemTime::UNIX_EPOCH),
                 ),
                 conn: self.id,
                 app: &self.app.balancer.app,

@@ -30,6 +30,8 @@ pub struct Given {
     pub pid: u32,
     takes_conns: bool,
     takes_fastpath: bool,
+    /// The successor waits for `Confirmed` or `Withdrawn` after each `Took`.
+    confirm: bool,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -84,6 +86,7 @@ pub async fn give(
                     steer: steer_here.is_some(),
                     admin: admin_here.is_some(),
                     last,
+                    confirms: true,
                 },
                 &fds,
             )?;
@@ -93,16 +96,18 @@ pub async fn give(
             Msg::Ready {
                 takes_conns,
                 takes_fastpath,
-            } => Ok((pid, takes_conns, takes_fastpath)),
+                awaits_confirm,
+            } => Ok((pid, takes_conns, takes_fastpath, awaits_confirm)),
             other => bail!("expected ready, got {other:?}"),
         }
     })
     .await
-    .map(|(pid, takes_conns, takes_fastpath)| Given {
+    .map(|(pid, takes_conns, takes_fastpath, confirm)| Given {
         link,
         pid,
         takes_conns,
         takes_fastpath,
+        confirm,
     })
 }
 
@@ -135,7 +140,7 @@ impl Given {
                     }
                     continue;
                 }
-                let (n, sent) = send_conns(&link, batch, shared).await;
+                let (n, sent) = send_conns(&link, batch, shared, self.confirm).await;
                 moved += n;
                 ok = sent;
             }
@@ -147,7 +152,7 @@ impl Given {
             }
             for chunk in chunked(rest) {
                 if ok {
-                    let (n, sent) = send_conns(&link, chunk, shared).await;
+                    let (n, sent) = send_conns(&link, chunk, shared, self.confirm).await;
                     moved += n;
                     ok = sent;
                 } else {
@@ -242,8 +247,16 @@ fn chunked(mut all: Vec<Moving>) -> Vec<Vec<Moving>> {
 
 /// Sends one batch; the connections the successor did not take (or all,
 /// on an error) carry on here. Returns how many moved and whether the
-/// link still works.
-async fn send_conns(link: &Arc<Link>, batch: Vec<Moving>, shared: &Arc<Shared>) -> (u64, bool) {
+/// link still works. `confirm`: the successor resumes the batch only on
+/// our `Confirmed`, and closes its copies on `Withdrawn`: a `Took` that
+/// comes after we gave up waiting then moves nothing, where it would have
+/// had both processes pump the same sockets.
+async fn send_conns(
+    link: &Arc<Link>,
+    batch: Vec<Moving>,
+    shared: &Arc<Shared>,
+    confirm: bool,
+) -> (u64, bool) {
     let metas: Vec<_> = batch.iter().map(|m| m.meta.clone()).collect();
     let fds: Vec<RawFd> = batch
         .iter()
@@ -255,10 +268,24 @@ async fn send_conns(link: &Arc<Link>, batch: Vec<Moving>, shared: &Arc<Shared>) 
     let took = blocking(link, move |l| {
         l.set_timeout(Some(STEP_WAIT))?;
         l.send(&Msg::Conns { conns: metas }, &fds)?;
-        match l.expect("taking connections")?.0 {
-            Msg::Took { ids } => Ok(ids),
-            other => bail!("expected took, got {other:?}"),
+        let answer = match l.expect("taking connections") {
+            Ok((Msg::Took { ids }, _)) => Ok(ids),
+            Ok((other, _)) => Err(anyhow::anyhow!("expected took, got {other:?}")),
+            Err(e) => Err(e),
+        };
+        if confirm {
+            // Said before our copies close: until it hears this the
+            // successor resumes nothing.
+            let verdict = match &answer {
+                Ok(_) => Msg::Confirmed,
+                Err(_) => Msg::Withdrawn,
+            };
+            let said = l.send(&verdict, &[]);
+            if answer.is_ok() {
+                said.context("confirming the connections taken")?;
+            }
         }
+        answer
     })
     .await;
     let (ids, ok) = match took {

@@ -25,6 +25,10 @@
 //!                                  <-    Conns{conns} + 2 fds each (batches)
 //! Took{ids}                        ->    (giver closes its copies; anything
 //!                                        not taken carries on in the giver)
+//!                                  <-    Confirmed (the taker resumes them),
+//!                                        or Withdrawn when Took came too
+//!                                        late: the giver carries the batch
+//!                                        on, and the taker closes its copies
 //!                                  <-    Done{moved}
 //!                                        (giver drains the rest, exits)
 //! ```
@@ -61,6 +65,10 @@ enum Msg {
         #[serde(default)]
         admin: bool,
         last: bool,
+        /// The giver answers every `Took` with `Confirmed` or `Withdrawn`
+        /// (an older one does not say, and does not).
+        #[serde(default)]
+        confirms: bool,
     },
     /// `takes_conns`: the taker resumes established connections (it runs a
     /// userspace plane).
@@ -69,6 +77,9 @@ enum Msg {
         /// It can adopt fastpath map sets and resume their pairs.
         #[serde(default)]
         takes_fastpath: bool,
+        /// It resumes a batch only once the giver confirmed it.
+        #[serde(default)]
+        awaits_confirm: bool,
     },
     Stopped,
     /// Fastpath map sets, `FDS_PER_SET` fds each (`SOCKETS`, `PEERS`,
@@ -90,6 +101,13 @@ enum Msg {
     Took {
         ids: Vec<u64>,
     },
+    /// The giver heard `Took` and let those connections go: the taker
+    /// resumes them. Without it, a `Took` the giver gave up waiting for
+    /// would leave both processes pumping one stream.
+    Confirmed,
+    /// The giver gave up waiting for `Took` and carries the whole batch on:
+    /// the taker closes its copies and resumes none.
+    Withdrawn,
     Done {
         moved: u64,
     },

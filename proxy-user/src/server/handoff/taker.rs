@@ -25,9 +25,19 @@ const STOPPED_WAIT: Duration = Duration::from_secs(10);
 /// stopped, its pairs stopped).
 const DIE_AFTER_MAPS: &str = "PROXY_TEST_DIE_AFTER_MAPS";
 
+/// Tests only: the taker waits this many milliseconds before it answers a
+/// batch with `Took`, as a taker whose blocking threads are all busy would.
+const TOOK_DELAY: &str = "PROXY_TEST_TOOK_DELAY_MS";
+
+/// How long the giver's verdict on a `Took` may take: it answers at once,
+/// or after giving up on a late one (its own wait is 5 s).
+const VERDICT_WAIT: Duration = Duration::from_secs(15);
+
 /// What the giver handed over, before this process is ready.
 pub struct Takeover {
     link: Arc<Link>,
+    /// The giver answers each `Took` (`Confirmed` or `Withdrawn`).
+    confirms: bool,
     /// Listening sockets by port, as the giver had them.
     pub ports: HashMap<u16, TcpListener>,
     /// The sk_lookup socket (`--steering sk_lookup`).
@@ -52,7 +62,7 @@ impl Takeover {
     pub async fn connect(path: &Path) -> anyhow::Result<Takeover> {
         let path = path.to_path_buf();
         let what = format!("--takeover {}", path.display());
-        let (link, got) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (link, got, confirms) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let link = Link::connect(&path)?;
             link.set_timeout(Some(Duration::from_secs(10)))?;
             link.send(
@@ -69,6 +79,7 @@ impl Takeover {
                     steer,
                     admin,
                     last,
+                    confirms,
                 } = msg
                 else {
                     bail!("expected listeners, got {msg:?}");
@@ -78,7 +89,7 @@ impl Takeover {
                 }
                 got.push((ports, steer, admin, fds));
                 if last {
-                    return Ok((link, got));
+                    return Ok((link, got, confirms));
                 }
             }
         })
@@ -86,6 +97,7 @@ impl Takeover {
         .context("handoff task failed")?
         .with_context(|| what.clone())?;
         let mut t = Takeover {
+            confirms,
             link: Arc::new(link),
             ports: HashMap::new(),
             steer: None,
@@ -132,6 +144,7 @@ impl Takeover {
                     // older giver reads it.
                     takes_conns: true,
                     takes_fastpath,
+                    awaits_confirm: true,
                 },
                 &[],
             )?;
@@ -149,13 +162,17 @@ impl Takeover {
             }
             Err(e) => tracing::warn!(error = %e, "handoff task failed; serving anyway"),
         }
-        Taken { link }
+        Taken {
+            link,
+            confirms: self.confirms,
+        }
     }
 }
 
 /// After `commit`: the established connections still to come.
 pub struct Taken {
     link: Arc<Link>,
+    confirms: bool,
 }
 
 impl Taken {
@@ -248,14 +265,50 @@ impl Taken {
                     }
                 }
             }
+            if let Some(ms) = std::env::var(TOOK_DELAY).ok().and_then(|v| v.parse().ok()) {
+                tracing::warn!("{TOOK_DELAY}: answering the batch after {ms} ms, as asked");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let l = self.link.clone();
             let n = took.len();
-            let acked =
-                tokio::task::spawn_blocking(move || l.send(&Msg::Took { ids: took }, &[])).await;
-            if !matches!(acked, Ok(Ok(()))) {
-                // The giver did not hear us: it may carry them on too, so
-                // two processes would pump one stream. Leave them to it.
-                tracing::warn!("handoff: the old process went away before confirming; not resuming its last batch");
+            let confirms = self.confirms;
+            let acked = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Msg>> {
+                l.send(&Msg::Took { ids: took }, &[])?;
+                if !confirms {
+                    return Ok(None);
+                }
+                l.set_timeout(Some(VERDICT_WAIT))?;
+                Ok(l.recv::<Msg>()?.map(|(m, _)| m))
+            })
+            .await;
+            let resume = match acked {
+                Ok(Ok(None)) if !confirms => true,
+                Ok(Ok(Some(Msg::Confirmed))) => true,
+                Ok(Ok(Some(Msg::Withdrawn))) => {
+                    tracing::warn!(
+                        conns = n,
+                        "handoff: the old process gave up waiting for our answer and keeps its last batch"
+                    );
+                    false
+                }
+                other => {
+                    // It may carry them on: two processes would pump one
+                    // stream. Leave them to it.
+                    let got = match other {
+                        Ok(Ok(m)) => format!("{m:?}"),
+                        Ok(Err(e)) => format!("{e:#}"),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(
+                        got,
+                        "handoff: the old process did not confirm its last batch; not resuming it"
+                    );
+                    false
+                }
+            };
+            if !resume {
+                // Our copies close with `resumed`; the giver's keep the
+                // sockets open.
                 break;
             }
             moved += n;
