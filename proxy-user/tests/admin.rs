@@ -166,6 +166,7 @@ async fn known_traffic_counts_exactly(mode: &str) {
         // client FIN came before the install is carried as copy-fallback.
         let allowed: &[&str] = match mode {
             "fastpath" => &["fastpath", "copy-fallback"],
+            "auto" => &["splice", "fastpath", "copy-fallback"],
             other => &[other],
         };
         for plane in ["fastpath", "splice", "copy", "copy-fallback", "none"] {

@@ -24,13 +24,6 @@ planes!(
     target_half_closes_and_client_never_closes,
     unread_answer_after_client_fin_gets_both_sides_reset,
 );
-plane_mod!(
-    auto,
-    "auto",
-    client_half_closes_and_target_never_answers,
-    target_half_closes_and_client_never_closes,
-    unread_answer_after_client_fin_gets_both_sides_reset
-);
 
 /// The fin timeout under test; the other side's, and the idle timeout, are
 /// far longer, so only the one under test can end the connection in time.

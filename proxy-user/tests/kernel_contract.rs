@@ -136,6 +136,16 @@ async fn fin_follows_the_last_redirected_byte_under_hog() {
     for batch in streams.chunks(10) {
         bounded(30, "short streams", all_exact(proxy, batch)).await;
     }
+    // The FINs must have met installed pairs: a stream that ended before
+    // its install ran on the copy pump and proves nothing here.
+    let lines = proxy.wait_conn_lines(streams.len(), 10).await;
+    let installed = lines.iter().filter(|l| l["plane"] == "fastpath").count();
+    eprintln!("{installed} of {} streams ran on the fastpath", streams.len());
+    assert!(
+        installed >= streams.len() / 2,
+        "only {installed} of {} streams ran on the fastpath",
+        streams.len()
+    );
 }
 
 /// Reads after the verdict stopped redirecting a direction are exact: a slow

@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::seq::{SeqCheck, SeqGen};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,28 +39,34 @@ const LEN: u64 = 8 << 20;
 const BOUND_PER_READER: u64 = 5 << 18; // 1.25 MiB
 /// Streams read to the end and checked byte for byte after the slow phase.
 const CHECKED: usize = 10;
-const SEED: u64 = 21;
 /// How long every reader reads at 100 KB/s.
 const SLOW_PHASE: Duration = Duration::from_secs(8);
-/// The targets' write size: the payload generator's output depends on it.
+/// The targets' write size.
 const CHUNK: usize = 64 * 1024;
 
 /// Reads `s` at about 100 KB/s for `slow`, then as fast as it can; returns
-/// the byte count and SHA-256 of everything.
-async fn slow_then_fast(mut s: TcpStream, slow: Duration) -> std::io::Result<(u64, Sha)> {
-    let mut h = StreamHasher::new(LEN);
+/// the byte count and what the sequence check found. Each connection's
+/// stream has its own tag, its first word (the sender numbers them), so
+/// bytes that crossed from another connection fail the check even at the
+/// same offset.
+async fn slow_then_fast(
+    mut s: TcpStream,
+    slow: Duration,
+) -> std::io::Result<(u64, Result<(), String>)> {
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).await?;
+    let mut check = SeqCheck::new(u64::from_le_bytes(head));
+    check.feed(&head);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
     let start = std::time::Instant::now();
     loop {
         let slow_now = start.elapsed() < slow;
         let want = if slow_now { 10 << 10 } else { buf.len() };
         let n = s.read(&mut buf[..want]).await?;
         if n == 0 {
-            return Ok((total, h.finish().await));
+            return Ok((check.received(), check.finish(LEN)));
         }
-        total += n as u64;
-        h.update(&buf[..n]).await;
+        check.feed(&buf[..n]);
         if slow_now {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -79,9 +86,12 @@ async fn slow_readers_stay_within_the_bound(mode: &str, readers: usize) {
     // and fill nothing.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = ONE_AT_A_TIME.lock().await;
-    // Sends as fast as the proxy takes it (no hashing: the payload is known).
+    // Sends as fast as the proxy takes it: a sequence-numbered stream
+    // tagged per connection.
+    static TAGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let sender = Backend::with("sender", |mut s: TcpStream| async move {
-        let mut p = Payload::new(SEED, LEN);
+        let n = TAGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut p = SeqGen::new((n + 1) << 41, LEN);
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = p.fill(&mut buf);
@@ -115,11 +125,12 @@ async fn slow_readers_stay_within_the_bound(mode: &str, readers: usize) {
             most = most.max(proxy_socket_mem(pid));
         }
         // Then the checked ones read everything: each byte arrived, once, in order.
-        let want = expected_sha().await;
         for (i, r) in streams.drain(..CHECKED).enumerate() {
-            let (got, sha) = r.await.unwrap().unwrap();
+            let (got, checked) = r.await.unwrap().unwrap();
             assert_eq!(got, LEN, "{mode}: reader {i}");
-            assert_eq!(sha_hex(&sha), sha_hex(&want), "{mode}: reader {i}");
+            if let Err(e) = checked {
+                panic!("{mode}: reader {i}: {e}");
+            }
         }
         for r in streams {
             r.abort();
@@ -139,18 +150,4 @@ async fn slow_readers_stay_within_the_bound(mode: &str, readers: usize) {
         per_reader >> 10,
         BOUND_PER_READER >> 10
     );
-}
-
-/// The SHA-256 of what every target sends (same seed, same chunk size).
-async fn expected_sha() -> Sha {
-    let mut p = Payload::new(SEED, LEN);
-    let mut buf = vec![0u8; CHUNK];
-    let mut h = StreamHasher::new(LEN);
-    loop {
-        let n = p.fill(&mut buf);
-        if n == 0 {
-            return h.finish().await;
-        }
-        h.update(&buf[..n]).await;
-    }
 }

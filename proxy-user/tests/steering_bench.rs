@@ -41,7 +41,16 @@ fn sockets(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-async fn one(steering: &str, base: u16, target: &str) -> Result<Sample, String> {
+/// Why a run gave no sample.
+enum Failed {
+    /// The proxy did not start: a random port range can collide with
+    /// another test's ports. Another run is tried.
+    Start(String),
+    /// It started and a port did not reach the target: a defect.
+    Wrong(String),
+}
+
+async fn one(steering: &str, base: u16, target: &str) -> Result<Sample, Failed> {
     // Listener mode takes at most 1,024 ports per range entry: ten ranges.
     let ranges: Vec<String> = (0..PORTS / 1_000)
         .map(|i| format!("{}-{}", base + i * 1_000, base + i * 1_000 + 999))
@@ -61,7 +70,8 @@ async fn one(steering: &str, base: u16, target: &str) -> Result<Sample, String> 
             "copy",
         ],
     )
-    .await?;
+    .await
+    .map_err(Failed::Start)?;
     let ready = started.elapsed();
     // Settle: probes and allocator warm up.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -69,9 +79,11 @@ async fn one(steering: &str, base: u16, target: &str) -> Result<Sample, String> 
     let port = base + fastrand::u16(..PORTS);
     let id = id_at(&format!("{ip}:{port}"))
         .await
-        .map_err(|e| format!("port {port}: {e}"))?;
+        .map_err(|e| Failed::Wrong(format!("{steering}: port {port}: {e}")))?;
     if id != "t" {
-        return Err(format!("port {port} answered {id:?}"));
+        return Err(Failed::Wrong(format!(
+            "{steering}: port {port} answered {id:?}, not the target"
+        )));
     }
     Ok(Sample {
         ready,
@@ -108,7 +120,10 @@ async fn start_time_and_rss_10k_ports() {
                 let base = 10_000 + fastrand::u16(..10_000);
                 match one(steering, base, &t.target()).await {
                     Ok(s) => samples.push(s),
-                    Err(e) => eprintln!("run {run} {steering}: skipped: {e}"),
+                    Err(Failed::Start(e)) => {
+                        eprintln!("run {run} {steering}: did not start, skipped: {e}")
+                    }
+                    Err(Failed::Wrong(e)) => panic!("run {run}: {e}"),
                 }
             }
         }
@@ -146,4 +161,21 @@ async fn start_time_and_rss_10k_ports() {
         results.iter().all(|(_, s)| !s.is_empty()),
         "each mode ran at least once"
     );
+    // What the two modes are: a socket per port, or one socket for all.
+    for (steering, samples) in &results {
+        for s in samples {
+            match *steering {
+                "listeners" => assert!(
+                    s.sockets >= PORTS as usize,
+                    "listeners: {} sockets for {PORTS} ports",
+                    s.sockets
+                ),
+                _ => assert!(
+                    s.sockets < 100,
+                    "sk_lookup: {} sockets for {PORTS} ports: one per port?",
+                    s.sockets
+                ),
+            }
+        }
+    }
 }

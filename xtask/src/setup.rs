@@ -12,9 +12,8 @@ use crate::sh::{cmd, succeeds};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub struct Needs {
-    /// HAProxy and nginx, the peers `bench` measures against, and the
-    /// third-party clients it measures with (the tests need only Go and
-    /// promtool besides the Rust toolchain).
+    /// HAProxy and nginx, the peers `bench` measures against (the tests
+    /// need neither).
     pub peers: bool,
 }
 
@@ -40,15 +39,15 @@ pub fn setup(needs: Needs) -> Result<()> {
     // dpkg-shlibdeps for the package's Depends.
     debian_package("debootstrap", &["debootstrap"])?;
     debian_package("dpkg-shlibdeps", &["dpkg-dev"])?;
+    // Third-party clients the bench measures with, so its numbers do not
+    // rest on tester-go alone: sockperf's ping-pong and iperf3's bulk. The
+    // tester's own tests drive both, so the tests need them too.
+    debian_package("sockperf", &["sockperf"])?;
+    debian_package("iperf3", &["iperf3"])?;
     if needs.peers {
         debian_package("haproxy", &["haproxy"])?;
         // nginx-core ships the stream module as a loadable module.
         debian_package("nginx", &["nginx-core", "libnginx-mod-stream"])?;
-        // A ping-pong latency client (and its server) that is not ours, so
-        // the latency numbers do not rest on tester-go alone.
-        debian_package("sockperf", &["sockperf"])?;
-        // Kept for bulk runs by hand (`iperf3 -s` behind a proxy port).
-        debian_package("iperf3", &["iperf3"])?;
     }
     Ok(())
 }

@@ -22,14 +22,17 @@ use tokio::task::AbortHandle;
 
 pub mod etcd;
 
-/// Instantiates a data-path test once per data plane. Each test is an
-/// `async fn name(mode: &str)`. To add a plane, add one `plane_mod!` line.
+/// Instantiates a data-path test once per data plane, `--mode auto`
+/// included (its userspace stage, and the move into the kernel where a
+/// test lasts long enough). Each test is an `async fn name(mode: &str)`.
+/// To add a plane, add one `plane_mod!` line.
 #[allow(unused_macros)]
 macro_rules! planes {
     ($($name:ident),* $(,)?) => {
         plane_mod!(copy, "copy", $($name),*);
         plane_mod!(splice, "splice", $($name),*);
         plane_mod!(fastpath, "fastpath", $($name),*);
+        plane_mod!(auto, "auto", $($name),*);
     };
 }
 

@@ -11,9 +11,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Word `k` of stream `seed`: sequence-checked, so a lost, duplicated or
-/// reordered byte shows at its offset.
+/// reordered byte shows at its offset, and a byte from another stream
+/// shows too. The seed takes the high 32 bits and `k` the low 32 (32 GiB
+/// per stream): every bit of both must reach the word, or two streams
+/// would send the same bytes and a swap between them would pass.
 pub fn word(seed: u64, k: u64) -> [u8; 8] {
-    (seed << 40 | k).to_le_bytes()
+    assert!(
+        seed <= u32::MAX as u64 && k <= u32::MAX as u64,
+        "seed {seed} or word {k} past 32 bits"
+    );
+    (seed << 32 | k).to_le_bytes()
 }
 
 /// A long-lived stream through an echo backend: writes `words` words
@@ -90,6 +97,7 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: SocketAddr, workers: usize, stop: Arc<AtomicBool>) -> Load {
+        assert!(workers < 256, "the worker goes in 8 bits of each seed");
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let tasks = (0..workers)
@@ -99,7 +107,12 @@ impl Load {
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
-                        match one_exchange(addr, (w as u64) << 32 | i).await {
+                        // Every connection its own seed, apart from the long
+                        // streams' (small numbers): the top bit set, the
+                        // worker in the next 8. One that gets another's
+                        // bytes fails.
+                        let seed = 1 << 31 | (w as u64) << 23 | (i & 0x7f_ffff);
+                        match one_exchange(addr, seed).await {
                             Ok(()) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }

@@ -70,10 +70,10 @@ func TestParseSockperf(t *testing.T) {
 }
 
 // TestSockperf runs the real client through a proxy to a real `sockperf
-// sr`, when sockperf is installed (cargo xtask setup installs it).
+// sr`. It fails, not skips, without sockperf: `cargo xtask test` installs it.
 func TestSockperf(t *testing.T) {
 	if _, err := exec.LookPath("sockperf"); err != nil {
-		t.Skip("sockperf not installed")
+		t.Fatal("sockperf is not installed (cargo xtask setup installs it)")
 	}
 	addr := startServer(t, func(port string) *exec.Cmd {
 		return exec.Command("sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", port)
@@ -116,11 +116,11 @@ func TestParseIperf3(t *testing.T) {
 	}
 }
 
-// TestIperf3 runs the real client through a proxy to a real `iperf3 -s`,
-// when iperf3 is installed (cargo xtask setup installs it).
+// TestIperf3 runs the real client through a proxy to a real `iperf3 -s`.
+// It fails, not skips, without iperf3: `cargo xtask test` installs it.
 func TestIperf3(t *testing.T) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
-		t.Skip("iperf3 not installed")
+		t.Fatal("iperf3 is not installed (cargo xtask setup installs it)")
 	}
 	addr := startServer(t, func(port string) *exec.Cmd { return exec.Command("iperf3", "-s", "-B", "127.0.0.1", "-p", port) })
 	p, err := brokenproxy.Start(brokenproxy.Correct, [][]string{{addr}}, 1)

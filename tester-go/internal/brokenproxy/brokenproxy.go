@@ -7,7 +7,10 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"tester-go/internal/tcpinfo"
 )
 
 // Variant selects the behaviour.
@@ -21,6 +24,7 @@ const (
 	OneTarget Variant = "one-target"  // always uses the app's first target
 	IgnoreFIN Variant = "ignore-fin"  // never propagates the client's half-close
 	KeepOnRST Variant = "keep-on-rst" // backend reset leaves the client connection open
+	FinOnRST  Variant = "fin-on-rst"  // a backend reset reaches the client as a clean FIN: the cut looks finished
 	// The next three rewrite the client->backend stream but keep its byte
 	// count exact: a check of counts (or of a FIN ledger) misses them.
 	Replay    Variant = "replay"    // overwrites ReplayLen bytes at ReplayAt with bytes from ReplayFrom
@@ -168,6 +172,17 @@ func (p *Proxy) pipe(client, backend *net.TCPConn) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	closeBoth := func() { client.Close(); backend.Close() }
+	// A stream that failed on one side is cut on both: a close with
+	// SO_LINGER 0 sends RST, so neither peer takes what it got for the
+	// whole stream. FinOnRST closes cleanly instead.
+	cutBoth := func() {
+		client.SetLinger(0)
+		backend.SetLinger(0)
+		closeBoth()
+	}
+	// Set before this proxy half-closes the backend: from then on a clean
+	// close can leave the backend socket in TCP_CLOSE too (see reset).
+	var shutBackend atomic.Bool
 	go func() { // client -> backend
 		defer wg.Done()
 		var src io.Reader = client
@@ -184,26 +199,44 @@ func (p *Proxy) pipe(client, backend *net.TCPConn) {
 		_, err := io.Copy(backend, src)
 		switch {
 		case err != nil && p.v == KeepOnRST:
-		case err != nil:
+		case err != nil && p.v == FinOnRST:
+			// A FIN to the client, and whatever it still sends is read and
+			// dropped, so that closing sends no RST either.
+			client.CloseWrite()
+			io.Copy(io.Discard, client)
 			closeBoth()
+		case err != nil:
+			cutBoth()
 		case p.v == DropTail:
 			closeBoth()
 		case p.v == IgnoreFIN:
 			// swallow the FIN
 		default:
+			shutBackend.Store(true)
 			backend.CloseWrite()
 		}
 	}()
 	go func() { // backend -> client
 		defer wg.Done()
 		_, err := io.Copy(client, backend)
+		// The backend's reset reads as EOF here once the other goroutine's
+		// write took its error: passed on as a FIN, the cut would look
+		// finished.
+		if err == nil && !shutBackend.Load() && reset(backend) {
+			err = syscall.ECONNRESET
+		}
+		if err != nil && p.v == FinOnRST {
+			// The other goroutine, reading the client, ends it (above).
+			client.CloseWrite()
+			return
+		}
 		if err != nil && p.v == KeepOnRST {
 			backend.Close() // forget the backend, leave the client hanging
 			<-p.done
 			return
 		}
 		if err != nil {
-			closeBoth()
+			cutBoth()
 			return
 		}
 		client.CloseWrite()
@@ -309,4 +342,11 @@ func (c *dropPadder) Read(b []byte) (int, error) {
 	}
 	c.pad -= int64(k)
 	return k, nil
+}
+
+// reset reports whether c's connection is gone (TCP_CLOSE): reset by the
+// peer, where a half-close would leave it in CLOSE_WAIT.
+func reset(c *net.TCPConn) bool {
+	info, err := tcpinfo.Of(c)
+	return err == nil && info.State == tcpinfo.Close
 }

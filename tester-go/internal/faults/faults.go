@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"tester-go/internal/backend"
@@ -21,6 +22,7 @@ import (
 	"tester-go/internal/config"
 	"tester-go/internal/data"
 	"tester-go/internal/report"
+	"tester-go/internal/tcpinfo"
 )
 
 // Case names.
@@ -169,13 +171,15 @@ func (r *runner) addr() string {
 // outcome of pumping data through one connection.
 type outcome struct {
 	target   string
+	size     int64 // bytes the client meant to send
 	sent     int64
+	wrote    error // the writer's error, nil when all size bytes went out
 	received int64
 	end      error // nil = clean EOF
 	timedOut bool
 	elapsed  time.Duration
 	content  *data.Mismatch // first echoed byte out of sequence, or nil
-	match    bool           // clean EOF, received == sent, every byte in sequence
+	match    bool           // all sent, clean EOF, received == sent, every byte in sequence
 }
 
 func (o outcome) String() string {
@@ -199,19 +203,21 @@ func (o outcome) String() string {
 // until EOF, error or timeout, checking every echoed byte against its
 // position in the stream (data.Verifier).
 func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
-	var out outcome
+	out := outcome{size: size}
 	to := r.o.Timeout
 	start := time.Now()
 	nc, err := net.DialTimeout("tcp", r.addr(), to)
 	if err != nil {
-		return out, fmt.Errorf("dial %s: %v", r.addr(), err)
+		return out, fmt.Errorf("dial %s: %w", r.addr(), err)
 	}
 	c := nc.(*net.TCPConn)
 	defer c.Close()
 	br := bufio.NewReader(c)
 	c.SetReadDeadline(time.Now().Add(to))
+	var banner int
 	if wantBanner {
 		line, err := br.ReadString('\n')
+		banner = len(line)
 		if err != nil {
 			return out, fmt.Errorf("no banner: %v", errText(err))
 		}
@@ -224,7 +230,7 @@ func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
 		defer wg.Done()
 		c.SetWriteDeadline(time.Now().Add(to))
 		n, err := io.Copy(c, data.NewSeq(tag, size))
-		out.sent = n
+		out.sent, out.wrote = n, err
 		if err == nil {
 			c.CloseWrite()
 		}
@@ -246,11 +252,25 @@ func (r *runner) pump(size int64, wantBanner bool) (outcome, error) {
 		}
 	}
 	out.elapsed = time.Since(start)
+	if out.end == nil && !finReceived(c, int64(banner)+out.received) {
+		// The writer's failed write took the reset's error, and the read
+		// then saw a plain EOF: the kernel counted no FIN.
+		out.end = fmt.Errorf("reset (no FIN arrived): %w", syscall.ECONNRESET)
+	}
 	c.Close() // unblock the writer
 	wg.Wait()
 	out.content = ver.Mismatch()
-	out.match = out.end == nil && out.received == out.sent && out.content == nil
+	out.match = out.wrote == nil && out.sent == out.size && out.end == nil &&
+		out.received == out.sent && out.content == nil
 	return out, nil
+}
+
+// finReceived reports whether c's peer sent a FIN after the read bytes:
+// the kernel counts the FIN in tcpi_bytes_received, a reset adds nothing.
+// True when it cannot tell.
+func finReceived(c *net.TCPConn, read int64) bool {
+	info, err := tcpinfo.Of(c)
+	return err != nil || info.BytesReceived != uint64(read)
 }
 
 func errText(err error) string {
@@ -296,16 +316,20 @@ func (r *runner) dieMidStream() (string, string, []string) {
 			fails = append(fails, fmt.Sprintf("conn %d %v: the echo before the reset is out of sequence", i, o))
 		case o.timedOut:
 			fails = append(fails, fmt.Sprintf("conn %d %v: the backend reset after %s but the client connection was not ended", i, o, report.Bytes(die)))
-		case o.received >= o.sent && o.sent > 0:
+		case o.end == nil && o.received >= o.sent && o.sent > 0:
 			fails = append(fails, fmt.Sprintf("conn %d %v: full echo despite the backend dying (fault not applied?)", i, o))
+		case !errors.Is(o.end, syscall.ECONNRESET):
+			// The client has part of its echo and a clean end: it would
+			// take that part for the whole answer.
+			fails = append(fails, fmt.Sprintf("conn %d %v: the backend reset after %s but the client's connection ended without a reset: a cut stream that looks finished", i, o, report.Bytes(die)))
 		default:
 			ev = append(ev, report.Dur(o.elapsed))
 		}
 	}
 	if len(fails) > 0 {
-		return check.Fail, fmt.Sprintf("%d/%d connections not ended when the backend died", len(fails), faultConns), fails
+		return check.Fail, fmt.Sprintf("%d/%d connections not reset when the backend died", len(fails), faultConns), fails
 	}
-	return check.Pass, fmt.Sprintf("backend resets after %s: %d/%d client connections ended (EOF or reset) in %s",
+	return check.Pass, fmt.Sprintf("backend resets after %s: %d/%d client connections reset in %s",
 		report.Bytes(die), faultConns, faultConns, strings.Join(ev, ", ")), nil
 }
 
@@ -315,8 +339,9 @@ func (r *runner) acceptFault(fault string) (string, string, []string) {
 	for i, p := range r.pumpN(faultConns, 1024, false) {
 		o, err := p.o, p.err
 		switch {
-		case err != nil && strings.Contains(err.Error(), "dial"):
-			ev = append(ev, "refused")
+		case errors.Is(err, syscall.ECONNRESET):
+			// Reset before the dial returned: every target failed at once.
+			ev = append(ev, "reset at connect")
 		case err != nil:
 			fails = append(fails, fmt.Sprintf("conn %d: %v", i, err))
 		case o.content != nil:

@@ -29,6 +29,7 @@ func TestFaultsAgainstProxyVariants(t *testing.T) {
 		{brokenproxy.Correct, nil, "", 3 * time.Second},
 		{brokenproxy.OneTarget, []string{CaseOneTargetDown}, "", 2 * time.Second},
 		{brokenproxy.KeepOnRST, []string{CaseDieMidStream, CaseAcceptReset}, "", 1500 * time.Millisecond},
+		{brokenproxy.FinOnRST, []string{CaseDieMidStream}, "a cut stream that looks finished", 2 * time.Second},
 		{brokenproxy.Corrupt, []string{CaseSlowBackend}, fmt.Sprintf("content out of sequence at offset %d", brokenproxy.CorruptOffset), 2 * time.Second},
 		{brokenproxy.Replay, []string{CaseSlowBackend},
 			fmt.Sprintf("replay of offset %d (%d bytes earlier)", brokenproxy.ReplayFrom, brokenproxy.ReplayAt-brokenproxy.ReplayFrom), 2 * time.Second},
