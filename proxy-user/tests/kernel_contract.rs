@@ -140,7 +140,10 @@ async fn fin_follows_the_last_redirected_byte_under_hog() {
     // its install ran on the copy pump and proves nothing here.
     let lines = proxy.wait_conn_lines(streams.len(), 10).await;
     let installed = lines.iter().filter(|l| l["plane"] == "fastpath").count();
-    eprintln!("{installed} of {} streams ran on the fastpath", streams.len());
+    eprintln!(
+        "{installed} of {} streams ran on the fastpath",
+        streams.len()
+    );
     assert!(
         installed >= streams.len() / 2,
         "only {installed} of {} streams ran on the fastpath",
