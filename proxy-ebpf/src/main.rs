@@ -119,8 +119,9 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
         || state.redirected + len > control.limit
         || turned_busy(control, state)
     {
-        if state.passed == 0 && control.pass == 0 {
-            // The verdict demoted the direction itself (the bound, or busy):
+        if state.passed == 0 && (control.pass == 0 || !read.stable) {
+            // The verdict demoted the direction itself (the bound, busy, or
+            // a CONTROL entry that would not read the same twice):
             // wake userspace, which reads the passed bytes from now on.
             let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
         }
@@ -159,30 +160,31 @@ struct ControlRead {
     stable: bool,
 }
 
-/// Copies `CONTROL[cookie]`, then looks the key up again: the copy is this
-/// direction's if the entry is still the one it was read from. A map update
-/// swaps a new element in, and a preallocated hash map hands the old one to
-/// the next update on that CPU, for any key: a pointer kept across the
-/// program could come to hold another pair's `peer`, and its bytes would
-/// leave through that pair's socket. None: no entry.
+/// Copies `CONTROL[cookie]` twice, each from its own lookup, and trusts the
+/// copy only when the two agree. A map update swaps a new element in, and a
+/// preallocated hash map hands the old one to the next update on that CPU,
+/// for any key: one copy could come from an element that meanwhile took
+/// another pair's values (a `peer` whose socket would send this pair's
+/// bytes), a second lookup of this key cannot. Values are compared, not
+/// pointers, which the verifier allows only with CAP_PERFMON. None: no
+/// entry.
 #[inline(always)]
 fn read_control(cookie: u64) -> Option<ControlRead> {
-    let mut at = CONTROL.get_ptr(&cookie)?;
+    let mut first = unsafe { *CONTROL.get_ptr(&cookie)? };
     for _ in 0..2 {
-        let control = unsafe { *at };
-        let now = CONTROL.get_ptr(&cookie)?;
-        if now == at {
+        let again = unsafe { *CONTROL.get_ptr(&cookie)? };
+        if again == first {
             return Some(ControlRead {
-                control,
+                control: again,
                 stable: true,
             });
         }
-        at = now;
+        first = again;
     }
-    // Replaced twice while it was read: demote (lossless) rather than trust
-    // a copy that may be another pair's.
+    // Changing under every read: demote (lossless) rather than trust a copy
+    // that may be another pair's.
     Some(ControlRead {
-        control: unsafe { *at },
+        control: first,
         stable: false,
     })
 }

@@ -36,7 +36,7 @@ where
 pub fn privilege_hint(what: &str) -> String {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        format!("{what} (not running as root: BPF needs CAP_BPF and CAP_NET_ADMIN)")
+        format!("{what} (not running as root: the fastpath needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, sk_lookup steering CAP_BPF and CAP_NET_ADMIN)")
     } else {
         what.to_string()
     }

@@ -296,6 +296,72 @@ async fn fastpath_leaves_nothing_after_100k_connections() {
     );
 }
 
+/// The kernel fastpath loads with what the service units grant it:
+/// CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, with CAP_SYS_ADMIN dropped from
+/// the bounding set (so even root lacks it after exec). Without CAP_PERFMON
+/// too it refuses to start, and the verifier says why: the verdict reads
+/// TCP sequence numbers with bpf_probe_read_kernel. (The units said
+/// CAP_BPF and CAP_NET_ADMIN until session 20.)
+#[tokio::test]
+async fn fastpath_loads_with_the_capabilities_the_units_grant() {
+    let port = free_ports(1)[0];
+    let config = write_temp(
+        "config.json",
+        &format!(r#"{{"Apps":[{{"Name":"a","Ports":[{port}],"Targets":["127.0.0.1:1"]}}]}}"#),
+    );
+    // CAP_SYS_ADMIN; then CAP_PERFMON too.
+    for (dropped, loads) in [(&[21][..], true), (&[21, 38][..], false)] {
+        let log = write_temp("caps.log", "");
+        let mut cmd = std::process::Command::new(PROXY);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--mode", "fastpath", "--listen-address", "127.0.0.1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let caps = dropped.to_vec();
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                for &cap in &caps {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (ready, exited) = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("proxy ready") {
+                break (true, false);
+            }
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break (false, true);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        if loads {
+            assert!(
+                ready,
+                "without CAP_SYS_ADMIN the fastpath must load:\n{text}"
+            );
+        } else {
+            assert!(
+                exited && !ready && text.contains("bpf_probe_read"),
+                "without CAP_PERFMON the fastpath must refuse, saying why:\n{text}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&config);
+}
+
 /// Held by every test in this binary: each is heavy, and the memory test
 /// reads a system-wide counter.
 static MEMORY_TEST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
