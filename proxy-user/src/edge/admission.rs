@@ -85,6 +85,16 @@ pub(super) struct ClientSlots {
     _held: Option<Box<[Option<ClientSlot>; 2]>>,
 }
 
+impl ClientSlots {
+    /// The places taken under the global and the app's per-client limits;
+    /// boxed only when there is one.
+    fn of(global: Option<ClientSlot>, own: Option<ClientSlot>) -> ClientSlots {
+        ClientSlots {
+            _held: (global.is_some() || own.is_some()).then(|| Box::new([global, own])),
+        }
+    }
+}
+
 /// The second gate, once a task serves the client: its PROXY header (apps
 /// with `AcceptProxyProtocol`), then the per-client limits, which need the
 /// real address. None: the client was reset, and counted.
@@ -141,9 +151,7 @@ pub(super) async fn admit_client(
     Some(Client {
         addr,
         local,
-        slots: ClientSlots {
-            _held: (global.is_some() || own.is_some()).then(|| Box::new([global, own])),
-        },
+        slots: ClientSlots::of(global, own),
     })
 }
 
@@ -157,9 +165,7 @@ pub(super) fn resumed_slots(client: IpAddr, app: &AppRuntime, shared: &Shared) -
     let own = (app.max_per_client.is_some())
         .then(|| app.clients.try_take(client, usize::MAX))
         .flatten();
-    ClientSlots {
-        _held: (global.is_some() || own.is_some()).then(|| Box::new([global, own])),
-    }
+    ClientSlots::of(global, own)
 }
 
 fn refuse_client(
