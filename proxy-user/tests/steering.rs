@@ -171,6 +171,66 @@ async fn two_apps_with_ranges_and_reload(mode: &str) {
     assert_eq!(attaches, 1);
 }
 
+/// A target on a steered port at the steered address would be steered
+/// straight back into the proxy: sk_lookup picks our socket before any
+/// listener is looked up. Validation refuses the address written out, so
+/// this names it the way only a resolver reads it (`127.x` is 127.0.0.x to
+/// inet_aton), on another port of the same range: the connect-time guard
+/// knows every steered port and refuses it with reason `loop`, and no
+/// internal connection is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_on_a_steered_port_is_refused_at_connect() {
+    let ip = loopback_ip();
+    let last = ip.rsplit('.').next().unwrap();
+    let base = base_port();
+    let target = format!("127.{last}:{}", base + 7);
+    let config = serde_json::json!({"Apps": [
+        {"Name": "self", "Ports": [format!("{}-{}", base, base + 9)], "Targets": [target]},
+    ]});
+    let proxy = spawn_proxy(
+        &config.to_string(),
+        &[
+            "--listen-address",
+            &ip,
+            "--steering",
+            "sk_lookup",
+            "--mode",
+            "copy",
+            "--admin-address",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    bounded(20, "connect through a steered loop", async {
+        use tokio::io::AsyncReadExt;
+        let r = match TcpStream::connect(format!("{ip}:{base}")).await {
+            Ok(mut s) => s.read(&mut [0u8; 1]).await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "client got {r:?}, not a reset"
+        );
+        proxy.wait_conn_lines(1, 5).await;
+        // Time for internal connections to show, were there any.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lines = proxy.conn_lines();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(lines[0]["end"], "connect_failed");
+        let (_, text) = http_get(&admin_addr(&proxy), "/metrics").await.unwrap();
+        let looped = format!(
+            r#"proxy_target_connect_failures_total{{app="self",target="{target}",reason="loop"}}"#
+        );
+        assert!(metric(&text, &looped) >= 1.0, "{text}");
+    })
+    .await;
+    let log = proxy.log();
+    assert!(
+        log.contains("connect attempt refused: the target is this proxy"),
+        "{log}"
+    );
+}
+
 /// Port ranges beyond the per-listener bound are refused in listener mode,
 /// with the way out in the message.
 #[tokio::test]
