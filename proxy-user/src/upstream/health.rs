@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::loop_guard::LoopGuard;
-use super::probe::{self, ProbeSpec};
+use super::probe::{self, ProbeFailure, ProbeSpec};
 use crate::config::Target;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,7 +176,15 @@ pub async fn probe_loop(
         if paused() {
             continue;
         }
-        let result = probe::probe(target, cfg, guard).await;
+        let result = match probe::probe(target, cfg, guard).await {
+            Ok(()) => Ok(()),
+            Err(ProbeFailure::Target(e)) => Err(e),
+            Err(ProbeFailure::Ours(e)) => {
+                // Neither a success nor a failure: the streak stands.
+                tracing::debug!(app, %target, error = %format!("{e:#}"), "health probe not made: this proxy is out of resources; the target's state stands");
+                continue;
+            }
+        };
         if let Some(t) = health.probe(result.is_ok(), cfg.rise, cfg.fall) {
             let why = match &result {
                 Ok(()) => format!("{} consecutive probes succeeded", cfg.rise),

@@ -68,10 +68,32 @@ impl ProbeSpec {
     }
 }
 
+/// Why a probe did not pass.
+#[derive(Debug)]
+pub enum ProbeFailure {
+    /// The target refused, timed out, or answered wrongly: evidence
+    /// against it.
+    Target(anyhow::Error),
+    /// This process could not make the probe (out of fds or memory): no
+    /// evidence about the target, which must not be marked down for it,
+    /// as the client path does not blame a target for our shortage.
+    Ours(anyhow::Error),
+}
+
 /// One probe of `target`, bounded by `spec.timeout` as a whole.
-pub async fn probe(target: &Target, spec: &ProbeSpec, guard: &LoopGuard) -> anyhow::Result<()> {
+pub async fn probe(
+    target: &Target,
+    spec: &ProbeSpec,
+    guard: &LoopGuard,
+) -> Result<(), ProbeFailure> {
     let end = Instant::now() + spec.timeout;
-    let (mut stream, _) = dial(target, spec.timeout, guard).await.map_err(|e| e.err)?;
+    let (mut stream, _) =
+        dial(target, spec.timeout, guard)
+            .await
+            .map_err(|e| match e.is_local() {
+                true => ProbeFailure::Ours(e.err),
+                false => ProbeFailure::Target(e.err),
+            })?;
     if spec.send.is_none() && spec.expect.is_none() && spec.proxy_protocol.is_none() {
         return Ok(());
     }
@@ -84,7 +106,9 @@ pub async fn probe(target: &Target, spec: &ProbeSpec, guard: &LoopGuard) -> anyh
                 spec.timeout
             ),
             None => anyhow!("{target}: sending the probe took over {:?}", spec.timeout),
-        })?
+        })
+        .and_then(|r| r)
+        .map_err(ProbeFailure::Target)
 }
 
 async fn converse(stream: &mut TcpStream, spec: &ProbeSpec) -> anyhow::Result<()> {
