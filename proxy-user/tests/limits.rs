@@ -143,6 +143,68 @@ async fn recovers_from_fd_exhaustion(mode: &str) {
     assert!(!proxy.log().contains("target is down"), "{}", proxy.log());
 }
 
+/// A health probe this proxy cannot make for lack of fds is no evidence
+/// against its target, as a client's failed connect for that reason is
+/// none either. Every fd is held on purpose, one per client, by clients
+/// that owe a PROXY header (60 s to send it), so the shortage lasts while
+/// probes run every 100 ms and two failures would mark a target down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_fd_shortage_marks_no_target_down() {
+    let echo = Backend::echo("echo").await;
+    let probed = AppSpec::new("probed", 1, vec![echo.target()]);
+    let mut holder = AppSpec::new("holder", 1, vec![echo.target()]);
+    holder.extra.insert(
+        "AcceptProxyProtocol".into(),
+        serde_json::json!({"TrustedSources": ["127.0.0.0/8"], "Timeout": "60s"}),
+    );
+    let mut proxy = Proxy::spawn_with_nofile(
+        "copy",
+        &[probed, holder],
+        &[
+            "--health-interval",
+            "100ms",
+            "--health-fall",
+            "2",
+            "--max-connections",
+            "1000",
+        ],
+        64,
+    )
+    .await;
+    let exhausted = |p: &Proxy| p.log().contains("accept failed: out of resources");
+    bounded(60, "own fd shortage", async {
+        let mut held = Vec::new();
+        while !exhausted(&proxy) {
+            assert!(held.len() < 64, "64 clients and no EMFILE: {}", proxy.log());
+            held.push(TcpStream::connect(proxy.addr(1, 0)).await.unwrap());
+            // Accepted (one more fd) or refused an fd (logged) before the next.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        // Every fd is taken and stays taken: probes run into it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !proxy.log().contains("health probe not made") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let log = proxy.log();
+        assert!(
+            log.contains("health probe not made: this proxy is out of resources"),
+            "no probe ran into the shortage: {log}"
+        );
+        assert!(!log.contains("target is down"), "{log}");
+        drop(held);
+        // Served again, without a probe streak to wait for.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = echo_check(proxy.addr(0, 0), 1, 10_000).await {
+            assert!(Instant::now() < deadline, "not served again: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(proxy.is_running());
+    assert!(!proxy.log().contains("target is down"), "{}", proxy.log());
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
