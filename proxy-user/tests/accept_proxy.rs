@@ -3,11 +3,13 @@
 //! the real client is logged, limited and passed on; forged, malformed and
 //! slow headers are refused and counted.
 
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::seq::{SeqCheck, SeqGen};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,6 +61,71 @@ async fn through(addr: SocketAddr, src: &str) -> std::io::Result<TcpStream> {
 
 fn accept(trusted: &str, timeout: &str) -> serde_json::Value {
     serde_json::json!({"TrustedSources": [trusted], "Timeout": timeout})
+}
+
+planes!(header_is_no_loss_at_the_fin);
+
+/// The proxy reads a client's PROXY header and forwards none of it, yet
+/// the client socket's TCP counts it as received. The fastpath's FIN
+/// ledger, which compares what TCP received with what went on, must count
+/// it, or every such connection that reaches the kernel is reset at its
+/// FIN as a loss. The client chats (light: auto moves it into the kernel),
+/// half-closes, and must get its whole echo, in order, then a FIN.
+async fn header_is_no_loss_at_the_fin(mode: &str) {
+    let backend = Backend::echo("echo").await;
+    let mut app = AppSpec::new("app", 1, vec![backend.target()]);
+    app.extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.0/8", "1s"));
+    let flags = [
+        "--promote-after",
+        "100ms",
+        "--promote-periods",
+        "1",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--health-interval",
+        "1h",
+    ];
+    let proxy = Proxy::start(mode, &[app], &flags).await;
+    let (tag, piece, pieces) = (0xacc0_5eed_u64, 64, 30);
+    let total = (piece * pieces) as u64;
+    bounded(30, "a chat behind a PROXY header", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.write_all(&v2("203.0.113.9:1000", "198.51.100.1:443"))
+            .await
+            .unwrap();
+        let (mut gen, mut check) = (SeqGen::new(tag, total), SeqCheck::new(tag));
+        let mut buf = vec![0u8; piece];
+        for _ in 0..pieces {
+            let n = gen.fill(&mut buf);
+            s.write_all(&buf[..n]).await.unwrap();
+            let mut back = vec![0u8; n];
+            s.read_exact(&mut back).await.unwrap();
+            check.feed(&back);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let end = s.read_to_end(&mut rest).await;
+        assert!(end.is_ok(), "{mode}: after the half-close: {end:?}");
+        check.feed(&rest);
+        check.finish(total).unwrap();
+    })
+    .await;
+    let lines = proxy.wait_conn_lines(1, 10).await;
+    let line = &lines[0];
+    assert_eq!(line["end"], "closed", "{line}");
+    let plane = match mode {
+        "auto" => "fastpath",
+        m => m,
+    };
+    assert_eq!(line["plane"], plane, "{line}");
+    let (_, m) = http_get(&admin_addr(&proxy), "/metrics").await.unwrap();
+    assert_eq!(
+        metric(&m, r#"proxy_fin_ledger_failures_total{app="app"}"#),
+        0.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,8 +37,9 @@ fn malformed(detail: impl Into<String>) -> Failed {
     }
 }
 
-/// Reads one header from `sock`. Time limits are the caller's.
-pub(super) async fn read(sock: &mut TcpStream) -> Result<Addrs, Failed> {
+/// Reads one header from `sock`: its addresses and its length (the bytes
+/// of the client's stream it took). Time limits are the caller's.
+pub(super) async fn read(sock: &mut TcpStream) -> Result<(Addrs, u32), Failed> {
     let mut head = vec![0u8; MIN_HEADER];
     read_exact(sock, &mut head).await?;
     if head[..12] == V2_SIGNATURE {
@@ -52,7 +53,8 @@ pub(super) async fn read(sock: &mut TcpStream) -> Result<Addrs, Failed> {
         }
         let mut body = vec![0u8; len];
         read_exact(sock, &mut body).await?;
-        return parse_v2(head[12], head[13], &body);
+        let taken = (head.len() + len) as u32;
+        return parse_v2(head[12], head[13], &body).map(|a| (a, taken));
     }
     if !head.starts_with(b"PROXY ") {
         return Err(malformed(
@@ -68,7 +70,7 @@ pub(super) async fn read(sock: &mut TcpStream) -> Result<Addrs, Failed> {
         read_exact(sock, &mut b).await?;
         head.push(b[0]);
     }
-    parse_v1(&head)
+    parse_v1(&head).map(|a| (a, head.len() as u32))
 }
 
 async fn read_exact(sock: &mut TcpStream, buf: &mut [u8]) -> Result<(), Failed> {

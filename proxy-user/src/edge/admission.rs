@@ -75,6 +75,8 @@ pub(super) struct Client {
     /// Its places under the per-client limits (global, the app's): held
     /// until the connection closes.
     pub(super) slots: ClientSlots,
+    /// Bytes of its PROXY header, read here and forwarded to nobody.
+    pub(super) header: u32,
 }
 
 /// A client's places under the per-client limits; dropping them frees them.
@@ -104,7 +106,7 @@ pub(super) async fn admit_client(
     app: &AppRuntime,
     shared: &Shared,
 ) -> Option<Client> {
-    let (mut addr, mut local) = (peer, None);
+    let (mut addr, mut local, mut header) = (peer, None, 0);
     if let Some(accept) = &app.accept_proxy {
         let read = async {
             if !accept.trusts(peer.ip()) {
@@ -122,8 +124,8 @@ pub(super) async fn admit_client(
             }
         };
         match read.await {
-            Ok(Some((src, dst))) => (addr, local) = (src, Some(dst)),
-            Ok(None) => {}
+            Ok((Some((src, dst)), len)) => (addr, local, header) = (src, Some(dst), len),
+            Ok((None, len)) => header = len,
             Err(f) => {
                 app.metrics.header_failed(f.reason);
                 if let Some(suppressed) = shared.limit_log.check() {
@@ -152,6 +154,7 @@ pub(super) async fn admit_client(
         addr,
         local,
         slots: ClientSlots::of(global, own),
+        header,
     })
 }
 

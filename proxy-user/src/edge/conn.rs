@@ -75,6 +75,11 @@ struct Conn {
     id: u64,
     client: SocketAddr,
     port: u16,
+    /// Bytes of the client's PROXY header, read here and forwarded to
+    /// nobody. The client socket's TCP counts them as received, so the
+    /// fastpath's FIN ledger must count them too. (Beside `port`, in room
+    /// the struct had anyway.)
+    client_header: u32,
     app: Arc<AppRuntime>,
     started: Instant,
     /// Processes that carried it before this one (an upgrade moved it).
@@ -111,6 +116,7 @@ impl Conn {
             id: shared.next_id.fetch_add(1, Ordering::Relaxed),
             client,
             port,
+            client_header: 0,
             _held: Held {
                 _app_permit: Some(app_permit),
                 _global_permit: Some(global_permit),
@@ -131,6 +137,7 @@ impl Conn {
             id: meta.id,
             client: meta.client,
             port: meta.port,
+            client_header: meta.client_header,
             _held: Held {
                 _app_permit: app.permits.clone().try_acquire_owned().ok(),
                 _global_permit: shared.global.clone().try_acquire_owned().ok(),
@@ -231,6 +238,7 @@ impl Conn {
         // connection keeps what it holds.
         let admitted = admit_client(&mut client, self.client, &self.app, &shared).await?;
         self.client = admitted.addr;
+        self.client_header = admitted.header;
         self._held._client_slots = admitted.slots;
         // The address the client connected to: only the access log and the
         // PROXY header use it, and a getsockname per connection is not free.

@@ -40,6 +40,11 @@ pub struct MovedMeta {
     pub age_ms: u64,
     /// Processes that carried it before, oldest first.
     pub carried_by: Vec<u32>,
+    /// Bytes of the client's PROXY header, which the first process read
+    /// and forwarded to nobody (`Conn::client_header`). An older giver
+    /// does not say: 0, as it counted.
+    #[serde(default)]
+    pub client_header: u32,
     /// A fastpath pair: where it stands in its map set (which moved first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fastpath: Option<FastLedger>,

@@ -111,11 +111,11 @@ impl Conn {
         // carried those copies: 21.7 KB per connection before.
         let mut carry = start(
             &shared.plane,
-            client,
-            upstream,
+            (client, upstream),
             info,
             resume.map(|p| *p),
             prior,
+            self.client_header,
         );
         // Every plane can park at a safe point (a fastpath pair with its map
         // set), so every carry runs under a `Parking`.
@@ -159,8 +159,9 @@ impl Conn {
                     Err(back) => {
                         let back = *back;
                         let resume = back.meta.fastpath.zip(back.hold);
-                        let (client, upstream) = (back.client, back.upstream);
-                        carry = start(&shared.plane, client, upstream, info, resume, prior);
+                        let socks = (back.client, back.upstream);
+                        let header = self.client_header;
+                        carry = start(&shared.plane, socks, info, resume, prior, header);
                     }
                 }
             }
@@ -195,27 +196,30 @@ impl Conn {
             carried_by: (self.carried_by.iter().copied())
                 .chain([crate::ops::pid()])
                 .collect(),
+            client_header: self.client_header,
             fastpath,
         }
     }
 }
 
 /// The plane's future for a connection's sockets: a fastpath pair moved
-/// here (`resume`) resumes from its ledger, anything else starts after the
-/// bytes `prior` counts.
+/// here (`resume`) resumes from its ledger (which counts the header
+/// already), anything else starts after the bytes `prior` counts, and
+/// after the client's PROXY header (`client_header`), which the client
+/// socket's TCP counted as received and nobody forwarded.
 fn start<'a>(
     plane: &'a DataPlane,
-    client: TcpStream,
-    upstream: TcpStream,
+    (client, upstream): (TcpStream, TcpStream),
     info: &'a ConnInfo,
     resume: Option<(FastLedger, PairHold)>,
     prior: Prior,
+    client_header: u32,
 ) -> Pin<Box<dyn Future<Output = Transfer> + Send + 'a>> {
     match resume {
         Some((ledger, hold)) => plane.resume(client, upstream, info, ledger, hold),
         None => {
-            let before = [prior.client_to_target, prior.target_to_client];
-            plane.carry(client, upstream, info, before)
+            let received = prior.client_to_target + u64::from(client_header);
+            plane.carry(client, upstream, info, [received, prior.target_to_client])
         }
     }
 }
