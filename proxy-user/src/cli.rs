@@ -206,6 +206,10 @@ pub struct Cli {
     #[arg(long, hide = true, default_value_t = 0)]
     pub fastpath_fault_drop_at: u64,
 
+    /// Tests only: the fastpath waits this long before the copy that runs ahead of each install, so a test can have bytes waiting for that copy.
+    #[arg(long, hide = true, default_value = "0s", value_parser = parse_duration)]
+    pub fastpath_pre_install_delay: Duration,
+
     /// How connections reach the proxy: listeners = one listening socket per port; sk_lookup = one socket, and a BPF sk_lookup program steers every configured port to it (any range size; Linux >= 5.9, CAP_BPF + CAP_NET_ADMIN).
     #[arg(long, value_enum, default_value_t = Steering::Listeners)]
     pub steering: Steering,
@@ -283,6 +287,8 @@ impl Cli {
                 inflight: self.fastpath_inflight,
                 socket_buffer: (self.socket_buffer > 0).then_some(self.socket_buffer),
                 fault_drop_at: self.fastpath_fault_drop_at,
+                pre_install_delay: (!self.fastpath_pre_install_delay.is_zero())
+                    .then_some(self.fastpath_pre_install_delay),
                 promotion: (!self.promote_after.is_zero()).then_some(Promotion {
                     after: self.promote_after,
                     below: self.promote_below,

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 planes!(
     paused_reader_past_idle_timeout_gets_reset,
+    upload_to_a_silent_target_past_idle_timeout_gets_reset,
     connect_failure_resets_the_client,
     second_signal_resets_live_streams,
     client_reset_frees_the_connection_while_target_stalls,
@@ -83,6 +84,63 @@ async fn paused_reader_past_idle_timeout_gets_reset(mode: &str) {
     );
     let lines = proxy.wait_conn_lines(1, 5).await;
     assert_eq!(lines[0]["end"], "idle_timeout");
+}
+
+/// The client uploads from its first moment to a target that accepts and
+/// never reads: the proxy's write toward it blocks with bytes in hand, and
+/// the idle timeout must end that with a reset to the client. On the
+/// fastpath the install waits (a test-only delay) so that the upload meets
+/// the copy that runs before it, which had no idle timeout and waited
+/// forever (this failed on the code before).
+async fn upload_to_a_silent_target_past_idle_timeout_gets_reset(mode: &str) {
+    let target = Backend::with("silent", |s: TcpStream| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    })
+    .await;
+    let proxy = Proxy::spawn(
+        mode,
+        &[AppSpec::new("a", 1, vec![target.target()])],
+        &[
+            "--idle-timeout",
+            "1s",
+            "--fastpath-pre-install-delay",
+            "300ms",
+        ],
+    )
+    .await;
+    let started = Instant::now();
+    let sent = bounded(30, "upload to a silent target", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let mut gen = common::seq::SeqGen::new(0x5_11e7, 64 << 20);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        loop {
+            let n = gen.fill(&mut buf);
+            if n == 0 {
+                return Ok(sent);
+            }
+            match s.write_all(&buf[..n]).await {
+                Ok(()) => sent += n as u64,
+                Err(e) => return Err((sent, e.kind())),
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            sent,
+            Err((_, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe))
+        ),
+        "{mode}: the upload ended {sent:?}, not in a reset"
+    );
+    let lines = proxy.wait_conn_lines(1, 5).await;
+    assert_eq!(lines[0]["end"], "idle_timeout", "{mode}: {:?}", lines[0]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{mode}: cut after {:?}",
+        started.elapsed()
+    );
 }
 
 /// Every target refuses: a client that has sent nothing gets a reset, not an

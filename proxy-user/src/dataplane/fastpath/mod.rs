@@ -46,9 +46,10 @@ use aya::{programs::SkSkb, Ebpf, EbpfLoader};
 use proxy_common::FlowControl;
 use tokio::net::TcpStream;
 
-use super::userspace::{arm_reset, cut_short};
+use super::userspace::{arm_reset, cut_if_owed, cut_short};
 use super::{ConnInfo, CopyPlane, EndReason, Plane, Transfer};
 use crate::bpf;
+use direction::IdleWatch;
 use install::{forward_ready, EarlyEnd, Quiet};
 use mapset::{MapSet, Sets};
 use moving::DirLedger;
@@ -106,6 +107,8 @@ pub struct Options {
     pub promotion: Option<super::Promotion>,
     /// Tests only: see `FlowControl::fault_drop_at` (0: off).
     pub fault_drop_at: u64,
+    /// Tests only: a wait before each pre-install copy (None: none).
+    pub pre_install_delay: Option<std::time::Duration>,
 }
 
 /// The socket buffers a fixed `--socket-buffer` gets on a socket the
@@ -179,6 +182,7 @@ pub struct FastpathPlane {
     bound: u64,
     socket_buffer: Option<u32>,
     fault_drop_at: u64,
+    pre_install_delay: Option<std::time::Duration>,
     /// `--mode auto`: a direction that turns busy leaves the kernel
     /// (`FlowControl::busy_skbs`); None on `--mode fastpath`.
     busy: Option<Busy>,
@@ -218,6 +222,7 @@ impl FastpathPlane {
             bound,
             socket_buffer: options.socket_buffer,
             fault_drop_at: options.fault_drop_at,
+            pre_install_delay: options.pre_install_delay,
             busy: options.promotion.map(Busy::of),
             _ebpf: Mutex::new(ebpf),
         })
@@ -293,14 +298,26 @@ impl FastpathPlane {
                         )
                     };
                     // The copy can block writing to a side that does not read: a
-                    // reset or the drain deadline must still end the connection then.
+                    // reset, the drain deadline or the idle timeout must still end
+                    // the connection then (without the last, a target that stopped
+                    // reading while a client uploaded held the pair for good).
                     // Boxed: it lives only until the install, yet inline it would
                     // set the size of every pair's future for the pair's life
                     // (1,904 bytes, where run_pair's state is 1,448).
                     let early = Box::pin(async {
+                        if let Some(delay) = self.pre_install_delay {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let progress =
+                            || moved[0].load(Ordering::Relaxed) + moved[1].load(Ordering::Relaxed);
+                        let mut idle = IdleWatch::new(conn.rules.idle_timeout, 0);
                         tokio::select! {
                             r = copied => Ok(r),
                             end = cut_short(&client, &upstream, conn) => Err(end),
+                            () = idle.until_idle(&progress) => {
+                                cut_if_owed(&client, &upstream, conn);
+                                Err(EndReason::IdleTimeout)
+                            }
                         }
                     });
                     match early.await {
