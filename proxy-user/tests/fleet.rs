@@ -104,6 +104,14 @@ async fn lease_expiry(f: &Fleet, port: u16) {
     let ttl = format!("{}s", LEASE_TTL.as_secs());
     let mut reg_d = Registration::start(&tester, &f.etcd.url, "leased", &d.target(), &ttl);
     let _reg_e = Registration::start(&tester, &f.etcd.url, "leased", &e.target(), &ttl);
+    // e again, under a lease of its own (a backend that restarted while its
+    // old lease runs out), and a registration with no port: neither may
+    // reject the table. Each did, on every proxy, until the keys went.
+    let _reg_e_again = Registration::start(&tester, &f.etcd.url, "leased", &e.target(), &ttl);
+    let mut etcd = f.client().await;
+    etcd.put("/fleet/targets/leased/no-port", "10.0.0.1", None)
+        .await
+        .expect("put a bad registration");
     f.put_app("leased", json!({"Ports": [port]})).await;
     let has = |targets: serde_json::Value, t: &str| {
         targets["apps"]
@@ -123,6 +131,17 @@ async fn lease_expiry(f: &Fleet, port: u16) {
         }
     })
     .await;
+    for i in 0..PROXIES {
+        let log = f.proxy(i).log();
+        assert!(
+            log.contains("a leased target is left out")
+                && log.contains("/fleet/targets/leased/no-port"),
+            "proxy {i}: the bad registration is not named"
+        );
+    }
+    etcd.delete("/fleet/targets/leased/no-port", None)
+        .await
+        .expect("delete the bad registration");
     // One live connection to d through every proxy.
     let mut live = Vec::new();
     for i in 0..PROXIES {

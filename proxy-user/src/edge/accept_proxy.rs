@@ -204,7 +204,8 @@ mod tests {
             tokio::io::AsyncWriteExt::write_all(&mut out, &sent)
                 .await
                 .unwrap();
-            assert_eq!(read(&mut sock).await.unwrap(), want);
+            // The length counts in the FIN ledger: exactly the header.
+            assert_eq!(read(&mut sock).await.unwrap(), (want, h.len() as u32));
             let mut rest = [0u8; 7];
             sock.read_exact(&mut rest).await.unwrap();
             assert_eq!(&rest, b"payload", "the header's reader took client bytes");

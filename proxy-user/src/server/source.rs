@@ -111,6 +111,8 @@ pub(super) struct EtcdSource {
     applied: (String, i64),
     /// Apps last reported as left out for having no target.
     empty: Vec<String>,
+    /// Leased targets last reported as left out.
+    skipped: Vec<String>,
     published: Arc<AdminState>,
 }
 
@@ -131,6 +133,7 @@ impl EtcdSource {
             updates,
             applied: (text, revision),
             empty: Vec::new(),
+            skipped: Vec::new(),
             published,
         };
         src.report(from_cache);
@@ -171,6 +174,12 @@ impl EtcdSource {
                         tracing::warn!(apps = ?t.empty, "apps in etcd with no target (none written, no lease alive) are not served until one registers");
                     }
                     self.empty = t.empty.clone();
+                }
+                if t.skipped != self.skipped {
+                    for why in t.skipped.iter().filter(|w| !self.skipped.contains(w)) {
+                        tracing::warn!(error = %why, "etcd: a leased target is left out; every other change still applies");
+                    }
+                    self.skipped = t.skipped.clone();
                 }
                 if t.text == self.applied.0 {
                     // Same table at a newer revision (or after a resync):

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::config::target::parse_target;
 use crate::config::validate::type_name;
 
 /// The config of one revision, ready for the same validation a file gets.
@@ -27,6 +28,12 @@ pub struct Table {
     /// alive): an app whose every target died is not served rather than
     /// blocking every other change.
     pub empty: Vec<String>,
+    /// Leased targets left out, each a message naming its key and the
+    /// fix. A registration is written by a backend, not by whoever owns
+    /// the table: one that cannot be served (a malformed value or key) is
+    /// left out rather than rejecting the table, which would freeze every
+    /// app on every proxy until the lease ran out.
+    pub skipped: Vec<String>,
 }
 
 /// Builds the table from every key under `prefix` (key -> value bytes).
@@ -34,23 +41,32 @@ pub struct Table {
 pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, String> {
     let apps_at = format!("{prefix}apps/");
     let targets_at = format!("{prefix}targets/");
-    let mut leased: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    let mut leased: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut skipped = Vec::new();
     for (key, value) in kvs.range(targets_at.clone()..) {
         let Some(rest) = key.strip_prefix(&targets_at) else {
             break;
         };
         let Some((app, _id)) = rest.split_once('/') else {
-            return Err(format!(
-                "etcd key {key}: a leased target's key is {targets_at}<app>/<id>"
+            skipped.push(format!(
+                "etcd key {key}: a leased target's key is {targets_at}<app>/<id>; left out until it is"
             ));
+            continue;
         };
-        let target = std::str::from_utf8(value).map_err(|_| {
-            format!("etcd key {key}: value is not UTF-8; write the target as \"host:port\"")
-        })?;
-        leased
-            .entry(app)
-            .or_default()
-            .push(Value::String(target.trim().to_string()));
+        let Ok(target) = std::str::from_utf8(value) else {
+            skipped.push(format!(
+                "etcd key {key}: value is not UTF-8; write the target as \"host:port\"; left out until it is"
+            ));
+            continue;
+        };
+        let target = target.trim();
+        if let Err(e) = parse_target(target) {
+            skipped.push(format!(
+                "etcd key {key}: {e}; left out until it is rewritten"
+            ));
+            continue;
+        }
+        leased.entry(app).or_default().push(target);
     }
     let mut apps = Vec::new();
     let mut keys = Vec::new();
@@ -75,7 +91,7 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
                 .entry("Targets")
                 .or_insert_with(|| Value::Array(Vec::new()))
             {
-                list.extend(extra);
+                merge_leased(list, extra);
             }
         }
         let no_targets = match obj.get("Targets") {
@@ -91,7 +107,32 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
         keys.push(key.clone());
     }
     let text = serde_json::json!({ "Apps": apps }).to_string();
-    Ok(Table { text, keys, empty })
+    Ok(Table {
+        text,
+        keys,
+        empty,
+        skipped,
+    })
+}
+
+/// Adds an app's leased targets (each already parsed once) to its list,
+/// each at most once. A target listed and leased, or leased twice, is
+/// normal: a backend that restarts registers under a new lease while its
+/// old one still runs out. Validation refuses a target listed twice, so a
+/// repeat here would reject the whole table.
+fn merge_leased(list: &mut Vec<Value>, leased: Vec<&str>) {
+    let mut have: Vec<_> = (list.iter())
+        .filter_map(|v| parse_target(v.as_str()?).ok())
+        .collect();
+    for target in leased {
+        let Ok(parsed) = parse_target(target) else {
+            continue;
+        };
+        if !have.contains(&parsed) {
+            have.push(parsed);
+            list.push(Value::String(target.to_string()));
+        }
+    }
 }
 
 /// The key names the app: `Name` may be left out, but must not disagree.
@@ -185,8 +226,38 @@ mod tests {
             let e = assemble("/p/", &kvs(&[("/p/apps/a", value)])).unwrap_err();
             assert!(e.starts_with(want) || e.contains(want), "{value}: {e}");
         }
-        let e = assemble("/p/", &kvs(&[("/p/targets/a", "h:1")])).unwrap_err();
-        assert!(e.contains("<app>/<id>"), "{e}");
+    }
+
+    /// Registrations are the backends', not the table owner's: a bad one
+    /// is left out (and said), a repeated one served once, and neither
+    /// rejects the table (which froze every app until the lease ran out).
+    #[test]
+    fn leases_never_reject_the_table() {
+        let t = assemble(
+            "/p/",
+            &kvs(&[
+                ("/p/apps/a", r#"{"Ports":[1],"Targets":["h:1"]}"#),
+                ("/p/apps/b", r#"{"Ports":[2]}"#),
+                ("/p/targets/a", "h:9"),
+                ("/p/targets/a/dup-of-static", "h:1"),
+                ("/p/targets/a/no-port", "10.0.0.1"),
+                ("/p/targets/b/old-lease", "h:2"),
+                ("/p/targets/b/new-lease", " h:2 "),
+                ("/p/targets/b/other", "h:3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            t.text,
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"]},{"Name":"b","Ports":[2],"Targets":["h:2","h:3"]}]}"#
+        );
+        assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+        assert!(t.skipped[0].contains("/p/targets/a:") && t.skipped[0].contains("<app>/<id>"));
+        assert!(
+            t.skipped[1].contains("/p/targets/a/no-port") && t.skipped[1].contains("no port"),
+            "{:?}",
+            t.skipped
+        );
     }
 
     #[test]
