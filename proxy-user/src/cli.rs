@@ -67,7 +67,7 @@ pub struct Cli {
     pub mode: Mode,
 
     /// Timeout of one connect attempt to a target, DNS lookup included.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_nonzero_duration)]
     pub connect_timeout: Duration,
 
     /// Connect attempts per client connection, each to a different target.
@@ -75,7 +75,7 @@ pub struct Cli {
     pub connect_attempts: u32,
 
     /// Total time allowed for all connect attempts of one client connection.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_nonzero_duration)]
     pub connect_deadline: Duration,
 
     /// Close a connection when no byte moved either way for this long (0 = never).
@@ -102,8 +102,8 @@ pub struct Cli {
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     pub server_fin_timeout: Duration,
 
-    /// Interval between active TCP health probes of each target.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// Interval between active TCP health probes of each target (at least 10ms); a probe gets at most this long, or --connect-timeout if shorter.
+    #[arg(long, default_value = "2s", value_parser = parse_nonzero_duration)]
     pub health_interval: Duration,
 
     /// Consecutive successful probes before a down target is used again.
@@ -250,7 +250,7 @@ pub struct Cli {
     pub config_etcd_cache: Option<PathBuf>,
 
     /// With --config-etcd: how long the first read from etcd may take before the cache is used.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = parse_nonzero_duration)]
     pub config_etcd_timeout: Duration,
 
     /// Log line format.
@@ -263,6 +263,12 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// `--health-interval`, at least 10 ms: a tighter loop would be a
+    /// probe storm, not a health check.
+    fn health_interval(&self) -> Duration {
+        self.health_interval.max(Duration::from_millis(10))
+    }
+
     /// The file `--check`/`-t` asks to validate, if any.
     pub fn check_file(&self) -> Option<PathBuf> {
         match (&self.check, self.test_config) {
@@ -307,11 +313,11 @@ impl Cli {
                 server: (!self.server_fin_timeout.is_zero()).then_some(self.server_fin_timeout),
             },
             health: HealthConfig {
-                interval: self.health_interval.max(Duration::from_millis(10)),
+                interval: self.health_interval(),
                 rise: self.health_rise,
                 fall: self.health_fall,
                 // A probe slower than the interval would overlap the next one.
-                timeout: self.connect_timeout.min(self.health_interval),
+                timeout: self.connect_timeout.min(self.health_interval()),
             },
             socket_buffers: SocketBuffers {
                 size: (self.socket_buffer > 0).then_some(self.socket_buffer),
@@ -384,6 +390,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         u => return Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A duration where 0 would break everything it sets (every connect or
+/// probe timing out at once), unlike the timeouts where 0 means "never".
+pub fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "{s:?} would make it expire at once; give a time like 500ms or 2s"
+        )),
+        d => Ok(d),
+    }
 }
 
 /// A key prefix: absolute, ending in `/` (so `/proxy/` never matches the

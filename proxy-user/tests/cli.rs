@@ -200,6 +200,27 @@ fn bad_flag_values_are_rejected() {
     }
 }
 
+/// 0 means "never" for the idle and fin timeouts, but for these it would
+/// make every connect, probe or first etcd read expire at once (every
+/// target down, every client reset): refused, with the flag named.
+#[test]
+fn zero_where_it_would_expire_at_once_is_refused() {
+    for flag in [
+        "--connect-timeout",
+        "--connect-deadline",
+        "--health-interval",
+        "--config-etcd-timeout",
+    ] {
+        let out = Command::new(PROXY).args([flag, "0"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} 0: {err}");
+        assert!(
+            err.contains(flag) && err.contains("would make it expire at once"),
+            "{flag} 0: {err}"
+        );
+    }
+}
+
 /// A port already taken fails startup, naming the app and the port.
 #[test]
 fn port_in_use_fails_startup_naming_app() {

@@ -91,8 +91,13 @@ pub async fn connect(
                     tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
                 }
                 // A timeout on a budget cut short by the overall deadline
-                // says little about the target; a full-length one does.
-                let unfair_timeout = e.timed_out() && budget < policy.timeout;
+                // says little about the target; a full-length one does
+                // (full: the timeout, or the whole deadline if shorter, or a
+                // deadline under the timeout would never count one).
+                // (The first attempt's share of the deadline is short of it
+                // by the microseconds since the deadline was set.)
+                let full = policy.timeout.min(policy.deadline);
+                let unfair_timeout = e.timed_out() && budget + Duration::from_millis(1) < full;
                 if !e.is_local() && !unfair_timeout {
                     if let Some(t) = backend.health.passive_failure() {
                         health::log_transition(
@@ -109,7 +114,11 @@ pub async fn connect(
     }
     Err(ConnectFailed {
         attempts: tried.len() as u32,
-        last_error: last_error.unwrap_or_else(|| anyhow!("no targets configured")),
+        // Nothing tried: every target is out of rotation (drained or
+        // disabled through the admin API); the config has at least one.
+        last_error: last_error.unwrap_or_else(|| {
+            anyhow!("no target to try: every target of the app is drained or disabled")
+        }),
     })
 }
 
@@ -172,6 +181,50 @@ mod tests {
             err.last_error
         );
         assert_eq!(b.backends.iter().filter(|x| !x.health.is_up()).count(), 3);
+    }
+
+    /// With a connect deadline under the connect timeout, an attempt that
+    /// times out on the whole deadline had all the time it could have: it
+    /// counts against the target. It never did, so under such flags client
+    /// traffic never marked a silent target down.
+    #[tokio::test]
+    async fn a_timeout_on_the_whole_deadline_counts() {
+        use socket2::{Domain, Socket, Type};
+        // A listener whose accept queue is full: further SYNs are dropped,
+        // so a connect times out (as to a silent host).
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let _queued = std::net::TcpStream::connect(addr).unwrap();
+        let b = Balancer::new(
+            "t",
+            Balance::RoundRobin,
+            &[parse_target(&addr.to_string()).unwrap()],
+        );
+        let policy = ConnectPolicy {
+            timeout: Duration::from_secs(5),
+            attempts: 1,
+            deadline: Duration::from_millis(300),
+        };
+        let err = connect(&b, &policy, &LoopGuard::default())
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{:#}", err.last_error).contains("timed out"),
+            "{:#}",
+            err.last_error
+        );
+        assert!(
+            !b.backends[0].health.is_up(),
+            "a full-length timeout did not count"
+        );
     }
 
     /// A name resolving to one of our listeners fails with `loop` before

@@ -51,7 +51,9 @@ impl ProbeSpec {
             rise: check.rise.unwrap_or(flags.rise),
             fall: check.fall.unwrap_or(flags.fall),
             // A probe slower than the interval would delay the next one.
-            timeout: check.timeout.unwrap_or(flags.timeout.min(interval)),
+            // Validation checks Timeout against an Interval written beside
+            // it; one written alone meets the flag's interval only here.
+            timeout: check.timeout.unwrap_or(flags.timeout).min(interval),
             send: check.send.map(Into::into),
             expect: check.expect.map(Into::into),
             proxy_protocol: app.proxy_protocol,
@@ -146,6 +148,54 @@ async fn converse(stream: &mut TcpStream, spec: &ProbeSpec) -> anyhow::Result<()
                 "no {:?} in the first {} bytes",
                 String::from_utf8_lossy(expect),
                 got.len()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, HealthCheck};
+
+    /// An app's `Timeout` written without an `Interval` may not outlast
+    /// the flags' interval: a 30 s probe every 2 s took 90 s, not 6, to
+    /// mark a silent target down with fall 3.
+    #[test]
+    fn a_probe_never_outlasts_its_interval() {
+        let flags = HealthConfig {
+            interval: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+            timeout: Duration::from_secs(2),
+        };
+        let app = |health| App {
+            name: "a".into(),
+            ports: vec![1],
+            targets: Vec::new(),
+            balance: Balance::default(),
+            proxy_protocol: None,
+            health,
+            accept_proxy: None,
+            max_per_client: None,
+        };
+        let cases = [
+            (None, None, Duration::from_secs(2)),
+            (None, Some(30), Duration::from_secs(2)),
+            (None, Some(1), Duration::from_secs(1)),
+            (Some(10), None, Duration::from_secs(2)),
+            (Some(10), Some(8), Duration::from_secs(8)),
+        ];
+        for (interval, timeout, want) in cases {
+            let check = HealthCheck {
+                interval: interval.map(Duration::from_secs),
+                timeout: timeout.map(Duration::from_secs),
+                ..HealthCheck::default()
+            };
+            let spec = ProbeSpec::for_app(flags, &app(Some(check)));
+            assert_eq!(
+                spec.timeout, want,
+                "Interval {interval:?} Timeout {timeout:?}"
             );
         }
     }
