@@ -134,6 +134,44 @@ async fn bad_reload_keeps_running_config(mode: &str) {
     drop(taken);
 }
 
+/// A valid config whose new port another process holds for now is tried
+/// again until the port is free: nobody has to touch the file or send a
+/// signal. It used to count as tried, so the same text (a re-save, the file
+/// watch) did nothing, and the app was never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_at_reload_is_bound_once_free() {
+    let a = Backend::identify("a").await;
+    let b = Backend::identify("b").await;
+    let proxy = Proxy::start("copy", &[AppSpec::new("one", 1, vec![a.target()])], &[]).await;
+    let port = proxy.ports[0][0];
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let later = taken.local_addr().unwrap().port();
+    bounded(60, "a port free later", async {
+        let config = serde_json::json!({"Apps": [
+            {"Name": "one", "Ports": [port], "Targets": [a.target()]},
+            {"Name": "two", "Ports": [later], "Targets": [b.target()]},
+        ]});
+        std::fs::write(&proxy.config_path, config.to_string()).unwrap();
+        proxy.signal(libc::SIGHUP);
+        wait_log(&proxy, "a new port could not be bound", 1).await;
+        assert_eq!(id_via(port).await.unwrap().0, "a", "the old config serves");
+        drop(taken);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match id_via(later).await {
+                Ok((id, _)) => {
+                    assert_eq!(id, "b");
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "{later} never served: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(proxy.log().contains("config reloaded"), "{}", proxy.log());
+}
+
 /// A config path turned into a FIFO is refused at once, by the file watch
 /// and by SIGHUP alike; reading it used to block the reload for good, and
 /// with it every later signal, SIGTERM included.

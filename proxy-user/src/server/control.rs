@@ -10,7 +10,7 @@ use super::handle::{Command, Cutter};
 use super::handoff::{self, HandoffSocket};
 use super::settings::Settings;
 use super::source::EtcdSource;
-use super::state::{self, State, Trigger};
+use super::state::{self, Outcome, State, Trigger};
 use super::HARD_STOP_GRACE;
 use crate::edge::Shared;
 use crate::ops::sd_notify;
@@ -29,7 +29,16 @@ pub(super) struct Control {
     pub(super) _accepting: watch::Sender<bool>,
     /// Some: the config comes from etcd (and the file is not watched).
     pub(super) etcd: Option<EtcdSource>,
+    /// A valid config whose new port could not be bound is tried again
+    /// then, with the wait since the last try (doubling, at most
+    /// `RETRY_MAX`); None: nothing to retry.
+    pub(super) retry: Option<(tokio::time::Instant, Duration)>,
 }
+
+/// The first wait before a reload that failed to bind is tried again.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between such tries.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why the control loop ended.
 enum Stop {
@@ -63,7 +72,14 @@ pub(super) async fn control(
             Ok(()) = async { match &mut c.etcd {
                 Some(src) => src.updates.changed().await,
                 None => std::future::pending().await,
-            } } => c.etcd_changed().await,
+            } } => c.etcd_changed(Trigger::Etcd).await,
+            () = async { match c.retry {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            } } => match c.etcd.is_some() {
+                true => c.etcd_changed(Trigger::Retry).await,
+                false => c.reload(Trigger::Retry).await,
+            },
             link = async { match &c.handoff {
                 Some(h) => h.accept().await,
                 None => std::future::pending().await,
@@ -132,28 +148,51 @@ impl Control {
 
     async fn reload(&mut self, trigger: Trigger) {
         state::closed(&mut self.state).await;
-        match &self.etcd {
-            // SIGHUP with etcd: the table in force, validated again.
+        let outcome = match &mut self.etcd {
+            // SIGHUP with etcd: the newest table if it is not in force (it
+            // was rejected, or could not be bound), else the table in
+            // force, validated again.
+            Some(src) if src.newest_pending() => {
+                (src.apply_newest(&mut self.state, &self.settings, &self.shared, trigger)).await
+            }
             Some(src) => {
                 let source = "the etcd config in force";
                 let text = Ok(src.current());
                 let (st, set, sh) = (&mut self.state, &self.settings, &self.shared);
-                state::reload_text(st, set, sh, trigger, text, source, &[]);
+                state::reload_text(st, set, sh, trigger, text, source, &[])
             }
-            None => {
-                state::reload(&mut self.state, &self.settings, &self.shared, trigger).await;
-            }
+            None => state::reload(&mut self.state, &self.settings, &self.shared, trigger).await,
+        };
+        self.retry_after(trigger, outcome);
+        self.verify_steering().await;
+    }
+
+    async fn etcd_changed(&mut self, trigger: Trigger) {
+        state::closed(&mut self.state).await;
+        if let Some(src) = &mut self.etcd {
+            let outcome = src
+                .apply_newest(&mut self.state, &self.settings, &self.shared, trigger)
+                .await;
+            self.retry_after(trigger, outcome);
         }
         self.verify_steering().await;
     }
 
-    async fn etcd_changed(&mut self) {
-        state::closed(&mut self.state).await;
-        if let Some(src) = &mut self.etcd {
-            src.apply_newest(&mut self.state, &self.settings, &self.shared)
-                .await;
-        }
-        self.verify_steering().await;
+    /// A reload that could not bind is tried again, sooner the first
+    /// times; anything else (applied, or a config that is wrong) ends the
+    /// retries, and so does a retry that found nothing new to try. Another
+    /// trigger that changed nothing leaves them as they were.
+    fn retry_after(&mut self, trigger: Trigger, outcome: Outcome) {
+        self.retry = match outcome {
+            Outcome::Retry => {
+                let wait = self
+                    .retry
+                    .map_or(RETRY_FIRST, |(_, w)| (w * 2).min(RETRY_MAX));
+                Some((tokio::time::Instant::now() + wait, wait))
+            }
+            Outcome::Unchanged if trigger != Trigger::Retry => self.retry,
+            Outcome::Unchanged | Outcome::Applied | Outcome::Rejected => None,
+        };
     }
 
     async fn verify_steering(&mut self) {

@@ -252,6 +252,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
                 .map(|(_, fd, task)| (*fd, task.abort_handle())),
             _accepting: accepting,
             etcd,
+            retry: None,
         },
         rx,
         file_changes,

@@ -15,6 +15,9 @@ use crate::config::{watch as config_watch, Config, Listen};
 use crate::edge::Shared;
 use crate::ops::admin::AdminState;
 
+/// Longest the cache file's write (and fsync) may hold the control task.
+const CACHE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The config to start with, validated.
 pub(super) struct Initial {
     pub text: String,
@@ -157,15 +160,26 @@ impl EtcdSource {
         }));
     }
 
+    /// Whether the newest table differs from the one in force: it was
+    /// rejected, or could not be bound (SIGHUP and retries try it again).
+    pub(super) fn newest_pending(&self) -> bool {
+        match &*self.updates.borrow() {
+            Some(Snapshot { table: Ok(t), .. }) => t.text != self.applied.0,
+            _ => false,
+        }
+    }
+
     /// Applies the newest snapshot through the shared reload path.
+    /// `trigger`: the etcd watch, or a retry after a failed bind.
     pub(super) async fn apply_newest(
         &mut self,
         state: &mut State,
         settings: &Settings,
         shared: &Arc<Shared>,
-    ) {
+        trigger: Trigger,
+    ) -> Outcome {
         let Some(snap) = self.updates.borrow_and_update().clone() else {
-            return;
+            return Outcome::Unchanged;
         };
         let keys = match &snap.table {
             Ok(t) => {
@@ -192,7 +206,7 @@ impl EtcdSource {
                             "etcd revision in force (config unchanged)"
                         );
                     }
-                    return;
+                    return Outcome::Unchanged;
                 }
                 t.keys.clone()
             }
@@ -204,12 +218,13 @@ impl EtcdSource {
             .map(|t| t.text)
             .map_err(anyhow::Error::msg);
         let source = format!("etcd {} revision {}", self.settings.prefix, snap.revision);
-        let outcome =
-            state::reload_text(state, settings, shared, Trigger::Etcd, text, &source, &keys);
+        let outcome = state::reload_text(state, settings, shared, trigger, text, &source, &keys);
         if outcome != Outcome::Applied {
-            return;
+            return outcome;
         }
-        let Ok(table) = snap.table else { return };
+        let Ok(table) = snap.table else {
+            return outcome;
+        };
         self.applied = (table.text, snap.revision);
         self.report(false);
         tracing::info!(revision = snap.revision, "serving etcd revision");
@@ -219,9 +234,20 @@ impl EtcdSource {
                 prefix: self.settings.prefix.clone(),
                 text: self.applied.0.clone(),
             };
-            if let Err(e) = cache::write(path, &cached).await {
-                tracing::warn!(error = %format!("{e:#}"), "cannot write the config cache; a restart while etcd is down would not find this config");
+            // Bounded: this runs on the control task, and a stalled disk
+            // must not hold up reloads, upgrades and the drain behind it.
+            let written = tokio::time::timeout(CACHE_WRITE_WAIT, cache::write(path, &cached));
+            let failed = match written.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some(format!(
+                    "not written within {CACHE_WRITE_WAIT:?} (a stalled disk?)"
+                )),
+            };
+            if let Some(error) = failed {
+                tracing::warn!(error = %error, "cannot write the config cache; a restart while etcd is down would not find this config");
             }
         }
+        outcome
     }
 }

@@ -71,6 +71,8 @@ pub(super) enum Trigger {
     FileChange,
     /// A new revision from the etcd watch.
     Etcd,
+    /// Again, after a port could not be bound (`Outcome::Retry`).
+    Retry,
 }
 
 impl Trigger {
@@ -79,6 +81,7 @@ impl Trigger {
             Trigger::Signal => "SIGHUP",
             Trigger::FileChange => "file change",
             Trigger::Etcd => "etcd watch",
+            Trigger::Retry => "retry",
         }
     }
 }
@@ -308,7 +311,12 @@ pub(super) enum Outcome {
     Applied,
     /// The same text as last tried: nothing done.
     Unchanged,
+    /// The text is wrong: the same text will be wrong again.
     Rejected,
+    /// Valid, but a new port could not be bound (held by another process
+    /// for now, say): the same text may work later, so it is tried again
+    /// (`Trigger::Retry`), not taken as already tried.
+    Retry,
 }
 
 /// SIGHUP or a file change: load and validate the file, bind new ports,
@@ -351,13 +359,19 @@ pub(super) fn reload_text(
             return Outcome::Unchanged;
         }
     }
+    let mut retry = false;
     let result = text.and_then(|text| {
-        if trigger != Trigger::Signal && state.last_text.as_deref() == Some(text.as_str()) {
+        let again = matches!(trigger, Trigger::Signal | Trigger::Retry);
+        if !again && state.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
         }
         state.last_text = Some(text.clone());
         let (config, listen) = settings.parse_config(&text, source)?;
-        let bound = bind_new(state, &config, settings, None)?;
+        let bound = bind_new(state, &config, settings, None).inspect_err(|_| {
+            // Not "tried already": the port may be free by the next try.
+            state.last_text = None;
+            retry = true;
+        })?;
         Ok(Some((config, listen, bound)))
     });
     match result {
@@ -388,6 +402,10 @@ pub(super) fn reload_text(
         Err(e) => {
             shared.metrics.reloads_failed.inc();
             let error = crate::config::etcd::table::name_keys(&format!("{e:#}"), keys);
+            if retry {
+                tracing::error!(trigger = trigger_name, error = %error, "config reload rejected: a new port could not be bound; still running the previous config, and trying again");
+                return Outcome::Retry;
+            }
             tracing::error!(trigger = trigger_name, error = %error, "config reload rejected; still running the previous config");
             Outcome::Rejected
         }
