@@ -181,6 +181,55 @@ async fn mostly_idle_connection_moves_across_silent_periods() {
 /// Ping-pong over `s`: `round_trips` messages of `size` bytes, each echoed
 /// before the next is sent, checked by position against `tag`'s stream
 /// from `at` on. Returns where the stream stands.
+/// A light connection the client half-closed is ending: it stays on
+/// splice. It used to be promoted, fail its install (a side had sent its
+/// FIN) and finish on the copy plane, counted as a promotion. The target
+/// answers the client's request, after its FIN, in small pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_is_not_moved() {
+    const TAG: u64 = 0x4a1f_c105;
+    const PIECE: usize = 100;
+    const PIECES: u64 = 20;
+    let backend = Backend::with("trickle", |mut s: TcpStream| async move {
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await?;
+        let mut gen = SeqGen::new(TAG, PIECE as u64 * PIECES);
+        let mut buf = [0u8; PIECE];
+        while gen.fill(&mut buf) > 0 {
+            s.write_all(&buf).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    let proxy = auto_proxy(&backend, FAST).await;
+    bounded(30, "a half-closed trickle", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        s.write_all(b"request").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut check = SeqCheck::new(TAG);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.expect("read the answer");
+            if n == 0 {
+                break;
+            }
+            check.feed(&buf[..n]);
+        }
+        check.finish(PIECE as u64 * PIECES).unwrap();
+    })
+    .await;
+    proxy.wait_conn_lines(1, 10).await;
+    let line = only_conn(&proxy);
+    assert_eq!(line["plane"], "splice", "{line}");
+    assert_eq!(line["end"], "closed", "{line}");
+    let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_promotions_total{app="app"}"#),
+        0.0
+    );
+}
+
 async fn ping_pong(s: &mut TcpStream, tag: u64, at: u64, round_trips: u64, size: usize) -> u64 {
     let mut buf = vec![0u8; size];
     let mut echo = vec![0u8; size];

@@ -128,13 +128,16 @@ const NO_COUNT: u64 = u64::MAX;
 
 /// Data segments received on both sockets so far (each a 32-bit count, so
 /// the sum never reaches NO_COUNT); NO_COUNT when either socket's counters
-/// cannot be read (it counts as busy).
+/// cannot be read, or either saw a FIN (it counts as busy). A half-closed
+/// connection is ending: moved, it would only fall back to the copy plane
+/// (an install needs both sides open) with fastpath buffers, and count as
+/// a promotion and a failed install.
 fn segments_in(fds: [RawFd; 2]) -> u64 {
     let mut sum = 0;
     for fd in fds {
         match tcpinfo::data_segs_in(fd) {
-            Ok(n) => sum += n,
-            Err(_) => return NO_COUNT,
+            Ok(Some(n)) => sum += n,
+            Ok(None) | Err(_) => return NO_COUNT,
         }
     }
     sum

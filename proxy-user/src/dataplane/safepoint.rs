@@ -201,6 +201,12 @@ impl<'a> Asks<'a> {
             // The signals' sender went away (the server is gone): nothing more
             // will be asked that way.
             let mut closed = false;
+            // How long to wait before looking at the pumps again while one
+            // holds bytes: from 1 ms, doubling to `HELD_LOOK_MAX`. A pump
+            // can hold bytes for as long as its reader stalls (up to the
+            // idle timeout): a fixed 1 ms look was a thousand wake-ups a
+            // second for each such connection.
+            let mut look = HELD_LOOK_FIRST;
             loop {
                 let signals = *self.signals.borrow_and_update();
                 if signals.hard_stop {
@@ -218,7 +224,10 @@ impl<'a> Asks<'a> {
                         return stop
                     }
                     // A pump mid-write: look again shortly.
-                    Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Some(_) => {
+                        tokio::time::sleep(look).await;
+                        look = (look * 2).min(HELD_LOOK_MAX);
+                    }
                     None => tokio::select! {
                         r = self.signals.changed(), if !closed => closed = r.is_err(),
                         () = verdict(&mut self.promote), if !promoted => promoted = true,
@@ -229,6 +238,12 @@ impl<'a> Asks<'a> {
         }
     }
 }
+
+/// The first wait for a pump that holds bytes to write them out.
+const HELD_LOOK_FIRST: Duration = Duration::from_millis(1);
+/// The longest: a park or a move waits at most this much longer than
+/// it had to.
+const HELD_LOOK_MAX: Duration = Duration::from_millis(100);
 
 /// Resolves with the promotion policy's verdict; never without a policy.
 async fn verdict(promote: &mut Option<Promote<'_>>) {

@@ -88,15 +88,21 @@ const TCPI_DATA_SEGS_IN_OFFSET: usize = 152;
 
 /// Segments with payload this socket has received: close to the number of
 /// messages the peer sent when it writes small ones, which is what the
-/// fastpath pays for (one kworker hop per skb).
-pub fn data_segs_in(fd: RawFd) -> io::Result<u64> {
+/// fastpath pays for (one kworker hop per skb). None once the socket left
+/// ESTABLISHED (a FIN either way): its connection is ending, not one to
+/// move into the kernel.
+pub fn data_segs_in(fd: RawFd) -> io::Result<Option<u64>> {
     let (info, len) = tcp_info(fd)?;
+    // tcpi_state, the struct's first byte.
+    if info[0] != TCP_ESTABLISHED {
+        return Ok(None);
+    }
     if len < TCPI_DATA_SEGS_IN_OFFSET + 4 {
         return Err(io::Error::other("kernel tcp_info has no tcpi_data_segs_in"));
     }
     let mut bytes = [0u8; 4];
     bytes.copy_from_slice(&info[TCPI_DATA_SEGS_IN_OFFSET..TCPI_DATA_SEGS_IN_OFFSET + 4]);
-    Ok(u32::from_ne_bytes(bytes).into())
+    Ok(Some(u32::from_ne_bytes(bytes).into()))
 }
 
 fn tcp_info(fd: libc::c_int) -> io::Result<([u8; 256], usize)> {
