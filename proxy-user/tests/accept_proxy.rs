@@ -30,6 +30,17 @@ fn v2(src: &str, dst: &str) -> Vec<u8> {
     h
 }
 
+/// `v2`, with one NOOP TLV (type 0x04) of `tlv` bytes in all after the
+/// addresses, as a load balancer adding TLS details might send.
+fn v2_with_tlv(src: &str, dst: &str, tlv: u16) -> Vec<u8> {
+    let mut h = v2(src, dst);
+    h[14..16].copy_from_slice(&(12 + tlv).to_be_bytes());
+    h.push(0x04);
+    h.extend_from_slice(&(tlv - 3).to_be_bytes());
+    h.resize(h.len() + usize::from(tlv - 3), 0);
+    h
+}
+
 /// Reads the v1 line the proxy sends on, reports it, then echoes.
 async fn v1_reader(tx: mpsc::UnboundedSender<String>) -> Backend {
     Backend::with("pp", move |mut s| {
@@ -69,7 +80,8 @@ planes!(header_is_no_loss_at_the_fin);
 /// the client socket's TCP counts it as received. The fastpath's FIN
 /// ledger, which compares what TCP received with what went on, must count
 /// it, or every such connection that reaches the kernel is reset at its
-/// FIN as a loss. The client chats (light: auto moves it into the kernel),
+/// FIN as a loss. (The header carries 1.5 KiB of TLVs, so its length is
+/// not one a wrong constant could match.) The client chats (light: auto moves it into the kernel),
 /// half-closes, and must get its whole echo, in order, then a FIN.
 async fn header_is_no_loss_at_the_fin(mode: &str) {
     let backend = Backend::echo("echo").await;
@@ -91,9 +103,9 @@ async fn header_is_no_loss_at_the_fin(mode: &str) {
     let total = (piece * pieces) as u64;
     bounded(30, "a chat behind a PROXY header", async {
         let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
-        s.write_all(&v2("203.0.113.9:1000", "198.51.100.1:443"))
-            .await
-            .unwrap();
+        // 1,500 bytes of TLVs: over the 1 KiB this reader once refused.
+        let header = v2_with_tlv("203.0.113.9:1000", "198.51.100.1:443", 1500);
+        s.write_all(&header).await.unwrap();
         let (mut gen, mut check) = (SeqGen::new(tag, total), SeqCheck::new(tag));
         let mut buf = vec![0u8; piece];
         for _ in 0..pieces {

@@ -161,6 +161,13 @@ async fn connect_failure_resets_the_client(mode: &str) {
     .await;
     let lines = proxy.wait_conn_lines(5, 5).await;
     assert!(lines.iter().all(|l| l["end"] == "connect_failed"));
+    // Each has its close line; the warning is paced (one a second), so a
+    // flood against dead targets is no log flood.
+    let warnings = proxy.log().matches("all connect attempts failed").count();
+    assert!(
+        warnings >= 1 && warnings < 5,
+        "{mode}: {warnings} warnings for 5 failures"
+    );
 }
 
 /// A second SIGTERM/SIGINT exits at once; streams still running get a reset.

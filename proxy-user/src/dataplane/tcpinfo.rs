@@ -187,7 +187,8 @@ mod tests {
         let (mut b, _) = listener.accept().unwrap();
         a.set_nodelay(true).unwrap();
         b.set_nodelay(true).unwrap();
-        let before = data_segs_in(b.as_raw_fd()).unwrap();
+        let count = |s: &TcpStream| data_segs_in(s.as_raw_fd()).unwrap();
+        let before = count(&b).expect("established");
         for _ in 0..50 {
             a.write_all(b"ping").unwrap();
             let mut got = [0u8; 4];
@@ -195,7 +196,14 @@ mod tests {
             b.write_all(b"pong").unwrap();
             a.read_exact(&mut got).unwrap();
         }
-        assert_eq!(data_segs_in(b.as_raw_fd()).unwrap() - before, 50);
+        assert_eq!(count(&b).expect("established") - before, 50);
+        // A FIN either way: no count, the connection is ending (auto then
+        // never moves it into the kernel).
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).unwrap();
+        assert_eq!(count(&b), None, "the side that got the FIN");
+        assert_eq!(count(&a), None, "the side that sent it");
     }
 
     /// Guards the hard-coded tcp_info offset against a kernel or libc surprise.

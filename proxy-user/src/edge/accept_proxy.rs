@@ -15,9 +15,6 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const MIN_HEADER: usize = 15;
 /// The longest v1 line, CRLF included (the spec's 107).
 const MAX_V1: usize = 107;
-/// Most address and TLV bytes taken after a v2 header's first 16; the
-/// addresses need 36, TLVs (which we skip) rarely more than a few hundred.
-const MAX_V2_BODY: usize = 1024;
 
 /// The client and the address it connected to, as the sender saw them;
 /// None: the sender speaks for itself (v1 UNKNOWN, v2 LOCAL or a family
@@ -45,12 +42,11 @@ pub(super) async fn read(sock: &mut TcpStream) -> Result<(Addrs, u32), Failed> {
     if head[..12] == V2_SIGNATURE {
         head.resize(16, 0);
         read_exact(sock, &mut head[MIN_HEADER..]).await?;
+        // As many address and TLV bytes as the length says (64 KiB at
+        // most): only trusted senders get this far, and a load balancer
+        // that adds TLS details (HAProxy's `proxy-v2-options ssl,cert-cn`)
+        // can pass 1 KiB, which a cap there used to refuse.
         let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
-        if len > MAX_V2_BODY {
-            return Err(malformed(format!(
-                "v2 header announces {len} bytes of addresses and TLVs, more than {MAX_V2_BODY}"
-            )));
-        }
         let mut body = vec![0u8; len];
         read_exact(sock, &mut body).await?;
         let taken = (head.len() + len) as u32;
@@ -145,7 +141,11 @@ fn parse_v2(ver_cmd: u8, fam: u8, body: &[u8]) -> Result<Addrs, Failed> {
             body.len()
         ))),
         // UNSPEC, UDP, unix sockets: nothing we can use as a TCP client.
-        _ => Ok(None),
+        0x00 | 0x12 | 0x22 | 0x31 | 0x32 => Ok(None),
+        // The spec: other values "must be rejected as invalid".
+        _ => Err(malformed(format!(
+            "v2 address family and protocol byte {fam:#04x} is not one the protocol defines"
+        ))),
     }
 }
 
@@ -177,6 +177,30 @@ mod tests {
             b"PROXY UDP4 1.2.3.4 1.2.3.4 1 2\r\n",
         ] {
             assert!(parse_v1(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// The family byte: the defined ones that carry no TCP client pass as
+    /// "no address"; undefined ones are refused, as the spec asks (they
+    /// were taken as "no address", so garbage from a trusted sender made
+    /// the load balancer itself the client).
+    #[test]
+    fn v2_family_bytes() {
+        let v4 = [192, 0, 2, 1, 198, 51, 100, 2, 0x9c, 0x40, 0x13, 0x89];
+        let cases: [(u8, bool); 9] = [
+            (0x11, true),
+            (0x00, true),
+            (0x12, true),
+            (0x22, true),
+            (0x31, true),
+            (0x32, true),
+            (0x44, false),
+            (0x13, false),
+            (0xff, false),
+        ];
+        for (fam, valid) in cases {
+            let got = parse_v2(0x21, fam, &v4);
+            assert_eq!(got.is_ok(), valid, "family {fam:#04x}: {got:?}");
         }
     }
 

@@ -260,7 +260,11 @@ impl Conn {
         let mut c = match connected {
             Ok(c) => c,
             Err(failed) => {
-                tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), "all connect attempts failed, resetting client");
+                // At most one a second: with every target down, a client
+                // flood would be a log flood (each still has its close line).
+                if let Some(suppressed) = shared.connect_fail_log.check() {
+                    tracing::warn!(conn = self.id, app = %balancer.app, port = self.port, client = %self.client, attempts = failed.attempts, error = %format!("{:#}", failed.last_error), suppressed, "all connect attempts failed, resetting client");
+                }
                 // RST: a clean EOF would pass for an empty session to a
                 // protocol where the server speaks first.
                 arm_reset(&client);

@@ -59,6 +59,8 @@ pub struct Shared {
     pub handover: handover::Handover,
     pub next_id: AtomicU64,
     pub limit_log: RateLimit,
+    /// Paces "all connect attempts failed" warnings.
+    pub connect_fail_log: RateLimit,
     pub metrics: Arc<Metrics>,
     /// `--access-log`: close lines as JSON to a file of their own.
     pub access_log: Option<AccessLog>,

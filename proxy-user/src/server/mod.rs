@@ -145,6 +145,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         handover: Handover::new(hard_tx.clone()),
         next_id: AtomicU64::new(1),
         limit_log: RateLimit::default(),
+        connect_fail_log: RateLimit::default(),
         metrics,
         access_log,
         log_connections: settings.log_connections,
