@@ -205,8 +205,10 @@ impl<'a> Asks<'a> {
             // holds bytes: from 1 ms, doubling to `HELD_LOOK_MAX`. A pump
             // can hold bytes for as long as its reader stalls (up to the
             // idle timeout): a fixed 1 ms look was a thousand wake-ups a
-            // second for each such connection.
-            let mut look = HELD_LOOK_FIRST;
+            // second for each such connection. (The doublings so far, not a
+            // Duration: this future is in every connection's userspace
+            // stage, and 16 bytes more put auto's box a size class up.)
+            let mut doubled: u8 = 0;
             loop {
                 let signals = *self.signals.borrow_and_update();
                 if signals.hard_stop {
@@ -225,8 +227,9 @@ impl<'a> Asks<'a> {
                     }
                     // A pump mid-write: look again shortly.
                     Some(_) => {
-                        tokio::time::sleep(look).await;
-                        look = (look * 2).min(HELD_LOOK_MAX);
+                        let look = HELD_LOOK_FIRST * (1 << doubled);
+                        tokio::time::sleep(look.min(HELD_LOOK_MAX)).await;
+                        doubled = (doubled + 1).min(7);
                     }
                     None => tokio::select! {
                         r = self.signals.changed(), if !closed => closed = r.is_err(),
