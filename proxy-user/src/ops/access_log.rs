@@ -10,7 +10,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -52,6 +54,7 @@ pub struct Entry<'a> {
 
 enum Msg {
     Line(Vec<u8>),
+    /// Wakes the writer to look at `AccessLog::reopen_asked`.
     Reopen,
 }
 
@@ -59,6 +62,10 @@ pub struct AccessLog {
     tx: SyncSender<Msg>,
     /// `proxy_access_log_dropped_total`.
     dropped: Counter,
+    /// A SIGHUP asked for a reopen. A flag beside the queue, not only a
+    /// message in it: with the queue full the message was dropped, and the
+    /// writer went on writing into the file logrotate had moved away.
+    reopen_asked: Arc<AtomicBool>,
 }
 
 impl AccessLog {
@@ -76,11 +83,17 @@ impl AccessLog {
             .with_context(|| format!("opening --access-log {} failed", path.display()))??;
         let (tx, rx) = sync_channel(QUEUE);
         let path = path.to_path_buf();
+        let reopen_asked = Arc::new(AtomicBool::new(false));
+        let asked = reopen_asked.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(path, file, rx))
+            .spawn(move || writer(path, file, rx, &asked))
             .context("cannot start the access log thread")?;
-        Ok(AccessLog { tx, dropped })
+        Ok(AccessLog {
+            tx,
+            dropped,
+            reopen_asked,
+        })
     }
 
     pub fn record(&self, entry: &Entry<'_>) {
@@ -95,8 +108,9 @@ impl AccessLog {
 
     /// Reopens the file by name (after logrotate moved it), on SIGHUP.
     pub fn reopen(&self) {
-        // A full queue means the writer is busy anyway; it will be asked
-        // again on the next SIGHUP.
+        self.reopen_asked.store(true, Ordering::Release);
+        // Wakes an idle writer; a full queue means it is busy, and it looks
+        // at the flag before its next line.
         let _ = self.tx.try_send(Msg::Reopen);
     }
 }
@@ -109,28 +123,26 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open --access-log {}", path.display()))
 }
 
-fn writer(path: PathBuf, file: File, rx: Receiver<Msg>) {
+fn writer(path: PathBuf, file: File, rx: Receiver<Msg>, reopen_asked: &AtomicBool) {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
     let mut failed = false;
     while let Ok(mut msg) = rx.recv() {
         loop {
-            match msg {
-                Msg::Line(line) => {
-                    if let Err(e) = out.write_all(&line) {
-                        report(&mut failed, &path, &e);
+            if reopen_asked.swap(false, Ordering::AcqRel) {
+                let _ = out.flush();
+                match open_append(&path) {
+                    Ok(f) => {
+                        out = BufWriter::with_capacity(64 * 1024, f);
+                        failed = false;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "access log reopen failed; still writing to the old file")
                     }
                 }
-                Msg::Reopen => {
-                    let _ = out.flush();
-                    match open_append(&path) {
-                        Ok(f) => {
-                            out = BufWriter::with_capacity(64 * 1024, f);
-                            failed = false;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "access log reopen failed; still writing to the old file")
-                        }
-                    }
+            }
+            if let Msg::Line(line) = msg {
+                if let Err(e) = out.write_all(&line) {
+                    report(&mut failed, &path, &e);
                 }
             }
             // Batch whatever is queued, then flush: lines reach the file
@@ -164,6 +176,40 @@ pub fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// logrotate moved the file and the SIGHUP's wake-up message was lost
+    /// to a full queue: the writer still reopens before its next line,
+    /// which lands in the new file, not in the moved one.
+    #[test]
+    fn a_reopen_survives_a_full_queue() {
+        let dir = std::env::temp_dir().join(format!("access-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, moved) = (dir.join("access.log"), dir.join("access.log.1"));
+        let file = open_append(&path).unwrap();
+        let (tx, rx) = sync_channel(4);
+        let asked = Arc::new(AtomicBool::new(false));
+        let writer_asked = asked.clone();
+        let writer_path = path.clone();
+        let writing = std::thread::spawn(move || writer(writer_path, file, rx, &writer_asked));
+        tx.send(Msg::Line(b"before\n".to_vec())).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read(&path).unwrap_or_default() != b"before\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first line never written"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::rename(&path, &moved).unwrap();
+        // The flag, and no `Msg::Reopen`: as when the queue was full.
+        asked.store(true, Ordering::Release);
+        tx.send(Msg::Line(b"after\n".to_vec())).unwrap();
+        drop(tx);
+        writing.join().unwrap();
+        assert_eq!(std::fs::read(&moved).unwrap(), b"before\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"after\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn timestamps() {
