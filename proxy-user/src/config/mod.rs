@@ -138,10 +138,15 @@ impl Config {
     pub fn parse_with(text: &str, source: &str, ctx: &Context) -> anyhow::Result<Config> {
         let mut errors = Vec::new();
         let value = json::parse(text, &mut errors).map_err(|e| {
+            // serde_json ends its message with the position, said first here.
+            let (line, column) = (e.line(), e.column());
+            let what = e.to_string();
+            let what = what
+                .strip_suffix(&format!(" at line {line} column {column}"))
+                .unwrap_or(&what);
             anyhow::anyhow!(
-                "{source}: invalid JSON at line {} column {}: {e}",
-                e.line(),
-                e.column()
+                "{source}: invalid JSON at line {line} column {column}: {what}; \
+                 fix the syntax there (often a missing or extra comma, quote or bracket just before it)"
             )
         })?;
         let config = validate::validate(&value, &mut errors, ctx);

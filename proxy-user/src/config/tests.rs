@@ -47,7 +47,10 @@ fn rejects_each_kind_of_bad_config() {
     let cases: &[(&str, &[&str])] = &[
         (
             r#"{"Apps": [}"#,
-            &["test.json", "invalid JSON", "line 1 column"],
+            &[
+                "test.json",
+                "invalid JSON at line 1 column 11: expected value; fix the syntax",
+            ],
         ),
         (r#"[]"#, &["top level must be an object"]),
         (r#"{}"#, &["missing field `Apps`"]),
