@@ -201,34 +201,8 @@ async fn target_on_a_steered_port_is_refused_at_connect() {
         ],
     )
     .await;
-    bounded(20, "connect through a steered loop", async {
-        use tokio::io::AsyncReadExt;
-        let r = match TcpStream::connect(format!("{ip}:{base}")).await {
-            Ok(mut s) => s.read(&mut [0u8; 1]).await,
-            Err(e) => Err(e),
-        };
-        assert!(
-            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "client got {r:?}, not a reset"
-        );
-        proxy.wait_conn_lines(1, 5).await;
-        // Time for internal connections to show, were there any.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let lines = proxy.conn_lines();
-        assert_eq!(lines.len(), 1, "{lines:#?}");
-        assert_eq!(lines[0]["end"], "connect_failed");
-        let (_, text) = http_get(&admin_addr(&proxy), "/metrics").await.unwrap();
-        let looped = format!(
-            r#"proxy_target_connect_failures_total{{app="self",target="{target}",reason="loop"}}"#
-        );
-        assert!(metric(&text, &looped) >= 1.0, "{text}");
-    })
-    .await;
-    let log = proxy.log();
-    assert!(
-        log.contains("connect attempt refused: the target is this proxy"),
-        "{log}"
-    );
+    let addr = format!("{ip}:{base}").parse().unwrap();
+    assert_refused_as_a_loop(&proxy, addr, "self", &target).await;
 }
 
 /// Port ranges beyond the per-listener bound are refused in listener mode,

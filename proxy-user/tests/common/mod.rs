@@ -1162,3 +1162,45 @@ pub fn proxy_socket_mem(pid: i32) -> u64 {
     }
     total
 }
+
+/// A client of app `app` at `addr`, whose target `target` leads back into
+/// the proxy: the client gets a reset, the proxy makes no internal
+/// connection (one close line, `connect_failed`), counts the attempt with
+/// reason `loop`, and says why in its log. Returns the `/metrics` text.
+pub async fn assert_refused_as_a_loop(
+    proxy: &Proxy,
+    addr: SocketAddr,
+    app: &str,
+    target: &str,
+) -> String {
+    let text = bounded(20, "connect through a loop", async {
+        // The reset can come before connect() returns.
+        let r = match TcpStream::connect(addr).await {
+            Ok(mut s) => s.read(&mut [0u8; 1]).await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "client got {r:?}, not a reset"
+        );
+        proxy.wait_conn_lines(1, 5).await;
+        // Time for internal connections to show, were there any.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lines = proxy.conn_lines();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(lines[0]["end"], "connect_failed");
+        let (_, text) = http_get(&admin_addr(proxy), "/metrics").await.unwrap();
+        let looped = format!(
+            r#"proxy_target_connect_failures_total{{app="{app}",target="{target}",reason="loop"}}"#
+        );
+        assert!(metric(&text, &looped) >= 1.0, "{text}");
+        text
+    })
+    .await;
+    let log = proxy.log();
+    assert!(
+        log.contains("connect attempt refused: the target is this proxy"),
+        "{log}"
+    );
+    text
+}
