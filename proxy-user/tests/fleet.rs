@@ -31,6 +31,35 @@ async fn fleet_follows_etcd() {
     bounded(150, "fleet test", fleet()).await;
 }
 
+/// The whole prefix is read in one message, at start and after every
+/// reconnect. Past tonic's default of 4 MiB it could never be read, and
+/// the proxy reported etcd as unreachable. Here 6 MiB of keys the table
+/// ignores sit beside one app: the proxy must start from etcd (there is
+/// no cache) and serve the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_over_4_mib_is_read() {
+    bounded(60, "a prefix over 4 MiB", async {
+        let echo = Backend::echo("echo").await;
+        let port = free_ports(1)[0];
+        let mut f = Fleet::start(1).await;
+        let mut etcd = f.client().await;
+        for i in 0..6 {
+            etcd.put(format!("{PREFIX}blobs/{i}"), vec![b'x'; 1 << 20], None)
+                .await
+                .expect("put 1 MiB");
+        }
+        f.put_app(
+            "small",
+            json!({"Ports": [port], "Targets": [echo.target()]}),
+        )
+        .await;
+        f.start_proxy(0).await;
+        assert_eq!(f.metric(0, "proxy_config_etcd_from_cache").await, 0.0);
+        echo_check(at(0, port), 1, 10_000).await.unwrap();
+    })
+    .await;
+}
+
 async fn fleet() {
     let echo = Backend::echo("echo").await;
     let b1 = Backend::identify("b1").await;

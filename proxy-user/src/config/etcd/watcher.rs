@@ -30,6 +30,12 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A read that takes longer means etcd is not answering.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest gRPC message taken from etcd: the whole table in one read, or
+/// one revision's events in the watch. tonic's default of 4 MiB made a
+/// table past it unreadable for good (reported as "etcd unreachable");
+/// this is four times the largest config file the file source takes, for
+/// the keys and the framing around the values.
+const MAX_MESSAGE: usize = 4 * crate::config::file::MAX_BYTES as usize;
 
 async fn connect(s: &EtcdSettings) -> anyhow::Result<Client> {
     // HTTP/2 pings notice a dead etcd on an idle watch within ~9 s even
@@ -51,7 +57,8 @@ async fn read(
     client: &mut Client,
     s: &EtcdSettings,
 ) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, i64)> {
-    let get = client.get(s.prefix.as_str(), Some(GetOptions::new().with_prefix()));
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let get = kv.get(s.prefix.as_str(), Some(GetOptions::new().with_prefix()));
     let resp = tokio::time::timeout(READ_TIMEOUT, get)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {READ_TIMEOUT:?}"))?
@@ -140,8 +147,9 @@ async fn follow_once(
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
+    let mut watcher = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
     let mut stream =
-        tokio::time::timeout(READ_TIMEOUT, client.watch(s.prefix.as_str(), Some(opts)))
+        tokio::time::timeout(READ_TIMEOUT, watcher.watch(s.prefix.as_str(), Some(opts)))
             .await
             .map_err(|_| anyhow::anyhow!("watch not created within {READ_TIMEOUT:?}"))?
             .context("cannot watch")?;
