@@ -178,9 +178,6 @@ async fn mostly_idle_connection_moves_across_silent_periods() {
     assert!((400..=1500).contains(&after), "{line}");
 }
 
-/// Ping-pong over `s`: `round_trips` messages of `size` bytes, each echoed
-/// before the next is sent, checked by position against `tag`'s stream
-/// from `at` on. Returns where the stream stands.
 /// A light connection the client half-closed is ending: it stays on
 /// splice. It used to be promoted, fail its install (a side had sent its
 /// FIN) and finish on the copy plane, counted as a promotion. The target
@@ -230,6 +227,9 @@ async fn a_half_closed_connection_is_not_moved() {
     );
 }
 
+/// Ping-pong over `s`: `round_trips` messages of `size` bytes, each echoed
+/// before the next is sent, checked by position against `tag`'s stream
+/// from `at` on. Returns where the stream stands.
 async fn ping_pong(s: &mut TcpStream, tag: u64, at: u64, round_trips: u64, size: usize) -> u64 {
     let mut buf = vec![0u8; size];
     let mut echo = vec![0u8; size];

@@ -133,11 +133,14 @@ async fn lease_expiry(f: &Fleet, port: u16) {
     let ttl = format!("{}s", LEASE_TTL.as_secs());
     let mut reg_d = Registration::start(&tester, &f.etcd.url, "leased", &d.target(), &ttl);
     let _reg_e = Registration::start(&tester, &f.etcd.url, "leased", &e.target(), &ttl);
-    // e again, under a lease of its own (a backend that restarted while its
-    // old lease runs out), and a registration with no port: neither may
-    // reject the table. Each did, on every proxy, until the keys went.
-    let _reg_e_again = Registration::start(&tester, &f.etcd.url, "leased", &e.target(), &ttl);
+    // e again, under another key (a backend that restarted and registered
+    // anew while its old lease runs out), and a registration with no port:
+    // neither may reject the table. Each did, on every proxy, until the
+    // keys went. (Plain keys, deleted below: `register` would reuse e's id.)
     let mut etcd = f.client().await;
+    etcd.put("/fleet/targets/leased/e-restarted", e.target(), None)
+        .await
+        .expect("put a second registration of e");
     etcd.put("/fleet/targets/leased/no-port", "10.0.0.1", None)
         .await
         .expect("put a bad registration");
@@ -168,9 +171,11 @@ async fn lease_expiry(f: &Fleet, port: u16) {
             "proxy {i}: the bad registration is not named"
         );
     }
-    etcd.delete("/fleet/targets/leased/no-port", None)
-        .await
-        .expect("delete the bad registration");
+    for key in ["e-restarted", "no-port"] {
+        etcd.delete(format!("/fleet/targets/leased/{key}"), None)
+            .await
+            .expect("delete a registration");
+    }
     // One live connection to d through every proxy.
     let mut live = Vec::new();
     for i in 0..PROXIES {

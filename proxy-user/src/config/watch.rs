@@ -8,7 +8,8 @@
 //! is reported once the stamps held still for one more poll, so a file
 //! caught half-written is not reloaded (and rejected) before the writer is
 //! done. The reload itself skips content it has already tried, so one bad
-//! file logs one error, however often it is touched. Only `stat` happens
+//! file logs one error, however often it is touched (a valid one whose new
+//! port is taken is tried again on a back-off of its own, `server::control`). Only `stat` happens
 //! here, which never blocks; whatever the path now names (a FIFO, a
 //! device) is refused by the reload's read (`config::file`).
 

@@ -15,6 +15,8 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const MIN_HEADER: usize = 15;
 /// The longest v1 line, CRLF included (the spec's 107).
 const MAX_V1: usize = 107;
+/// The longest v2 address block (TCP over IPv6); TLVs follow it.
+const V2_ADDRESSES: usize = 36;
 
 /// The client and the address it connected to, as the sender saw them;
 /// None: the sender speaks for itself (v1 UNKNOWN, v2 LOCAL or a family
@@ -45,10 +47,20 @@ pub(super) async fn read(sock: &mut TcpStream) -> Result<(Addrs, u32), Failed> {
         // As many address and TLV bytes as the length says (64 KiB at
         // most): only trusted senders get this far, and a load balancer
         // that adds TLS details (HAProxy's `proxy-v2-options ssl,cert-cn`)
-        // can pass 1 KiB, which a cap there used to refuse.
+        // can pass 1 KiB, which a cap there used to refuse. The addresses
+        // are kept (36 bytes at most); the TLVs, skipped, pass through a
+        // buffer of at most 4 KiB (made only for them), so a header held
+        // open costs no 64 KiB.
         let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
-        let mut body = vec![0u8; len];
+        let mut body = vec![0u8; len.min(V2_ADDRESSES)];
         read_exact(sock, &mut body).await?;
+        let mut skip = len - body.len();
+        let mut scratch = vec![0u8; skip.min(4096)];
+        while skip > 0 {
+            let n = skip.min(scratch.len());
+            read_exact(sock, &mut scratch[..n]).await?;
+            skip -= n;
+        }
         let taken = (head.len() + len) as u32;
         return parse_v2(head[12], head[13], &body).map(|a| (a, taken));
     }

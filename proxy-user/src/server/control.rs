@@ -153,6 +153,12 @@ impl Control {
             // was rejected, or could not be bound), else the table in
             // force, validated again.
             Some(src) if src.newest_pending() => {
+                // SIGHUP also means "logrotate moved the file", and the
+                // newest table may turn out unchanged before any reload
+                // would reopen it.
+                if let (Trigger::Signal, Some(log)) = (trigger, &self.shared.access_log) {
+                    log.reopen();
+                }
                 (src.apply_newest(&mut self.state, &self.settings, &self.shared, trigger)).await
             }
             Some(src) => {

@@ -349,16 +349,23 @@ pub(super) fn reload_text(
         log.reopen();
     }
     let trigger_name = trigger.as_str();
-    if let (Trigger::Signal, Ok(text)) = (trigger, &text) {
+    if let (Trigger::Signal | Trigger::Retry, Ok(text)) = (trigger, &text) {
         if state.applied_text.as_deref() == Some(text.as_str()) {
-            shared.metrics.reloads_unchanged.inc();
-            tracing::info!(
-                trigger = trigger_name,
-                "config unchanged; nothing to reload (the access log, if any, was reopened)"
-            );
+            // A retry that finds the config in force (the file went back
+            // to it) has nothing left to do, and says nothing.
+            if trigger == Trigger::Signal {
+                shared.metrics.reloads_unchanged.inc();
+                tracing::info!(
+                    trigger = trigger_name,
+                    "config unchanged; nothing to reload (the access log, if any, was reopened)"
+                );
+            }
             return Outcome::Unchanged;
         }
     }
+    // A retry that cannot read the file (fds short, the file swapped out
+    // for a moment) tries again later rather than giving up.
+    let unread_retry = trigger == Trigger::Retry && text.is_err();
     let mut retry = false;
     let result = text.and_then(|text| {
         let again = matches!(trigger, Trigger::Signal | Trigger::Retry);
@@ -367,10 +374,15 @@ pub(super) fn reload_text(
         }
         state.last_text = Some(text.clone());
         let (config, listen) = settings.parse_config(&text, source)?;
-        let bound = bind_new(state, &config, settings, None).inspect_err(|_| {
+        let bound = bind_new(state, &config, settings, None).inspect_err(|e| {
             // Not "tried already": the port may be free by the next try.
-            state.last_text = None;
-            retry = true;
+            // Only for a port in use (or an address not there yet): a
+            // port this process may not bind stays refused, and would
+            // only log an error every 30 s.
+            if is_transient_bind_error(e) {
+                state.last_text = None;
+                retry = true;
+            }
         })?;
         Ok(Some((config, listen, bound)))
     });
@@ -402,12 +414,25 @@ pub(super) fn reload_text(
         Err(e) => {
             shared.metrics.reloads_failed.inc();
             let error = crate::config::etcd::table::name_keys(&format!("{e:#}"), keys);
-            if retry {
-                tracing::error!(trigger = trigger_name, error = %error, "config reload rejected: a new port could not be bound; still running the previous config, and trying again");
+            if retry || unread_retry {
+                tracing::error!(trigger = trigger_name, error = %error, "config reload rejected for now (a new port is taken, or the file could not be read); still running the previous config, and trying again");
                 return Outcome::Retry;
             }
             tracing::error!(trigger = trigger_name, error = %error, "config reload rejected; still running the previous config");
             Outcome::Rejected
         }
     }
+}
+
+/// A bind that may work later: the port is in use, or the address is not
+/// on this host yet.
+fn is_transient_bind_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|e| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+            )
+        })
 }

@@ -91,13 +91,12 @@ pub async fn connect(
                     tracing::debug!(app = %balancer.app, target = %backend.target, error = %format!("{:#}", e.err), "connect attempt failed");
                 }
                 // A timeout on a budget cut short by the overall deadline
-                // says little about the target; a full-length one does
-                // (full: the timeout, or the whole deadline if shorter, or a
-                // deadline under the timeout would never count one).
-                // (The first attempt's share of the deadline is short of it
-                // by the microseconds since the deadline was set.)
-                let full = policy.timeout.min(policy.deadline);
-                let unfair_timeout = e.timed_out() && budget + Duration::from_millis(1) < full;
+                // says little about the target; a full-length one does. The
+                // first attempt always had all the time it could have (the
+                // timeout, or the whole deadline if shorter; counting that
+                // as cut short meant a deadline under the timeout never
+                // marked a silent target down).
+                let unfair_timeout = e.timed_out() && budget < policy.timeout && tried.len() > 1;
                 if !e.is_local() && !unfair_timeout {
                     if let Some(t) = backend.health.passive_failure() {
                         health::log_transition(

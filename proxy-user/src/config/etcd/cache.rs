@@ -5,7 +5,10 @@
 //! cache never holds a config this proxy rejected; replaced by rename, so a
 //! crash mid-write leaves the previous cache whole.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -18,8 +21,17 @@ pub struct Cached {
     pub text: String,
 }
 
+/// Numbers the writes, newest highest.
+static NEXT_WRITE: AtomicU64 = AtomicU64::new(1);
+/// Per cache path, the newest write done. Held across a write: writes of
+/// one path run one at a time (they share a temp file), and one older than
+/// what is on disk is skipped. A caller may stop waiting for a stalled write
+/// (`source.rs` bounds it), which still runs on: without this, its late
+/// bytes could land in the file a newer write had renamed into place.
+static WRITTEN: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
 /// Writes `cached` to `path` atomically (temp file in the same directory,
-/// fsync, rename).
+/// fsync, rename), unless a newer write got there first.
 pub async fn write(path: &Path, cached: &Cached) -> anyhow::Result<()> {
     let config: Value = serde_json::from_str(&cached.text).context("cached config is not JSON")?;
     let body = serde_json::to_vec_pretty(&json!({
@@ -28,9 +40,24 @@ pub async fn write(path: &Path, cached: &Cached) -> anyhow::Result<()> {
         "Config": config,
     }))?;
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || write_now(&path, &body))
+    let this = NEXT_WRITE.fetch_add(1, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || write_if_newest(&path, &body, this).map(drop))
         .await
         .context("cache writer task failed")?
+}
+
+/// Write number `this` of `path`; false: skipped, a newer one was written.
+fn write_if_newest(path: &Path, body: &[u8], this: u64) -> anyhow::Result<bool> {
+    let mut written = WRITTEN.lock().unwrap_or_else(|p| p.into_inner());
+    let newest = (written.get_or_insert_with(HashMap::new))
+        .entry(path.to_path_buf())
+        .or_insert(0);
+    if *newest > this {
+        return Ok(false);
+    }
+    write_now(path, body)?;
+    *newest = this;
+    Ok(true)
 }
 
 fn write_now(path: &Path, body: &[u8]) -> anyhow::Result<()> {
@@ -91,6 +118,22 @@ mod tests {
         std::fs::write(&path, r#"{"Revision":1}"#).unwrap();
         let e = format!("{:#}", read(&path).await.unwrap_err());
         assert!(e.contains("needs Revision, Prefix and Config"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A write the caller stopped waiting for (a stalled disk) that runs
+    /// after a newer one must not put its older table back.
+    #[test]
+    fn an_older_write_never_lands_after_a_newer_one() {
+        let path =
+            std::env::temp_dir().join(format!("etcd-cache-order-{}.json", std::process::id()));
+        let (older, newer) = (
+            NEXT_WRITE.fetch_add(1, Ordering::Relaxed),
+            NEXT_WRITE.fetch_add(1, Ordering::Relaxed),
+        );
+        assert!(write_if_newest(&path, b"newer", newer).unwrap());
+        assert!(!write_if_newest(&path, b"older", older).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"newer");
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -60,11 +60,24 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
             continue;
         };
         let target = target.trim();
-        if let Err(e) = parse_target(target) {
-            skipped.push(format!(
-                "etcd key {key}: {e}; left out until it is rewritten"
-            ));
-            continue;
+        match parse_target(target) {
+            Err(e) => {
+                skipped.push(format!(
+                    "etcd key {key}: {e}; left out until it is rewritten"
+                ));
+                continue;
+            }
+            // A bind address, not one to connect to (a backend that
+            // registered what it listens on): Linux connects it to the
+            // proxy's own loopback, and on one of the proxy's ports
+            // validation refuses it as a loop, which rejected the table.
+            Ok(t) if t.fixed_ips().iter().any(|ip| ip.is_unspecified()) => {
+                skipped.push(format!(
+                    "etcd key {key}: {target:?} is a bind address; register the address the proxies reach the backend at"
+                ));
+                continue;
+            }
+            Ok(_) => {}
         }
         leased.entry(app).or_default().push(target);
     }
@@ -241,6 +254,8 @@ mod tests {
                 ("/p/targets/a", "h:9"),
                 ("/p/targets/a/dup-of-static", "h:1"),
                 ("/p/targets/a/no-port", "10.0.0.1"),
+                ("/p/targets/a/bind-address", "0.0.0.0:80"),
+                ("/p/targets/a/bind-address-v6", "[::]:80"),
                 ("/p/targets/b/old-lease", "h:2"),
                 ("/p/targets/b/new-lease", " h:2 "),
                 ("/p/targets/b/other", "h:3"),
@@ -251,10 +266,18 @@ mod tests {
             t.text,
             r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"]},{"Name":"b","Ports":[2],"Targets":["h:2","h:3"]}]}"#
         );
-        assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+        assert_eq!(t.skipped.len(), 4, "{:?}", t.skipped);
         assert!(t.skipped[0].contains("/p/targets/a:") && t.skipped[0].contains("<app>/<id>"));
+        let said =
+            |key: &str, why: &str| t.skipped.iter().any(|s| s.contains(key) && s.contains(why));
+        assert!(said("/p/targets/a/no-port", "no port"), "{:?}", t.skipped);
         assert!(
-            t.skipped[1].contains("/p/targets/a/no-port") && t.skipped[1].contains("no port"),
+            said("/p/targets/a/bind-address:", "bind address"),
+            "{:?}",
+            t.skipped
+        );
+        assert!(
+            said("/p/targets/a/bind-address-v6", "bind address"),
             "{:?}",
             t.skipped
         );
