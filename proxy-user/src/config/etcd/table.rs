@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::config::target::parse_target;
 use crate::config::validate::type_name;
+use crate::config::Target;
 
 /// The config of one revision, ready for the same validation a file gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub struct Table {
 pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, String> {
     let apps_at = format!("{prefix}apps/");
     let targets_at = format!("{prefix}targets/");
-    let mut leased: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut leased: BTreeMap<&str, Vec<(&str, Target)>> = BTreeMap::new();
     let mut skipped = Vec::new();
     for (key, value) in kvs.range(targets_at.clone()..) {
         let Some(rest) = key.strip_prefix(&targets_at) else {
@@ -60,7 +61,7 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
             continue;
         };
         let target = target.trim();
-        match parse_target(target) {
+        let parsed = match parse_target(target) {
             Err(e) => {
                 skipped.push(format!(
                     "etcd key {key}: {e}; left out until it is rewritten"
@@ -77,9 +78,9 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
                 ));
                 continue;
             }
-            Ok(_) => {}
-        }
-        leased.entry(app).or_default().push(target);
+            Ok(t) => t,
+        };
+        leased.entry(app).or_default().push((target, parsed));
     }
     let mut apps = Vec::new();
     let mut keys = Vec::new();
@@ -128,19 +129,16 @@ pub fn assemble(prefix: &str, kvs: &BTreeMap<String, Vec<u8>>) -> Result<Table, 
     })
 }
 
-/// Adds an app's leased targets (each already parsed once) to its list,
-/// each at most once. A target listed and leased, or leased twice, is
+/// Adds an app's leased targets (as written, and as parsed when they were
+/// read) to its list, each at most once. A target listed and leased, or leased twice, is
 /// normal: a backend that restarts registers under a new lease while its
 /// old one still runs out. Validation refuses a target listed twice, so a
 /// repeat here would reject the whole table.
-fn merge_leased(list: &mut Vec<Value>, leased: Vec<&str>) {
+fn merge_leased(list: &mut Vec<Value>, leased: Vec<(&str, Target)>) {
     let mut have: Vec<_> = (list.iter())
         .filter_map(|v| parse_target(v.as_str()?).ok())
         .collect();
-    for target in leased {
-        let Ok(parsed) = parse_target(target) else {
-            continue;
-        };
+    for (target, parsed) in leased {
         if !have.contains(&parsed) {
             have.push(parsed);
             list.push(Value::String(target.to_string()));
