@@ -12,6 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use super::loop_guard::LoopGuard;
+use super::resolve::resolve;
 use crate::config::Target;
 
 /// Why a connect attempt failed: the `reason` label of
@@ -98,7 +99,8 @@ impl DialError {
     }
 }
 
-/// One attempt: resolve (targets can move, so every time), then try each
+/// One attempt: resolve (targets can move, so every time; `resolve` keeps
+/// it to one lookup per name at a time), then try each
 /// address that is not the proxy itself in turn within `budget`.
 pub async fn dial(
     target: &Target,
@@ -106,7 +108,7 @@ pub async fn dial(
     guard: &LoopGuard,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
     let end = Instant::now() + budget;
-    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+    let lookup = resolve(&target.host, target.port);
     let addrs = match tokio::time::timeout_at(end, lookup).await {
         Err(_) => {
             return Err(DialError::new(
@@ -120,7 +122,7 @@ pub async fn dial(
                 FailureReason::Resolve,
             ))
         }
-        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+        Ok(Ok(addrs)) => addrs,
     };
     connect_any(target, addrs, end, guard).await
 }
