@@ -94,3 +94,57 @@ async fn metrics_count_connections_bytes_and_health(mode: &str) {
     })
     .await;
 }
+
+/// An app a reload removes takes its series out of `/metrics`, and an
+/// app of that name added later starts from 0. An app the reload keeps
+/// keeps its counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_app_leaves_metrics() {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::start(
+        "copy",
+        &[
+            AppSpec::new("kept", 1, vec![echo.target()]),
+            AppSpec::new("gone", 1, vec![echo.target()]),
+        ],
+        &["--admin-address", "127.0.0.1:0"],
+    )
+    .await;
+    let closed = |app: &str| format!(r#"proxy_connections_total{{app="{app}",end="closed"}}"#);
+    bounded(30, "app removal", async {
+        echo_check(proxy.addr(0, 0), 1, 1000).await.unwrap();
+        echo_check(proxy.addr(1, 0), 2, 1000).await.unwrap();
+        proxy.wait_conn_lines(2, 5).await;
+        let text = scrape(&proxy).await;
+        assert_eq!(value(&text, &closed("gone")), 1, "{text}");
+
+        let kept = serde_json::json!({"Name": "kept", "Ports": [proxy.ports[0][0]], "Targets": [echo.target()]});
+        let only_kept = serde_json::json!({ "Apps": [kept] });
+        std::fs::write(&proxy.config_path, only_kept.to_string()).unwrap();
+        proxy.signal(libc::SIGHUP);
+        wait_for_log(&proxy, "config reloaded", 1).await;
+        let text = scrape(&proxy).await;
+        assert!(!text.contains(r#"app="gone""#), "{text}");
+        assert_eq!(value(&text, &closed("kept")), 1, "{text}");
+
+        let port = free_ports(1)[0];
+        let back = serde_json::json!({"Apps": [kept, {"Name": "gone", "Ports": [port], "Targets": [echo.target()]}]});
+        std::fs::write(&proxy.config_path, back.to_string()).unwrap();
+        proxy.signal(libc::SIGHUP);
+        wait_for_log(&proxy, "config reloaded", 2).await;
+        let text = scrape(&proxy).await;
+        assert!(text.contains(&format!("{} 0\n", closed("gone"))), "{text}");
+        assert_eq!(value(&text, &closed("kept")), 1, "{text}");
+    })
+    .await;
+}
+
+async fn wait_for_log(proxy: &Proxy, needle: &str, count: usize) {
+    for _ in 0..500 {
+        if proxy.log().matches(needle).count() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no {needle:?} in log:\n{}", proxy.log());
+}

@@ -408,6 +408,54 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Drops every series of an app that left the config, as the target
+    /// side does for a target (`TargetMetrics::remove`): with a fleet's
+    /// apps coming and going, each name ever seen would otherwise stay in
+    /// `/metrics` (about 50 series each) until a restart. Connections of
+    /// the app still open keep their handles and are no longer rendered;
+    /// an app of that name added later starts its series at 0, which
+    /// Prometheus reads as the counter reset it is.
+    pub fn remove_app(&self, name: &str) {
+        let app: Arc<str> = name.into();
+        let of = AppLabels { app: app.clone() };
+        let app = || app.clone();
+        for family in [
+            &self.accepted,
+            &self.connect_attempts,
+            &self.promotions,
+            &self.ledger_failures,
+            &self.overlaps_cut,
+        ] {
+            family.remove(&of);
+        }
+        self.active.remove(&of);
+        self.duration.remove(&of);
+        for limit in Limit::ALL {
+            self.refused.remove(&RefusedLabels { app: app(), limit });
+        }
+        for end in EndReason::ALL {
+            self.ends.remove(&EndLabels { app: app(), end });
+        }
+        for plane in Plane::ALL {
+            self.planes.remove(&PlaneLabels { app: app(), plane });
+        }
+        for direction in Direction::ALL {
+            self.bytes.remove(&DirectionLabels {
+                app: app(),
+                direction,
+            });
+        }
+        for reason in Demotion::ALL {
+            self.demotions.remove(&DemotionLabels { app: app(), reason });
+        }
+        for reason in HeaderFailure::ALL {
+            self.header_failures
+                .remove(&HeaderLabels { app: app(), reason });
+        }
+    }
+}
+
 /// The registry as Prometheus text 0.0.4 (`prometheus_text::CONTENT_TYPE`):
 /// what every Prometheus version and promtool read, unlike OpenMetrics.
 pub fn render(registry: &Registry) -> String {
@@ -477,5 +525,26 @@ mod tests {
         assert!(text.contains("\nprocess_cpu_seconds_total "));
         assert!(text.contains("\nprocess_start_time_seconds "));
         assert!(!text.contains("# EOF"));
+    }
+
+    /// Every series `app` creates, `remove_app` removes; another app's stay.
+    #[test]
+    fn a_removed_app_leaves_no_series() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let _kept = m.app("kept");
+        let gone = m.app("gone");
+        gone.accepted();
+        m.remove_app("gone");
+        let text = render(&registry);
+        assert!(!text.contains(r#"app="gone""#), "{text}");
+        assert!(
+            text.contains("proxy_connections_accepted_total{app=\"kept\"} 0\n"),
+            "{text}"
+        );
+        // Its open connections' handles still work, unrendered.
+        gone.accepted();
+        drop(gone.open());
+        assert!(!render(&registry).contains(r#"app="gone""#));
     }
 }

@@ -208,6 +208,7 @@ pub(super) fn apply(
     for (name, gone) in state.apps.drain() {
         let _ = gone.probes.send(true);
         gone.runtime.balancer.retire(None, &state.target_metrics);
+        shared.metrics.remove_app(&name);
         tracing::info!(app = %name, "app removed");
     }
     state.apps = apps;
