@@ -316,3 +316,60 @@ async fn tells_systemd_each_state() {
     assert!(b.wait_exit(10).await.is_some());
     let _ = std::fs::remove_file(&path);
 }
+
+/// `len` bytes of `tag`'s sequence from offset `at` through an echo
+/// target and back, checked.
+async fn exchange(s: &mut tokio::net::TcpStream, tag: u64, at: u64, len: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sent = vec![0u8; len];
+    common::seq::fill_at(tag, at, &mut sent);
+    let (mut rd, mut wr) = s.split();
+    let mut back = vec![0u8; len];
+    let (w, r) = tokio::join!(wr.write_all(&sent), rd.read_exact(&mut back));
+    w.unwrap();
+    r.unwrap();
+    assert!(back == sent, "the echo at {at} came back changed");
+}
+
+/// A fastpath pair moved by an upgrade is counted in `proxy_bytes_total`
+/// once. The old process counted its bytes while it carried it (live, each
+/// flush interval); the new one counts only the bytes after the move. It
+/// counted the kernel's bytes since the install again before: the record
+/// said how much userspace had moved, and the pair's ledger carried the
+/// rest uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_pair_is_metered_once() {
+    bounded(60, "metered once", async {
+        let flags = ["--admin-address", "127.0.0.1:0", "--bytes-flush-interval", "50ms"];
+        let s = Setup::with("fastpath", &flags).await;
+        let mut a = s.first().await;
+        let admin = admin_addr(&a.proxy);
+        let series = r#"proxy_bytes_total{app="app",direction="client_to_target"}"#;
+        let bytes_in = || async {
+            let (code, text) = http_get(&admin, "/metrics").await.unwrap();
+            assert_eq!(code, 200, "{text}");
+            metric(&text, series) as u64
+        };
+        let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        exchange(&mut conn, 7, 0, 200_000).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bytes_in().await < 200_000 {
+            assert!(Instant::now() < deadline, "the old process never counted the bytes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let b = s
+            .launch(Path::new(PROXY), &s.config, true)
+            .await
+            .unwrap_or_else(|log| panic!("the successor failed:\n{log}"));
+        assert!(a.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+        // The admin listener moved too: from here on it is the new process's.
+        assert_eq!(bytes_in().await, 0, "the new process counted the moved bytes");
+        exchange(&mut conn, 7, 200_000, 50_000).await;
+        drop(conn);
+        let lines = b.proxy.wait_conn_lines(1, 10).await;
+        assert_eq!(lines[0]["plane"], "fastpath", "{lines:?}");
+        assert_eq!(lines[0]["bytes_in"], 250_000, "{lines:?}");
+        assert_eq!(bytes_in().await, 50_000);
+    })
+    .await;
+}

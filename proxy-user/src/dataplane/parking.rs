@@ -35,6 +35,11 @@ pub struct Parked {
     /// A fastpath pair: where it stands, and its map set kept alive (its
     /// counts are all in the ledger, none in the two above).
     pub fastpath: Option<(FastLedger, PairHold)>,
+    /// A fastpath pair's bytes each way so far, which its ledger carries
+    /// on: for the byte meter (`proxy_bytes_total`) only. The owner's
+    /// live count of them must go with it, or the next process counts
+    /// them again. 0 on the userspace planes.
+    pub in_ledger: [u64; 2],
 }
 
 impl Parking {

@@ -85,6 +85,7 @@ pub(super) fn park(
         client_to_target: transfer.client_to_target,
         target_to_client: transfer.target_to_client,
         fastpath: None,
+        in_ledger: [0, 0],
     });
     transfer
 }

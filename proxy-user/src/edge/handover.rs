@@ -48,6 +48,12 @@ pub struct MovedMeta {
     /// A fastpath pair: where it stands in its map set (which moved first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fastpath: Option<FastLedger>,
+    /// Bytes each way that the processes before added to
+    /// `proxy_bytes_total`: more than the counts above for a fastpath
+    /// pair, whose ledger carries its own. An older giver does not say:
+    /// the counts above, as it assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metered: Option<[u64; 2]>,
 }
 
 /// A parked connection on its way out.

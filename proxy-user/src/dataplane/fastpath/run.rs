@@ -10,7 +10,7 @@ use std::task::Poll;
 use tokio::{net::TcpStream, time::Instant};
 
 use super::direction::{Direction, IdleWatch};
-use super::install::Pair;
+use super::install::{Pair, Side};
 use super::mapset::{MapSet, PairHold};
 use super::moving::{DirLedger, Ledger, SideLedger};
 use super::{lock, FastpathPlane};
@@ -247,6 +247,16 @@ impl FastpathPlane {
                     upstream: SideLedger::of(&pair.upstream),
                     dirs,
                 };
+                // As `Ran::Ended` counts them: the kernel's redirects, the
+                // directions' userspace bytes and the pre-install copy.
+                let moved = |from: &Side, dir: &DirLedger| {
+                    let state = set.state(from.cookie).unwrap_or_default();
+                    state.redirected + dir.user + dir.early
+                };
+                let in_ledger = [
+                    moved(&pair.client, &ledger.dirs[0]),
+                    moved(&pair.upstream, &ledger.dirs[1]),
+                ];
                 parking.park(Parked {
                     client,
                     upstream,
@@ -254,6 +264,7 @@ impl FastpathPlane {
                     client_to_target: 0,
                     target_to_client: 0,
                     fastpath: Some((ledger, hold)),
+                    in_ledger,
                 });
                 Transfer::none(EndReason::Closed).on(Plane::Fastpath)
             }

@@ -61,6 +61,7 @@ impl Conn {
             target_to_client: meta.target_to_client,
             userspace_bytes: meta.userspace_bytes,
         };
+        let metered = meta.metered;
         let resume = meta.fastpath.zip(hold).map(Box::new);
         let local = client.local_addr().ok();
         // Counted against its target (least-connections, the active gauge)
@@ -72,7 +73,8 @@ impl Conn {
             let _target = target;
             // Each process counts in `proxy_bytes_total` the bytes it
             // carried: those before the move were counted where they went.
-            let mut tally = ByteTally::counted(prior.client_to_target, prior.target_to_client);
+            let [c2t, t2c] = metered.unwrap_or([prior.client_to_target, prior.target_to_client]);
+            let mut tally = ByteTally::counted(c2t, t2c);
             let carried = self.carry(&shared, client, to_target, &info, &upstream, prior, resume);
             match carried.await {
                 Ok(t) => self.close(&shared, local, upstream, &t, tally),
@@ -134,9 +136,15 @@ impl Conn {
                 prior.client_to_target += p.client_to_target;
                 prior.target_to_client += p.target_to_client;
                 prior.userspace_bytes += p.client_to_target + p.target_to_client;
+                // Everything moved so far, a fastpath pair's ledger included:
+                // what the byte meter counted here, and what the log says.
+                let so_far = [
+                    prior.client_to_target + p.in_ledger[0],
+                    prior.target_to_client + p.in_ledger[1],
+                ];
                 let (ledger, hold) = p.fastpath.unzip();
                 let moving = Moving {
-                    meta: self.moved_meta(record, &p.upstream, prior, ledger),
+                    meta: self.moved_meta(record, &p.upstream, prior, ledger, so_far),
                     app: self.app.clone(),
                     client: p.client,
                     upstream: p.upstream,
@@ -148,12 +156,12 @@ impl Conn {
                             conn = self.id,
                             app = %self.app.balancer.app,
                             client = %self.client,
-                            bytes_in = prior.client_to_target,
-                            bytes_out = prior.target_to_client,
+                            bytes_in = so_far[0],
+                            bytes_out = so_far[1],
                             pid = crate::ops::pid(),
                             "connection handed over to the new process"
                         );
-                        return Err([prior.client_to_target, prior.target_to_client]);
+                        return Err(so_far);
                     }
                     // Nobody takes it (any more): carry on here.
                     Err(back) => {
@@ -176,6 +184,7 @@ impl Conn {
         upstream: &TcpStream,
         prior: Prior,
         fastpath: Option<FastLedger>,
+        metered: [u64; 2],
     ) -> MovedMeta {
         MovedMeta {
             id: self.id,
@@ -198,6 +207,7 @@ impl Conn {
                 .collect(),
             client_header: self.client_header,
             fastpath,
+            metered: Some(metered),
         }
     }
 }
