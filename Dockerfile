@@ -6,6 +6,10 @@
 # start, saying so. They also need CAP_BPF and CAP_NET_ADMIN, which a
 # container rarely has.
 FROM rust:1-bookworm AS build
+# etcd-client compiles etcd's .proto files at build time (prost-build), and
+# they import protobuf's own, which Debian ships in libprotobuf-dev.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p proxy-user

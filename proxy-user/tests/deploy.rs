@@ -145,3 +145,43 @@ fn check_reports_every_problem_and_binds_nothing() {
         assert!(err.contains(want), "{want} in {err}");
     }
 }
+
+/// Every unit's `ExecStartPre` runs as systemd would run it (the binary
+/// and the config swapped for the test's, the package's `$PROXY_OPTS`
+/// from `deploy/default`) and passes: a unit whose check cannot even
+/// parse its flags never starts. (`--check --config FILE` did that: its
+/// FILE is a value of `--check`.) The units' flags are kept too, as the
+/// check must validate with the flags the proxy runs with.
+#[test]
+fn the_units_exec_start_pre_passes() {
+    let config = deploy("config.json");
+    let default = std::fs::read_to_string(deploy("default")).unwrap();
+    let opts = default
+        .lines()
+        .find_map(|l| l.strip_prefix("PROXY_OPTS="))
+        .expect("PROXY_OPTS in deploy/default")
+        .trim_matches('"')
+        .to_string();
+    for unit in ["systemd/proxy.service", "l4-proxy.service"] {
+        let text = std::fs::read_to_string(deploy(unit)).unwrap();
+        // Continuation lines joined, as systemd reads them.
+        let joined = text.replace("\\\n", " ");
+        let pre = joined
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStartPre="))
+            .unwrap_or_else(|| panic!("{unit} has no ExecStartPre"));
+        let line = pre
+            .replace("${CONFIG}", &config.display().to_string())
+            .replace("/etc/proxy/config.json", &config.display().to_string())
+            .replace("$PROXY_OPTS", &opts);
+        let mut words = line.split_whitespace();
+        let bin = words.next().unwrap();
+        assert!(bin.ends_with("/proxy"), "{unit}: {bin}");
+        let out = Command::new(PROXY).args(words).output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("config ok"),
+            "{unit}: `{line}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
