@@ -373,3 +373,77 @@ async fn a_moved_pair_is_metered_once() {
     })
     .await;
 }
+
+/// A connection the successor does not take (its app is not in the new
+/// config) stays whole in the old process, offered once. Each process
+/// numbers its connections from 1 and a moved one keeps its number, so
+/// here the stream moved in from the first process and the second's own
+/// stream on the app being dropped are both number 1. The old process used
+/// to go by the ids the successor named and closed both copies of the
+/// second stream: its client saw an early clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_the_successor_leaves_stays_whole() {
+    bounded(60, "a connection left behind", async {
+        let s = Setup::new("copy").await;
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+        let app = config["Apps"][0].clone();
+        let other_port = free_ports(1)[0];
+        let mut other = app.clone();
+        other["Name"] = "other".into();
+        other["Ports"] = serde_json::json!([other_port]);
+        let both = write_temp(
+            "both.json",
+            &serde_json::json!({ "Apps": [app.clone(), other] }).to_string(),
+        );
+        let only_app = write_temp(
+            "only-app.json",
+            &serde_json::json!({ "Apps": [app] }).to_string(),
+        );
+        let launch = |config: std::path::PathBuf, takeover: bool| {
+            let s = &s;
+            async move {
+                s.launch(Path::new(PROXY), &config, takeover)
+                    .await
+                    .unwrap_or_else(|log| panic!("a generation failed:\n{log}"))
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut first = launch(both.clone(), false).await;
+        let moved = slow(s.addr, 1, &stop);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut second = launch(both, true).await;
+        assert!(first.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+        let other_addr = SocketAddr::from(([127, 0, 0, 1], other_port));
+        let left = slow(other_addr, 2, &stop);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = launch(only_app, true).await;
+        // Both run on, one in each process.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        moved.await.unwrap().expect("the stream the third process took");
+        left.await.unwrap().expect("the stream the second process kept");
+        assert!(second.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+        let mine = second.proxy.pid() as u64;
+        let lines = second.proxy.conn_lines();
+        let kept: Vec<_> = lines.iter().filter(|l| l["app"] == "other").collect();
+        assert_eq!(kept.len(), 1, "{lines:?}");
+        assert_eq!(kept[0]["end"], "closed", "{kept:?}");
+        assert_eq!(kept[0]["pid"].as_u64(), Some(mine));
+        assert!(
+            kept[0].get("carried_by").is_none_or(|c| c.is_null() || c == ""),
+            "carried by no other process: {kept:?}"
+        );
+        let handed = second
+            .proxy
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "connection handed over to the new process")
+            .filter(|l| l["app"] == "other")
+            .count();
+        assert_eq!(handed, 0, "the kept stream was said to be handed over");
+        let took = third.proxy.wait_conn_lines(1, 10).await;
+        assert!(took.iter().any(|l| l["app"] == "app" && l["end"] == "closed"), "{took:?}");
+    })
+    .await;
+}

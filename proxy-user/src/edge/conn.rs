@@ -59,6 +59,17 @@ pub fn resume(shared: &Arc<Shared>, moving: Moving) {
     tokio::spawn(conn.carry_resumed(moving, shared));
 }
 
+/// Like `resume`, for a connection the successor answered for and did not
+/// take (its app is not in the new config, its map set was not adopted):
+/// it stays in this process to its end. Offered again, it would only park
+/// and come back until the handoff is over.
+pub fn resume_here(shared: &Arc<Shared>, moving: Moving) {
+    let mut conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
+    conn.parks = false;
+    let shared = shared.clone();
+    tokio::spawn(conn.carry_resumed(moving, shared));
+}
+
 /// What a connection holds until it is closed.
 /// (A connection moved here from another process holds permits only if
 /// there was room: it is established and must not be refused.)
@@ -80,6 +91,8 @@ struct Conn {
     /// fastpath's FIN ledger must count them too. (Beside `port`, in room
     /// the struct had anyway.)
     client_header: u32,
+    /// False once a successor refused it: it is not offered again.
+    parks: bool,
     app: Arc<AppRuntime>,
     started: Instant,
     /// Processes that carried it before this one (an upgrade moved it).
@@ -117,6 +130,7 @@ impl Conn {
             client,
             port,
             client_header: 0,
+            parks: true,
             _held: Held {
                 _app_permit: Some(app_permit),
                 _global_permit: Some(global_permit),
@@ -133,11 +147,18 @@ impl Conn {
     /// A connection another process carried until now (`resume`).
     fn resumed(meta: &MovedMeta, app: Arc<AppRuntime>, shared: &Shared) -> Conn {
         let now = Instant::now();
+        // Given back to this process (the successor did not take it): it
+        // was not carried anywhere else.
+        let mut carried_by = meta.carried_by.clone();
+        if carried_by.last() == Some(&crate::ops::pid()) {
+            carried_by.pop();
+        }
         Conn {
             id: meta.id,
             client: meta.client,
             port: meta.port,
             client_header: meta.client_header,
+            parks: true,
             _held: Held {
                 _app_permit: app.permits.clone().try_acquire_owned().ok(),
                 _global_permit: shared.global.clone().try_acquire_owned().ok(),
@@ -149,7 +170,7 @@ impl Conn {
             started: now
                 .checked_sub(Duration::from_millis(meta.age_ms))
                 .unwrap_or(now),
-            carried_by: meta.carried_by.clone(),
+            carried_by,
         }
     }
 

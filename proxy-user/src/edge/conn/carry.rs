@@ -124,7 +124,11 @@ impl Conn {
         async move {
             loop {
                 let parking = Parking::new();
-                let t = parking.scope(carry).await;
+                let t = if self.parks {
+                    parking.scope(carry).await
+                } else {
+                    carry.await
+                };
                 let Some(p) = parking.take() else {
                     return Ok(Transfer {
                         client_to_target: prior.client_to_target + t.client_to_target,
@@ -151,18 +155,8 @@ impl Conn {
                     hold,
                 };
                 match shared.handover.offer(Box::new(moving)) {
-                    Ok(()) => {
-                        tracing::info!(
-                            conn = self.id,
-                            app = %self.app.balancer.app,
-                            client = %self.client,
-                            bytes_in = so_far[0],
-                            bytes_out = so_far[1],
-                            pid = crate::ops::pid(),
-                            "connection handed over to the new process"
-                        );
-                        return Err(so_far);
-                    }
+                    // The handoff logs it once the successor took it.
+                    Ok(()) => return Err(so_far),
                     // Nobody takes it (any more): carry on here.
                     Err(back) => {
                         let back = *back;

@@ -269,7 +269,7 @@ async fn send_conns(
         l.set_timeout(Some(STEP_WAIT))?;
         l.send(&Msg::Conns { conns: metas }, &fds)?;
         let answer = match l.expect("taking connections") {
-            Ok((Msg::Took { ids }, _)) => Ok(ids),
+            Ok((Msg::Took { ids, at }, _)) => Ok((ids, at)),
             Ok((other, _)) => Err(anyhow::anyhow!("expected took, got {other:?}")),
             Err(e) => Err(e),
         };
@@ -288,24 +288,64 @@ async fn send_conns(
         answer
     })
     .await;
-    let (ids, ok) = match took {
-        Ok(ids) => (ids, true),
+    let mut taken = vec![false; batch.len()];
+    let ok = match took {
+        Ok((_, Some(at))) => {
+            for i in at {
+                if let Some(t) = taken.get_mut(i as usize) {
+                    *t = true;
+                }
+            }
+            true
+        }
+        // An older successor: by id.
+        Ok((ids, None)) => {
+            for (t, m) in taken.iter_mut().zip(&batch) {
+                *t = ids.contains(&m.meta.id);
+            }
+            true
+        }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "handoff: successor did not take connections; they carry on here");
-            (Vec::new(), false)
+            false
         }
     };
-    let (taken, kept): (Vec<Moving>, Vec<Moving>) =
-        batch.into_iter().partition(|m| ids.contains(&m.meta.id));
+    let (taken, kept): (Vec<_>, Vec<_>) = batch.into_iter().zip(taken).partition(|(_, t)| *t);
     let n = taken.len() as u64;
+    for (m, _) in &taken {
+        let [bytes_in, bytes_out] = (m.meta.metered)
+            .unwrap_or([m.meta.client_to_target, m.meta.target_to_client]);
+        tracing::info!(
+            conn = m.meta.id,
+            app = %m.meta.app,
+            client = %m.meta.client,
+            bytes_in,
+            bytes_out,
+            pid = crate::ops::pid(),
+            "connection handed over to the new process"
+        );
+    }
     // Closing our copies: the successor's keep the sockets open.
     drop(taken);
-    carry_on(kept, shared);
+    let kept = kept.into_iter().map(|(m, _)| m).collect();
+    if ok {
+        // The successor answered and left these: offered again, they
+        // would only park and come back until the handoff ends.
+        stay_here(kept, shared);
+    } else {
+        carry_on(kept, shared);
+    }
     (n, ok)
 }
 
 fn carry_on(kept: Vec<Moving>, shared: &Arc<Shared>) {
     for m in kept {
         conn::resume(shared, m);
+    }
+}
+
+fn stay_here(kept: Vec<Moving>, shared: &Arc<Shared>) {
+    for m in kept {
+        conn::resume_here(shared, m);
     }
 }

@@ -100,6 +100,12 @@ enum Msg {
     /// the others).
     Took {
         ids: Vec<u64>,
+        /// Their places in the batch, which the giver goes by. Ids alone
+        /// can name two connections: each process numbers its own from 1,
+        /// and a moved one keeps its number. (An older taker sends ids
+        /// only.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<Vec<u32>>,
     },
     /// The giver heard `Took` and let those connections go: the taker
     /// resumes them. Without it, a `Took` the giver gave up waiting for

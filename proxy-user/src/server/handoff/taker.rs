@@ -231,26 +231,31 @@ impl Taken {
             };
             let mut resumed = Vec::new();
             let mut took = Vec::new();
+            let mut at = Vec::new();
             let mut fds = fds.into_iter();
-            for meta in conns {
+            for (i, meta) in conns.into_iter().enumerate() {
                 let (Some(c), Some(u)) = (fds.next(), fds.next()) else {
                     break;
                 };
                 let Some(app) = apps.get(&meta.app) else {
-                    // Not ours to serve: the giver carries it on.
+                    tracing::info!(conn = meta.id, app = %meta.app, "handoff: a connection of an app not in this config; the old process keeps it");
                     continue;
                 };
                 // A fastpath pair needs its map set here.
                 let hold = match &meta.fastpath {
                     Some(ledger) => match shared.plane.hold(ledger) {
                         Some(hold) => Some(hold),
-                        None => continue,
+                        None => {
+                            tracing::warn!(conn = meta.id, set = ledger.set, "handoff: a fastpath pair whose map set was not adopted here; the old process keeps it");
+                            continue;
+                        }
                     },
                     None => None,
                 };
                 match (stream(c), stream(u)) {
                     (Ok(client), Ok(upstream)) => {
                         took.push(meta.id);
+                        at.push(i as u32);
                         resumed.push(Moving {
                             meta,
                             app: app.clone(),
@@ -273,7 +278,7 @@ impl Taken {
             let n = took.len();
             let confirms = self.confirms;
             let acked = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Msg>> {
-                l.send(&Msg::Took { ids: took }, &[])?;
+                l.send(&Msg::Took { ids: took, at: Some(at) }, &[])?;
                 if !confirms {
                     return Ok(None);
                 }
