@@ -333,7 +333,8 @@ async fn exchange(s: &mut tokio::net::TcpStream, tag: u64, at: u64, len: usize) 
 
 /// A fastpath pair moved by an upgrade is counted in `proxy_bytes_total`
 /// once. The old process counted its bytes while it carried it (live, each
-/// flush interval); the new one counts only the bytes after the move. It
+/// flush interval); the new one counts only the bytes after the move, live
+/// too (a moved connection showed nothing until its close before). It
 /// counted the kernel's bytes since the install again before: the record
 /// said how much userspace had moved, and the pair's ledger carried the
 /// rest uncounted.
@@ -365,6 +366,12 @@ async fn a_moved_pair_is_metered_once() {
         // The admin listener moved too: from here on it is the new process's.
         assert_eq!(bytes_in().await, 0, "the new process counted the moved bytes");
         exchange(&mut conn, 7, 200_000, 50_000).await;
+        // Counted while it lives here too, as before the move.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bytes_in().await < 50_000 {
+            assert!(Instant::now() < deadline, "the new process never counted the live bytes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         drop(conn);
         let lines = b.proxy.wait_conn_lines(1, 10).await;
         assert_eq!(lines[0]["plane"], "fastpath", "{lines:?}");

@@ -93,6 +93,11 @@ struct Conn {
     client_header: u32,
     /// False once a successor refused it: it is not offered again.
     parks: bool,
+    /// Bytes of our PROXY header to the target: its socket's count of
+    /// acknowledged bytes includes them (`live`), here and after a move.
+    /// (We send no TLVs: at most 107 bytes, v1's longest. A byte, where
+    /// the struct had room.)
+    target_header: u8,
     app: Arc<AppRuntime>,
     started: Instant,
     /// Processes that carried it before this one (an upgrade moved it).
@@ -131,6 +136,7 @@ impl Conn {
             port,
             client_header: 0,
             parks: true,
+            target_header: 0,
             _held: Held {
                 _app_permit: Some(app_permit),
                 _global_permit: Some(global_permit),
@@ -159,6 +165,7 @@ impl Conn {
             port: meta.port,
             client_header: meta.client_header,
             parks: true,
+            target_header: u8::try_from(meta.target_header).unwrap_or(u8::MAX),
             _held: Held {
                 _app_permit: app.permits.clone().try_acquire_owned().ok(),
                 _global_permit: shared.global.clone().try_acquire_owned().ok(),
@@ -312,7 +319,10 @@ impl Conn {
         if let Some(version) = self.app.proxy_protocol {
             let to = local.map_or_else(|| client.local_addr(), Ok);
             match send_proxy_header(to, &mut c.stream, self.client, version).await {
-                Ok(n) => header = n,
+                Ok(n) => {
+                    header = n;
+                    self.target_header = u8::try_from(n).unwrap_or(u8::MAX);
+                }
                 Err(e) => {
                     tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
                     // Both: the target may hold part of a header, the client nothing.

@@ -54,6 +54,13 @@ pub struct MovedMeta {
     /// the counts above, as it assumed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metered: Option<[u64; 2]>,
+    /// Bytes of the PROXY header the first process sent the target: the
+    /// live byte count (`edge::live`) leaves them out.
+    #[serde(default)]
+    pub target_header: u16,
+    /// Accept to an established target connection, in the first process.
+    #[serde(default)]
+    pub connect_us: u64,
 }
 
 /// A parked connection on its way out.

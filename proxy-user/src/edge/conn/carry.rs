@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use super::{Conn, Upstream};
 use crate::dataplane::{ConnInfo, DataPlane, FastLedger, PairHold, Parking, Transfer};
 use crate::edge::handover::{MovedMeta, Moving};
+use crate::edge::live::{self, Sampler};
 use crate::edge::Shared;
 use crate::ops::metrics::ByteTally;
 
@@ -54,8 +55,12 @@ impl Conn {
         let upstream = Upstream {
             target: Some(meta.target.as_str().into()),
             attempts: meta.attempts,
-            connect: Duration::ZERO,
+            connect: Duration::from_micros(meta.connect_us),
         };
+        // Its bytes show while it lives here too, as they did before the
+        // move (the sockets' counters run from their start, in any process).
+        let sampler = (shared.flush_clock.is_some())
+            .then(|| Sampler::new(&client, &to_target, u64::from(meta.target_header)));
         let prior = Prior {
             client_to_target: meta.client_to_target,
             target_to_client: meta.target_to_client,
@@ -75,8 +80,15 @@ impl Conn {
             // carried: those before the move were counted where they went.
             let [c2t, t2c] = metered.unwrap_or([prior.client_to_target, prior.target_to_client]);
             let mut tally = ByteTally::counted(c2t, t2c);
-            let carried = self.carry(&shared, client, to_target, &info, &upstream, prior, resume);
-            match carried.await {
+            let mut sampler = sampler;
+            let carry = Box::pin(self.carry(&shared, client, to_target, &info, &upstream, prior, resume));
+            let carried = match (&mut sampler, &shared.flush_clock) {
+                (Some(sampler), Some(clock)) => {
+                    live::carry_counting(carry, sampler, clock, &self.app.metrics, &mut tally).await
+                }
+                _ => carry.await,
+            };
+            match carried {
                 Ok(t) => self.close(&shared, local, upstream, &t, tally),
                 Err([c2t, t2c]) => tally.advance(&self.app.metrics, c2t, t2c),
             }
@@ -202,6 +214,8 @@ impl Conn {
             client_header: self.client_header,
             fastpath,
             metered: Some(metered),
+            target_header: u16::from(self.target_header),
+            connect_us: u64::try_from(record.connect.as_micros()).unwrap_or(u64::MAX),
         }
     }
 }
