@@ -208,3 +208,99 @@ fn bind_failure_in_the_ephemeral_range_hints_at_reserved_ports() {
         "{err}"
     );
 }
+
+/// `n` short connections through `addr`, 20 at a time.
+async fn connections(addr: std::net::SocketAddr, n: u64) {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(20));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let r = echo_check(addr, i, 100).await;
+            drop(permit);
+            r
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// An access log the proxy cannot write (a full disk): the lines it loses
+/// are counted in `proxy_access_log_dropped_total`, as those it has no
+/// queue room for; it counted none before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_access_log_counts_what_it_loses() {
+    let echo = Backend::echo("echo").await;
+    let proxy = Proxy::spawn(
+        "copy",
+        &[AppSpec::new("web", 1, vec![echo.target()])],
+        &[
+            "--access-log",
+            "/dev/full",
+            "--no-connection-log",
+            "--admin-address",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    // More lines than the writer's 64 KiB buffer holds.
+    bounded(60, "connections", connections(proxy.addr(0, 0), 400)).await;
+    let series = "proxy_access_log_dropped_total";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = http_get(&admin_addr(&proxy), "/metrics").await.unwrap();
+        if metric(&text, series) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no line counted as lost:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.log().contains("cannot write the access log"), "{}", proxy.log());
+}
+
+/// The access log's last lines reach it before the process exits: the
+/// close lines of the drain are the ones an operator wants most. The
+/// writer thread used to die with the process, lines still queued. Here
+/// the log is a FIFO whose reader is slower than the proxy's exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_access_log_lines_are_written_before_exit() {
+    use std::io::Read;
+    let echo = Backend::echo("echo").await;
+    let fifo = std::env::temp_dir().join(format!(
+        "access-fifo-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: a valid C string path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let reading = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&reading).unwrap();
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        all.iter().filter(|b| **b == b'\n').count()
+    });
+    let fifo_arg = fifo.display().to_string();
+    let mut proxy = Proxy::spawn(
+        "copy",
+        &[AppSpec::new("web", 1, vec![echo.target()])],
+        &["--access-log", &fifo_arg, "--no-connection-log"],
+    )
+    .await;
+    let n = 1500;
+    bounded(60, "connections", connections(proxy.addr(0, 0), n)).await;
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+    let lines = reader.join().unwrap();
+    let _ = std::fs::remove_file(&fifo);
+    assert_eq!(lines as u64, n, "access log lines lost at exit");
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use prometheus_client::metrics::counter::Counter;
@@ -56,8 +56,12 @@ enum Msg {
     Line(Vec<u8>),
     /// Wakes the writer to look at `AccessLog::reopen_asked`.
     Reopen,
+    /// Everything queued before it is written and flushed: then it says so.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// A handle on the writer (cloned for whoever flushes it at exit).
+#[derive(Clone)]
 pub struct AccessLog {
     tx: SyncSender<Msg>,
     /// `proxy_access_log_dropped_total`.
@@ -85,9 +89,10 @@ impl AccessLog {
         let path = path.to_path_buf();
         let reopen_asked = Arc::new(AtomicBool::new(false));
         let asked = reopen_asked.clone();
+        let lost = dropped.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(path, file, rx, &asked))
+            .spawn(move || writer(path, file, rx, &asked, &lost))
             .context("cannot start the access log thread")?;
         Ok(AccessLog {
             tx,
@@ -103,6 +108,27 @@ impl AccessLog {
         line.push(b'\n');
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
             self.dropped.inc();
+        }
+    }
+
+    /// Waits up to `wait` for every line queued so far to reach the file:
+    /// at exit, where the writer thread would otherwise die with the
+    /// process and take the last close lines (the drain's, the ones an
+    /// operator wants most) with it.
+    pub async fn flush(&self, wait: Duration) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // A thread of its own: with the queue full, `send` waits for room.
+        let sent = std::thread::Builder::new()
+            .name("access-log-flush".into())
+            .spawn(move || {
+                let _ = tx.send(Msg::Flush(done));
+            });
+        if sent.is_err() || tokio::time::timeout(wait, flushed).await.is_err() {
+            tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "access log: the lines still queued at exit were not all written in time"
+            );
         }
     }
 
@@ -123,9 +149,21 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open --access-log {}", path.display()))
 }
 
-fn writer(path: PathBuf, file: File, rx: Receiver<Msg>, reopen_asked: &AtomicBool) {
+/// Writes the queued lines; one it cannot write (the disk is full, the
+/// file is gone) counts in `dropped`, as one the queue had no room for.
+fn writer(
+    path: PathBuf,
+    file: File,
+    rx: Receiver<Msg>,
+    reopen_asked: &AtomicBool,
+    dropped: &Counter,
+) {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
     let mut failed = false;
+    let mut flushed = Vec::new();
+    // Lines in `out` not flushed yet: a failed flush keeps them for the
+    // next one, except the last, at exit, which loses them.
+    let mut pending = 0u64;
     while let Ok(mut msg) = rx.recv() {
         loop {
             if reopen_asked.swap(false, Ordering::AcqRel) {
@@ -140,10 +178,16 @@ fn writer(path: PathBuf, file: File, rx: Receiver<Msg>, reopen_asked: &AtomicBoo
                     }
                 }
             }
-            if let Msg::Line(line) = msg {
-                if let Err(e) = out.write_all(&line) {
-                    report(&mut failed, &path, &e);
-                }
+            match msg {
+                Msg::Line(line) => match out.write_all(&line) {
+                    Ok(()) => pending += 1,
+                    Err(e) => {
+                        dropped.inc();
+                        report(&mut failed, &path, &e);
+                    }
+                },
+                Msg::Flush(done) => flushed.push(done),
+                Msg::Reopen => {}
             }
             // Batch whatever is queued, then flush: lines reach the file
             // within one queue drain, without a syscall per line under load.
@@ -152,8 +196,21 @@ fn writer(path: PathBuf, file: File, rx: Receiver<Msg>, reopen_asked: &AtomicBoo
                 Err(_) => break,
             }
         }
-        if let Err(e) = out.flush() {
-            report(&mut failed, &path, &e);
+        match out.flush() {
+            Ok(()) => {
+                failed = false;
+                pending = 0;
+            }
+            Err(e) => {
+                report(&mut failed, &path, &e);
+                if !flushed.is_empty() {
+                    // The process is exiting: these will not be written.
+                    dropped.inc_by(std::mem::take(&mut pending));
+                }
+            }
+        }
+        for done in flushed.drain(..) {
+            let _ = done.send(());
         }
     }
     let _ = out.flush();
@@ -190,7 +247,9 @@ mod tests {
         let asked = Arc::new(AtomicBool::new(false));
         let writer_asked = asked.clone();
         let writer_path = path.clone();
-        let writing = std::thread::spawn(move || writer(writer_path, file, rx, &writer_asked));
+        let writing = std::thread::spawn(move || {
+            writer(writer_path, file, rx, &writer_asked, &Counter::default())
+        });
         tx.send(Msg::Line(b"before\n".to_vec())).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::fs::read(&path).unwrap_or_default() != b"before\n" {

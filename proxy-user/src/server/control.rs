@@ -233,5 +233,6 @@ impl Control {
             );
             self.cutter.cut(HARD_STOP_GRACE).await;
         }
+        self.cutter.flush_log().await;
     }
 }

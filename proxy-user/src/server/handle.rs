@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::Signals;
 use crate::edge::tracker::Tracker;
+use crate::ops::access_log::AccessLog;
 
 /// What a `Handle` asks of the running server.
 pub(super) enum Command {
@@ -76,6 +77,8 @@ impl Handle {
 pub struct Cutter {
     pub(super) hard_stop: Arc<watch::Sender<Signals>>,
     pub(super) tracker: Arc<Tracker>,
+    /// Flushed once the connections are gone (`flush_log`).
+    pub(super) access_log: Option<AccessLog>,
 }
 
 impl Cutter {
@@ -85,4 +88,17 @@ impl Cutter {
         self.hard_stop.send_modify(|s| s.hard_stop = true);
         self.tracker.wait_idle(grace).await;
     }
+
+    /// The process is about to exit: the access log's queued lines (the
+    /// close lines of the connections just drained or cut) go to its file
+    /// first, within `ACCESS_LOG_FLUSH`.
+    pub async fn flush_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush(ACCESS_LOG_FLUSH).await;
+        }
+    }
 }
+
+/// How long the exit waits for the access log's last lines: a disk that
+/// takes longer is stuck, and so would the exit be.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(2);

@@ -147,7 +147,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         limit_log: RateLimit::default(),
         connect_fail_log: RateLimit::default(),
         metrics,
-        access_log,
+        access_log: access_log.clone(),
         log_connections: settings.log_connections,
         flush_clock: settings.bytes_flush.map(FlushClock::start),
         per_client_cap: settings.max_per_client,
@@ -246,6 +246,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             cutter: Cutter {
                 hard_stop: hard_tx.clone(),
                 tracker: tracker.clone(),
+                access_log: access_log.clone(),
             },
             handoff,
             admin: admin
@@ -264,6 +265,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         cutter: Cutter {
             hard_stop: hard_tx,
             tracker,
+            access_log,
         },
         admin: admin.map(|(addr, _, _)| addr),
         finished,

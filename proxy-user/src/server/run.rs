@@ -55,6 +55,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 );
                 second.store(true, Ordering::SeqCst);
                 cut.cut(SECOND_SIGNAL_GRACE).await;
+                cut.flush_log().await;
                 std::process::exit(1);
             }
         }
