@@ -17,8 +17,10 @@ const LONG_ABOUT: &str = "\
 A Layer-4 TCP proxy. It reads a config.json in Fly's format ({\"Apps\":[{\"Name\",\"Ports\",\"Targets\"}]}), \
 listens on every port of every app, and forwards each accepted connection to one of that app's targets: \
 least-connections by default, skipping targets that active health probes or failed connects marked down, \
-failing over to another target when a connect fails. Bytes are carried by the kernel sockmap fastpath when \
-chosen (--mode fastpath), otherwise by splice(2) through a pipe, or a userspace copy loop; half-close and resets are passed through. \
+failing over to another target when a connect fails. Bytes are carried by splice(2) through a pipe, a \
+userspace copy loop, or the kernel sockmap fastpath: --mode auto (the default) starts every connection in \
+userspace and moves the quiet, long-lived ones into the kernel where BPF loads; --mode fastpath|splice|copy \
+forces one plane. Half-close and resets are passed through. \
 SIGHUP, or any change to the config file (polled, see --watch-config), reloads it \
 (validated and bound first; on any error the running config stays), without dropping live connections. \
 With --config-etcd the app table comes from etcd instead (one key per app under --config-etcd-prefix, \
@@ -30,10 +32,11 @@ Upgrades and restarts without a refused connection: run with --handoff-socket PA
 (the proxy starts the binary at its own path again, a newly installed one if you replaced it, with the same \
 arguments plus --takeover PATH), or start the new binary yourself with --takeover PATH. The new process receives \
 every listening socket (and the sk_lookup socket) over PATH, reads and validates its config, binds what is new \
-and only then tells the old one to stop accepting; established copy/splice connections then move to it at a \
-safe point, the rest (fastpath, or a stalled reader) drain in the old process, which exits. If the new process \
+and only then tells the old one to stop accepting; established connections then move to it (copy and splice \
+ones at a safe point, fastpath pairs with the BPF maps they live in); only one whose reader stopped reading, or \
+whose app the new config dropped, drains in the old process, which then exits. If the new process \
 fails to start, the old one never stopped serving. SIGUSR1 is logged and ignored. -t/--check validates a config \
-file and exits (0 valid, 1 not). Under systemd (Type=notify) READY, RELOADING, STOPPING and MAINPID are sent to \
+file and exits (0 valid, 1 not): --check FILE, or -t for the --config file. Under systemd (Type=notify) READY, RELOADING, STOPPING and MAINPID are sent to \
 $NOTIFY_SOCKET; see deploy/systemd/proxy.service in the repository.";
 
 #[derive(Debug, Parser)]
