@@ -31,10 +31,13 @@ fn slow(
 /// A new process that fails mid-handoff leaves the old one serving
 /// everything: one rejects its config after receiving the sockets; one
 /// hangs with them in hand (its --access-log FIFO has no reader) and is
-/// killed. Then a good one takes over, and every stream completes.
+/// killed; the shared admin listener says ready all along (the hung one
+/// used to answer part of the probes: not ready). Then a good one takes
+/// over, and every stream completes.
 async fn failed_successors(mode: &'static str) {
-    let s = Setup::new(mode).await;
+    let s = Setup::with(mode, &["--admin-address", "127.0.0.1:0"]).await;
     let mut a = s.first().await;
+    let admin = admin_addr(&a.proxy);
     let traffic = Traffic::start(s.addr, 20, 0, 4);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -65,6 +68,10 @@ async fn failed_successors(mode: &'static str) {
     );
     wait_log(&a.proxy, "handoff: successor connected", 10).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..40 {
+        let (code, body) = http_get(&admin, "/readyz").await.unwrap();
+        assert_eq!(code, 200, "/readyz while a successor hangs: {body}");
+    }
     assert!(
         hung.is_running(),
         "the hung successor exited:\n{}",

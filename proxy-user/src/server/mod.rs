@@ -75,6 +75,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         None => None,
     };
     let (metrics, target_metrics, etcd_metrics, published) = register_metrics(token);
+    // Opens once this process serves: the accept loops wait on it, and so
+    // does a successor's admin listener.
+    let (accepting, accepting_rx) = watch::channel(false);
     let admin = match settings.admin_address {
         Some(addr) => {
             let handed = takeover.as_mut().and_then(|t| t.admin.take());
@@ -85,7 +88,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             let local = l.local_addr().context("admin listener address")?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
             tracing::info!(address = %local, "admin listening on /metrics /healthz /readyz /config /targets");
-            let task = tokio::spawn(admin::serve(l, published.clone()));
+            // A successor shares the listener with the old process, which
+            // still serves: answering before it is ready itself, it would
+            // tell every other probe "not ready" (and show a fresh /metrics).
+            let gate = takeover.is_some().then(|| accepting_rx.clone());
+            let task = tokio::spawn(admin::serve(l, published.clone(), gate));
             Some((local, fd, task))
         }
         None => None,
@@ -123,7 +130,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
 
     let (hard_tx, hard_rx) = watch::channel(Signals::default());
     let hard_tx = Arc::new(hard_tx);
-    let (accepting, accepting_rx) = watch::channel(false);
     let (finished_tx, finished) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
     let shared = Arc::new(Shared {

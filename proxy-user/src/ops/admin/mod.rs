@@ -127,8 +127,18 @@ impl ConfigText {
 /// up to `MAX_WAITING` may wait at once, and beyond that the one that has
 /// waited longest is dropped to make room. Probes send their head at once,
 /// so idle or slow connections, however many, cannot keep `/healthz` from
-/// answering. Answering is then limited to `MAX_BUSY` at a time.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// answering. Answering is then limited to `MAX_BUSY` at a time. With a
+/// `gate`, nothing is accepted until it opens.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    if let Some(mut gate) = gate {
+        if gate.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+    }
     let busy = Arc::new(Semaphore::new(MAX_BUSY));
     let waiting: Arc<Mutex<Waiting>> = Arc::default();
     loop {
