@@ -461,3 +461,57 @@ async fn a_connection_the_successor_leaves_stays_whole() {
     })
     .await;
 }
+
+/// An old process draining after a handoff (a stream on an app the new
+/// config dropped stays with it, for a drain of 20 s) still stops at
+/// two signals after a SIGHUP: the reload it cannot take while draining
+/// used to hold the signal loop until the drain ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_does_not_hold_up_a_stop_while_draining() {
+    bounded(60, "stop behind a reload", async {
+        // Generations drain for 20 s (`Setup`).
+        let s = Setup::new("copy").await;
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+        let app = config["Apps"][0].clone();
+        let other_port = free_ports(1)[0];
+        let mut other = app.clone();
+        other["Name"] = "other".into();
+        other["Ports"] = serde_json::json!([other_port]);
+        let both = write_temp(
+            "both.json",
+            &serde_json::json!({ "Apps": [app.clone(), other] }).to_string(),
+        );
+        let only_app = write_temp(
+            "only-app.json",
+            &serde_json::json!({ "Apps": [app] }).to_string(),
+        );
+        let mut old = s
+            .launch(Path::new(PROXY), &both, false)
+            .await
+            .unwrap_or_else(|log| panic!("first failed:\n{log}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let left = slow(SocketAddr::from(([127, 0, 0, 1], other_port)), 3, &stop);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _new = s
+            .launch(Path::new(PROXY), &only_app, true)
+            .await
+            .unwrap_or_else(|log| panic!("successor failed:\n{log}"));
+        wait_log(&old.proxy, "handoff: done", 10).await;
+        old.proxy.signal(libc::SIGHUP);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        old.proxy.signal(libc::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        old.proxy.signal(libc::SIGTERM);
+        let exited = old.proxy.wait_exit(10).await;
+        assert!(
+            exited.is_some(),
+            "still running 10 s after two stops:\n{}",
+            old.proxy.log()
+        );
+        stop.store(true, Ordering::Relaxed);
+        // The stream was cut by the second signal: a reset, not an end.
+        assert!(left.await.unwrap().is_err());
+    })
+    .await;
+}

@@ -20,17 +20,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     // MAINPID too: after a takeover systemd must follow this process.
     sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    // A signal that came while a reload waited.
+    let mut next = None;
     let sig = loop {
-        let request = tokio::select! {
-            r = signals.next() => r,
-            // Handed over to a new process and drained.
-            () = server.finished() => return Ok(()),
+        let request = match next.take() {
+            Some(r) => r,
+            None => tokio::select! {
+                r = signals.next() => r,
+                // Handed over to a new process and drained.
+                () = server.finished() => return Ok(()),
+            },
         };
         match request {
             Request::Shutdown(sig) => break sig,
             Request::Reload => {
                 sd_notify::reloading();
-                server.reload().await;
+                tokio::select! {
+                    () = server.reload() => {}
+                    () = server.finished() => return Ok(()),
+                    // A server handing over or draining after a handoff
+                    // takes no reload until it is done (up to the drain
+                    // timeout): a stop must not wait behind it.
+                    r = signals.next() => next = Some(r),
+                }
                 sd_notify::notify("READY=1");
             }
             Request::Upgrade => upgrade(handoff_path.as_deref()),
