@@ -135,13 +135,15 @@ async fn upgrades_in_a_row(
         "only {moved} connections moved in {upgrades} upgrades"
     );
     // Every stream's one close line, written by the last process, names
-    // every process that carried it (the load's connections are moved at
-    // most once: accepted by a process in its last moments).
-    let carried_all = |l: &serde_json::Value| {
-        l["carried_by"]
-            .as_str()
-            .is_some_and(|c| c.split(',').count() == upgrades)
-    };
+    // every process that carried it, in order, each once (the load's
+    // connections are moved at most once: accepted by a process in its
+    // last moments).
+    let generations = kept
+        .iter()
+        .map(|p| p.pid().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let carried_all = |l: &serde_json::Value| l["carried_by"].as_str() == Some(generations.as_str());
     let deadline = Instant::now() + Duration::from_secs(10);
     let long = loop {
         let long: Vec<_> = cur
