@@ -19,7 +19,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
@@ -142,7 +142,7 @@ pub async fn serve(
     let busy = Arc::new(Semaphore::new(MAX_BUSY));
     let waiting: Arc<Mutex<Waiting>> = Arc::default();
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
+        let Ok((mut sock, _)) = listener.accept().await else {
             // Out of fds: the data path matters more; try again shortly.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -154,10 +154,21 @@ pub async fn serve(
             let head = tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&sock)).await;
             drop(_waiting);
             let Ok(Ok(head)) = head else { return };
-            let Ok(_permit) = busy.acquire().await else {
-                return;
+            // The permit covers making the answer (the /metrics render),
+            // not sending it: a client that reads slowly, or keeps its
+            // socket open after the answer (the lingering close waits up to
+            // a second for it), held one before, and 64 of them kept the
+            // next probe waiting.
+            let answer = {
+                let Ok(_permit) = busy.acquire().await else {
+                    return;
+                };
+                answer(head, &state)
             };
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(sock, head, &state)).await;
+            if let Some((resp, head_only)) = answer {
+                let sent = http::respond(&mut sock, &resp, head_only);
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, sent).await;
+            }
         });
         lock(&waiting).push(id, task.abort_handle());
     }
@@ -209,8 +220,10 @@ fn lock(w: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn answer(mut sock: TcpStream, head: Head, state: &AdminState) -> std::io::Result<()> {
-    let (resp, head_only) = match head {
+/// The response to `head`, and whether to send its head only (None: the
+/// client closed before finishing its request).
+fn answer(head: Head, state: &AdminState) -> Option<(Response, bool)> {
+    Some(match head {
         Head::Complete(head) => (route(&head, state), head.starts_with(b"HEAD ")),
         Head::TooLarge => (
             Response::text(
@@ -219,9 +232,8 @@ async fn answer(mut sock: TcpStream, head: Head, state: &AdminState) -> std::io:
             ),
             false,
         ),
-        Head::Closed => return Ok(()),
-    };
-    http::respond(&mut sock, &resp, head_only).await
+        Head::Closed => return None,
+    })
 }
 
 fn route(head: &[u8], state: &AdminState) -> Response {
