@@ -399,21 +399,11 @@ async fn a_moved_pair_is_metered_once() {
 async fn a_connection_the_successor_leaves_stays_whole() {
     bounded(60, "a connection left behind", async {
         let s = Setup::new("copy").await;
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
-        let app = config["Apps"][0].clone();
-        let other_port = free_ports(1)[0];
-        let mut other = app.clone();
-        other["Name"] = "other".into();
-        other["Ports"] = serde_json::json!([other_port]);
-        let both = write_temp(
-            "both.json",
-            &serde_json::json!({ "Apps": [app.clone(), other] }).to_string(),
-        );
-        let only_app = write_temp(
-            "only-app.json",
-            &serde_json::json!({ "Apps": [app] }).to_string(),
-        );
+        let TwoApps {
+            both,
+            only_app,
+            other_port,
+        } = two_apps(&s);
         let launch = |config: std::path::PathBuf, takeover: bool| {
             let s = &s;
             async move {
@@ -471,21 +461,11 @@ async fn a_reload_does_not_hold_up_a_stop_while_draining() {
     bounded(60, "stop behind a reload", async {
         // Generations drain for 20 s (`Setup`).
         let s = Setup::new("copy").await;
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
-        let app = config["Apps"][0].clone();
-        let other_port = free_ports(1)[0];
-        let mut other = app.clone();
-        other["Name"] = "other".into();
-        other["Ports"] = serde_json::json!([other_port]);
-        let both = write_temp(
-            "both.json",
-            &serde_json::json!({ "Apps": [app.clone(), other] }).to_string(),
-        );
-        let only_app = write_temp(
-            "only-app.json",
-            &serde_json::json!({ "Apps": [app] }).to_string(),
-        );
+        let TwoApps {
+            both,
+            only_app,
+            other_port,
+        } = two_apps(&s);
         let mut old = s
             .launch(Path::new(PROXY), &both, false)
             .await
@@ -514,4 +494,34 @@ async fn a_reload_does_not_hold_up_a_stop_while_draining() {
         assert!(left.await.unwrap().is_err());
     })
     .await;
+}
+
+/// Configs for a successor that drops an app: `both` has the setup's app
+/// and "other" (on `other_port`, to the same backend), `only_app` the
+/// setup's app alone.
+struct TwoApps {
+    both: std::path::PathBuf,
+    only_app: std::path::PathBuf,
+    other_port: u16,
+}
+
+fn two_apps(s: &Setup) -> TwoApps {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+    let app = config["Apps"][0].clone();
+    let other_port = free_ports(1)[0];
+    let mut other = app.clone();
+    other["Name"] = "other".into();
+    other["Ports"] = serde_json::json!([other_port]);
+    TwoApps {
+        both: write_temp(
+            "both.json",
+            &serde_json::json!({ "Apps": [app.clone(), other] }).to_string(),
+        ),
+        only_app: write_temp(
+            "only-app.json",
+            &serde_json::json!({ "Apps": [app] }).to_string(),
+        ),
+        other_port,
+    }
 }
