@@ -518,7 +518,9 @@ async fn probes_answer_fast_beside_500_idle_admin_connections() {
         let mut asked = Vec::new();
         for _ in 0..200 {
             let mut s = TcpStream::connect(admin.as_str()).await.unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
             asked.push(s);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -526,7 +528,10 @@ async fn probes_answer_fast_beside_500_idle_admin_connections() {
         let (code, _) = http_get(&admin, "/healthz").await.unwrap();
         let took = started.elapsed();
         assert_eq!(code, 200);
-        assert!(took < Duration::from_millis(500), "/healthz took {took:?} behind 200 asked");
+        assert!(
+            took < Duration::from_millis(500),
+            "/healthz took {took:?} behind 200 asked"
+        );
         drop(asked);
         drop(idle);
     })

@@ -253,10 +253,17 @@ async fn an_unwritable_access_log_counts_what_it_loses() {
         if metric(&text, series) > 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "no line counted as lost:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no line counted as lost:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(proxy.log().contains("cannot write the access log"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("cannot write the access log"),
+        "{}",
+        proxy.log()
+    );
 }
 
 /// The access log's last lines reach it before the process exits: the

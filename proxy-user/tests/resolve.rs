@@ -83,7 +83,10 @@ async fn a_silent_resolver_is_asked_once_per_name() {
         "the proxy went from {threads_at_start} to {threads_now} threads; log:\n{log}"
     );
     // The name was tried and found wanting: the probes say why.
-    assert!(log.contains("resolving stuck.name.test:80 timed out"), "{log}");
+    assert!(
+        log.contains("resolving stuck.name.test:80 timed out"),
+        "{log}"
+    );
 }
 
 /// A UDP server on port 53 of an address of its own in 127/8 that counts

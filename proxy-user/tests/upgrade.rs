@@ -143,7 +143,8 @@ async fn upgrades_in_a_row(
         .map(|p| p.pid().to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let carried_all = |l: &serde_json::Value| l["carried_by"].as_str() == Some(generations.as_str());
+    let carried_all =
+        |l: &serde_json::Value| l["carried_by"].as_str() == Some(generations.as_str());
     let deadline = Instant::now() + Duration::from_secs(10);
     let long = loop {
         let long: Vec<_> = cur

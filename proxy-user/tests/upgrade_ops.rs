@@ -348,7 +348,12 @@ async fn exchange(s: &mut tokio::net::TcpStream, tag: u64, at: u64, len: usize) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_moved_pair_is_metered_once() {
     bounded(60, "metered once", async {
-        let flags = ["--admin-address", "127.0.0.1:0", "--bytes-flush-interval", "50ms"];
+        let flags = [
+            "--admin-address",
+            "127.0.0.1:0",
+            "--bytes-flush-interval",
+            "50ms",
+        ];
         let s = Setup::with("fastpath", &flags).await;
         let mut a = s.first().await;
         let admin = admin_addr(&a.proxy);
@@ -362,7 +367,10 @@ async fn a_moved_pair_is_metered_once() {
         exchange(&mut conn, 7, 0, 200_000).await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while bytes_in().await < 200_000 {
-            assert!(Instant::now() < deadline, "the old process never counted the bytes");
+            assert!(
+                Instant::now() < deadline,
+                "the old process never counted the bytes"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let b = s
@@ -371,12 +379,19 @@ async fn a_moved_pair_is_metered_once() {
             .unwrap_or_else(|log| panic!("the successor failed:\n{log}"));
         assert!(a.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
         // The admin listener moved too: from here on it is the new process's.
-        assert_eq!(bytes_in().await, 0, "the new process counted the moved bytes");
+        assert_eq!(
+            bytes_in().await,
+            0,
+            "the new process counted the moved bytes"
+        );
         exchange(&mut conn, 7, 200_000, 50_000).await;
         // Counted while it lives here too, as before the move.
         let deadline = Instant::now() + Duration::from_secs(5);
         while bytes_in().await < 50_000 {
-            assert!(Instant::now() < deadline, "the new process never counted the live bytes");
+            assert!(
+                Instant::now() < deadline,
+                "the new process never counted the live bytes"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(conn);
@@ -417,7 +432,11 @@ async fn a_connection_the_successor_leaves_stays_whole() {
         let moved = slow(s.addr, 1, &stop);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut second = launch(both, true).await;
-        assert!(first.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+        assert!(first
+            .proxy
+            .wait_exit(20)
+            .await
+            .is_some_and(|st| st.success()));
         let other_addr = SocketAddr::from(([127, 0, 0, 1], other_port));
         let left = slow(other_addr, 2, &stop);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -425,9 +444,18 @@ async fn a_connection_the_successor_leaves_stays_whole() {
         // Both run on, one in each process.
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
-        moved.await.unwrap().expect("the stream the third process took");
-        left.await.unwrap().expect("the stream the second process kept");
-        assert!(second.proxy.wait_exit(20).await.is_some_and(|st| st.success()));
+        moved
+            .await
+            .unwrap()
+            .expect("the stream the third process took");
+        left.await
+            .unwrap()
+            .expect("the stream the second process kept");
+        assert!(second
+            .proxy
+            .wait_exit(20)
+            .await
+            .is_some_and(|st| st.success()));
         let mine = second.proxy.pid() as u64;
         let lines = second.proxy.conn_lines();
         let kept: Vec<_> = lines.iter().filter(|l| l["app"] == "other").collect();
@@ -435,7 +463,9 @@ async fn a_connection_the_successor_leaves_stays_whole() {
         assert_eq!(kept[0]["end"], "closed", "{kept:?}");
         assert_eq!(kept[0]["pid"].as_u64(), Some(mine));
         assert!(
-            kept[0].get("carried_by").is_none_or(|c| c.is_null() || c == ""),
+            kept[0]
+                .get("carried_by")
+                .is_none_or(|c| c.is_null() || c == ""),
             "carried by no other process: {kept:?}"
         );
         let handed = second
@@ -447,7 +477,11 @@ async fn a_connection_the_successor_leaves_stays_whole() {
             .count();
         assert_eq!(handed, 0, "the kept stream was said to be handed over");
         let took = third.proxy.wait_conn_lines(1, 10).await;
-        assert!(took.iter().any(|l| l["app"] == "app" && l["end"] == "closed"), "{took:?}");
+        assert!(
+            took.iter()
+                .any(|l| l["app"] == "app" && l["end"] == "closed"),
+            "{took:?}"
+        );
     })
     .await;
 }

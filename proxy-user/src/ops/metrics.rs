@@ -447,7 +447,8 @@ impl Metrics {
             });
         }
         for reason in Demotion::ALL {
-            self.demotions.remove(&DemotionLabels { app: app(), reason });
+            self.demotions
+                .remove(&DemotionLabels { app: app(), reason });
         }
         for reason in HeaderFailure::ALL {
             self.header_failures

@@ -102,7 +102,11 @@ mod tests {
         assert_eq!(a.unwrap(), b.unwrap());
         // The task removes its entry once it answered.
         for _ in 0..100 {
-            if !IN_FLIGHT.lock().unwrap().contains_key(&("localhost".into(), 81)) {
+            if !IN_FLIGHT
+                .lock()
+                .unwrap()
+                .contains_key(&("localhost".into(), 81))
+            {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

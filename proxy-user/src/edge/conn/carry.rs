@@ -81,7 +81,8 @@ impl Conn {
             let [c2t, t2c] = metered.unwrap_or([prior.client_to_target, prior.target_to_client]);
             let mut tally = ByteTally::counted(c2t, t2c);
             let mut sampler = sampler;
-            let carry = Box::pin(self.carry(&shared, client, to_target, &info, &upstream, prior, resume));
+            let carry =
+                Box::pin(self.carry(&shared, client, to_target, &info, &upstream, prior, resume));
             let carried = match (&mut sampler, &shared.flush_clock) {
                 (Some(sampler), Some(clock)) => {
                     live::carry_counting(carry, sampler, clock, &self.app.metrics, &mut tally).await

@@ -313,8 +313,8 @@ async fn send_conns(
     let (taken, kept): (Vec<_>, Vec<_>) = batch.into_iter().zip(taken).partition(|(_, t)| *t);
     let n = taken.len() as u64;
     for (m, _) in &taken {
-        let [bytes_in, bytes_out] = (m.meta.metered)
-            .unwrap_or([m.meta.client_to_target, m.meta.target_to_client]);
+        let [bytes_in, bytes_out] =
+            (m.meta.metered).unwrap_or([m.meta.client_to_target, m.meta.target_to_client]);
         tracing::info!(
             conn = m.meta.id,
             app = %m.meta.app,

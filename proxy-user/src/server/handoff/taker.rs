@@ -278,7 +278,13 @@ impl Taken {
             let n = took.len();
             let confirms = self.confirms;
             let acked = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Msg>> {
-                l.send(&Msg::Took { ids: took, at: Some(at) }, &[])?;
+                l.send(
+                    &Msg::Took {
+                        ids: took,
+                        at: Some(at),
+                    },
+                    &[],
+                )?;
                 if !confirms {
                     return Ok(None);
                 }
