@@ -20,10 +20,12 @@ use tokio::sync::watch;
 /// What one lookup found (shared by everyone who waited for it).
 type Answer = Result<Arc<[SocketAddr]>, Arc<io::Error>>;
 
+/// A lookup under way: its answer, once there is one.
+type Lookup = watch::Receiver<Option<Answer>>;
+
 /// The lookups under way, by name and port. Process-wide, as the resolver
 /// it stands in front of is.
-static IN_FLIGHT: LazyLock<Mutex<HashMap<(String, u16), watch::Receiver<Option<Answer>>>>> =
-    LazyLock::new(Default::default);
+static IN_FLIGHT: LazyLock<Mutex<HashMap<(String, u16), Lookup>>> = LazyLock::new(Default::default);
 
 /// The addresses `host` has now. An address literal is its own answer,
 /// with no lookup and no allocation beyond the one address.
@@ -47,7 +49,7 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Arc<io::E
 }
 
 /// The lookup of `host` under way, started here if there is none.
-fn joined(host: &str, port: u16) -> watch::Receiver<Option<Answer>> {
+fn joined(host: &str, port: u16) -> Lookup {
     let mut in_flight = IN_FLIGHT.lock().unwrap_or_else(PoisonError::into_inner);
     let key = (host.to_owned(), port);
     if let Some(rx) = in_flight.get(&key) {
