@@ -33,8 +33,9 @@ Upgrades and restarts without a refused connection: run with --handoff-socket PA
 arguments plus --takeover PATH), or start the new binary yourself with --takeover PATH. The new process receives \
 every listening socket (and the sk_lookup socket) over PATH, reads and validates its config, binds what is new \
 and only then tells the old one to stop accepting; established connections then move to it (copy and splice \
-ones at a safe point, fastpath pairs with the BPF maps they live in); only one whose reader stopped reading, or \
-whose app the new config dropped, drains in the old process, which then exits. If the new process \
+ones at a safe point, fastpath pairs with the BPF maps they live in); one the new process cannot take (its reader \
+stopped reading, its app is not in the new config, or a fastpath pair and the new process runs no fastpath) \
+drains in the old process, which then exits. If the new process \
 fails to start, the old one never stopped serving. SIGUSR1 is logged and ignored. -t/--check validates a config \
 file and exits (0 valid, 1 not): --check FILE, or -t for the --config file. Under systemd (Type=notify) READY, RELOADING, STOPPING and MAINPID are sent to \
 $NOTIFY_SOCKET; see deploy/systemd/proxy.service in the repository.";

@@ -269,7 +269,8 @@ async fn an_unwritable_access_log_counts_what_it_loses() {
 /// The access log's last lines reach it before the process exits: the
 /// close lines of the drain are the ones an operator wants most. The
 /// writer thread used to die with the process, lines still queued. Here
-/// the log is a FIFO whose reader is slower than the proxy's exit.
+/// the log is a FIFO whose reader starts reading only 0.5 s after the
+/// SIGTERM (the exit waits up to 2 s for the queue; it took about 0.1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_access_log_lines_are_written_before_exit() {
     use std::io::Read;
@@ -283,17 +284,12 @@ async fn the_last_access_log_lines_are_written_before_exit() {
     // SAFETY: a valid C string path.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     let reading = fifo.clone();
+    let (go, start) = std::sync::mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         let mut f = std::fs::File::open(&reading).unwrap();
+        let _ = start.recv();
         let mut all = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let _ = f.read_to_end(&mut all);
         all.iter().filter(|b| **b == b'\n').count()
     });
     let fifo_arg = fifo.display().to_string();
@@ -303,9 +299,12 @@ async fn the_last_access_log_lines_are_written_before_exit() {
         &["--access-log", &fifo_arg, "--no-connection-log"],
     )
     .await;
+    // More lines than the pipe and the writer's buffer hold (~330 bytes each).
     let n = 1500;
     bounded(60, "connections", connections(proxy.addr(0, 0), n)).await;
     proxy.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    go.send(()).unwrap();
     assert!(proxy.wait_exit(20).await.is_some_and(|st| st.success()));
     let lines = reader.join().unwrap();
     let _ = std::fs::remove_file(&fifo);

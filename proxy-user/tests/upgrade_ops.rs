@@ -406,10 +406,11 @@ async fn a_moved_pair_is_metered_once() {
 /// A connection the successor does not take (its app is not in the new
 /// config) stays whole in the old process, offered once. Each process
 /// numbers its connections from 1 and a moved one keeps its number, so
-/// here the stream moved in from the first process and the second's own
-/// stream on the app being dropped are both number 1. The old process used
-/// to go by the ids the successor named and closed both copies of the
-/// second stream: its client saw an early clean end.
+/// here the eight streams moved in from the first process and the second's
+/// own eight on the app being dropped are numbered 1 to 8 twice. The old
+/// process used to go by the ids the successor named and closed both
+/// copies of a stream it left whenever its twin was in the same batch:
+/// its client saw an early clean end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_the_successor_leaves_stays_whole() {
     bounded(60, "a connection left behind", async {
@@ -429,7 +430,7 @@ async fn a_connection_the_successor_leaves_stays_whole() {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut first = launch(both.clone(), false).await;
-        let moved = slow(s.addr, 1, &stop);
+        let moved: Vec<_> = (0..8).map(|i| slow(s.addr, i, &stop)).collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut second = launch(both, true).await;
         assert!(first
@@ -438,19 +439,18 @@ async fn a_connection_the_successor_leaves_stays_whole() {
             .await
             .is_some_and(|st| st.success()));
         let other_addr = SocketAddr::from(([127, 0, 0, 1], other_port));
-        let left = slow(other_addr, 2, &stop);
+        let left: Vec<_> = (0..8).map(|i| slow(other_addr, 100 + i, &stop)).collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let third = launch(only_app, true).await;
-        // Both run on, one in each process.
+        // Both sets run on, one in each process.
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
-        moved
-            .await
-            .unwrap()
-            .expect("the stream the third process took");
-        left.await
-            .unwrap()
-            .expect("the stream the second process kept");
+        for m in moved {
+            m.await.unwrap().expect("a stream the third process took");
+        }
+        for l in left {
+            l.await.unwrap().expect("a stream the second process kept");
+        }
         assert!(second
             .proxy
             .wait_exit(20)
@@ -459,15 +459,15 @@ async fn a_connection_the_successor_leaves_stays_whole() {
         let mine = second.proxy.pid() as u64;
         let lines = second.proxy.conn_lines();
         let kept: Vec<_> = lines.iter().filter(|l| l["app"] == "other").collect();
-        assert_eq!(kept.len(), 1, "{lines:?}");
-        assert_eq!(kept[0]["end"], "closed", "{kept:?}");
-        assert_eq!(kept[0]["pid"].as_u64(), Some(mine));
-        assert!(
-            kept[0]
-                .get("carried_by")
-                .is_none_or(|c| c.is_null() || c == ""),
-            "carried by no other process: {kept:?}"
-        );
+        assert_eq!(kept.len(), 8, "{lines:?}");
+        for k in &kept {
+            assert_eq!(k["end"], "closed", "{kept:?}");
+            assert_eq!(k["pid"].as_u64(), Some(mine));
+            assert!(
+                k.get("carried_by").is_none_or(|c| c.is_null() || c == ""),
+                "carried by no other process: {kept:?}"
+            );
+        }
         let handed = second
             .proxy
             .log_lines()
@@ -476,12 +476,9 @@ async fn a_connection_the_successor_leaves_stays_whole() {
             .filter(|l| l["app"] == "other")
             .count();
         assert_eq!(handed, 0, "the kept stream was said to be handed over");
-        let took = third.proxy.wait_conn_lines(1, 10).await;
-        assert!(
-            took.iter()
-                .any(|l| l["app"] == "app" && l["end"] == "closed"),
-            "{took:?}"
-        );
+        let took = third.proxy.wait_conn_lines(8, 10).await;
+        let closed = |l: &&serde_json::Value| l["app"] == "app" && l["end"] == "closed";
+        assert_eq!(took.iter().filter(closed).count(), 8, "{took:?}");
     })
     .await;
 }

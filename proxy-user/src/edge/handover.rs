@@ -6,9 +6,10 @@
 //! at its next safe point (a fastpath pair with its ledger; its map set
 //! moved first) (`dataplane::Parking`) and offers
 //! itself through `offer`. While a successor takes connections the offer is
-//! accepted and the connection's task ends with a "handed over" line;
-//! otherwise (no successor, or it stopped taking) the connection simply
-//! carries on here, having lost nothing: it parked with no byte in hand.
+//! accepted and the connection's task ends; the handoff then sends it, and
+//! logs "handed over" for each one the successor took. One it left, and
+//! every one when there is no successor (or it stopped taking), carries on
+//! here, having lost nothing: it parked with no byte in hand.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

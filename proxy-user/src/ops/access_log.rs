@@ -167,7 +167,13 @@ fn writer(
     while let Ok(mut msg) = rx.recv() {
         loop {
             if reopen_asked.swap(false, Ordering::AcqRel) {
-                let _ = out.flush();
+                // The old writer goes, with whatever it could not write.
+                match out.flush() {
+                    Ok(()) => pending = 0,
+                    Err(_) => {
+                        dropped.inc_by(std::mem::take(&mut pending));
+                    }
+                }
                 match open_append(&path) {
                     Ok(f) => {
                         out = BufWriter::with_capacity(64 * 1024, f);

@@ -75,9 +75,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         None => None,
     };
     let (metrics, target_metrics, etcd_metrics, published) = register_metrics(token);
-    // Opens once this process serves: the accept loops wait on it, and so
-    // does a successor's admin listener.
+    // Opens once this process serves: the accept loops wait on it.
     let (accepting, accepting_rx) = watch::channel(false);
+    // Opens once it is ready: a successor's admin listener waits on it.
+    let (admin_open, admin_gate) = watch::channel(false);
     let admin = match settings.admin_address {
         Some(addr) => {
             let handed = takeover.as_mut().and_then(|t| t.admin.take());
@@ -91,7 +92,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
             // A successor shares the listener with the old process, which
             // still serves: answering before it is ready itself, it would
             // tell every other probe "not ready" (and show a fresh /metrics).
-            let gate = takeover.is_some().then(|| accepting_rx.clone());
+            let gate = takeover.is_some().then(|| admin_gate.clone());
             let task = tokio::spawn(admin::serve(l, published.clone(), gate));
             Some((local, fd, task))
         }
@@ -229,6 +230,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Handle> {
         }
     }
     state.published.readiness().set(true);
+    let _ = admin_open.send(true);
     log_ready(&state, &config, &shared, &settings);
 
     let (commands, rx) = mpsc::channel(4);

@@ -36,8 +36,11 @@ mod write;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections waiting for their head at once; beyond it the oldest goes.
 const MAX_WAITING: usize = 1024;
-/// Requests answered at once (rendering /metrics is the costly one).
+/// Answers made at once (rendering /metrics is the costly one).
 const MAX_BUSY: usize = 64;
+/// Answers being sent at once: each holds its body until the client read
+/// it (or `REQUEST_TIMEOUT`), so this bounds their memory.
+const MAX_SENDING: usize = 1024;
 /// Answering one request, so a client that reads nothing cannot hold a task
 /// and an fd for long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,6 +143,7 @@ pub async fn serve(
         }
     }
     let busy = Arc::new(Semaphore::new(MAX_BUSY));
+    let sending = Arc::new(Semaphore::new(MAX_SENDING));
     let waiting: Arc<Mutex<Waiting>> = Arc::default();
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
@@ -148,12 +152,16 @@ pub async fn serve(
             continue;
         };
         let (state, busy, queue) = (state.clone(), busy.clone(), waiting.clone());
+        let sending = sending.clone();
         let id = lock(&waiting).next_id();
         let task = tokio::spawn(async move {
             let _waiting = Waited(queue.clone(), id);
             let head = tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&sock)).await;
             drop(_waiting);
             let Ok(Ok(head)) = head else { return };
+            let Ok(_sending) = sending.acquire().await else {
+                return;
+            };
             // The permit covers making the answer (the /metrics render),
             // not sending it: a client that reads slowly, or keeps its
             // socket open after the answer (the lingering close waits up to
