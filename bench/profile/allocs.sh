@@ -18,9 +18,8 @@ perf probe -q -x "$LIBC" 'posix_memalign align=%si:u64 bytes=%dx:u64'
 perf probe -q -x "$LIBC" 'realloc bytes=%si:u64'
 perf probe -q -x "$LIBC" 'calloc n=%di:u64 bytes=%si:u64'
 trap 'perf probe -q -d "probe_libc:*" 2>/dev/null; kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
-echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
-"$BIN" --config "$WORK/config.json" --mode "$MODE" --listen-address 127.0.0.1 --log-level warn 2>/dev/null &
-PID=$!
+start_ours "$BIN" "$MODE" "$PPORT"
+PID=$STARTED
 sleep 1
 perf record -q -e 'probe_libc:*' -p $PID -o "$WORK/perf.data" >/dev/null 2>&1 &
 PERF=$!

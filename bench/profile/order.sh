@@ -12,26 +12,13 @@ LOAD=${1:-churn}
 BIN=$(realpath "${2:-target/release/proxy}")
 # shellcheck source=bench/profile/setup.sh
 source "$(dirname "$0")/setup.sh"
-free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-A=$(free) H=$(free) N=$(free)
-echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$A],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/auto.json"
-"$BIN" --config "$WORK/auto.json" --mode auto --listen-address 127.0.0.1 --log-level warn 2>/dev/null &
-AP=$!
-printf 'global\n    maxconn 4000\n    nbthread 2\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\nfrontend bench\n    bind 127.0.0.1:%s\n    default_backend targets\nbackend targets\n    server s1 127.0.0.1:%s\n' \
-    "$H" "$BPORT" > "$WORK/haproxy.cfg"
-haproxy -db -f "$WORK/haproxy.cfg" 2>/dev/null &
-HP=$!
-mkdir -p "$WORK/nginx/logs"
-cat > "$WORK/nginx/nginx.conf" <<EOC
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 2;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log warn;
-events { worker_connections 8000; }
-stream { server { listen 127.0.0.1:$N; proxy_pass 127.0.0.1:$BPORT; proxy_buffer_size 64k; proxy_half_close on; } }
-EOC
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-NP=$!
+A=$(free_port) H=$(free_port) N=$(free_port)
+start_ours "$BIN" auto "$A"
+AP=$STARTED
+start_haproxy "$H"
+HP=$STARTED
+start_nginx "$N"
+NP=$STARTED
 sleep 1
 EA="auto=127.0.0.1:$A,pid=$AP" EH="haproxy=127.0.0.1:$H,pid=$HP,role=peer" EN="nginx=127.0.0.1:$N,pid=$NP,role=peer"
 for _ in 1 2; do

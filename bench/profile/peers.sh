@@ -32,42 +32,12 @@ shift 3
 source "$(dirname "$0")/setup.sh"
 
 case $ENDPOINT in
-haproxy)
-    printf 'global\n    maxconn 4000\n    nbthread 2\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\nfrontend bench\n    bind 127.0.0.1:%s\n    default_backend targets\nbackend targets\n    server s1 127.0.0.1:%s\n' \
-        $PPORT $BPORT > "$WORK/haproxy.cfg"
-    haproxy -db -f "$WORK/haproxy.cfg" 2>/dev/null &
-    PID=$!
-    ;;
-nginx)
-    mkdir -p "$WORK/nginx/logs"
-    cat > "$WORK/nginx/nginx.conf" <<EOF
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 2;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log warn;
-events { worker_connections 8000; }
-stream {
-  server {
-    listen 127.0.0.1:$PPORT;
-    proxy_pass 127.0.0.1:$BPORT;
-    proxy_buffer_size 64k;
-    proxy_half_close on;
-  }
-}
-EOF
-    nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-    PID=$!
-    ;;
-*:*)
-    BIN=${ENDPOINT%:*} MODE=${ENDPOINT##*:}
-    echo "{\"Apps\":[{\"Name\":\"bench\",\"Ports\":[$PPORT],\"Targets\":[\"127.0.0.1:$BPORT\"]}]}" > "$WORK/config.json"
-    # shellcheck disable=SC2086
-    env -u RUST_BACKTRACE "$BIN" --config "$WORK/config.json" --mode "$MODE" \
-        --listen-address 127.0.0.1 --log-level warn ${PROXY_FLAGS:-} 2>/dev/null &
-    PID=$!
-    ;;
+haproxy) start_haproxy "$PPORT" ;;
+nginx) start_nginx "$PPORT" ;;
+*:*) start_ours "${ENDPOINT%:*}" "${ENDPOINT##*:}" "$PPORT" ;;
 *) echo "ENDPOINT: haproxy, nginx or BIN:MODE" >&2; exit 2 ;;
 esac
+PID=$STARTED
 sleep 0.8
 # The pid tester-go reads, and the rest of the endpoint's processes.
 MORE=$(pgrep -P $PID | paste -sd, || true)

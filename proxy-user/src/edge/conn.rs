@@ -54,9 +54,7 @@ pub(super) fn spawn(
 /// other (without being refused for them: it is already established), and
 /// its close line continues the one it started.
 pub fn resume(shared: &Arc<Shared>, moving: Moving) {
-    let conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
-    let shared = shared.clone();
-    tokio::spawn(conn.carry_resumed(moving, shared));
+    spawn_resumed(shared, moving, true);
 }
 
 /// Like `resume`, for a connection the successor answered for and did not
@@ -64,8 +62,12 @@ pub fn resume(shared: &Arc<Shared>, moving: Moving) {
 /// it stays in this process to its end. Offered again, it would only park
 /// and come back until the handoff is over.
 pub fn resume_here(shared: &Arc<Shared>, moving: Moving) {
+    spawn_resumed(shared, moving, false);
+}
+
+fn spawn_resumed(shared: &Arc<Shared>, moving: Moving, parks: bool) {
     let mut conn = Conn::resumed(&moving.meta, moving.app.clone(), shared);
-    conn.parks = false;
+    conn.parks = parks;
     let shared = shared.clone();
     tokio::spawn(conn.carry_resumed(moving, shared));
 }

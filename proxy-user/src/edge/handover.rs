@@ -64,6 +64,15 @@ pub struct MovedMeta {
     pub connect_us: u64,
 }
 
+impl MovedMeta {
+    /// Bytes each way already in `proxy_bytes_total`, counted by the
+    /// processes that carried it before.
+    pub fn counted(&self) -> [u64; 2] {
+        self.metered
+            .unwrap_or([self.client_to_target, self.target_to_client])
+    }
+}
+
 /// A parked connection on its way out.
 pub struct Moving {
     pub meta: MovedMeta,

@@ -66,7 +66,7 @@ impl Conn {
             target_to_client: meta.target_to_client,
             userspace_bytes: meta.userspace_bytes,
         };
-        let metered = meta.metered;
+        let [c2t, t2c] = meta.counted();
         let resume = meta.fastpath.zip(hold).map(Box::new);
         let local = client.local_addr().ok();
         // Counted against its target (least-connections, the active gauge)
@@ -78,7 +78,6 @@ impl Conn {
             let _target = target;
             // Each process counts in `proxy_bytes_total` the bytes it
             // carried: those before the move were counted where they went.
-            let [c2t, t2c] = metered.unwrap_or([prior.client_to_target, prior.target_to_client]);
             let mut tally = ByteTally::counted(c2t, t2c);
             let mut sampler = sampler;
             let carry =

@@ -156,7 +156,7 @@ impl Given {
                     moved += n;
                     ok = sent;
                 } else {
-                    carry_on(chunk, shared);
+                    carry_on(chunk, shared, conn::resume);
                 }
             }
             if !ok {
@@ -313,8 +313,7 @@ async fn send_conns(
     let (taken, kept): (Vec<_>, Vec<_>) = batch.into_iter().zip(taken).partition(|(_, t)| *t);
     let n = taken.len() as u64;
     for (m, _) in &taken {
-        let [bytes_in, bytes_out] =
-            (m.meta.metered).unwrap_or([m.meta.client_to_target, m.meta.target_to_client]);
+        let [bytes_in, bytes_out] = m.meta.counted();
         tracing::info!(
             conn = m.meta.id,
             app = %m.meta.app,
@@ -327,25 +326,17 @@ async fn send_conns(
     }
     // Closing our copies: the successor's keep the sockets open.
     drop(taken);
-    let kept = kept.into_iter().map(|(m, _)| m).collect();
-    if ok {
-        // The successor answered and left these: offered again, they
-        // would only park and come back until the handoff ends.
-        stay_here(kept, shared);
-    } else {
-        carry_on(kept, shared);
-    }
+    let kept: Vec<Moving> = kept.into_iter().map(|(m, _)| m).collect();
+    // Left by a successor that answered: offered again, they would only
+    // park and come back until the handoff ends.
+    let resume = if ok { conn::resume_here } else { conn::resume };
+    carry_on(kept, shared, resume);
     (n, ok)
 }
 
-fn carry_on(kept: Vec<Moving>, shared: &Arc<Shared>) {
+/// Connections that did not move carry on here, each through `resume`.
+fn carry_on(kept: Vec<Moving>, shared: &Arc<Shared>, resume: fn(&Arc<Shared>, Moving)) {
     for m in kept {
-        conn::resume(shared, m);
-    }
-}
-
-fn stay_here(kept: Vec<Moving>, shared: &Arc<Shared>) {
-    for m in kept {
-        conn::resume_here(shared, m);
+        resume(shared, m);
     }
 }
