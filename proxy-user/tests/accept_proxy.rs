@@ -271,6 +271,17 @@ async fn forged_malformed_and_slow_headers_are_refused() {
         assert_eq!(failed("untrusted", "untrusted"), 1.0);
         assert_eq!(failed("strict", "malformed"), 2.0);
         assert_eq!(failed("strict", "timeout"), 1.0);
+        // Every accepted client ends under some `end`: these four too.
+        for (app, n) in [("untrusted", 1.0), ("strict", 3.0)] {
+            let series =
+                |name: &str, end: &str| metric(&m, &format!(r#"{name}{{app="{app}"{end}}}"#));
+            assert_eq!(series("proxy_connections_accepted_total", ""), n);
+            assert_eq!(
+                series("proxy_connections_total", r#",end="proxy_header""#),
+                n,
+                "{m}"
+            );
+        }
         assert_eq!(
             echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
             0,

@@ -159,6 +159,17 @@ async fn successor_dies_after_the_maps() {
         here, 22,
         "streams closed by the old process; lines: {lines:?}"
     );
+    // Still in the kernel: a pair whose ring nobody reads any more hits
+    // its in-flight bound (the bulk streams, within half a second) and
+    // leaves, which would close just as cleanly.
+    let demoted: Vec<_> = lines
+        .iter()
+        .filter(|l| l["demoted"].as_u64().unwrap_or(0) > 0)
+        .collect();
+    assert!(
+        demoted.is_empty(),
+        "pairs left the kernel after the failed handoff: {demoted:?}"
+    );
     assert!(a.proxy.wait_exit(10).await.is_some_and(|st| st.success()));
 }
 

@@ -94,10 +94,13 @@ pub enum EndReason {
     ConnectFailed,
     /// Rejected at accept: connection limit reached.
     Limit,
+    /// An `AcceptProxyProtocol` app's client was reset for want of a good
+    /// PROXY header (untrusted source, malformed, closed, too slow).
+    ProxyHeader,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 9] = [
+    pub const ALL: [EndReason; 10] = [
         EndReason::Closed,
         EndReason::ClientReset,
         EndReason::TargetReset,
@@ -107,6 +110,7 @@ impl EndReason {
         EndReason::DrainTimeout,
         EndReason::ConnectFailed,
         EndReason::Limit,
+        EndReason::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +124,7 @@ impl EndReason {
             EndReason::DrainTimeout => "drain_timeout",
             EndReason::ConnectFailed => "connect_failed",
             EndReason::Limit => "limit",
+            EndReason::ProxyHeader => "proxy_header",
         }
     }
 }

@@ -129,7 +129,7 @@ pub(super) async fn admit_client(
             Err(f) => {
                 app.metrics.header_failed(f.reason);
                 if let Some(suppressed) = shared.limit_log.check() {
-                    tracing::warn!(app = %app.balancer.app, client = %peer, reason = f.reason.as_str(), error = %f.detail, suppressed, "PROXY header refused, resetting client");
+                    tracing::warn!(app = %app.balancer.app, client = %peer, reason = f.reason.as_str(), error = %f.detail, suppressed, end = EndReason::ProxyHeader.as_str(), "PROXY header refused, resetting client");
                 }
                 arm_reset(sock);
                 return None;

@@ -170,9 +170,11 @@ impl AppMetrics {
         self.ends[EndReason::Limit as usize].inc();
     }
 
-    /// A client was cut for want of a good PROXY header.
+    /// A client was cut for want of a good PROXY header: one of the
+    /// connections `accepted` counted ends here.
     pub fn header_failed(&self, why: HeaderFailure) {
         self.header_failures[why as usize].inc();
+        self.ends[EndReason::ProxyHeader as usize].inc();
     }
 
     /// Counts a connection as active until the guard drops.
