@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -22,6 +23,20 @@ const MAX_BODY: usize = 256 << 10;
 /// One end of a handoff connection.
 pub struct Link {
     sock: Socket,
+    /// The read timeout in force, in ms (0: none), so that a timeout
+    /// names the wait instead of reading "Resource temporarily unavailable".
+    wait_ms: AtomicU64,
+}
+
+/// Write timeout when reads have none.
+const SEND_WAIT: Duration = Duration::from_secs(10);
+
+/// A blocking call on a socket with a timeout returns EAGAIN when it fires.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl Link {
@@ -29,7 +44,10 @@ impl Link {
         sock.set_nonblocking(false)?;
         // Room for a batch of connection records in one datagram.
         let _ = sock.set_send_buffer_size(MAX_BODY * 2);
-        Ok(Link { sock })
+        Ok(Link {
+            sock,
+            wait_ms: AtomicU64::new(0),
+        })
     }
 
     /// Connects to a running proxy's handoff socket.
@@ -49,21 +67,44 @@ impl Link {
     /// How long `recv` waits; None: for ever.
     pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.sock.set_read_timeout(t)?;
-        self.sock
-            .set_write_timeout(t.or(Some(Duration::from_secs(10))))
+        self.sock.set_write_timeout(t.or(Some(SEND_WAIT)))?;
+        let ms = t.map_or(0, |t| t.as_millis().max(1) as u64);
+        self.wait_ms.store(ms, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The read timeout in force, also the write timeout if there is one.
+    fn wait(&self) -> Option<Duration> {
+        match self.wait_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 
     pub fn send<M: Serialize>(&self, msg: &M, fds: &[RawFd]) -> anyhow::Result<()> {
         assert!(fds.len() <= MAX_FDS, "too many fds in one handoff message");
         let body = serde_json::to_vec(msg).context("encoding a handoff message")?;
-        send_raw(self.sock.as_raw_fd(), &body, fds).context("sending a handoff message")
+        match send_raw(self.sock.as_raw_fd(), &body, fds) {
+            Err(e) if timed_out(&e) => bail!(
+                "sending a handoff message: the other process read nothing for {:?}",
+                self.wait().unwrap_or(SEND_WAIT)
+            ),
+            r => r.context("sending a handoff message"),
+        }
     }
 
     /// The next message and its fds; `Ok(None)` when the peer closed.
     pub fn recv<M: DeserializeOwned>(&self) -> anyhow::Result<Option<(M, Vec<OwnedFd>)>> {
-        let Some((body, fds)) =
-            recv_raw(self.sock.as_raw_fd()).context("reading a handoff message")?
-        else {
+        let got = match recv_raw(self.sock.as_raw_fd()) {
+            Err(e) if timed_out(&e) => {
+                bail!(
+                    "no handoff message within {:?}",
+                    self.wait().unwrap_or_default()
+                )
+            }
+            r => r.context("reading a handoff message")?,
+        };
+        let Some((body, fds)) = got else {
             return Ok(None);
         };
         let msg = serde_json::from_slice(&body).with_context(|| {
@@ -76,8 +117,12 @@ impl Link {
     }
 
     /// `recv` for a message that must come.
+    /// `what` names the step, for the error.
     pub fn expect<M: DeserializeOwned>(&self, what: &str) -> anyhow::Result<(M, Vec<OwnedFd>)> {
-        match self.recv()? {
+        match self
+            .recv()
+            .with_context(|| format!("waiting for the other process {what}"))?
+        {
             Some(m) => Ok(m),
             None => bail!("the other process closed the handoff socket before {what}"),
         }
@@ -214,5 +259,20 @@ mod tests {
         assert_eq!((m["n"].as_u64(), fds.len()), (Some(2), 0));
         drop(a);
         assert!(b.recv::<serde_json::Value>().unwrap().is_none());
+    }
+
+    /// A timeout says which step waited, and how long.
+    #[test]
+    fn a_timeout_names_the_step_and_the_wait() {
+        let (a, b) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        let (_a, b) = (Link::new(a).unwrap(), Link::new(b).unwrap());
+        b.set_timeout(Some(Duration::from_millis(50))).unwrap();
+        let e = b
+            .expect::<serde_json::Value>("adopting map sets")
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "waiting for the other process adopting map sets: no handoff message within 50ms"
+        );
     }
 }
