@@ -25,7 +25,7 @@ pub fn setup(needs: Needs) -> Result<()> {
     debian_package("promtool", &["prometheus"])?;
     // The fleet test starts its own etcd (never the system service) and
     // writes with etcdctl.
-    debian_package("etcd", &["etcd-server"])?;
+    server_package("etcd", &["etcd-server"], "etcd")?;
     debian_package("etcdctl", &["etcd-client"])?;
     // The etcd-client crate compiles etcd's .proto files when it builds;
     // they import protobuf's own (descriptor.proto...), which Debian ships
@@ -45,9 +45,9 @@ pub fn setup(needs: Needs) -> Result<()> {
     debian_package("sockperf", &["sockperf"])?;
     debian_package("iperf3", &["iperf3"])?;
     if needs.peers {
-        debian_package("haproxy", &["haproxy"])?;
+        server_package("haproxy", &["haproxy"], "haproxy")?;
         // nginx-core ships the stream module as a loadable module.
-        debian_package("nginx", &["nginx-core", "libnginx-mod-stream"])?;
+        server_package("nginx", &["nginx-core", "libnginx-mod-stream"], "nginx")?;
     }
     Ok(())
 }
@@ -158,6 +158,25 @@ fn debian_package(binary: &str, packages: &[&str]) -> Result<()> {
         &format!("`{binary}`"),
         packages,
     )
+}
+
+/// A server the tests and the bench start themselves, on their own ports:
+/// installed as `debian_package` does, and if it was installed here, its
+/// system service disabled, so that a reboot does not start Debian's own
+/// instance (nginx on :80, etcd on :2379). One that was there before is
+/// the machine owner's, and stays as it was.
+fn server_package(binary: &str, packages: &[&str], service: &str) -> Result<()> {
+    let present = |b: &str| succeeds(cmd("sh").args(["-c", &format!("command -v {b}")]));
+    let was_there = present(binary);
+    debian_package(binary, packages)?;
+    if !was_there && present("systemctl") {
+        // Works without a running systemd (it only removes the links).
+        cmd("systemctl")
+            .args(["disable", "--quiet", service])
+            .run()
+            .with_context(|| format!("disabling the {service} service setup installed"))?;
+    }
+    Ok(())
 }
 
 /// Installs Debian's `packages` unless the shell test `present` passes;
