@@ -475,6 +475,21 @@ pub fn render(registry: &Registry) -> String {
 mod tests {
     use super::*;
 
+    /// The per-app arrays are indexed by `label as usize`: each `ALL` must
+    /// list its labels in declaration order, or a count lands under
+    /// another label's series.
+    #[test]
+    fn every_label_indexes_its_own_slot() {
+        macro_rules! in_order {
+            ($($t:ty),*) => {$(
+                for (i, l) in <$t>::ALL.iter().enumerate() {
+                    assert_eq!(*l as usize, i, "{}::ALL[{i}] is {}", stringify!($t), l.as_str());
+                }
+            )*};
+        }
+        in_order!(EndReason, Plane, Limit, Direction, HeaderFailure, Demotion);
+    }
+
     #[test]
     fn renders_counters_and_escapes_labels() {
         let mut registry = Registry::default();

@@ -149,7 +149,7 @@ impl Takeover {
                 &[],
             )?;
             l.set_timeout(Some(STOPPED_WAIT))?;
-            match l.expect("stopping")?.0 {
+            match l.expect("confirming it stopped accepting")?.0 {
                 Msg::Stopped => Ok(()),
                 other => bail!("expected stopped, got {other:?}"),
             }

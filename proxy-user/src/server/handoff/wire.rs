@@ -95,14 +95,11 @@ impl Link {
 
     /// The next message and its fds; `Ok(None)` when the peer closed.
     pub fn recv<M: DeserializeOwned>(&self) -> anyhow::Result<Option<(M, Vec<OwnedFd>)>> {
-        let got = match recv_raw(self.sock.as_raw_fd()) {
-            Err(e) if timed_out(&e) => {
-                bail!(
-                    "no handoff message within {:?}",
-                    self.wait().unwrap_or_default()
-                )
+        let got = match (recv_raw(self.sock.as_raw_fd()), self.wait()) {
+            (Err(e), Some(wait)) if timed_out(&e) => {
+                bail!("no handoff message within {wait:?}")
             }
-            r => r.context("reading a handoff message")?,
+            (r, _) => r.context("reading a handoff message")?,
         };
         let Some((body, fds)) = got else {
             return Ok(None);
