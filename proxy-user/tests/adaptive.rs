@@ -102,6 +102,9 @@ async fn quiet_connection_moves_into_the_kernel_and_back_out_exact() {
     assert_eq!(line["end"], "closed", "{line}");
     let after = line["promoted_ms"].as_u64().expect("promoted_ms");
     assert!(after >= 400, "not before two watch periods: {line}");
+    // ... and back out: the bulk is busy, whichever way it turned.
+    let out = line["demoted"].as_u64().unwrap_or(0);
+    assert!(out >= 1, "the bulk left the pair in the kernel: {line}");
     let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
     assert_eq!(
         metric(&metrics, r#"proxy_promotions_total{app="app"}"#),
@@ -133,10 +136,16 @@ async fn short_connections_never_pay_an_install() {
         }
     })
     .await;
-    proxy.wait_conn_lines(200, 10).await;
-    for line in proxy.conn_lines() {
+    let lines = proxy.wait_conn_lines(200, 10).await;
+    assert_eq!(lines.len(), 200);
+    for line in lines {
         assert_eq!(line["plane"], "splice", "{line}");
     }
+    let metrics = http_get(&admin_addr(&proxy), "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, r#"proxy_promotions_total{app="app"}"#),
+        0.0
+    );
 }
 
 /// Without `--promote-after` auto never touches the kernel.

@@ -160,6 +160,7 @@ async fn connect_failure_resets_the_client(mode: &str) {
     })
     .await;
     let lines = proxy.wait_conn_lines(5, 5).await;
+    assert_eq!(lines.len(), 5, "{mode}: {lines:?}");
     assert!(lines.iter().all(|l| l["end"] == "connect_failed"));
     // Each has its close line; the warning is paced (one a second), so a
     // flood against dead targets is no log flood.
@@ -249,6 +250,9 @@ async fn fastpath_client_reset_while_the_kernel_drains() {
         Duration::from_secs(1),
     )
     .await;
+    // The case named: the direction had been demoted when the reset came.
+    let line = &proxy.conn_lines()[0];
+    assert!(line["demoted"].as_u64().unwrap_or(0) >= 1, "{line}");
 }
 
 /// A target that accepts and never reads.
@@ -306,7 +310,7 @@ async fn assert_freed_by_client_reset(
 /// client no more after its FIN, yet must notice the reset at once and
 /// pass it on, not hold the target until the server-fin timeout (1 min).
 async fn client_reset_after_its_fin_reaches_the_target(mode: &str) {
-    let (seen, mut target_saw) = tokio::sync::mpsc::channel::<&str>(2);
+    let (seen, mut target_saw) = tokio::sync::mpsc::channel::<&str>(3);
     let computing = Backend::with("computing", move |mut s: TcpStream| {
         let seen = seen.clone();
         async move {
@@ -322,6 +326,16 @@ async fn client_reset_after_its_fin_reaches_the_target(mode: &str) {
             let mut sink = Vec::new();
             let _ = s.read_to_end(&mut sink).await;
             let _ = seen.send("end").await;
+            // Past its EOF a read says nothing more; the socket's error
+            // shows the reset the proxy must pass on (EPIPE in CLOSE_WAIT).
+            let waiting = Instant::now();
+            while waiting.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = s.take_error() {
+                    let _ = seen.send("reset").await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
     })
@@ -349,4 +363,7 @@ async fn client_reset_after_its_fin_reaches_the_target(mode: &str) {
         _ => &[mode],
     };
     assert_freed_by_client_reset(&proxy, mode, planes, reset_at, Duration::from_secs(2)).await;
+    // The target saw the reset, not a connection left open.
+    let saw = tokio::time::timeout(Duration::from_secs(2), target_saw.recv()).await;
+    assert_eq!(saw, Ok(Some("reset")), "{mode}: the target was not reset");
 }

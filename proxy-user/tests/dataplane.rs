@@ -163,6 +163,7 @@ async fn partial_then_reset(mode: &str, pause: Duration, rounds: usize) {
     })
     .await;
     let lines = proxy.wait_conn_lines(rounds, 5).await;
+    assert_eq!(lines.len(), rounds, "{lines:?}");
     assert!(
         lines.iter().all(|l| l["end"] == "target_reset"),
         "{lines:?}"

@@ -128,6 +128,16 @@ async fn stress_mode((mode, extra): (&str, &[&str]), streams: usize, max_len: u6
             proxy.log_path.display()
         );
     }
+    if (mode, extra) == FASTPATH {
+        // A stress of the kernel's demotions, not of the copy fallback:
+        // most pairs installed, and the small bound demoted many.
+        let installed = lines.iter().filter(|l| l["plane"] == "fastpath").count();
+        assert!(
+            installed >= streams / 2 && demotions >= streams / 4,
+            "{installed} of {streams} streams installed, {demotions} demotions; log at {}",
+            proxy.log_path.display()
+        );
+    }
     if (mode, extra) == AUTO_BUSY {
         assert!(
             busy as usize >= streams / 4,

@@ -506,6 +506,12 @@ async fn full_speed_bulk_ends_at_its_fin() {
         let sent = bounded(60, "a full-speed bulk stream", async move {
             let mut gen = SeqGen::new(tag, LEN);
             let mut buf = vec![0u8; 256 * 1024];
+            // The first word, then a pause the pair installs in: a sender
+            // that never pauses stays on the pre-install copy to its FIN,
+            // and the kernel carries nothing.
+            let n = gen.fill(&mut buf[..8]);
+            w.write_all(&buf[..n]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
             loop {
                 let n = gen.fill(&mut buf);
                 if n == 0 {
@@ -524,4 +530,16 @@ async fn full_speed_bulk_ends_at_its_fin() {
         .await;
         assert_eq!(answer.trim(), format!("{tag} {LEN} ok"), "stream {i}");
     }
+    // Through the kernel, as the bench's bulk is: installed (not left on the
+    // copy fallback, which `Proxy`'s plane check allows), and demoted by the
+    // bound at least once while bytes poured in.
+    let lines = proxy.wait_conn_lines(STREAMS as usize, 10).await;
+    assert_eq!(lines.len(), STREAMS as usize, "{lines:?}");
+    let not_installed: Vec<_> = lines.iter().filter(|l| l["plane"] != "fastpath").collect();
+    assert!(
+        not_installed.is_empty(),
+        "streams the kernel never carried: {not_installed:?}"
+    );
+    let demoted: u64 = lines.iter().filter_map(|l| l["demoted"].as_u64()).sum();
+    assert!(demoted >= 1, "no direction was demoted: {lines:?}");
 }

@@ -188,6 +188,13 @@ async fn demotion_with_bytes_in_flight_is_exact() {
         .collect();
     bounded(50, "demoted echo", all_exact(proxy, &streams)).await;
     assert_demoted(proxy, 2);
+    // Both ways on one pair, the case this exists for; not two one-way
+    // demotions on different pairs.
+    let lines = proxy.wait_conn_lines(streams.len(), 10).await;
+    assert!(
+        lines.iter().any(|l| l["demoted"] == 2),
+        "no pair had both directions demoted: {lines:?}"
+    );
 }
 
 /// The suite's own proof: the same redirect check run against a verdict

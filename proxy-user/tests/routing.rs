@@ -290,6 +290,11 @@ async fn listens_on_ipv6_any_address(mode: &str) {
     bounded(30, "dual stack", echo_check(proxy.addr(0, 0), 1, 200_000))
         .await
         .unwrap();
+    // And IPv6 clients: a 0.0.0.0 listener would pass the check above.
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, proxy.addr(0, 0).port()));
+    bounded(30, "IPv6 client", echo_check(v6, 2, 200_000))
+        .await
+        .unwrap();
     let ready = proxy
         .log_lines()
         .into_iter()

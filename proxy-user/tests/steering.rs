@@ -15,18 +15,22 @@ use tokio::net::TcpStream;
 
 planes!(two_apps_with_ranges_and_reload);
 
-/// Sockets the process holds, from /proc (listeners and connections).
-/// The BPF links the process holds to a network namespace (sk_lookup
-/// attachments), from the fdinfo the kernel writes for each link fd.
-fn netns_links(pid: i32) -> usize {
+/// The ids of the BPF links the process holds to a network namespace
+/// (sk_lookup attachments), from the fdinfo the kernel writes for each link.
+fn netns_links(pid: i32) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return 0;
+        return Vec::new();
     };
     dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .filter(|info| info.lines().any(|l| l == "link_type:\tnetns"))
-        .count()
+        .filter_map(|info| {
+            let id = info.lines().find_map(|l| l.strip_prefix("link_id:\t"))?;
+            Some(id.to_string())
+        })
+        .collect()
 }
 
+/// Sockets the process holds, from /proc (listeners and connections).
 fn socket_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
@@ -131,7 +135,7 @@ async fn two_apps_with_ranges_and_reload(mode: &str) {
     )
     .await;
     let at = |off: u16| format!("{ip}:{}", base + off);
-    bounded(60, "two apps", async {
+    let attached = bounded(60, "two apps", async {
         for off in [0, 1, 250, 499, 1_000] {
             assert_eq!(id_at(&at(off)).await.unwrap(), "a", "offset {off}");
         }
@@ -148,6 +152,8 @@ async fn two_apps_with_ranges_and_reload(mode: &str) {
             {"Name": "x", "Ports": [r(0, 599)], "Targets": [a.target()]},
             {"Name": "y", "Ports": [r(600, 999), r(2_000, 2_999)], "Targets": [b.target()]},
         ]});
+        let attached = netns_links(proxy.pid());
+        assert_eq!(attached.len(), 1, "one sk_lookup link: {attached:?}");
         replace_config(&proxy, &config.to_string());
         // PORTS is rewritten entry by entry, so each port switches on its
         // own; every one must follow within the second.
@@ -174,12 +180,14 @@ async fn two_apps_with_ranges_and_reload(mode: &str) {
         // including one on the port that moved and one on the removed port.
         echo_check_stream(live_x, 1, 1 << 20).await.unwrap();
         echo_check_stream(live_y, 2, 1 << 20).await.unwrap();
+        attached
     })
     .await;
     let log = proxy.log();
     assert!(log.contains("sk_lookup ports updated"), "{log}");
-    // The reload rewrote the map: the program is still attached once.
-    assert_eq!(netns_links(proxy.pid()), 1, "{log}");
+    // The reload rewrote the map: the program is still attached once, by
+    // the same link.
+    assert_eq!(netns_links(proxy.pid()), attached, "{log}");
 }
 
 /// A target on a steered port at the steered address would be steered

@@ -179,6 +179,17 @@ pub struct Seen {
 
 impl Traffic {
     pub fn start(addr: SocketAddr, slow: u64, bulk: u64, workers: usize) -> Traffic {
+        Traffic::paced(addr, slow, bulk, 8192, workers)
+    }
+
+    /// `start` with bulk streams of `bulk_words` 8-byte words a millisecond.
+    pub fn paced(
+        addr: SocketAddr,
+        slow: u64,
+        bulk: u64,
+        bulk_words: u64,
+        workers: usize,
+    ) -> Traffic {
         let stop_streams = Arc::new(AtomicBool::new(false));
         let stop_load = Arc::new(AtomicBool::new(false));
         let mut streams: Vec<_> = (0..slow)
@@ -198,7 +209,7 @@ impl Traffic {
             tokio::spawn(long_stream(
                 addr,
                 1000 + i,
-                8192,
+                bulk_words,
                 Duration::from_millis(1),
                 stop,
             ))
