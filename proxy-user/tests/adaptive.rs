@@ -440,6 +440,7 @@ async fn many_connections_turn_busy_and_lose_nothing() {
         "{} connections: {promoted} promoted, {busy} directions left busy",
         lines.len()
     );
+    assert_eq!(lines.len(), 2 * CONNS as usize, "{lines:?}");
     assert!(lines.iter().all(|l| l["end"] == "closed"), "{lines:?}");
     // Measured: all 32 promoted, all 64 directions left busy (3 runs).
     assert!(promoted as u64 >= CONNS, "too few promoted: {lines:?}");

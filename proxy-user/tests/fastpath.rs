@@ -163,9 +163,10 @@ async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     r.read_exact(&mut greeting).await.unwrap();
     assert_eq!(&greeting, GREETING);
     let promotes = !extra.is_empty();
-    if promotes {
-        // Quiet but for the greeting, so that the promotion finds both
-        // directions empty.
+    if promotes || mode == "fastpath" {
+        // Quiet but for the greeting, so that the promotion (or the
+        // fastpath's install) finds both directions empty; a flood from
+        // the first moment keeps a fastpath pair on its pre-install copy.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let sender = tokio::spawn(async move { send_payload(&mut w, 11, LEN, 256 * 1024).await });
@@ -207,6 +208,10 @@ async fn slow_receiver_bounded_with(mode: &str, extra: &[&str]) {
     let mut answer = String::new();
     r.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer.trim(), format!("{LEN} {}", sha_hex(&sent)));
+    if mode == "fastpath" {
+        let line = &proxy.wait_conn_lines(1, 10).await[0];
+        assert_eq!(line["plane"], "fastpath", "the kernel carried it: {line}");
+    }
     if promotes {
         let line = &proxy.wait_conn_lines(1, 10).await[0];
         // Before the flood began, so the slow phase ran on the fastpath.

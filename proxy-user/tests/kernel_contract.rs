@@ -110,6 +110,7 @@ async fn redirect_is_exact_both_ways_under_hog() {
         "nothing may be demoted at a 4 GiB bound"
     );
     let lines = proxy.wait_conn_lines(4, 10).await;
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(
         lines.iter().all(|l| l["plane"] == "fastpath"),
         "every stream must be installed: {lines:?}"
@@ -242,6 +243,7 @@ async fn a_dropped_skb_is_caught() {
         proxy.log_path.display()
     );
     let lines = proxy.wait_conn_lines(3, 10).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(
         lines.iter().all(|l| l["end"] != "closed"),
         "a stream with a hole must not close cleanly: {lines:?}"

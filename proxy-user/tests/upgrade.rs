@@ -129,6 +129,8 @@ async fn upgrades_in_a_row(
         "new connections failed: {:?}",
         &failures[..failures.len().min(10)]
     );
+    // No failures and no connections would mean the load never ran.
+    assert!(ok > 0, "the new-connection load made no connection");
     let all = STREAMS + BULK;
     assert!(
         moved >= all * upgrades as u64,

@@ -209,7 +209,7 @@ async fn userspace_streams_move_into_a_fastpath_process() {
         let lines = b.proxy.wait_conn_lines(8, 10).await;
         let kernel = lines.iter().filter(|l| l["plane"] == "fastpath").count();
         assert!(
-            lines.iter().all(|l| l["end"] == "closed") && kernel > 0,
+            lines.len() == 8 && lines.iter().all(|l| l["end"] == "closed") && kernel == 8,
             "moved streams must close cleanly, in the kernel: {lines:?}"
         );
     })
@@ -241,6 +241,7 @@ async fn a_late_answer_moves_nothing() {
         let seen = traffic.finish(&a.proxy.log_path).await;
         assert!(seen.bytes > 0);
         let kept = a.proxy.wait_conn_lines(8, 20).await;
+        assert_eq!(kept.len(), 8, "{kept:?}");
         assert!(
             kept.iter().all(|l| l["end"] == "closed"),
             "the old process closes every stream cleanly: {kept:?}"
@@ -378,6 +379,9 @@ async fn a_moved_pair_is_metered_once() {
             metric(&text, series) as u64
         };
         let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        // Silent until the pair is installed, so that the kernel carries
+        // the first bytes (the case this is about), not the pre-install copy.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         exchange(&mut conn, 7, 0, 200_000).await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while bytes_in().await < 200_000 {

@@ -131,7 +131,9 @@ impl Load {
 
     pub async fn finish(self) -> (u64, Vec<String>) {
         for t in self.tasks {
-            let _ = t.await;
+            // A worker that panicked would otherwise count as one that
+            // made no connection and saw no failure.
+            t.await.expect("a load worker panicked");
         }
         let f = self.failures.lock().unwrap().clone();
         (self.ok.load(Ordering::Relaxed), f)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -191,7 +192,13 @@ func TestFaults(t *testing.T) {
 			c := nc.(*net.TCPConn)
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(10 * time.Second))
-			got, _ := sendAndHalfClose(t, c, make([]byte, tt.payload))
+			got, err := sendAndHalfClose(t, c, make([]byte, tt.payload))
+			// EOF or a reset ends it; a fault that left the connection
+			// hanging shows as the deadline.
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("the fault did not end the connection: %v", err)
+			}
 			if len(got) > tt.maxGot {
 				t.Fatalf("got %d bytes, want at most %d", len(got), tt.maxGot)
 			}
