@@ -35,14 +35,18 @@ fn alert_rules_pass_promtool() {
     );
 }
 
-/// `proxy_...` and `process_...` names in `text`.
+/// `proxy_...` and `process_...` names in `text`; not one that follows a
+/// `|`, an alternative in a label matcher's regex (`end!~"limit|proxy_header"`).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         let rest = &text[i..];
-        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        let starts_word = i == 0
+            || !(bytes[i - 1].is_ascii_alphanumeric()
+                || bytes[i - 1] == b'_'
+                || bytes[i - 1] == b'|');
         if starts_word && (rest.starts_with("proxy_") || rest.starts_with("process_")) {
             let len = rest
                 .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
