@@ -248,7 +248,7 @@ impl Metrics {
                 r,
                 "proxy_connections_accepted",
                 "Client connections accepted by a listener, by app \
-                 (including ones then refused by a limit)",
+                 (including ones then refused by a limit or reset for their PROXY header)",
             ),
             refused: registered(
                 r,
@@ -260,7 +260,7 @@ impl Metrics {
                 r,
                 "proxy_connections",
                 "Client connections that ended, by app and how they ended \
-                 (limit = refused at accept)",
+                 (limit = refused at accept; proxy_header = reset for a bad PROXY header)",
             ),
             planes: registered(
                 r,
