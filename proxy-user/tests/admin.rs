@@ -130,10 +130,8 @@ async fn known_traffic_counts_exactly(mode: &str) {
         for (i, len) in sizes.iter().enumerate() {
             let mut s = TcpStream::connect(proxy.addr(0, i % 2)).await.unwrap();
             if mode == "fastpath" {
-                // Silent until the pair is installed: the counts below are
-                // then of bytes the kernel carried, where a request sent
-                // with its FIN at once stays on the copy fallback.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The counts below are then of bytes the kernel carried.
+                let_the_fastpath_install().await;
             }
             let (mut r, mut w) = s.split();
             let send = async {

@@ -511,12 +511,10 @@ async fn full_speed_bulk_ends_at_its_fin() {
         let sent = bounded(60, "a full-speed bulk stream", async move {
             let mut gen = SeqGen::new(tag, LEN);
             let mut buf = vec![0u8; 256 * 1024];
-            // The first word, then a pause the pair installs in: a sender
-            // that never pauses stays on the pre-install copy to its FIN,
-            // and the kernel carries nothing.
+            // The first word, then a pause the pair installs in.
             let n = gen.fill(&mut buf[..8]);
             w.write_all(&buf[..n]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let_the_fastpath_install().await;
             loop {
                 let n = gen.fill(&mut buf);
                 if n == 0 {

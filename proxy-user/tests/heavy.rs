@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 
@@ -21,9 +21,7 @@ async fn one_gib_both_ways(mode: &str) {
     let s = tokio::net::TcpStream::connect(proxy.addr(0, 0))
         .await
         .unwrap();
-    // Silent until the fastpath installs the pair: a client that sends at
-    // once stays on its pre-install copy, and the kernel carries nothing.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let_the_fastpath_install().await;
     let started = Instant::now();
     bounded(400, "1 GiB echo", echo_check_stream(s, 42, len))
         .await
@@ -37,9 +35,7 @@ async fn one_gib_both_ways(mode: &str) {
     assert_eq!(lines[0]["bytes_in"], len);
     assert_eq!(lines[0]["bytes_out"], len);
     assert_eq!(lines[0]["end"], "closed");
-    // auto carries bulk on splice.
-    let plane = if mode == "auto" { "splice" } else { mode };
-    assert_eq!(lines[0]["plane"], plane, "{}", lines[0]);
+    assert_eq!(lines[0]["plane"], unpromoted_plane(mode), "{}", lines[0]);
 }
 
 /// 1,000 connections open at once, each with its own SHA-checked payload.

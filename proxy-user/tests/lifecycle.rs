@@ -81,21 +81,10 @@ async fn sigterm_drains_live_transfer(mode: &str) {
     assert_eq!(transfer[0]["end"], "closed");
     assert_eq!(
         transfer[0]["plane"],
-        short_lived_plane(mode),
+        unpromoted_plane(mode),
         "{}",
         transfer[0]
     );
-}
-
-/// The plane that carries a connection of a second or two through `mode`:
-/// auto watches two periods before a move, and the fastpath installs a
-/// pair whose client paused (these tests' clients do).
-fn short_lived_plane(mode: &str) -> &str {
-    if mode == "auto" {
-        "splice"
-    } else {
-        mode
-    }
 }
 
 /// Connections still open at --drain-timeout are cut; the proxy exits 0.
@@ -112,9 +101,8 @@ async fn drain_timeout_cuts_the_rest(mode: &str) {
         s.write_all(b"hi").await.unwrap();
         let mut b = [0u8; 2];
         s.read_exact(&mut b).await.unwrap();
-        // Quiet for a moment: the fastpath installs the pair in it, so the
-        // drain deadline cuts a pair the kernel carries.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The drain deadline then cuts a pair the kernel carries.
+        let_the_fastpath_install().await;
         let t = Instant::now();
         proxy.signal(libc::SIGTERM);
         let status = proxy.wait_exit(10).await.expect("exits");
@@ -137,7 +125,7 @@ async fn drain_timeout_cuts_the_rest(mode: &str) {
     let lines = proxy.conn_lines();
     assert_eq!(lines.len(), 1, "{}", proxy.log());
     assert_eq!(lines[0]["end"], "drain_timeout");
-    assert_eq!(lines[0]["plane"], short_lived_plane(mode), "{}", lines[0]);
+    assert_eq!(lines[0]["plane"], unpromoted_plane(mode), "{}", lines[0]);
 }
 
 /// A second SIGTERM/SIGINT during the drain exits immediately.

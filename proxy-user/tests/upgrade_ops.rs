@@ -379,9 +379,8 @@ async fn a_moved_pair_is_metered_once() {
             metric(&text, series) as u64
         };
         let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        // Silent until the pair is installed, so that the kernel carries
-        // the first bytes (the case this is about), not the pre-install copy.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The kernel carries the first bytes too: the case this is about.
+        let_the_fastpath_install().await;
         exchange(&mut conn, 7, 0, 200_000).await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while bytes_in().await < 200_000 {

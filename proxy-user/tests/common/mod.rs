@@ -1127,6 +1127,27 @@ pub async fn http_request(
 }
 
 /// The value of one series (`name{labels}` exactly as rendered) in Prometheus text.
+/// A client's moment of silence (after connecting, or after its first
+/// bytes) in which `--mode fastpath` installs the pair. A client that sends
+/// from its first moment is carried to its FIN by the pre-install copy and
+/// ends on `copy-fallback`, which `check_planes` accepts: a test about the
+/// kernel calls this, then asserts the plane.
+pub async fn let_the_fastpath_install() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// The plane that carries, through `mode`, a connection that paused for
+/// `let_the_fastpath_install` and is bulk or lives a second or two: auto
+/// keeps it on splice (busy, or gone before two watch periods), every other
+/// mode carries it itself.
+pub fn unpromoted_plane(mode: &str) -> &str {
+    if mode == "auto" {
+        "splice"
+    } else {
+        mode
+    }
+}
+
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
