@@ -299,6 +299,58 @@ async fn usr2_restarts_and_usr1_is_ignored() {
     }
 }
 
+/// A proxy started by a bare name (the shell found it in PATH) upgrades
+/// to the binary installed there since. Before, it took /proc/self/exe,
+/// which names the replaced file as "PATH (deleted)", and could not start
+/// the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usr2_finds_a_replaced_binary_through_path() {
+    let s = Setup::new("copy").await;
+    let dir = scratch("bin");
+    std::fs::create_dir(&dir).unwrap();
+    let installed = dir.join("proxy");
+    std::fs::copy(PROXY, &installed).unwrap();
+    let mut path = std::ffi::OsString::from(&dir);
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let path = std::path::PathBuf::from(path);
+    let mut old = s.spawn_env(
+        Path::new("proxy"),
+        &s.config,
+        false,
+        &[],
+        &[("PATH", &path)],
+    );
+    old.wait_ready().await.unwrap();
+    one_exchange(s.addr, 1).await.unwrap();
+
+    // An install: a new file (a new inode) under the same name.
+    std::fs::remove_file(&installed).unwrap();
+    std::fs::copy(PROXY, &installed).unwrap();
+    old.signal(libc::SIGUSR2);
+    let handed_over = old.wait_exit(15).await.is_some_and(|st| st.success());
+    let log = old.log();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(handed_over, "old proxy did not hand over; log:\n{log}");
+    let successor: i32 = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
+        .and_then(|v| v["successor"].as_i64())
+        .expect("successor pid logged") as i32;
+    for i in 0..5 {
+        one_exchange(s.addr, 100 + i).await.unwrap();
+    }
+    // SAFETY: plain kill(2) of the successor this test caused.
+    unsafe { libc::kill(successor, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(successor, 0) } == 0 {
+        assert!(Instant::now() < deadline, "successor did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// systemd's view: READY with MAINPID at start, RELOADING then READY
 /// around a reload, MAINPID of the new process on an upgrade (from both),
 /// STOPPING at shutdown; all to $NOTIFY_SOCKET.

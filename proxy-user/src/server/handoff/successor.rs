@@ -11,12 +11,14 @@ use anyhow::Context;
 pub fn spawn(handoff: &Path) -> anyhow::Result<u32> {
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
-    // argv[0] names the installed file; /proc/self/exe would name the
-    // inode we run from, which an install replaced.
-    let exe = if argv0.to_string_lossy().contains('/') {
-        PathBuf::from(&argv0)
-    } else {
+    // argv[0] names the installed file, as the shell or systemd found it: a
+    // bare name is looked up in PATH again, as the shell did (spawn does
+    // that for a name without a slash). /proc/self/exe would name the inode
+    // we run from, which an install replaced: "/usr/bin/proxy (deleted)".
+    let exe = if argv0.is_empty() {
         std::env::current_exe().context("locating this binary")?
+    } else {
+        PathBuf::from(&argv0)
     };
     let mut rest: Vec<OsString> = Vec::new();
     let mut skip = false;
