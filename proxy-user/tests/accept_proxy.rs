@@ -7,8 +7,10 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
+use common::generations::{scratch, Setup};
 use common::seq::{SeqCheck, SeqGen};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -289,4 +291,52 @@ async fn forged_malformed_and_slow_headers_are_refused() {
         );
     })
     .await;
+}
+
+/// A connection an upgrade moves keeps the address its client's PROXY
+/// header named: the new process's access log says where the client
+/// connected (the load balancer's front), not the proxy's own address,
+/// which is all the moved socket can tell it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_connection_keeps_its_header_addresses() {
+    let access = scratch("access.jsonl");
+    let access_arg = access.display().to_string();
+    let s = Setup::with("copy", &["--access-log", &access_arg]).await;
+    let backend = Backend::echo("echo").await;
+    let mut app = AppSpec::new("app", 1, vec![backend.target()]);
+    app.extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.0/8", "1s"));
+    let config = write_temp("config.json", &config_json(&[app], &[vec![s.addr.port()]]));
+    let proxy = Path::new(PROXY);
+    let mut old = s.launch(proxy, &config, false).await.unwrap();
+    let line = bounded(40, "a moved connection", async {
+        let mut c = through(s.addr, "203.0.113.7:4444").await.unwrap();
+        let mut new = s.launch(proxy, &config, true).await.unwrap();
+        assert!(
+            old.proxy.wait_exit(15).await.is_some_and(|st| st.success()),
+            "old proxy did not hand over; log:\n{}",
+            old.proxy.log()
+        );
+        // Carried by the new process now, to its end.
+        c.write_all(b"pong").await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"pong");
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        let lines = new.proxy.wait_conn_lines(1, 10).await;
+        assert_eq!(lines.len(), 1, "close lines: {lines:?}");
+        new.proxy.signal(libc::SIGTERM);
+        new.proxy.wait_exit(15).await;
+        let text = std::fs::read_to_string(&access).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["client"] == "203.0.113.7:4444")
+            .unwrap_or_else(|| panic!("no access-log entry for the client:\n{text}"))
+    })
+    .await;
+    let _ = std::fs::remove_file(&access);
+    assert_eq!(line["local"], "198.51.100.1:443", "{line}");
+    assert_eq!(line["bytes_in"], 8, "{line}");
 }

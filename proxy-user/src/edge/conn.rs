@@ -124,6 +124,16 @@ impl Upstream {
     };
 }
 
+/// What the close line says of the connection's two ends: the address the
+/// client connected to (where known: the client's PROXY header, or the
+/// socket when the access log wants it) and where it got to upstream. It
+/// moves with the connection at an upgrade, so the new process logs what
+/// the first one would have.
+struct Ends {
+    local: Option<SocketAddr>,
+    upstream: Upstream,
+}
+
 impl Conn {
     fn admitted(
         client: SocketAddr,
@@ -217,8 +227,7 @@ impl Conn {
                 upstream,
                 info,
                 mut sampler,
-                local,
-                record,
+                ends,
                 guard,
             }) = set_up.await
             else {
@@ -230,7 +239,7 @@ impl Conn {
                 client,
                 upstream,
                 &info,
-                &record,
+                &ends,
                 Prior::default(),
                 None,
             ));
@@ -242,7 +251,7 @@ impl Conn {
             };
             drop(guard);
             match transfer {
-                Ok(transfer) => (*conn).close(&shared, local, record, &transfer, tally),
+                Ok(transfer) => (*conn).close(&shared, ends, &transfer, tally),
                 // Handed over to a new process, which writes the close line
                 // and counts the bytes from here on: this one counts its own.
                 Err([c2t, t2c]) => tally.advance(&conn.app.metrics, c2t, t2c),
@@ -283,7 +292,11 @@ impl Conn {
             _ = signals.wait_for(|s| s.hard_stop) => {
                 arm_reset(&client);
                 let t = Transfer::none(EndReason::DrainTimeout);
-                (*self).close(&shared, local, Upstream::NONE, &t, ByteTally::default());
+                let ends = Ends {
+                    local,
+                    upstream: Upstream::NONE,
+                };
+                (*self).close(&shared, ends, &t, ByteTally::default());
                 return None;
             }
         };
@@ -304,7 +317,7 @@ impl Conn {
                     ..Upstream::NONE
                 };
                 let t = Transfer::none(EndReason::ConnectFailed);
-                (*self).close(&shared, local, upstream, &t, ByteTally::default());
+                (*self).close(&shared, Ends { local, upstream }, &t, ByteTally::default());
                 return None;
             }
         };
@@ -331,7 +344,11 @@ impl Conn {
                     arm_reset(&client);
                     arm_reset(&c.stream);
                     let t = Transfer::none(EndReason::TargetReset);
-                    (*self).close(&shared, local, record, &t, ByteTally::default());
+                    let ends = Ends {
+                        local,
+                        upstream: record,
+                    };
+                    (*self).close(&shared, ends, &t, ByteTally::default());
                     return None;
                 }
             }
@@ -342,8 +359,10 @@ impl Conn {
                 .then(|| Sampler::new(&client, &c.stream, header)),
             client,
             upstream: c.stream,
-            local,
-            record,
+            ends: Ends {
+                local,
+                upstream: record,
+            },
             guard: c.guard,
             conn: self,
             shared,
@@ -362,9 +381,7 @@ struct Ready {
     /// Reads the bytes moved while it is carried (`--bytes-flush-interval`).
     /// (Paced by `Shared::flush_clock`.)
     sampler: Option<Sampler>,
-    /// The address the client connected to, where known.
-    local: Option<SocketAddr>,
-    record: Upstream,
+    ends: Ends,
     /// Keeps the target's active count for the connection's life.
     guard: ActiveGuard,
 }

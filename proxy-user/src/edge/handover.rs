@@ -62,6 +62,12 @@ pub struct MovedMeta {
     /// Accept to an established target connection, in the first process.
     #[serde(default)]
     pub connect_us: u64,
+    /// The address the client connected to, where the first process knew
+    /// it (its client's PROXY header says it, and the moved socket's own
+    /// address is the proxy's). None: the socket's, as an older giver
+    /// assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<SocketAddr>,
 }
 
 impl MovedMeta {

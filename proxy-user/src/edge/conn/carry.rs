@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{Conn, Upstream};
+use super::{Conn, Ends, Upstream};
 use crate::dataplane::{ConnInfo, DataPlane, FastLedger, PairHold, Parking, Transfer};
 use crate::edge::handover::{MovedMeta, Moving};
 use crate::edge::live::{self, Sampler};
@@ -68,7 +68,12 @@ impl Conn {
         };
         let [c2t, t2c] = meta.counted();
         let resume = meta.fastpath.zip(hold).map(Box::new);
-        let local = client.local_addr().ok();
+        let ends = Ends {
+            // From the first process when its client's PROXY header said it:
+            // this socket's own address is the proxy's.
+            local: meta.local.or_else(|| client.local_addr().ok()),
+            upstream,
+        };
         // Counted against its target (least-connections, the active gauge)
         // as one connected here; none when a reload dropped the target.
         let target = (self.app.balancer.backends.iter())
@@ -81,7 +86,7 @@ impl Conn {
             let mut tally = ByteTally::counted(c2t, t2c);
             let mut sampler = sampler;
             let carry =
-                Box::pin(self.carry(&shared, client, to_target, &info, &upstream, prior, resume));
+                Box::pin(self.carry(&shared, client, to_target, &info, &ends, prior, resume));
             let carried = match (&mut sampler, &shared.flush_clock) {
                 (Some(sampler), Some(clock)) => {
                     live::carry_counting(carry, sampler, clock, &self.app.metrics, &mut tally).await
@@ -89,7 +94,7 @@ impl Conn {
                 _ => carry.await,
             };
             match carried {
-                Ok(t) => self.close(&shared, local, upstream, &t, tally),
+                Ok(t) => self.close(&shared, ends, &t, tally),
                 Err([c2t, t2c]) => tally.advance(&self.app.metrics, c2t, t2c),
             }
         }
@@ -115,7 +120,7 @@ impl Conn {
         client: TcpStream,
         upstream: TcpStream,
         info: &'a ConnInfo,
-        record: &'a Upstream,
+        ends: &'a Ends,
         mut prior: Prior,
         resume: Option<PairResume>,
     ) -> impl Future<Output = Result<Transfer, [u64; 2]>> + Send + 'a {
@@ -160,7 +165,7 @@ impl Conn {
                 ];
                 let (ledger, hold) = p.fastpath.unzip();
                 let moving = Moving {
-                    meta: self.moved_meta(record, &p.upstream, prior, ledger, so_far),
+                    meta: self.moved_meta(ends, &p.upstream, prior, ledger, so_far),
                     app: self.app.clone(),
                     client: p.client,
                     upstream: p.upstream,
@@ -186,12 +191,13 @@ impl Conn {
     /// read from its socket here, not kept by every connection for this.
     fn moved_meta(
         &self,
-        record: &Upstream,
+        ends: &Ends,
         upstream: &TcpStream,
         prior: Prior,
         fastpath: Option<FastLedger>,
         metered: [u64; 2],
     ) -> MovedMeta {
+        let record = &ends.upstream;
         MovedMeta {
             id: self.id,
             app: self.app.balancer.app.to_string(),
@@ -216,6 +222,7 @@ impl Conn {
             metered: Some(metered),
             target_header: u16::from(self.target_header),
             connect_us: u64::try_from(record.connect.as_micros()).unwrap_or(u64::MAX),
+            local: ends.local,
         }
     }
 }

@@ -2,10 +2,9 @@
 //! whichever process: its metrics, its access log entry and its "connection
 //! closed" line.
 
-use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use super::{Conn, Upstream};
+use super::{Conn, Ends};
 use crate::dataplane::{Demotion, Transfer};
 use crate::edge::Shared;
 use crate::ops::access_log;
@@ -19,8 +18,7 @@ impl Conn {
     pub(super) fn close(
         self,
         shared: &Shared,
-        local: Option<SocketAddr>,
-        upstream: Upstream,
+        Ends { local, upstream }: Ends,
         t: &Transfer,
         tally: ByteTally,
     ) {
