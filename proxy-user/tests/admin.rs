@@ -297,8 +297,11 @@ async fn readyz_follows_listeners() {
         .expect("spawn proxy");
     let result = bounded(40, "readyz", async {
         let start = Instant::now();
+        // Poll until ready. The admin listener opens only once the proxy is
+        // ready, so the polls are refused until then and 503s are not
+        // expected (counted, not failed: "not ready" is never a wrong
+        // answer). What this checks is the other way round, below.
         let mut seen_503 = 0;
-        // Poll until ready: refused (admin not up), then 503s, then 200.
         loop {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
