@@ -143,20 +143,26 @@ async fn connect_any(
     let mut last = None;
     // Said over any other address's failure: it is the config's mistake.
     let mut looped = None;
-    let count = addrs.len();
-    for (i, addr) in addrs.into_iter().enumerate() {
+    // Addresses left to try: ours are skipped, so they get no share (one
+    // address, most targets, needs no count).
+    let mut left = match addrs.len() {
+        1 => 1,
+        _ => addrs.iter().filter(|a| !guard.is_ours(**a)).count(),
+    };
+    for addr in addrs {
         if guard.is_ours(addr) {
             looped = Some(loop_error(target, addr));
             continue;
         }
-        // One address (most targets): no clock read to split the budget.
-        let until = match count - i {
-            1 => end,
-            left => {
+        // The last one (or the only one): no clock read to split the budget.
+        let until = match left {
+            0 | 1 => end,
+            n => {
                 let now = Instant::now();
-                now + end.saturating_duration_since(now) / left as u32
+                now + end.saturating_duration_since(now) / n as u32
             }
         };
+        left = left.saturating_sub(1);
         match tokio::time::timeout_at(until, connect_addr(addr)).await {
             Err(_) => {
                 last = Some(DialError::new(
@@ -215,13 +221,15 @@ async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpListener;
 
     /// The first address drops SYNs (a listener with a full accept queue:
     /// Linux drops new SYNs then), the second answers: the dial must reach
     /// the second within the budget. Before the split, the first one's
     /// timeout took the whole budget and the dial failed.
-    #[tokio::test]
-    async fn a_silent_address_leaves_time_for_the_next() {
+    /// A listener that drops SYNs (its accept queue is full: Linux drops
+    /// new SYNs then), with what fills it: keep both for the test's length.
+    async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
         let silent = TcpSocket::new_v4().unwrap();
         silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let silent = silent.listen(1).unwrap();
@@ -234,6 +242,12 @@ mod tests {
                 _ => break,
             }
         }
+        (silent_addr, (silent, queued))
+    }
+
+    #[tokio::test]
+    async fn a_silent_address_leaves_time_for_the_next() {
+        let (silent_addr, _queued) = silent_listener().await;
         let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let good_addr = good.local_addr().unwrap();
         let target = Target {
@@ -247,6 +261,34 @@ mod tests {
             .map_err(|e| format!("{:#}", e.err))
             .expect("the second address");
         assert_eq!(addr, good_addr);
+    }
+
+    /// An address of ours among a target's addresses is skipped, and takes
+    /// no share of the budget: the one address left to try gets all of it.
+    /// Before, a silent backend listed before our own address got half.
+    #[tokio::test]
+    async fn our_own_address_takes_no_share_of_the_budget() {
+        let (silent_addr, _queued) = silent_listener().await;
+        let ours: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let guard = LoopGuard::new(crate::config::Listen::new(
+            "127.0.0.1".parse().unwrap(),
+            Vec::new(),
+        ));
+        guard.set_ports([ours.port()]);
+        let target = Target {
+            host: "backend.example".into(),
+            port: silent_addr.port(),
+        };
+        let budget = Duration::from_millis(600);
+        let started = Instant::now();
+        let dialed = connect_any(&target, vec![silent_addr, ours], started + budget, &guard).await;
+        let waited = started.elapsed();
+        let err = dialed.map(|_| ()).expect_err("nothing answers");
+        assert_eq!(err.reason, FailureReason::Loop, "{:#}", err.err);
+        assert!(
+            waited >= budget - Duration::from_millis(20),
+            "the silent address got {waited:?} of {budget:?}"
+        );
     }
 
     #[test]
