@@ -25,10 +25,14 @@ pub struct FlowControl {
     /// SO_RCVBUF, every segment that arrives while the socket is busy, ACKs
     /// included, is dropped at the backlog).
     pub limit: u64,
-    /// Nonzero: the direction is demoted. The verdict returns `SK_PASS` for
+    /// Nonzero: demote the direction now. The verdict returns `SK_PASS` for
     /// its bytes, which then wait on the source socket's own receive queue
     /// (charged to its rmem, so TCP's window closes) until userspace reads
     /// them. The socket stays in `SOCKETS`: taking it out could drop an skb.
+    /// The proxy writes 0: every demotion is the verdict's own (the limit,
+    /// busy, a `CONTROL` entry that would not read the same twice), with no
+    /// round trip through userspace. The field stays, since map sets move
+    /// between processes of different builds at an upgrade.
     pub pass: u64,
     /// Fault injection for the tests that prove the checks catch a loss
     /// (`--fastpath-fault-drop-at`, hidden): nonzero, the verdict drops the

@@ -8,9 +8,10 @@
 //!   direction's `CONTROL.limit` along with what the peer's receiver
 //!   acknowledged. An skb that would take the direction past its limit, or
 //!   one more than `CONTROL.busy_skbs` in a window (a promoted connection
-//!   that turned busy), or any skb once userspace sets `CONTROL.pass`, is
-//!   passed, `SK_PASS`, to the socket's own receive queue, and so is every
-//!   later one: userspace carries that direction from then on. Before any of that it cuts the
+//!   that turned busy), or any skb once `CONTROL.pass` is set (the proxy
+//!   does not set it today), is passed, `SK_PASS`, to the socket's own
+//!   receive queue, and so is every later one: userspace carries that
+//!   direction from then on. Before any of that it cuts the
 //!   head of a retransmitted skb that overlaps bytes already handed on
 //!   (`trim_retransmitted`), as `tcp_recvmsg` would skip it;
 //! - port steering: an `sk_lookup` program (`steer`) that hands connections
@@ -145,9 +146,9 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     state.redirected += len;
     if state.redirected >= control.check_at && state.notified != control.check_at {
         state.notified = control.check_at;
-        // A full ring loses this wake-up, and the direction is not checked
-        // against its bound until it ends; the ring holds 16 Ki events and
-        // userspace drains it as they come.
+        // A full ring loses this wake-up: the limit then stays where it is,
+        // and the direction is demoted (losslessly) when it reaches it. The
+        // ring holds 16 Ki events and userspace drains it as they come.
         let _ = EVENTS.output::<FlowEvent>(&FlowEvent { cookie }, 0);
     }
     SK_PASS

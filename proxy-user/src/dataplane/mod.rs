@@ -188,8 +188,9 @@ pub enum Plane {
     /// The fastpath could not take the pair (install failed) and the copy
     /// pump carried it, so it doubles as the install-failure count.
     CopyFallback,
-    /// Never reached a data plane: every connect failed, or the drain
-    /// deadline hit while connecting.
+    /// Never reached a data plane: every connect failed, the drain
+    /// deadline hit while connecting, or the PROXY header to the target
+    /// could not be sent.
     None,
 }
 

@@ -40,7 +40,9 @@ impl<T> Shelf<T> {
     }
 
     /// Keeps `item` for the next `take` on this thread, if there is room.
-    /// The caller vouches that it holds nothing of its last user's stream.
+    /// The caller vouches that nothing of its last user's stream can reach
+    /// the next user (a pipe: emptied; a buffer: only freshly read bytes
+    /// are ever written from it).
     pub(super) fn give(&self, item: T) {
         let mut items = self.items.borrow_mut();
         if items.len() < PER_THREAD {
@@ -63,7 +65,9 @@ pub(in crate::dataplane) fn take_buffer(size: usize) -> Vec<u8> {
     }
 }
 
-/// Keeps an emptied buffer (one `forward` wrote in full) for reuse.
+/// Keeps a buffer for reuse once its direction is done with it: written in
+/// full, or ended (a failed write leaves bytes in it, which no later user
+/// can send: see `BUFFERS`).
 pub(in crate::dataplane) fn give_back(buf: Vec<u8>) {
     BUFFERS.with(|s| s.give(buf));
 }

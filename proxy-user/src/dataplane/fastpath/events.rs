@@ -90,7 +90,7 @@ async fn dispatch_events(
             r = ring.readable_mut() => match r {
                 Ok(guard) => guard,
                 Err(e) => {
-                    tracing::error!(error = %e, "flow event ring failed; linked directions are no longer checked against the in-flight bound");
+                    tracing::error!(error = %e, "flow event ring failed; linked directions keep their current in-flight limit and are demoted (losslessly) when they reach it");
                     return;
                 }
             },

@@ -137,7 +137,8 @@ impl Conn {
             self.client_header,
         );
         // Every plane can park at a safe point (a fastpath pair with its map
-        // set), so every carry runs under a `Parking`.
+        // set), so every carry runs under a `Parking`, except one a
+        // successor already refused (`parks` false: it stays here).
         async move {
             loop {
                 let parking = Parking::new();
