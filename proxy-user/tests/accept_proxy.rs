@@ -340,3 +340,39 @@ async fn a_moved_connection_keeps_its_header_addresses() {
     assert_eq!(line["local"], "198.51.100.1:443", "{line}");
     assert_eq!(line["bytes_in"], 8, "{line}");
 }
+
+/// The drain deadline reaches a client still sending its PROXY header
+/// (its app waits up to 30 s for it): a reset and a close line with
+/// `end="drain_timeout"`, at the deadline. Before, the header read did not
+/// watch the hard stop: the client got a FIN when the process exited, and
+/// no record was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_resets_a_client_mid_header() {
+    let echo = Backend::echo("echo").await;
+    let mut app = AppSpec::new("app", 1, vec![echo.target()]);
+    app.extra
+        .insert("AcceptProxyProtocol".into(), accept("127.0.0.0/8", "30s"));
+    let mut proxy = Proxy::spawn("copy", &[app], &["--drain-timeout", "500ms"]).await;
+    proxy.wait_ready().await.unwrap();
+    bounded(30, "a header cut by the drain deadline", async {
+        let mut s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        // Half a v2 header, then nothing.
+        s.write_all(&v2("203.0.113.7:4444", "198.51.100.1:443")[..10])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.signal(libc::SIGTERM);
+        let status = proxy.wait_exit(10).await.expect("exits");
+        assert!(status.success(), "{status:?}");
+        let mut b = [0u8; 1];
+        let read = s.read(&mut b).await;
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the client should see a reset, got {read:?}"
+        );
+    })
+    .await;
+    let lines = proxy.conn_lines();
+    assert_eq!(lines.len(), 1, "{}", proxy.log());
+    assert_eq!(lines[0]["end"], "drain_timeout", "{}", lines[0]);
+}

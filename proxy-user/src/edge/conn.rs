@@ -275,7 +275,28 @@ impl Conn {
         // Refused clients are counted in admission and get no close record,
         // like those over a limit. Their per-client slots go where the
         // connection keeps what it holds.
-        let admitted = admit_client(&mut client, self.client, &self.app, &shared).await?;
+        let mut signals = shared.rules.signals.clone();
+        let admitted = if self.app.accept_proxy.is_some() {
+            // Reading the client's header can take its app's whole
+            // `Timeout`: a hard stop must not wait for it, nor end it with a
+            // FIN and no record when the process exits.
+            let admitting = admit_client(&mut client, self.client, &self.app, &shared);
+            tokio::select! {
+                admitted = admitting => admitted,
+                _ = signals.wait_for(|s| s.hard_stop) => {
+                    arm_reset(&client);
+                    let t = Transfer::none(EndReason::DrainTimeout);
+                    let ends = Ends {
+                        local: None,
+                        upstream: Upstream::NONE,
+                    };
+                    (*self).close(&shared, ends, &t, ByteTally::default());
+                    return None;
+                }
+            }
+        } else {
+            admit_client(&mut client, self.client, &self.app, &shared).await
+        }?;
         self.client = admitted.addr;
         self.client_header = admitted.header;
         self._held._client_slots = admitted.slots;
@@ -286,7 +307,6 @@ impl Conn {
             (local, _) => local,
         };
         let balancer = &self.app.balancer;
-        let mut signals = shared.rules.signals.clone();
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = signals.wait_for(|s| s.hard_stop) => {
@@ -333,17 +353,27 @@ impl Conn {
         let mut header = 0;
         if let Some(version) = self.app.proxy_protocol {
             let to = local.map_or_else(|| client.local_addr(), Ok);
-            match send_proxy_header(to, &mut c.stream, self.client, version).await {
+            // A target that does not take the header holds it up to its
+            // timeout: a hard stop ends it as it ends a connect.
+            let sent = tokio::select! {
+                r = send_proxy_header(to, &mut c.stream, self.client, version) => {
+                    r.map_err(|e| {
+                        tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
+                        EndReason::TargetReset
+                    })
+                }
+                _ = signals.wait_for(|s| s.hard_stop) => Err(EndReason::DrainTimeout),
+            };
+            match sent {
                 Ok(n) => {
                     header = n;
                     self.target_header = u8::try_from(n).unwrap_or(u8::MAX);
                 }
-                Err(e) => {
-                    tracing::debug!(conn = self.id, error = %e, "sending PROXY header failed");
+                Err(end) => {
                     // Both: the target may hold part of a header, the client nothing.
                     arm_reset(&client);
                     arm_reset(&c.stream);
-                    let t = Transfer::none(EndReason::TargetReset);
+                    let t = Transfer::none(end);
                     let ends = Ends {
                         local,
                         upstream: record,
