@@ -255,6 +255,27 @@ async fn a_late_answer_moves_nothing() {
     .await;
 }
 
+/// The pid of the process SIGUSR2 started, from the old one's log.
+fn usr2_successor(log: &str) -> i32 {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
+        .and_then(|v| v["successor"].as_i64())
+        .expect("successor pid logged") as i32
+}
+
+/// Stops a successor a test caused (not our child: SIGUSR2 started it).
+async fn stop_successor(pid: i32) {
+    // SAFETY: plain kill(2) of the successor this test caused.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(Instant::now() < deadline, "successor did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SIGUSR2 restarts the same binary through the same path; SIGUSR1 is
 /// logged and ignored, never fatal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -277,26 +298,14 @@ async fn usr2_restarts_and_usr1_is_ignored() {
         a.proxy.log()
     );
     let log = a.proxy.log();
-    let successor: i32 = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
-        .and_then(|v| v["successor"].as_i64())
-        .expect("successor pid logged") as i32;
+    let successor = usr2_successor(&log);
     assert_eq!(log.matches("proxy ready").count(), 2, "log:\n{log}");
     for i in 0..20 {
         one_exchange(s.addr, 100 + i).await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     bounded(10, "stream", stream).await.unwrap().unwrap();
-    // SAFETY: plain kill(2) of the successor this test caused.
-    unsafe { libc::kill(successor, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // SAFETY: signal 0 only checks that the process exists.
-    while unsafe { libc::kill(successor, 0) } == 0 {
-        assert!(Instant::now() < deadline, "successor did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stop_successor(successor).await;
 }
 
 /// A proxy started by a bare name (the shell found it in PATH) upgrades
@@ -332,23 +341,11 @@ async fn usr2_finds_a_replaced_binary_through_path() {
     let log = old.log();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(handed_over, "old proxy did not hand over; log:\n{log}");
-    let successor: i32 = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "SIGUSR2: started the new process; serving until it is ready")
-        .and_then(|v| v["successor"].as_i64())
-        .expect("successor pid logged") as i32;
+    let successor = usr2_successor(&log);
     for i in 0..5 {
         one_exchange(s.addr, 100 + i).await.unwrap();
     }
-    // SAFETY: plain kill(2) of the successor this test caused.
-    unsafe { libc::kill(successor, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // SAFETY: signal 0 only checks that the process exists.
-    while unsafe { libc::kill(successor, 0) } == 0 {
-        assert!(Instant::now() < deadline, "successor did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stop_successor(successor).await;
 }
 
 /// systemd's view: READY with MAINPID at start, RELOADING then READY

@@ -1184,6 +1184,16 @@ pub fn proxy_socket_mem(pid: i32) -> u64 {
     total
 }
 
+/// The next read of `s` must be a reset: a connection the proxy cut, told
+/// apart from a FIN that would pass for the end of the stream.
+pub async fn expect_reset(s: &mut TcpStream) {
+    let read = s.read(&mut [0u8; 1]).await;
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client should see a reset, got {read:?}"
+    );
+}
+
 /// A client of app `app` at `addr`, whose target `target` leads back into
 /// the proxy: the client gets a reset, the proxy makes no internal
 /// connection (one close line, `connect_failed`), counts the attempt with
