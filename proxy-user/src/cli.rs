@@ -186,7 +186,7 @@ pub struct Cli {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub bytes_flush_interval: Duration,
 
-    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default 4MiB: twice the fastpath's socket buffers (--socket-buffer, raised to 2MiB on fastpath sockets); at most three times them.
+    /// Fastpath only: most bytes one direction may have inside the kernel (redirected, not yet acknowledged); the next skb and every one after it go through userspace instead. Default 3MiB: one and a half times the fastpath's socket buffers (--socket-buffer, raised to 2MiB on fastpath sockets), below what the peer's send buffer holds; at most three times them.
     #[arg(long, value_parser = parse_inflight)]
     pub fastpath_inflight: Option<u64>,
 

@@ -546,3 +546,98 @@ async fn full_speed_bulk_ends_at_its_fin() {
     let demoted: u64 = lines.iter().filter_map(|l| l["demoted"].as_u64()).sum();
     assert!(demoted >= 1, "no direction was demoted: {lines:?}");
 }
+
+/// Both directions demoted behind a target that reads only between its
+/// writes (a 64 KiB read, then its echo written out: a server with output
+/// backpressure) and a client that reads slowly (about 2 MB/s for its
+/// first 8 MiB) while it uploads flat out, at the default in-flight bound.
+/// Each socket's psock queue then holds one direction's redirects and the
+/// other's passed bytes; the echo must come back exact by sequence, with
+/// both directions handed to userspace and a clean close.
+///
+/// It also prints how long the 24 MiB after the slow phase took: the
+/// default bound's choice (NOTES §2, session 24). To compare bounds:
+/// `COUPLED_INFLIGHT=4MiB COUPLED_RUNS=5 cargo test --release -p proxy-user
+/// --test fastpath coupled -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coupled_target_behind_a_slow_reader_is_exact() {
+    const LEN: u64 = 64 << 20;
+    const SLOW: u64 = 24 << 20;
+    let backend = Backend::with("alternating-echo", |mut s: TcpStream| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return s.shutdown().await;
+            }
+            s.write_all(&buf[..n]).await?;
+        }
+    })
+    .await;
+    let inflight = std::env::var("COUPLED_INFLIGHT").ok();
+    let runs: usize = std::env::var("COUPLED_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let mut extra = vec![];
+    if let Some(bound) = &inflight {
+        extra.extend(["--fastpath-inflight", bound.as_str()]);
+    }
+    let proxy = Proxy::start(
+        "fastpath",
+        &[AppSpec::new("coupled", 1, vec![backend.target()])],
+        &extra,
+    )
+    .await;
+    for run in 0..runs {
+        let s = TcpStream::connect(proxy.addr(0, 0)).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let tag = (run as u64 + 1) << 40;
+        let_the_fastpath_install().await;
+        let sender = tokio::spawn(async move {
+            let mut gen = SeqGen::new(tag, LEN);
+            let mut buf = vec![0u8; 128 * 1024];
+            loop {
+                let n = gen.fill(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                w.write_all(&buf[..n]).await?;
+            }
+            w.shutdown().await
+        });
+        let after_slow = bounded(120, "the coupled echo", async {
+            let mut check = SeqCheck::new(tag);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut sped_up = None;
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                check.feed(&buf[..n]);
+                if check.received() < SLOW {
+                    tokio::time::sleep(Duration::from_millis(32)).await;
+                } else if sped_up.is_none() {
+                    sped_up = Some(Instant::now());
+                }
+            }
+            check.finish(LEN).unwrap();
+            sped_up.map(|t| t.elapsed())
+        })
+        .await;
+        sender.await.unwrap().unwrap();
+        eprintln!(
+            "run {run}, bound {}: the {} MiB after the slow phase took {after_slow:?}",
+            inflight.as_deref().unwrap_or("default"),
+            (LEN - SLOW) >> 20
+        );
+    }
+    let lines = proxy.wait_conn_lines(runs, 10).await;
+    assert_eq!(lines.len(), runs, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["plane"], "fastpath", "{line}");
+        assert_eq!(line["end"], "closed", "{line}");
+        assert_eq!(line["demoted"], 2, "both directions handed over: {line}");
+    }
+}

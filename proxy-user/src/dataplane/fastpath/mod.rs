@@ -65,8 +65,10 @@ pub use mapset::{GivenSets, PairHold, FDS_PER_SET};
 pub use moving::Ledger;
 
 /// Bound on one direction's bytes inside the kernel (redirected but not yet
-/// acknowledged by the receiver) with kernel autotuning (`--socket-buffer 0`).
-pub const AUTOTUNED_INFLIGHT_BOUND: u64 = 4 << 20;
+/// acknowledged by the receiver) with kernel autotuning (`--socket-buffer 0`):
+/// below the 4 MiB the send buffer grows to at most (`tcp_wmem`), as with
+/// fixed buffers (`inflight_bound`).
+pub const AUTOTUNED_INFLIGHT_BOUND: u64 = 3 << 20;
 
 /// When a promoted direction counts as busy: more than `skbs` skbs within
 /// one `window_ns` window (fixed windows, each begun by the first skb after
@@ -130,23 +132,37 @@ pub const FASTPATH_SOCKET_BUFFER: u32 = 2 << 20;
 /// (twice the doubled SO_RCVBUF plus half the doubled SO_SNDBUF plus 64 KiB)
 /// the kernel drops every segment that arrives while the socket is busy,
 /// ACKs included. So with fixed buffers of B bytes (doubled by the kernel)
-/// the bound may be at most 3B; the default is 2B.
+/// the bound may be at most 3B.
+///
+/// The default is 1.5B, below the 2B the peer's send buffer holds: the
+/// redirects of a direction and the bytes passed to the same socket share
+/// its psock's one queue, so a redirect that waits there for send room
+/// holds up the other direction's passed bytes behind it. At 2B that
+/// happened behind a target that reads only between its writes and a slow
+/// client: 0.7–3.5 s stalls after the client sped up, none at 1.5B
+/// (NOTES §2, session 24).
 pub fn inflight_bound(options: &Options) -> Result<u64> {
     let Some(asked) = options.socket_buffer else {
         return Ok(options.inflight.unwrap_or(AUTOTUNED_INFLIGHT_BOUND));
     };
     let buffer = u64::from(asked.max(FASTPATH_SOCKET_BUFFER));
     match options.inflight {
-        None => Ok(2 * buffer),
+        None => Ok(default_bound(buffer)),
         Some(bound) if bound <= 3 * buffer => Ok(bound),
         Some(bound) => anyhow::bail!(
             "--fastpath-inflight {bound} is more than the fastpath's socket buffers \
              ({buffer} bytes each) can hold: it may be at most {}; raise --socket-buffer, \
              lower --fastpath-inflight, or leave it out (default: {})",
             3 * buffer,
-            2 * buffer
+            default_bound(buffer)
         ),
     }
+}
+
+/// The in-flight bound with fixed buffers of `buffer` bytes and no
+/// `--fastpath-inflight`.
+fn default_bound(buffer: u64) -> u64 {
+    buffer * 3 / 2
 }
 
 /// Raises fixed socket buffers to `FASTPATH_SOCKET_BUFFER` (the FORCE
@@ -439,4 +455,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding these locks leaves the maps consistent (each
     // update is one syscall), so a poisoned lock is still safe to use.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(inflight: Option<u64>, socket_buffer: Option<u32>) -> Result<u64> {
+        inflight_bound(&Options {
+            inflight,
+            socket_buffer,
+            promotion: None,
+            fault_drop_at: 0,
+            pre_install_delay: None,
+        })
+    }
+
+    /// The default stays below what the peer's doubled send buffer holds
+    /// (2B), with fixed buffers and with autotuning alike.
+    #[test]
+    fn the_default_bound_stays_below_the_send_buffer() {
+        let mib = 1 << 20;
+        // The userspace planes' 256 KiB is raised to 2 MiB on fastpath sockets.
+        assert_eq!(bound(None, Some(256 << 10)).unwrap(), 3 * mib);
+        assert_eq!(bound(None, Some(4 << 20)).unwrap(), 6 * mib);
+        assert_eq!(bound(None, None).unwrap(), 3 * mib);
+        for buffer in [256 << 10, 2 << 20, 4 << 20] {
+            let b = u64::from(u32::max(buffer, FASTPATH_SOCKET_BUFFER));
+            assert!(bound(None, Some(buffer)).unwrap() < 2 * b);
+        }
+        // Asked for: kept up to 3B, refused past it with the default named.
+        assert_eq!(bound(Some(6 * mib), Some(256 << 10)).unwrap(), 6 * mib);
+        let refused = bound(Some(7 * mib), Some(256 << 10))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("default: 3145728"), "{refused}");
+    }
 }
