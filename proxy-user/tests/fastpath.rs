@@ -550,13 +550,14 @@ async fn full_speed_bulk_ends_at_its_fin() {
 /// Both directions demoted behind a target that reads only between its
 /// writes (a 64 KiB read, then its echo written out: a server with output
 /// backpressure) and a client that reads slowly (about 2 MB/s for its
-/// first 8 MiB) while it uploads flat out, at the default in-flight bound.
+/// first 24 MiB) while it uploads flat out, at the default in-flight bound.
 /// Each socket's psock queue then holds one direction's redirects and the
 /// other's passed bytes; the echo must come back exact by sequence, with
 /// both directions handed to userspace and a clean close.
 ///
-/// It also prints how long the 24 MiB after the slow phase took: the
-/// default bound's choice (NOTES §2, session 24). To compare bounds:
+/// It also prints how long the 40 MiB after the slow phase took, which the
+/// default bound decides (a pause of seconds at 2x the buffers, NOTES §2,
+/// session 24; not asserted: a wall clock). To compare bounds:
 /// `COUPLED_INFLIGHT=4MiB COUPLED_RUNS=5 cargo test --release -p proxy-user
 /// --test fastpath coupled -- --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -188,9 +188,9 @@ pub enum Plane {
     /// The fastpath could not take the pair (install failed) and the copy
     /// pump carried it, so it doubles as the install-failure count.
     CopyFallback,
-    /// Never reached a data plane: every connect failed, the drain
-    /// deadline hit while connecting, or the PROXY header to the target
-    /// could not be sent.
+    /// Never reached a data plane: every connect failed, the PROXY header to
+    /// the target could not be sent, or the drain deadline hit before the
+    /// carry began (reading the client's header, connecting, sending ours).
     None,
 }
 

@@ -287,7 +287,7 @@ impl Conn {
                     arm_reset(&client);
                     let t = Transfer::none(EndReason::DrainTimeout);
                     let ends = Ends {
-                        local: None,
+                        local: shared.access_log.as_ref().and_then(|_| client.local_addr().ok()),
                         upstream: Upstream::NONE,
                     };
                     (*self).close(&shared, ends, &t, ByteTally::default());

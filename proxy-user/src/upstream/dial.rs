@@ -223,10 +223,6 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// The first address drops SYNs (a listener with a full accept queue:
-    /// Linux drops new SYNs then), the second answers: the dial must reach
-    /// the second within the budget. Before the split, the first one's
-    /// timeout took the whole budget and the dial failed.
     /// A listener that drops SYNs (its accept queue is full: Linux drops
     /// new SYNs then), with what fills it: keep both for the test's length.
     async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
@@ -245,6 +241,9 @@ mod tests {
         (silent_addr, (silent, queued))
     }
 
+    /// The first address drops SYNs, the second answers: the dial must
+    /// reach the second within the budget. Before the split, the first
+    /// one's timeout took the whole budget and the dial failed.
     #[tokio::test]
     async fn a_silent_address_leaves_time_for_the_next() {
         let (silent_addr, _queued) = silent_listener().await;
