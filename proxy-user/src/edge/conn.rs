@@ -284,13 +284,8 @@ impl Conn {
             tokio::select! {
                 admitted = admitting => admitted,
                 _ = signals.wait_for(|s| s.hard_stop) => {
-                    arm_reset(&client);
-                    let t = Transfer::none(EndReason::DrainTimeout);
-                    let ends = Ends {
-                        local: shared.access_log.as_ref().and_then(|_| client.local_addr().ok()),
-                        upstream: Upstream::NONE,
-                    };
-                    (*self).close(&shared, ends, &t, ByteTally::default());
+                    let local = shared.access_log.as_ref().and_then(|_| client.local_addr().ok());
+                    (*self).cut_before_the_target(&shared, &client, local);
                     return None;
                 }
             }
@@ -310,13 +305,7 @@ impl Conn {
         let connected = tokio::select! {
             r = connect::connect(balancer, &shared.policy, &shared.loop_guard) => r,
             _ = signals.wait_for(|s| s.hard_stop) => {
-                arm_reset(&client);
-                let t = Transfer::none(EndReason::DrainTimeout);
-                let ends = Ends {
-                    local,
-                    upstream: Upstream::NONE,
-                };
-                (*self).close(&shared, ends, &t, ByteTally::default());
+                (*self).cut_before_the_target(&shared, &client, local);
                 return None;
             }
         };
@@ -397,6 +386,21 @@ impl Conn {
             conn: self,
             shared,
         })
+    }
+}
+
+impl Conn {
+    /// The drain deadline reached a connection before it had a target: the
+    /// client gets a reset (a cut must look cut) and the close line says
+    /// `drain_timeout`.
+    fn cut_before_the_target(self, shared: &Shared, client: &TcpStream, local: Option<SocketAddr>) {
+        arm_reset(client);
+        let t = Transfer::none(EndReason::DrainTimeout);
+        let ends = Ends {
+            local,
+            upstream: Upstream::NONE,
+        };
+        self.close(shared, ends, &t, ByteTally::default());
     }
 }
 
